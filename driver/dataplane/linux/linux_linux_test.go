@@ -1,0 +1,293 @@
+package linux
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/dataplane"
+	"github.com/wgmesh/wgmesh/test/netnstest"
+)
+
+func TestMain(m *testing.M) { os.Exit(netnstest.Main(m)) }
+
+func randomID() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// testHost is one simulated host: a data plane with its own run
+// directory. Both hosts of a test share the test's network namespace
+// as their underlay and talk over loopback.
+type testHost struct {
+	dp  *DataPlane
+	key crypto.PrivateKey
+	cfg dataplane.Config
+	dir string
+}
+
+func newTestHost(t *testing.T, mode string) *testHost {
+	t.Helper()
+	dir := t.TempDir()
+	dp, err := New(Config{RunDir: dir, Mode: mode, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := crypto.GeneratePrivateKey()
+	h := &testHost{dp: dp, key: key, dir: dir}
+	h.cfg.PrivateKey = key
+	t.Cleanup(func() {
+		// Unpin namespaces even when the test failed half-way, before
+		// the temporary directory holding them is removed.
+		h.cfg.Networks = nil
+		_ = h.dp.Apply(context.Background(), &h.cfg)
+		_ = h.dp.Close()
+	})
+	return h
+}
+
+func (h *testHost) apply(t *testing.T) {
+	t.Helper()
+	if err := h.dp.Apply(context.Background(), &h.cfg); err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+}
+
+// attach creates an endpoint and moves its container end into a fresh
+// namespace, as Docker would, configured with the endpoint's address.
+func (h *testHost) attach(t *testing.T, netIdx int, addr string) (*netnstest.NS, dataplane.Endpoint) {
+	t.Helper()
+	n := &h.cfg.Networks[netIdx]
+	ep := dataplane.Endpoint{ID: randomID(), Addr: netip.MustParsePrefix(addr), MAC: net.HardwareAddr{0x02, 0x42, 0, 0, 0, byte(len(n.Endpoints) + 1)}}
+	ifName, err := h.dp.CreateEndpoint(context.Background(), n.ID, ep, n.MTU)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctr := netnstest.NewNS(t, "ctr-"+ep.ID[:8])
+	moveInto(t, ifName, ctr, ep.Addr)
+	n.Endpoints = append(n.Endpoints, ep)
+	h.apply(t)
+	return ctr, ep
+}
+
+func moveInto(t *testing.T, ifName string, ctr *netnstest.NS, addr netip.Prefix) {
+	t.Helper()
+	l, err := netlink.LinkByName(ifName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetNsFd(l, int(ctr.Handle)); err != nil {
+		t.Fatal(err)
+	}
+	l, err = ctr.NL.LinkByName(ifName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ctr.NL.AddrAdd(l, &netlink.Addr{IPNet: ipNet(addr)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctr.NL.LinkSetUp(l); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func testNetwork(id, subnet, gw string, port uint16, blocks ...string) dataplane.Network {
+	n := dataplane.Network{ID: id, Subnet: netip.MustParsePrefix(subnet), Gateway: netip.MustParseAddr(gw), MTU: 1340, ListenPort: port}
+	for _, b := range blocks {
+		n.LocalBlocks = append(n.LocalBlocks, netip.MustParsePrefix(b))
+	}
+	return n
+}
+
+func peer(h *testHost, port uint16, blocks ...string) dataplane.Peer {
+	p := dataplane.Peer{PublicKey: h.key.Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port), Keepalive: 25 * time.Second}
+	for _, b := range blocks {
+		p.AllowedIPs = append(p.AllowedIPs, netip.MustParsePrefix(b))
+	}
+	return p
+}
+
+// TestTwoHostsUserspace carries container traffic between two simulated
+// hosts over wireguard-go, checks isolation between two networks, and
+// that tearing everything down leaves nothing behind.
+func TestTwoHostsUserspace(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	testTwoHosts(t, dataplane.ModeUserspace)
+}
+
+// TestTwoHostsKernel is the same over kernel WireGuard where it exists.
+func TestTwoHostsKernel(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	probe := &netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: "wgprobe0"}}
+	if err := netlink.LinkAdd(probe); err != nil {
+		t.Skipf("no kernel WireGuard here: %v", err)
+	}
+	_ = netlink.LinkDel(probe)
+	testTwoHosts(t, dataplane.ModeKernel)
+}
+
+func testTwoHosts(t *testing.T, mode string) {
+	a, b := newTestHost(t, mode), newTestHost(t, mode)
+	if got := a.dp.Mode(); got != mode {
+		t.Fatalf("mode %s, want %s", got, mode)
+	}
+	netA, netB := randomID(), randomID()
+	a.cfg.Networks = []dataplane.Network{testNetwork(netA, "10.60.0.0/16", "10.60.1.1", 51901, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(netB, "10.60.0.0/16", "10.60.2.1", 51902, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51902, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51901, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	// Applying an unchanged config again is harmless.
+	a.apply(t)
+
+	ctrA, epA := a.attach(t, 0, "10.60.1.5/16")
+	ctrB, _ := b.attach(t, 0, "10.60.2.7/16")
+
+	ctrA.Ping(t, "10.60.2.7")
+	ctrB.Ping(t, "10.60.1.5")
+	// The host's own address in the network answers too.
+	ctrA.Ping(t, "10.60.1.1")
+	// MTU-sized packets with DF set get through the tunnel: 1340 - 28.
+	if out, err := ctrA.Exec(context.Background(), "ping", "-c", "3", "-W", "2", "-M", "do", "-s", "1312", "10.60.2.7"); err != nil {
+		t.Fatalf("MTU-sized ping with DF: %v", err)
+	} else if !strings.Contains(out, " 0% packet loss") {
+		t.Fatalf("MTU-sized ping with DF lost packets:\n%s", out)
+	}
+	// One byte more does not fit; the sender learns it at once instead
+	// of the packet vanishing.
+	if out, _ := ctrA.Exec(context.Background(), "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1313", "10.60.2.7"); !strings.Contains(out, "message too long") && !strings.Contains(out, "mtu=1340") {
+		t.Fatalf("oversized DF ping did not report the MTU:\n%s", out)
+	}
+	// An unused address in A's own block is unreachable, not sent to B.
+	ctrA.NoPing(t, "10.60.1.99")
+
+	// The container end carries the network's MTU and Docker's MAC.
+	l, err := ctrA.NL.LinkByName(dataplane.ContainerVethName(epA.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Attrs().MTU != 1340 || l.Attrs().HardwareAddr.String() != epA.MAC.String() {
+		t.Fatalf("container interface: MTU %d MAC %s", l.Attrs().MTU, l.Attrs().HardwareAddr)
+	}
+
+	st, err := a.dp.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st) != 1 || len(st[0].Peers) != 1 || st[0].Peers[0].LastHandshake.IsZero() || st[0].Peers[0].RxBytes == 0 {
+		t.Fatalf("status after traffic: %+v", st)
+	}
+	if st[0].PublicKey != a.key.Public() || len(st[0].Endpoints) != 1 || st[0].Endpoints[0] != epA.ID {
+		t.Fatalf("status: %+v", st[0])
+	}
+
+	// A second network on A is isolated from the first.
+	other := testNetwork(randomID(), "10.61.0.0/16", "10.61.1.1", 51903, "10.61.1.0/24")
+	a.cfg.Networks = append(a.cfg.Networks, other)
+	a.apply(t)
+	ctrA2, _ := a.attach(t, 1, "10.61.1.5/16")
+	ctrA2.NoPing(t, "10.60.1.5")
+	ctrA2.NoPing(t, "10.60.2.7")
+	ctrA.NoPing(t, "10.61.1.5")
+	// Nor can the host reach into a network.
+	if out, err := netnstest.Exec(context.Background(), "/proc/self/ns/net", "busybox", "ping", "-c", "1", "-W", "1", "10.60.1.5"); err == nil {
+		t.Fatalf("host reached a container:\n%s", out)
+	}
+
+	// Removing an endpoint removes its veth pair and its route.
+	if err := a.dp.DeleteEndpoint(context.Background(), other.ID, a.cfg.Networks[1].Endpoints[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.dp.DeleteEndpoint(context.Background(), other.ID, a.cfg.Networks[1].Endpoints[0].ID); err != nil {
+		t.Fatalf("deleting twice: %v", err)
+	}
+
+	// Tear down: no namespaces, links, sockets or mounts remain.
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	for _, h := range []*testHost{a, b} {
+		if err := h.dp.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	assertClean(t, []string{netA, netB, other.ID}, a, b)
+}
+
+// TestRestartKeepsContainers: a new data plane (an agent restart) takes
+// over existing namespaces and veths, and traffic flows again.
+func TestRestartKeepsContainers(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	ids := []string{randomID(), randomID()}
+	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51911, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51912, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51912, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51911, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	ctrA, _ := a.attach(t, 0, "10.60.1.5/16")
+	b.attach(t, 0, "10.60.2.7/16")
+	ctrA.Ping(t, "10.60.2.7")
+
+	if err := a.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctrA.NoPing(t, "10.60.2.7")
+	dp, err := New(Config{RunDir: a.dir, Mode: dataplane.ModeUserspace})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp = dp
+	a.apply(t)
+	ctrA.Ping(t, "10.60.2.7")
+
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	a.dp.Close()
+	b.dp.Close()
+	assertClean(t, ids, a, b)
+}
+
+func assertClean(t *testing.T, netIDs []string, hosts ...*testHost) {
+	t.Helper()
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range links {
+		if name := l.Attrs().Name; strings.HasPrefix(name, "wg") {
+			t.Errorf("link %s left behind", name)
+		}
+	}
+	for _, id := range netIDs {
+		sock := "/var/run/wireguard/" + dataplane.WireGuardName(id) + ".sock"
+		if _, err := os.Stat(sock); err == nil {
+			t.Errorf("UAPI socket %s left behind", sock)
+		}
+	}
+	for _, h := range hosts {
+		entries, _ := os.ReadDir(filepath.Join(h.dir, "netns"))
+		if len(entries) > 0 {
+			t.Errorf("namespaces left in %s: %v", h.dir, entries)
+		}
+		mounts, _ := os.ReadFile("/proc/self/mountinfo")
+		if strings.Contains(string(mounts), h.dir) {
+			t.Errorf("mounts under %s left behind", h.dir)
+		}
+	}
+}

@@ -1,0 +1,116 @@
+package linux
+
+import (
+	"net/netip"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/dataplane"
+)
+
+func pub(b byte) crypto.PublicKey {
+	var k crypto.PublicKey
+	k[0] = b
+	return k
+}
+
+// render prints a wgctrl config like `wg set` arguments, for comparison.
+func render(c wgtypes.Config) string {
+	var b strings.Builder
+	if c.PrivateKey != nil {
+		b.WriteString("private-key; ")
+	}
+	if c.ListenPort != nil {
+		b.WriteString("listen-port " + strconv.Itoa(*c.ListenPort) + "; ")
+	}
+	for _, p := range c.Peers {
+		b.WriteString("peer " + strconv.Itoa(int(p.PublicKey[0])))
+		if p.Remove {
+			b.WriteString(" remove; ")
+			continue
+		}
+		if p.Endpoint != nil {
+			b.WriteString(" endpoint " + p.Endpoint.String())
+		}
+		if p.PersistentKeepaliveInterval != nil {
+			b.WriteString(" keepalive " + p.PersistentKeepaliveInterval.String())
+		}
+		var ips []string
+		for _, a := range p.AllowedIPs {
+			ips = append(ips, a.String())
+		}
+		b.WriteString(" allowed-ips " + strings.Join(ips, ",") + "; ")
+	}
+	return strings.TrimSpace(b.String())
+}
+
+func TestWGDiff(t *testing.T) {
+	key, _ := crypto.GeneratePrivateKey()
+	other, _ := crypto.GeneratePrivateKey()
+	ep := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+	pfx := netip.MustParsePrefix
+	net1 := func(peers ...dataplane.Peer) *dataplane.Network {
+		return &dataplane.Network{ListenPort: 51820, Peers: peers}
+	}
+	p1 := dataplane.Peer{PublicKey: pub(1), Endpoint: ep("192.0.2.1:51820"), AllowedIPs: []netip.Prefix{pfx("10.60.1.0/24")}, Keepalive: 25 * time.Second}
+	p2 := dataplane.Peer{PublicKey: pub(2), Endpoint: ep("192.0.2.2:51820"), AllowedIPs: []netip.Prefix{pfx("10.60.3.0/24"), pfx("10.60.2.0/24")}}
+
+	tests := []struct {
+		name string
+		have wgState
+		want *dataplane.Network
+		key  crypto.PrivateKey
+		out  string
+	}{
+		{
+			name: "new device gets everything",
+			have: wgState{},
+			want: net1(p1, p2),
+			key:  key,
+			out: "private-key; listen-port 51820; " +
+				"peer 1 endpoint 192.0.2.1:51820 keepalive 25s allowed-ips 10.60.1.0/24; " +
+				"peer 2 endpoint 192.0.2.2:51820 keepalive 0s allowed-ips 10.60.2.0/24,10.60.3.0/24;",
+		},
+		{
+			name: "unchanged means no call",
+			have: desiredWG(key, net1(p1, p2)),
+			want: net1(p2, p1),
+			key:  key,
+			out:  "",
+		},
+		{
+			name: "a new block only touches its peer, not its endpoint",
+			have: desiredWG(key, net1(p1, p2)),
+			want: net1(p1, dataplane.Peer{PublicKey: pub(2), Endpoint: p2.Endpoint, AllowedIPs: []netip.Prefix{pfx("10.60.2.0/24")}}),
+			key:  key,
+			out:  "peer 2 allowed-ips 10.60.2.0/24;",
+		},
+		{
+			name: "a gone peer is removed",
+			have: desiredWG(key, net1(p1, p2)),
+			want: net1(p2),
+			key:  key,
+			out:  "peer 1 remove;",
+		},
+		{
+			name: "a rotated key and a moved endpoint",
+			have: desiredWG(key, net1(p1)),
+			want: net1(dataplane.Peer{PublicKey: pub(1), Endpoint: ep("198.51.100.9:51820"), AllowedIPs: p1.AllowedIPs, Keepalive: p1.Keepalive}),
+			key:  other,
+			out:  "private-key; peer 1 endpoint 198.51.100.9:51820 allowed-ips 10.60.1.0/24;",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, changed := wgDiff(tt.have, desiredWG(tt.key, tt.want), tt.key)
+			if got := render(cfg); got != tt.out || changed != (tt.out != "") {
+				t.Fatalf("diff:\n got %q (changed %v)\nwant %q", got, changed, tt.out)
+			}
+		})
+	}
+}
