@@ -141,6 +141,15 @@ type Mesh struct {
 	leaving bool
 	// probeInterval is memberlist's, for the suspect heuristic.
 	probeInterval time.Duration
+	// started is when Run started gossip.
+	started time.Time
+}
+
+// unknownGrace is how long a member known only from saved state may stay
+// unconfirmed before it counts as failed: long enough for the seeds to be
+// joined and a reconnect round to reach it.
+func (m *Mesh) unknownGrace() time.Duration {
+	return 3*m.cfg.ReconnectInterval + 10*m.probeInterval
 }
 
 type outMsg struct {
@@ -272,6 +281,9 @@ func (m *Mesh) Run(ctx context.Context) error {
 		return fmt.Errorf("starting gossip on %s:%d: %w", conf.BindAddr, conf.BindPort, err)
 	}
 	m.ml.Store(ml)
+	m.mu.Lock()
+	m.started = time.Now()
+	m.mu.Unlock()
 	m.log.Info("gossip started", "addr", m.addr, "port", conf.BindPort, "encrypted", conf.Keyring != nil)
 
 	m.wg.Add(1)
@@ -344,7 +356,7 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 	conf.Alive = d
 	conf.Conflict = d
 	conf.Ping = d
-	conf.Logger = newStdLogger(m.log)
+	conf.Logger = newStdLogger(m.cfg.Logger)
 	conf.LogOutput = nil
 	if m.cfg.Transport != nil {
 		conf.Transport = m.cfg.Transport
@@ -638,10 +650,17 @@ func (m *Mesh) View() *View {
 	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.probeInterval
 	now := time.Now()
 	for name, mem := range v.Members {
-		if mem.State == Alive && !mem.Self && now.Sub(mem.LastAck) > suspectAfter {
+		switch {
+		case mem.State == Alive && !mem.Self && now.Sub(mem.LastAck) > suspectAfter:
 			mem.State = Suspect
-			v.Members[name] = mem
+		case mem.State == Unknown && !m.started.IsZero() && now.Sub(m.started) > m.unknownGrace():
+			// Gossip has had time to find it and has not: treat it as
+			// failed, like memberlist would have.
+			mem.State, mem.Since = Dead, m.started
+		default:
+			continue
 		}
+		v.Members[name] = mem
 	}
 	return v
 }
@@ -808,8 +827,8 @@ func (m *Mesh) Forget(node string) error {
 	if node == m.cfg.Name {
 		return errors.New("a node cannot forget itself")
 	}
-	if mem, ok := m.View().Members[node]; ok && mem.State.Reachable() {
-		return fmt.Errorf("forgetting %s: %w (gossip says %s); stop its agent first", node, ErrAlive, mem.State)
+	if mem, ok := m.View().Members[node]; ok && mem.State.Routable() {
+		return fmt.Errorf("forgetting %s: %w (gossip says %s); stop its agent first, or wait until gossip reports it failed", node, ErrAlive, mem.State)
 	}
 	m.mu.Lock()
 	if _, ok := m.rep.nodes[node]; !ok {

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"cmp"
+	"fmt"
 	"net/netip"
 	"slices"
 	"time"
@@ -41,8 +42,26 @@ func (l Liveness) String() string {
 // MarshalText implements encoding.TextMarshaler.
 func (l Liveness) MarshalText() ([]byte, error) { return []byte(l.String()), nil }
 
-// Reachable reports whether traffic should be sent to a node in this state.
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (l *Liveness) UnmarshalText(b []byte) error {
+	for c := Unknown; c <= Left; c++ {
+		if c.String() == string(b) {
+			*l = c
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown liveness %q", b)
+}
+
+// Reachable reports whether gossip has positive evidence that the node
+// is up.
 func (l Liveness) Reachable() bool { return l == Alive || l == Suspect }
+
+// Routable reports whether a node in this state stays a WireGuard peer.
+// Unknown counts: right after an agent restart every member is unknown
+// until gossip catches up, and dropping them would cut the sessions of a
+// kernel WireGuard link that outlived the agent.
+func (l Liveness) Routable() bool { return l.Reachable() || l == Unknown }
 
 // Member is a known node.
 type Member struct {
@@ -119,13 +138,13 @@ type Peer struct {
 }
 
 // Peers returns the WireGuard peers of subnet: other nodes that have it
-// attached and that gossip says are reachable. Dead nodes are left out so
-// that nothing is sent into the void; their blocks stay theirs.
+// attached and are not known to be down. Dead nodes are left out so that
+// nothing is sent into the void; their blocks stay theirs.
 func (v *View) Peers(subnet netip.Prefix) []Peer {
 	var out []Peer
 	for _, e := range v.Networks[subnet] {
 		m, ok := v.Members[e.Node]
-		if !ok || m.Self || e.Port == 0 || !m.State.Reachable() {
+		if !ok || m.Self || e.Port == 0 || !m.State.Routable() {
 			continue
 		}
 		out = append(out, Peer{

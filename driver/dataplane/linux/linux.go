@@ -719,3 +719,47 @@ func short(id string) string {
 	}
 	return id
 }
+
+// UnderlayMTU returns the MTU of the host interface that holds addr or,
+// when addr is not local (an address advertised through NAT), of the
+// interface of the default route.
+func UnderlayMTU(addr netip.Addr) (int, error) {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return 0, err
+	}
+	defer h.Close()
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
+	if err != nil {
+		return 0, fmt.Errorf("listing addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr.Unmap() {
+			l, err := h.LinkByIndex(a.LinkIndex)
+			if err != nil {
+				return 0, err
+			}
+			return l.Attrs().MTU, nil
+		}
+	}
+	family := netlink.FAMILY_V4
+	if addr.Is6() && !addr.Is4In6() {
+		family = netlink.FAMILY_V6
+	}
+	routes, err := retryDump(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(family, &netlink.Route{Dst: nil}, netlink.RT_FILTER_DST)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+			l, err := h.LinkByIndex(r.LinkIndex)
+			if err != nil {
+				return 0, err
+			}
+			return l.Attrs().MTU, nil
+		}
+	}
+	return 0, fmt.Errorf("no interface holds %s and there is no default route", addr)
+}

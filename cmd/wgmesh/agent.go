@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver"
+	"github.com/wgmesh/wgmesh/driver/dataplane"
+	"github.com/wgmesh/wgmesh/driver/dataplane/linux"
+	"github.com/wgmesh/wgmesh/mesh"
+)
+
+// agentFlags are the agent's settings. Every path is configurable: hosts
+// that share a filesystem (test hosts, or containers) must not collide.
+type agentFlags struct {
+	nodeName        string
+	bindAddr        string
+	advertiseAddr   string
+	gossipPort      int
+	join            listFlag
+	clusterKeyFile  string
+	insecure        bool
+	stateDir        string
+	runDir          string
+	pluginSocket    string
+	controlSocket   string
+	wgPort          int
+	wgMode          string
+	wgKeepalive     time.Duration
+	mtu             int
+	leaveOnShutdown bool
+	logLevel        string
+	logFormat       string
+}
+
+func (f *agentFlags) register(fs *flag.FlagSet) {
+	host, _ := os.Hostname()
+	fs.StringVar(&f.nodeName, "node-name", host, "this node's unique name in the cluster")
+	fs.StringVar(&f.bindAddr, "bind-addr", "0.0.0.0", "address gossip listens on")
+	fs.StringVar(&f.advertiseAddr, "advertise-addr", "", "address peers reach this node at, for gossip and WireGuard (set it behind NAT; default: the bind address or the first private address)")
+	fs.IntVar(&f.gossipPort, "gossip-port", 7946, "gossip port, TCP and UDP")
+	fs.Var(&f.join, "join", "seed address(es) host[:port] to join, comma-separated or repeated")
+	fs.StringVar(&f.clusterKeyFile, "cluster-key-file", "", "file with the cluster key(s) that encrypt gossip, mode 0600 (create with 'wgmesh keygen')")
+	fs.BoolVar(&f.insecure, "insecure", false, "gossip without encryption (never on an untrusted network)")
+	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/wgmesh", "directory for keys and state")
+	fs.StringVar(&f.runDir, "run-dir", "/run/wgmesh", "directory for runtime files (network namespaces)")
+	fs.StringVar(&f.pluginSocket, "plugin-socket", "/run/docker/plugins/wgmesh.sock", "Docker plugin socket")
+	fs.StringVar(&f.controlSocket, "control-socket", "", "control socket for 'wgmesh status' (default RUN-DIR/control.sock)")
+	fs.IntVar(&f.wgPort, "wg-port", 51820, "first WireGuard UDP port; each network on a host takes the next free one")
+	fs.StringVar(&f.wgMode, "wg-mode", dataplane.ModeAuto, "WireGuard implementation: auto, kernel or userspace")
+	fs.DurationVar(&f.wgKeepalive, "wg-keepalive", 25*time.Second, "WireGuard persistent keepalive, keeps NAT mappings open (0 disables)")
+	fs.IntVar(&f.mtu, "mtu", 0, "default MTU of container interfaces (default: underlay MTU minus WireGuard overhead)")
+	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+}
+
+func (f *agentFlags) validate() error {
+	if f.controlSocket == "" {
+		f.controlSocket = filepath.Join(f.runDir, "control.sock")
+	}
+	for name, p := range map[string]string{"--state-dir": f.stateDir, "--run-dir": f.runDir, "--plugin-socket": f.pluginSocket, "--control-socket": f.controlSocket} {
+		if !filepath.IsAbs(p) {
+			return fmt.Errorf("%s %q must be an absolute path", name, p)
+		}
+	}
+	if f.clusterKeyFile == "" && !f.insecure {
+		return errors.New("gossip must be encrypted: pass --cluster-key-file (make one with: " +
+			"wgmesh keygen > /etc/wgmesh/cluster.key; chmod 600 /etc/wgmesh/cluster.key), or choose --insecure explicitly")
+	}
+	if f.clusterKeyFile != "" && f.insecure {
+		return errors.New("--insecure and --cluster-key-file contradict each other")
+	}
+	if f.wgPort <= 0 || f.wgPort > 65535 {
+		return fmt.Errorf("--wg-port %d out of range", f.wgPort)
+	}
+	if f.gossipPort <= 0 || f.gossipPort > 65535 {
+		return fmt.Errorf("--gossip-port %d out of range", f.gossipPort)
+	}
+	if f.mtu != 0 && (f.mtu < dataplane.MinMTU || f.mtu > dataplane.MaxMTU) {
+		return fmt.Errorf("--mtu %d outside %d..%d", f.mtu, dataplane.MinMTU, dataplane.MaxMTU)
+	}
+	if f.wgKeepalive < 0 {
+		return errors.New("--wg-keepalive must not be negative")
+	}
+	return nil
+}
+
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q is not text or json", format)
+}
+
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var f agentFlags
+	fs := newFlagSet("agent", stderr)
+	f.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %v", fs.Args())
+	}
+	if err := f.validate(); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, f.logLevel, f.logFormat)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return agent(ctx, &f, log)
+}
+
+func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
+	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	key, created, err := crypto.LoadOrCreatePrivateKey(filepath.Join(f.stateDir, "private.key"))
+	if err != nil {
+		return fmt.Errorf("WireGuard key: %w", err)
+	}
+	if created {
+		log.Info("generated WireGuard key pair", "public_key", key.Public().String())
+	}
+	var ring crypto.Keyring
+	if f.clusterKeyFile != "" {
+		if ring, err = crypto.LoadKeyring(f.clusterKeyFile); err != nil {
+			return fmt.Errorf("cluster key: %w", err)
+		}
+	} else {
+		log.Warn("gossip is NOT encrypted (--insecure): anyone on the network can read and forge cluster state")
+	}
+
+	dp, err := linux.New(linux.Config{RunDir: f.runDir, Mode: f.wgMode, Logger: log})
+	if err != nil {
+		return fmt.Errorf("data plane: %w", err)
+	}
+	defer dp.Close()
+
+	mcfg := mesh.DefaultConfig()
+	mcfg.Name = f.nodeName
+	mcfg.BindAddr = f.bindAddr
+	mcfg.BindPort = f.gossipPort
+	mcfg.AdvertiseAddr = f.advertiseAddr
+	mcfg.Join = f.join
+	mcfg.Keyring = ring
+	mcfg.PublicKey = key.Public()
+	mcfg.WGMode = dp.Mode()
+	mcfg.StatePath = filepath.Join(f.stateDir, "mesh.json")
+	mcfg.LeaveOnShutdown = f.leaveOnShutdown
+	mcfg.Logger = log
+	m, err := mesh.New(mcfg)
+	if err != nil {
+		return fmt.Errorf("mesh: %w", err)
+	}
+
+	mtu := f.mtu
+	if mtu == 0 {
+		mtu = derivedMTU(m.Addr(), log)
+	}
+	dcfg := driver.DefaultConfig()
+	dcfg.Mesh = m
+	dcfg.DataPlane = dp
+	dcfg.StateDir = f.stateDir
+	dcfg.PrivateKey = key
+	dcfg.PortBase = uint16(f.wgPort)
+	dcfg.DefaultMTU = mtu
+	dcfg.Keepalive = f.wgKeepalive
+	dcfg.Logger = log
+	d, err := driver.New(dcfg)
+	if err != nil {
+		return fmt.Errorf("driver: %w", err)
+	}
+	if err := d.Restore(ctx); err != nil {
+		// The loop retries; Docker must still reach the plugin.
+		log.Error("restoring networks", "err", err)
+	}
+
+	pluginL, err := driver.Listen(f.pluginSocket)
+	if err != nil {
+		return err
+	}
+	controlL, err := driver.ListenControl(f.controlSocket)
+	if err != nil {
+		pluginL.Close()
+		return err
+	}
+	log.Info("wgmesh agent running", "version", version, "node", f.nodeName, "addr", m.Addr(),
+		"public_key", key.Public().String(), "wg_mode", dp.Mode(), "mtu", mtu,
+		"plugin_socket", f.pluginSocket, "control_socket", f.controlSocket)
+
+	control := &driver.Control{
+		Driver: d,
+		Forget: m.Forget,
+		RotateKeys: func(ctx context.Context) error {
+			return rotateKeys(ctx, filepath.Join(f.stateDir, "private.key"), m, d, log)
+		},
+	}
+
+	// Shutdown order: stop taking Docker's calls, then leave gossip, then
+	// (deferred) release the data plane.
+	meshCtx, stopMesh := context.WithCancel(context.Background())
+	defer stopMesh()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return m.Run(meshCtx) })
+	g.Go(func() error { return d.Run(gctx) })
+	g.Go(func() error {
+		if err := d.Handler().Serve(pluginL); err != nil && !errors.Is(err, net.ErrClosed) {
+			return fmt.Errorf("plugin socket: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error { return control.Serve(gctx, controlL) })
+	g.Go(func() error {
+		<-gctx.Done()
+		pluginL.Close()
+		os.Remove(f.pluginSocket)
+		stopMesh()
+		return nil
+	})
+	err = g.Wait()
+	os.Remove(f.controlSocket)
+	log.Info("wgmesh agent stopped")
+	return err
+}
+
+// rotateKeys gives the node a new WireGuard key: stored first, so a crash
+// cannot lose it, then published to peers and applied locally.
+func rotateKeys(ctx context.Context, path string, m *mesh.Mesh, d *driver.Driver, log *slog.Logger) error {
+	k, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		return err
+	}
+	if err := crypto.StorePrivateKey(path, k); err != nil {
+		return err
+	}
+	m.SetPublicKey(k.Public())
+	if err := d.SetPrivateKey(ctx, k); err != nil {
+		return fmt.Errorf("applying the new key: %w", err)
+	}
+	log.Info("WireGuard key rotated", "public_key", k.Public().String())
+	return nil
+}
+
+// derivedMTU is the underlay MTU of the interface holding addr (or of the
+// default route) minus WireGuard's overhead.
+func derivedMTU(addr netip.Addr, log *slog.Logger) int {
+	underlay, err := linux.UnderlayMTU(addr)
+	if err != nil {
+		log.Warn("cannot find the underlay MTU; assuming 1500", "err", err)
+		underlay = 1500
+	}
+	return dataplane.MTUFor(underlay, addr.Is6() && !addr.Is4In6())
+}

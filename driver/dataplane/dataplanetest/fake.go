@@ -1,0 +1,181 @@
+// Package dataplanetest provides a recording, strict fake of
+// dataplane.DataPlane for tests that cannot touch the kernel.
+package dataplanetest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/wgmesh/wgmesh/driver/dataplane"
+)
+
+// Fake records the applied configuration and the endpoints created. It
+// rejects what the real data plane would: endpoints in networks that were
+// never applied, invalid networks, use after Close.
+type Fake struct {
+	mu        sync.Mutex
+	applied   dataplane.Config
+	endpoints map[string]fakeEndpoint // by endpoint ID
+	closed    bool
+	// FailApply makes Apply fail for networks with these IDs.
+	FailApply map[string]error
+	// Applies counts Apply calls.
+	Applies int
+}
+
+type fakeEndpoint struct {
+	netID string
+	ep    dataplane.Endpoint
+	mtu   int
+	// gone simulates a container that died and took its veth with it.
+	gone bool
+}
+
+var _ dataplane.DataPlane = (*Fake)(nil)
+
+// New returns an empty fake.
+func New() *Fake { return &Fake{endpoints: map[string]fakeEndpoint{}, FailApply: map[string]error{}} }
+
+// Apply implements dataplane.DataPlane.
+func (f *Fake) Apply(_ context.Context, cfg *dataplane.Config) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return errors.New("fake: apply after close")
+	}
+	f.Applies++
+	var errs []error
+	var ok []dataplane.Network
+	for _, n := range cfg.Networks {
+		if err := n.Validate(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := f.FailApply[n.ID]; err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ok = append(ok, n)
+	}
+	f.applied = dataplane.Config{PrivateKey: cfg.PrivateKey, Networks: ok}
+	// Like the real one, removing a network removes its endpoints.
+	for id, e := range f.endpoints {
+		if !slices.ContainsFunc(ok, func(n dataplane.Network) bool { return n.ID == e.netID }) {
+			delete(f.endpoints, id)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (f *Fake) hasNetworkLocked(id string) bool {
+	return slices.ContainsFunc(f.applied.Networks, func(n dataplane.Network) bool { return n.ID == id })
+}
+
+// CreateEndpoint implements dataplane.DataPlane.
+func (f *Fake) CreateEndpoint(_ context.Context, netID string, ep dataplane.Endpoint, mtu int) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return "", errors.New("fake: create endpoint after close")
+	}
+	if !f.hasNetworkLocked(netID) {
+		return "", fmt.Errorf("fake: endpoint in network %s that was never applied", netID)
+	}
+	if err := dataplane.ValidID(ep.ID); err != nil {
+		return "", err
+	}
+	f.endpoints[ep.ID] = fakeEndpoint{netID: netID, ep: ep, mtu: mtu}
+	return dataplane.ContainerVethName(ep.ID), nil
+}
+
+// DeleteEndpoint implements dataplane.DataPlane.
+func (f *Fake) DeleteEndpoint(_ context.Context, netID, epID string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return errors.New("fake: delete endpoint after close")
+	}
+	delete(f.endpoints, epID)
+	return nil
+}
+
+// Kill simulates the container of an endpoint dying: its veth vanishes.
+func (f *Fake) Kill(epID string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if e, ok := f.endpoints[epID]; ok {
+		e.gone = true
+		f.endpoints[epID] = e
+	}
+}
+
+// Status implements dataplane.DataPlane.
+func (f *Fake) Status(context.Context) ([]dataplane.NetworkStatus, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []dataplane.NetworkStatus
+	for _, n := range f.applied.Networks {
+		st := dataplane.NetworkStatus{ID: n.ID, Interface: dataplane.WireGuardName(n.ID), PublicKey: f.applied.PrivateKey.Public(), ListenPort: int(n.ListenPort)}
+		for _, p := range n.Peers {
+			st.Peers = append(st.Peers, dataplane.PeerStatus{PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs})
+		}
+		for _, id := range slices.Sorted(maps.Keys(f.endpoints)) {
+			if e := f.endpoints[id]; e.netID == n.ID && !e.gone {
+				st.Endpoints = append(st.Endpoints, id)
+			}
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+// Mode implements dataplane.DataPlane.
+func (f *Fake) Mode() string { return dataplane.ModeUserspace }
+
+// Close implements dataplane.DataPlane.
+func (f *Fake) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed = true
+	return nil
+}
+
+// Config returns the last applied configuration.
+func (f *Fake) Config() dataplane.Config {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.applied
+}
+
+// Render prints the applied state like `ip` and `wg` would show it, one
+// line per fact, for comparison with golden strings.
+func (f *Fake) Render() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var lines []string
+	for _, n := range f.applied.Networks {
+		wg := dataplane.WireGuardName(n.ID)
+		lines = append(lines, fmt.Sprintf("link %s mtu %d port %d addr %s", wg, n.MTU, n.ListenPort, n.Gateway))
+		lines = append(lines, fmt.Sprintf("route %s dev %s", n.Subnet, wg))
+		for _, b := range n.LocalBlocks {
+			lines = append(lines, fmt.Sprintf("route unreachable %s", b))
+		}
+		for _, p := range n.Peers {
+			lines = append(lines, fmt.Sprintf("peer %s endpoint %s allowed-ips %v", p.PublicKey.Short(), p.Endpoint, p.AllowedIPs))
+		}
+		for _, ep := range n.Endpoints {
+			e, ok := f.endpoints[ep.ID]
+			state := "missing"
+			if ok && !e.gone {
+				state = fmt.Sprintf("mtu %d mac %s", e.mtu, e.ep.MAC)
+			}
+			lines = append(lines, fmt.Sprintf("veth %s addr %s %s", dataplane.HostVethName(ep.ID), ep.Addr, state))
+		}
+	}
+	return strings.Join(lines, "\n")
+}

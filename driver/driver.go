@@ -1,0 +1,275 @@
+// Package driver is everything host-local: the libnetwork NetworkDriver
+// and IpamDriver that Docker calls (one socket, both protocols), the
+// host's state, and the one reconcile loop that turns that state and the
+// mesh's view into the data plane.
+//
+// Plugin handlers change state and apply the data plane for the network
+// they touch before they answer, so Docker sees errors; gossip changes
+// only kick the loop. Handlers never wait for the cluster, except to claim
+// an address block, which needs a quorum by design.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/dataplane"
+	"github.com/wgmesh/wgmesh/mesh"
+)
+
+// Config configures a Driver.
+type Config struct {
+	Mesh      *mesh.Mesh
+	DataPlane dataplane.DataPlane
+	// StateDir holds the driver's state file.
+	StateDir string
+	// PrivateKey is this node's WireGuard key.
+	PrivateKey crypto.PrivateKey
+	// PortBase is the first WireGuard port; each network on this host
+	// takes the next free one.
+	PortBase uint16
+	// DefaultMTU is used for networks without -o ...mtu; it is derived
+	// from the underlay by the caller.
+	DefaultMTU int
+	// Keepalive is WireGuard's persistent keepalive, which keeps NAT
+	// mappings open between hosts in different clouds.
+	Keepalive time.Duration
+	// RequestTimeout bounds one plugin call; ClaimTimeout bounds waiting
+	// for a quorum to grant an address block.
+	RequestTimeout time.Duration
+	ClaimTimeout   time.Duration
+	// ResyncInterval is how often the loop re-applies everything, which
+	// repairs drift nobody told us about.
+	ResyncInterval time.Duration
+	Logger         *slog.Logger
+}
+
+// DefaultConfig returns the defaults.
+func DefaultConfig() Config {
+	return Config{
+		PortBase:       51820,
+		DefaultMTU:     1420,
+		Keepalive:      25 * time.Second,
+		RequestTimeout: 60 * time.Second,
+		ClaimTimeout:   20 * time.Second,
+		ResyncInterval: 30 * time.Second,
+	}
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	switch {
+	case c.Mesh == nil:
+		return errors.New("driver: no mesh")
+	case c.DataPlane == nil:
+		return errors.New("driver: no data plane")
+	case c.StateDir == "":
+		return errors.New("driver: no state directory")
+	case c.PrivateKey.IsZero():
+		return errors.New("driver: no WireGuard private key")
+	case c.PortBase == 0:
+		return errors.New("driver: WireGuard port base must not be 0")
+	case c.DefaultMTU < dataplane.MinMTU || c.DefaultMTU > dataplane.MaxMTU:
+		return fmt.Errorf("driver: default MTU %d outside %d..%d", c.DefaultMTU, dataplane.MinMTU, dataplane.MaxMTU)
+	case c.RequestTimeout <= 0 || c.ClaimTimeout <= 0 || c.ResyncInterval <= 0:
+		return errors.New("driver: timeouts must be positive")
+	}
+	return nil
+}
+
+// Driver serves Docker's network and IPAM calls for this host.
+type Driver struct {
+	cfg       Config
+	log       *slog.Logger
+	statePath string
+	kick      chan struct{}
+	claims    singleflight.Group
+
+	// mu guards state and serialises every data-plane change.
+	mu    sync.Mutex
+	state *State
+	key   crypto.PrivateKey
+}
+
+// New loads the driver's state. It starts nothing; Run does.
+func New(cfg Config) (*Driver, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	d := &Driver{
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "driver"),
+		statePath: filepath.Join(cfg.StateDir, "driver.json"),
+		kick:      make(chan struct{}, 1),
+		key:       cfg.PrivateKey,
+	}
+	var err error
+	if d.state, err = loadState(d.statePath); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Restore publishes this host's networks to the mesh and applies the
+// data plane from saved state, so that containers get their network back
+// after an agent restart before Docker calls anything.
+func (d *Driver) Restore(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, n := range d.state.Networks {
+		if err := d.cfg.Mesh.Attach(n.Subnet, n.Port, d.state.Pools[n.PoolID].reserved()); err != nil {
+			return fmt.Errorf("restoring network %s: %w", short(n.ID), err)
+		}
+	}
+	if len(d.state.Networks) > 0 {
+		d.log.Info("restoring networks", "networks", len(d.state.Networks), "endpoints", len(d.state.Endpoints))
+	}
+	return d.applyLocked(ctx)
+}
+
+// Run is the reconcile loop: it re-applies the data plane whenever the
+// mesh changes, when kicked, and every ResyncInterval, until ctx is done.
+func (d *Driver) Run(ctx context.Context) error {
+	resync := time.NewTicker(d.cfg.ResyncInterval)
+	defer resync.Stop()
+	retry := time.NewTimer(0)
+	<-retry.C
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.cfg.Mesh.Changes():
+		case <-d.kick:
+		case <-resync.C:
+			d.collectGone(ctx)
+		case <-retry.C:
+		}
+		d.mu.Lock()
+		err := d.applyLocked(ctx)
+		d.mu.Unlock()
+		if err != nil {
+			d.log.Error("applying data plane failed; retrying", "err", err)
+			retry.Reset(2 * time.Second)
+		}
+	}
+}
+
+// kickLoop asks Run for a pass without waiting for it.
+func (d *Driver) kickLoop() {
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+}
+
+// applyLocked computes the desired data plane and applies it.
+func (d *Driver) applyLocked(ctx context.Context) error {
+	cfg := d.desiredLocked(d.cfg.Mesh.View())
+	return d.cfg.DataPlane.Apply(ctx, cfg)
+}
+
+// desiredLocked computes the data plane from this host's state and the
+// mesh: for each local network, its peers are the other nodes that have
+// it attached, each allowed its own blocks.
+func (d *Driver) desiredLocked(v *mesh.View) *dataplane.Config {
+	cfg := &dataplane.Config{PrivateKey: d.key}
+	ids := make([]string, 0, len(d.state.Networks))
+	for id := range d.state.Networks {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		n := d.state.Networks[id]
+		dn := dataplane.Network{
+			ID:          n.ID,
+			Subnet:      n.Subnet,
+			Gateway:     n.Gateway,
+			MTU:         n.MTU,
+			ListenPort:  n.Port,
+			LocalBlocks: v.OwnBlocks(n.Subnet),
+		}
+		for _, p := range v.Peers(n.Subnet) {
+			dn.Peers = append(dn.Peers, dataplane.Peer{
+				PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs, Keepalive: d.cfg.Keepalive,
+			})
+		}
+		for _, e := range d.state.endpointsOf(n.ID) {
+			if !e.Joined {
+				continue
+			}
+			dn.Endpoints = append(dn.Endpoints, dataplane.Endpoint{ID: e.ID, Addr: e.Addr, MAC: parseMAC(e.MAC)})
+		}
+		cfg.Networks = append(cfg.Networks, dn)
+	}
+	return cfg
+}
+
+// saveLocked persists state; a handler that cannot save must fail, since
+// an address handed out but not remembered could be handed out twice.
+func (d *Driver) saveLocked() error {
+	if err := d.state.save(d.statePath); err != nil {
+		return &Error{KindSystem, err}
+	}
+	return nil
+}
+
+// collectGone forgets joined endpoints whose veth pair has vanished: their
+// container died (or Docker restarted and will not tell us), and the dead
+// endpoint must not keep a route. Addresses are left to Docker, which
+// releases them when it cleans up the endpoint.
+func (d *Driver) collectGone(ctx context.Context) {
+	st, err := d.cfg.DataPlane.Status(ctx)
+	if err != nil {
+		d.log.Warn("reading data plane status", "err", err)
+	}
+	present := map[string]bool{}
+	known := map[string]bool{}
+	for _, n := range st {
+		known[n.ID] = true
+		for _, id := range n.Endpoints {
+			present[id] = true
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	changed := false
+	for id, e := range d.state.Endpoints {
+		if e.Joined && known[e.NetworkID] && !present[id] {
+			d.log.Info("endpoint's veth is gone; forgetting it", "endpoint", short(id), "network", short(e.NetworkID))
+			delete(d.state.Endpoints, id)
+			changed = true
+		}
+	}
+	if changed {
+		if err := d.saveLocked(); err != nil {
+			d.log.Error("saving state", "err", err)
+		}
+	}
+}
+
+// SetPrivateKey switches the WireGuard key (key rotation).
+func (d *Driver) SetPrivateKey(ctx context.Context, k crypto.PrivateKey) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.key = k
+	return d.applyLocked(ctx)
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}

@@ -1,0 +1,169 @@
+package driver
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh"
+)
+
+// Status is what `wgmesh status` shows: the node, the cluster as gossip
+// sees it, and each local network with its WireGuard peers.
+type Status struct {
+	Node     NodeStatus      `json:"node"`
+	Members  []MemberStatus  `json:"members"`
+	Networks []NetworkStatus `json:"networks"`
+	Gossip   mesh.Stats      `json:"gossip"`
+	Problems []string        `json:"problems,omitempty"`
+	Healthy  bool            `json:"healthy"`
+}
+
+// NodeStatus describes this node.
+type NodeStatus struct {
+	Name      string           `json:"name"`
+	Addr      netip.Addr       `json:"addr"`
+	PublicKey crypto.PublicKey `json:"public_key"`
+	WGMode    string           `json:"wg_mode"`
+	Quorum    int              `json:"quorum"`
+}
+
+// MemberStatus describes a member of the cluster.
+type MemberStatus struct {
+	Name      string           `json:"name"`
+	Addr      netip.Addr       `json:"addr"`
+	State     mesh.Liveness    `json:"state"`
+	Since     time.Time        `json:"since,omitzero"`
+	RTT       time.Duration    `json:"rtt_ns,omitempty"`
+	WGMode    string           `json:"wg_mode,omitempty"`
+	PublicKey crypto.PublicKey `json:"public_key"`
+	Self      bool             `json:"self,omitempty"`
+}
+
+// NetworkStatus describes a local network.
+type NetworkStatus struct {
+	ID        string           `json:"id"`
+	Subnet    netip.Prefix     `json:"subnet"`
+	Interface string           `json:"interface"`
+	Port      uint16           `json:"port"`
+	MTU       int              `json:"mtu"`
+	Gateway   netip.Addr       `json:"gateway,omitzero"`
+	Blocks    []netip.Prefix   `json:"blocks"`
+	Endpoints []EndpointStatus `json:"endpoints"`
+	Peers     []PeerStatus     `json:"peers"`
+}
+
+// EndpointStatus describes a container's endpoint.
+type EndpointStatus struct {
+	ID     string       `json:"id"`
+	Addr   netip.Prefix `json:"addr"`
+	MAC    string       `json:"mac"`
+	Joined bool         `json:"joined"`
+}
+
+// PeerStatus describes a WireGuard peer of a network.
+type PeerStatus struct {
+	Node          string           `json:"node"`
+	State         mesh.Liveness    `json:"state"`
+	PublicKey     crypto.PublicKey `json:"public_key"`
+	Endpoint      netip.AddrPort   `json:"endpoint"`
+	AllowedIPs    []netip.Prefix   `json:"allowed_ips"`
+	LastHandshake time.Time        `json:"last_handshake,omitzero"`
+	RxBytes       int64            `json:"rx_bytes"`
+	TxBytes       int64            `json:"tx_bytes"`
+}
+
+// A live peer with no handshake for this long is a problem: with
+// keepalives on, WireGuard re-handshakes at least every two minutes.
+const staleHandshake = 3*time.Minute + 30*time.Second
+
+// handshakeGrace is how long a new peer may take to complete its first
+// handshake before that is a problem.
+const handshakeGrace = 30 * time.Second
+
+// Status reports the node, the cluster and the local networks.
+func (d *Driver) Status(ctx context.Context) (*Status, error) {
+	v := d.cfg.Mesh.View()
+	planes, dpErr := d.cfg.DataPlane.Status(ctx)
+	now := time.Now()
+	self := v.Members[v.Self]
+	st := &Status{
+		Node: NodeStatus{Name: v.Self, Addr: self.Addr, PublicKey: d.currentKey().Public(),
+			WGMode: d.cfg.DataPlane.Mode(), Quorum: v.Quorum()},
+		Gossip: d.cfg.Mesh.Stats(),
+	}
+	if dpErr != nil {
+		st.Problems = append(st.Problems, fmt.Sprintf("reading the data plane: %v", dpErr))
+	}
+	for _, m := range v.Members {
+		st.Members = append(st.Members, MemberStatus{Name: m.Name, Addr: m.Addr, State: m.State, Since: m.Since,
+			RTT: m.RTT, WGMode: m.WGMode, PublicKey: m.PublicKey, Self: m.Self})
+		switch m.State {
+		case mesh.Dead:
+			st.Problems = append(st.Problems, fmt.Sprintf("node %s (%s) failed %s ago; its address blocks stay reserved until it returns or `wgmesh forget %s`",
+				m.Name, m.Addr, now.Sub(m.Since).Round(time.Second), m.Name))
+		case mesh.Suspect:
+			st.Problems = append(st.Problems, fmt.Sprintf("node %s (%s) does not answer gossip probes (last answer %s ago): check UDP to its gossip port",
+				m.Name, m.Addr, now.Sub(m.LastAck).Round(time.Second)))
+		case mesh.Unknown:
+			st.Problems = append(st.Problems, fmt.Sprintf("node %s (%s) has not been heard from since this agent started", m.Name, m.Addr))
+		}
+	}
+	slices.SortFunc(st.Members, func(a, b MemberStatus) int { return cmp.Compare(a.Name, b.Name) })
+	for _, c := range v.Conflicts() {
+		st.Problems = append(st.Problems, fmt.Sprintf("address conflict in %s: %s holds %s and %s holds %s", c.Subnet, c.NodeA, c.BlockA, c.NodeB, c.BlockB))
+	}
+
+	byID := map[string]int{}
+	for i, p := range planes {
+		byID[p.ID] = i
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, n := range d.state.Networks {
+		ns := NetworkStatus{ID: n.ID, Subnet: n.Subnet, Port: n.Port, MTU: n.MTU, Gateway: n.Gateway, Blocks: v.OwnBlocks(n.Subnet)}
+		for _, e := range d.state.endpointsOf(n.ID) {
+			ns.Endpoints = append(ns.Endpoints, EndpointStatus{ID: e.ID, Addr: e.Addr, MAC: e.MAC, Joined: e.Joined})
+		}
+		i, applied := byID[n.ID]
+		if !applied {
+			st.Problems = append(st.Problems, fmt.Sprintf("network %s (%s) has no data plane yet", short(n.ID), n.Subnet))
+		} else {
+			ns.Interface = planes[i].Interface
+		}
+		for _, p := range v.Peers(n.Subnet) {
+			ps := PeerStatus{Node: p.Node, State: p.State, PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs}
+			if applied {
+				for _, wp := range planes[i].Peers {
+					if wp.PublicKey == p.PublicKey {
+						ps.LastHandshake, ps.RxBytes, ps.TxBytes = wp.LastHandshake, wp.RxBytes, wp.TxBytes
+					}
+				}
+			}
+			age := now.Sub(ps.LastHandshake)
+			joined := v.Members[p.Node].Since
+			switch {
+			case ps.LastHandshake.IsZero() && now.Sub(joined) > handshakeGrace:
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: no WireGuard handshake with %s at %s yet: is UDP port %d open on it?",
+					n.Subnet, p.Node, p.Endpoint, p.Endpoint.Port()))
+			case !ps.LastHandshake.IsZero() && age > staleHandshake:
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: last WireGuard handshake with %s was %s ago", n.Subnet, p.Node, age.Round(time.Second)))
+			}
+			ns.Peers = append(ns.Peers, ps)
+		}
+		st.Networks = append(st.Networks, ns)
+	}
+	slices.SortFunc(st.Networks, func(a, b NetworkStatus) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	st.Healthy = len(st.Problems) == 0
+	return st, nil
+}
+
+func (d *Driver) currentKey() crypto.PrivateKey {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.key
+}
