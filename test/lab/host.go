@@ -1,0 +1,369 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// NSPath is the host's network namespace, for nsenter.
+func (h *Host) NSPath() string { return "/run/netns/" + h.NetNS }
+
+// DockerSock is the host's Docker API socket.
+func (h *Host) DockerSock() string { return filepath.Join(h.Dir, "docker.sock") }
+
+// ControlSock is the host's wgmesh control socket.
+func (h *Host) ControlSock() string { return filepath.Join(h.Dir, "run", "control.sock") }
+
+// PluginDir is the host's /run/docker/plugins.
+func (h *Host) PluginDir() string { return filepath.Join(h.Dir, "plugins") }
+
+// AgentLog and DockerLog are where their output goes.
+func (h *Host) AgentLog() string  { return filepath.Join(h.Dir, "agent.log") }
+func (h *Host) DockerLog() string { return filepath.Join(h.Dir, "dockerd.log") }
+
+// StartDocker starts the host's dockerd and waits until it answers.
+//
+// dockerd runs in the host's network namespace and in a mount namespace
+// of its own, where the host's plugin directory is mounted over
+// /run/docker/plugins: that is where it looks for wgmesh's socket. The
+// mount namespace is a slave of the machine's, so the agent's namespace
+// unmounts reach it and it never pins a deleted network namespace.
+func (h *Host) StartDocker(ctx context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.dockerd != nil && !h.dockerd.exited() {
+		return errors.New("dockerd already running")
+	}
+	if err := os.MkdirAll("/run/docker/plugins", 0o755); err != nil {
+		return err
+	}
+	script := fmt.Sprintf("mount --bind %s /run/docker/plugins && exec dockerd --data-root %s --exec-root %s -H unix://%s --pidfile %s",
+		h.PluginDir(), filepath.Join(h.Dir, "data"), filepath.Join(h.Dir, "exec"), h.DockerSock(), filepath.Join(h.Dir, "docker.pid"))
+	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "unshare", "-m", "--propagation", "slave", "sh", "-c", script}, h.DockerLog())
+	if err != nil {
+		return err
+	}
+	h.dockerd = p
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := h.dockerLocked(ctx, "version"); err == nil {
+			return nil
+		}
+		if p.exited() {
+			return fmt.Errorf("dockerd exited: %v (log: %s)", p.err, h.DockerLog())
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("dockerd did not come up (log: %s)", h.DockerLog())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// StopDocker stops dockerd with sig (SIGTERM stops its containers first;
+// SIGKILL is a crash).
+func (h *Host) StopDocker(sig syscall.Signal) {
+	h.mu.Lock()
+	p := h.dockerd
+	h.dockerd = nil
+	h.mu.Unlock()
+	p.stop(sig, 30*time.Second)
+}
+
+// LoadImage imports the busybox image into the host's Docker.
+func (h *Host) LoadImage(ctx context.Context) error {
+	buf, err := imageTar()
+	if err != nil {
+		return err
+	}
+	_, err = runIn(ctx, buf, "docker", "-H", "unix://"+h.DockerSock(), "import", "-c", "CMD [\"/bin/sh\"]", "-", Image)
+	return err
+}
+
+// Docker runs the docker CLI against this host.
+func (h *Host) Docker(ctx context.Context, args ...string) (string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.dockerLocked(ctx, args...)
+}
+
+func (h *Host) dockerLocked(ctx context.Context, args ...string) (string, error) {
+	return run(ctx, "docker", append([]string{"-H", "unix://" + h.DockerSock()}, args...)...)
+}
+
+// AgentArgs are the flags StartAgent gives this host's agent.
+func (h *Host) AgentArgs(extra ...string) []string {
+	args := []string{"agent",
+		"--node-name", h.Name,
+		"--advertise-addr", h.Addr.String(),
+		"--join", h.lab.Seeds(h),
+		"--cluster-key-file", h.lab.KeyFile,
+		"--state-dir", filepath.Join(h.Dir, "state"),
+		"--run-dir", filepath.Join(h.Dir, "run"),
+		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),
+		"--control-socket", h.ControlSock(),
+		"--log-level", "debug",
+	}
+	args = append(args, h.lab.cfg.AgentArgs...)
+	return append(args, extra...)
+}
+
+// StartAgent starts the host's wgmesh agent and waits until its control
+// socket answers.
+func (h *Host) StartAgent(ctx context.Context, extra ...string) error {
+	h.mu.Lock()
+	if h.agent != nil && !h.agent.exited() {
+		h.mu.Unlock()
+		return errors.New("agent already running")
+	}
+	p, err := start("nsenter", append([]string{"--net=" + h.NSPath(), h.lab.cfg.Binary}, h.AgentArgs(extra...)...), h.AgentLog())
+	if err != nil {
+		h.mu.Unlock()
+		return err
+	}
+	h.agent = p
+	h.mu.Unlock()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := h.Wgmesh(ctx, "status", "--json"); err == nil || strings.Contains(err.Error(), "exit status 1") {
+			// Up; unhealthy is fine, it may not have joined yet.
+			return nil
+		}
+		if p.exited() {
+			return fmt.Errorf("agent exited: %v (log: %s)", p.err, h.AgentLog())
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("agent did not come up (log: %s)", h.AgentLog())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// StopAgent stops the agent with sig: SIGTERM is a clean stop, SIGKILL a
+// crash.
+func (h *Host) StopAgent(sig syscall.Signal) {
+	h.mu.Lock()
+	p := h.agent
+	h.agent = nil
+	h.mu.Unlock()
+	p.stop(sig, 20*time.Second)
+}
+
+// AgentPID is the agent's process ID, or 0.
+func (h *Host) AgentPID() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.agent == nil || h.agent.exited() {
+		return 0
+	}
+	return h.agent.cmd.Process.Pid
+}
+
+// Wgmesh runs a wgmesh command against this host's agent.
+func (h *Host) Wgmesh(ctx context.Context, args ...string) (string, error) {
+	return run(ctx, "nsenter", append([]string{"--net=" + h.NSPath(), h.lab.cfg.Binary}, append(args, "--control-socket", h.ControlSock())...)...)
+}
+
+// Exec runs a command in the host's network namespace.
+func (h *Host) Exec(ctx context.Context, name string, args ...string) (string, error) {
+	return run(ctx, "nsenter", append([]string{"--net=" + h.NSPath(), name}, args...)...)
+}
+
+// ContainerPID returns the PID of a running container's init process.
+func (h *Host) ContainerPID(ctx context.Context, container string) (int, error) {
+	out, err := h.Docker(ctx, "inspect", "-f", "{{.State.Pid}}", container)
+	if err != nil {
+		return 0, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(out))
+	if err != nil || pid == 0 {
+		return 0, fmt.Errorf("container %s is not running", container)
+	}
+	return pid, nil
+}
+
+// InContainer runs a host tool (ping, iperf3, tcpdump...) in a
+// container's network namespace: the busybox image does not have them.
+func (h *Host) InContainer(ctx context.Context, container, name string, args ...string) (string, error) {
+	pid, err := h.ContainerPID(ctx, container)
+	if err != nil {
+		return "", err
+	}
+	return run(ctx, "nsenter", append([]string{fmt.Sprintf("--net=/proc/%d/ns/net", pid), name}, args...)...)
+}
+
+// ContainerIP returns a container's address on a network.
+func (h *Host) ContainerIP(ctx context.Context, container, network string) (string, error) {
+	out, err := h.Docker(ctx, "inspect", "-f", fmt.Sprintf("{{(index .NetworkSettings.Networks %q).IPAddress}}", network), container)
+	if err != nil {
+		return "", err
+	}
+	ip := strings.TrimSpace(out)
+	if ip == "" || ip == "<no value>" {
+		return "", fmt.Errorf("container %s has no address on %s", container, network)
+	}
+	return ip, nil
+}
+
+// Crash kills every process of the host at once, as a power cut would:
+// the agent, dockerd, containerd, and the containers.
+func (h *Host) Crash() {
+	h.mu.Lock()
+	agent, dockerd := h.agent, h.dockerd
+	h.agent, h.dockerd = nil, nil
+	h.mu.Unlock()
+	for _, pid := range h.pidsInNetNS() {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	agent.stop(syscall.SIGKILL, 10*time.Second)
+	dockerd.stop(syscall.SIGKILL, 10*time.Second)
+}
+
+// killRemaining stops what is left in the host's namespace after its
+// agent and dockerd: containerd shims and containers of a crashed host.
+func (h *Host) killRemaining() {
+	for _, pid := range h.pidsInNetNS() {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// pidsInNetNS lists processes whose network namespace is the host's, or
+// whose parent's is (a container has a namespace of its own, but its
+// shim is in the host's). All of them descend from what the lab started.
+func (h *Host) pidsInNetNS() []int {
+	var st unix.Stat_t
+	if err := unix.Stat(h.NSPath(), &st); err != nil {
+		return nil
+	}
+	hostNS := st.Ino
+	entries, _ := os.ReadDir("/proc")
+	inHost := map[int]bool{}
+	parent := map[int]int{}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		var ns unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &ns) == nil && ns.Ino == hostNS {
+			inHost[pid] = true
+		}
+		parent[pid] = ppid(pid)
+	}
+	var out []int
+	for pid := range parent {
+		for p, hops := pid, 0; p > 1 && hops < 8; p, hops = parent[p], hops+1 {
+			if inHost[p] {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func ppid(pid int) int {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "PPid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}
+
+// unmountUnder lazily unmounts every mount below dir (network namespaces
+// an agent keeps alive, and their shared parent mount).
+func (h *Host) unmountUnder(dir string) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	var mounts []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			mounts = append(mounts, f[4])
+		}
+	}
+	for i := len(mounts) - 1; i >= 0; i-- {
+		_ = unix.Unmount(mounts[i], unix.MNT_DETACH)
+	}
+}
+
+// Cut makes the underlay drop traffic between this host and the others:
+// a partition. Blackhole routes only touch the lab's own namespaces.
+func (h *Host) Cut(ctx context.Context, others ...*Host) error {
+	for _, o := range others {
+		if _, err := h.Exec(ctx, "ip", "route", "replace", "blackhole", o.Addr.String()+"/32"); err != nil {
+			return err
+		}
+		if _, err := o.Exec(ctx, "ip", "route", "replace", "blackhole", h.Addr.String()+"/32"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Heal removes every cut of this host.
+func (h *Host) Heal(ctx context.Context) error {
+	for _, o := range h.lab.Hosts {
+		_, _ = h.Exec(ctx, "ip", "route", "del", "blackhole", o.Addr.String()+"/32")
+		_, _ = o.Exec(ctx, "ip", "route", "del", "blackhole", h.Addr.String()+"/32")
+	}
+	return nil
+}
+
+// CreateNetwork creates a wgmesh network with the same name and subnet on
+// each of hosts (all hosts if none are given).
+func (l *Lab) CreateNetwork(ctx context.Context, name, subnet string, extra []string, hosts ...*Host) error {
+	if len(hosts) == 0 {
+		hosts = l.Hosts
+	}
+	args := append([]string{"network", "create", "-d", "wgmesh", "--ipam-driver", "wgmesh", "--subnet", subnet}, extra...)
+	args = append(args, name)
+	return l.parallel(ctx, hosts, func(ctx context.Context, h *Host) error {
+		_, err := h.Docker(ctx, args...)
+		return err
+	})
+}
+
+// RemoveNetwork removes a network from each of hosts (all if none given).
+func (l *Lab) RemoveNetwork(ctx context.Context, name string, hosts ...*Host) error {
+	if len(hosts) == 0 {
+		hosts = l.Hosts
+	}
+	return l.parallel(ctx, hosts, func(ctx context.Context, h *Host) error {
+		_, err := h.Docker(ctx, "network", "rm", name)
+		return err
+	})
+}
+
+// RunContainer starts a detached container of the lab image on network
+// and returns its address there. cmd defaults to a long sleep.
+func (h *Host) RunContainer(ctx context.Context, name, network string, opts []string, cmd ...string) (string, error) {
+	if len(cmd) == 0 {
+		cmd = []string{"sleep", "86400"}
+	}
+	args := append([]string{"run", "-d", "--name", name, "--network", network}, opts...)
+	args = append(args, Image)
+	if _, err := h.Docker(ctx, append(args, cmd...)...); err != nil {
+		return "", err
+	}
+	return h.ContainerIP(ctx, name, network)
+}

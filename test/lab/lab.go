@@ -1,0 +1,431 @@
+// Package lab builds a cluster of simulated hosts on one machine for
+// wgmesh's end-to-end tests, its demo and its benchmarks.
+//
+// Each host is a network namespace with its own dockerd and wgmesh agent;
+// the hosts share one underlay, a bridge in another namespace, with an MTU
+// of 1400 like many cloud networks. A router namespace on the underlay
+// stands in for the outside world, with a server at 198.51.100.10.
+//
+//	        ┌──────── <prefix>-sw: br0 (MTU 1400) ────────┐
+//	        │                │               │             │
+//	<prefix>-h1       <prefix>-h2     <prefix>-h3    <prefix>-wan
+//	192.168.77.11     .12             .13            192.168.77.1, 198.51.100.10
+//	dockerd + agent   dockerd + agent dockerd + agent
+//
+// Every path a host uses is its own (Dir/hN/...): hosts share the machine's
+// filesystem. Everything the lab starts is stopped by PID in Close, and
+// all traffic stays inside the lab's namespaces.
+package lab
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Underlay addressing of the lab.
+const (
+	UnderlayPrefix = "192.168.77.0/24"
+	RouterAddr     = "192.168.77.1"
+	// WANServer is the "outside world": a server in the router namespace.
+	WANServer   = "198.51.100.10"
+	underlayMTU = 1400
+	// Image is the busybox image built on every host.
+	Image = "wgmesh-busybox:lab"
+)
+
+// Config configures a lab.
+type Config struct {
+	// Hosts is the number of simulated hosts.
+	Hosts int
+	// Dir holds everything of the lab; empty makes a temporary directory.
+	Dir string
+	// Binary is the wgmesh binary the agents run.
+	Binary string
+	// Docker starts a dockerd on each host, and builds the busybox image.
+	Docker bool
+	// DockerHosts limits dockerd to the first N hosts (0: all), for
+	// scale tests where most hosts only run an agent.
+	DockerHosts int
+	// AgentArgs are extra flags for every agent.
+	AgentArgs []string
+	// Log receives progress lines; nil discards them.
+	Log io.Writer
+}
+
+// Lab is a running set of simulated hosts.
+type Lab struct {
+	cfg     Config
+	Dir     string
+	Prefix  string
+	Switch  string // namespace of the underlay bridge
+	WAN     string // namespace of the router and outside server
+	KeyFile string
+	Hosts   []*Host
+	ownDir  bool
+
+	mu     sync.Mutex
+	closed bool
+}
+
+// Host is one simulated host.
+type Host struct {
+	lab   *Lab
+	Index int    // 1-based
+	Name  string // h1, h2, ...
+	NetNS string // namespace name, under /run/netns
+	Addr  netip.Addr
+	Dir   string
+
+	mu      sync.Mutex
+	dockerd *proc
+	agent   *proc
+}
+
+// proc is a process the lab started.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+	log  *os.File
+}
+
+// New builds the lab's namespaces and, if asked, starts dockerd on each
+// host. Agents are started with StartAgents.
+func New(ctx context.Context, cfg Config) (*Lab, error) {
+	if cfg.Hosts < 1 || cfg.Hosts > 200 {
+		return nil, fmt.Errorf("lab: %d hosts; want 1 to 200", cfg.Hosts)
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	if err := checkTools(cfg.Docker); err != nil {
+		return nil, err
+	}
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	l := &Lab{cfg: cfg, Prefix: "wgl" + hex.EncodeToString(b)}
+	l.Switch, l.WAN = l.Prefix+"-sw", l.Prefix+"-wan"
+	var err error
+	if cfg.Dir == "" {
+		if l.Dir, err = os.MkdirTemp("", "wgmesh-lab-"); err != nil {
+			return nil, err
+		}
+		l.ownDir = true
+	} else {
+		l.Dir = cfg.Dir
+		if err := os.MkdirAll(l.Dir, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	if err := l.build(ctx); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+func checkTools(docker bool) error {
+	tools := []string{"ip", "nsenter", "unshare", "busybox"}
+	if docker {
+		tools = append(tools, "dockerd", "docker")
+	}
+	var missing []string
+	for _, t := range tools {
+		if _, err := exec.LookPath(dockerPath(t)); err != nil {
+			missing = append(missing, t)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("lab: missing tools %v (run: make deps)", missing)
+	}
+	return nil
+}
+
+// dockerPath prefers Debian's docker client, which matches dockerd 20.10.
+func dockerPath(tool string) string {
+	if tool == "docker" {
+		if _, err := os.Stat("/usr/bin/docker"); err == nil {
+			return "/usr/bin/docker"
+		}
+	}
+	return tool
+}
+
+func (l *Lab) logf(format string, args ...any) {
+	fmt.Fprintf(l.cfg.Log, "lab: "+format+"\n", args...)
+}
+
+func (l *Lab) build(ctx context.Context) error {
+	l.logf("building %d hosts in namespaces %s-*", l.cfg.Hosts, l.Prefix)
+	steps := [][]string{
+		{"ip", "netns", "add", l.Switch},
+		{"ip", "-n", l.Switch, "link", "set", "lo", "up"},
+		{"ip", "-n", l.Switch, "link", "add", "br0", "mtu", strconv.Itoa(underlayMTU), "type", "bridge"},
+		{"ip", "-n", l.Switch, "link", "set", "br0", "up"},
+		{"ip", "netns", "add", l.WAN},
+		{"ip", "-n", l.WAN, "link", "set", "lo", "up"},
+		{"ip", "-n", l.WAN, "addr", "add", WANServer + "/32", "dev", "lo"},
+	}
+	steps = append(steps, l.plug(l.WAN, "wan", RouterAddr)...)
+	for _, s := range steps {
+		if _, err := run(ctx, s[0], s[1:]...); err != nil {
+			return err
+		}
+	}
+	for i := 1; i <= l.cfg.Hosts; i++ {
+		h := &Host{lab: l, Index: i, Name: "h" + strconv.Itoa(i), NetNS: fmt.Sprintf("%s-h%d", l.Prefix, i),
+			Addr: netip.MustParseAddr(fmt.Sprintf("192.168.77.%d", 10+i))}
+		h.Dir = filepath.Join(l.Dir, h.Name)
+		l.Hosts = append(l.Hosts, h)
+		for _, d := range []string{"data", "exec", "plugins", "state", "run"} {
+			if err := os.MkdirAll(filepath.Join(h.Dir, d), 0o700); err != nil {
+				return err
+			}
+		}
+		steps := [][]string{
+			{"ip", "netns", "add", h.NetNS},
+			{"ip", "-n", h.NetNS, "link", "set", "lo", "up"},
+		}
+		steps = append(steps, l.plug(h.NetNS, h.Name, h.Addr.String())...)
+		steps = append(steps, []string{"ip", "-n", h.NetNS, "route", "add", "default", "via", RouterAddr})
+		for _, s := range steps {
+			if _, err := run(ctx, s[0], s[1:]...); err != nil {
+				return err
+			}
+		}
+	}
+	key, err := run(ctx, l.cfg.Binary, "keygen")
+	if err != nil {
+		return fmt.Errorf("lab: making a cluster key: %w", err)
+	}
+	l.KeyFile = filepath.Join(l.Dir, "cluster.key")
+	if err := os.WriteFile(l.KeyFile, []byte(key), 0o600); err != nil {
+		return err
+	}
+	if l.cfg.Docker {
+		n := l.cfg.DockerHosts
+		if n == 0 || n > len(l.Hosts) {
+			n = len(l.Hosts)
+		}
+		if err := l.parallel(ctx, l.Hosts[:n], func(ctx context.Context, h *Host) error { return h.StartDocker(ctx) }); err != nil {
+			return err
+		}
+		return l.parallel(ctx, l.Hosts[:n], func(ctx context.Context, h *Host) error { return h.LoadImage(ctx) })
+	}
+	return nil
+}
+
+// plug connects a namespace to the underlay bridge as eth0 with addr/24.
+func (l *Lab) plug(ns, name, addr string) [][]string {
+	outer := l.Prefix + "-" + name
+	mtu := strconv.Itoa(underlayMTU)
+	return [][]string{
+		{"ip", "link", "add", outer, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu, "netns", ns},
+		{"ip", "link", "set", outer, "netns", l.Switch},
+		{"ip", "-n", l.Switch, "link", "set", outer, "master", "br0", "up"},
+		{"ip", "-n", ns, "link", "set", "eth0", "up"},
+		{"ip", "-n", ns, "addr", "add", addr + "/24", "dev", "eth0"},
+	}
+}
+
+// parallel runs fn for each host at once and joins the errors.
+func (l *Lab) parallel(ctx context.Context, hosts []*Host, fn func(context.Context, *Host) error) error {
+	errs := make([]error, len(hosts))
+	var wg sync.WaitGroup
+	for i, h := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(ctx, h); err != nil {
+				errs[i] = fmt.Errorf("%s: %w", h.Name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// StartAgents starts an agent on every host; each joins all the others.
+func (l *Lab) StartAgents(ctx context.Context, extra ...string) error {
+	return l.parallel(ctx, l.Hosts, func(ctx context.Context, h *Host) error { return h.StartAgent(ctx, extra...) })
+}
+
+// Seeds lists every host's address but h's, for --join.
+func (l *Lab) Seeds(except *Host) string {
+	var s []string
+	for _, h := range l.Hosts {
+		if h != except {
+			s = append(s, h.Addr.String())
+		}
+	}
+	return strings.Join(s, ",")
+}
+
+// Close stops every process the lab started and removes its namespaces.
+// It is safe to call more than once.
+func (l *Lab) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var errs []error
+	_ = l.parallel(ctx, l.Hosts, func(ctx context.Context, h *Host) error {
+		h.mu.Lock()
+		docker := h.dockerd != nil
+		h.mu.Unlock()
+		if docker {
+			// Containers first, so none outlives its dockerd.
+			if out, err := h.Docker(ctx, "ps", "-aq"); err == nil && strings.TrimSpace(out) != "" {
+				_, _ = h.Docker(ctx, append([]string{"rm", "-f"}, strings.Fields(out)...)...)
+			}
+		}
+		h.StopAgent(syscall.SIGTERM)
+		h.StopDocker(syscall.SIGTERM)
+		h.killRemaining()
+		return nil
+	})
+	for _, h := range l.Hosts {
+		// Unpin namespaces an agent left (it keeps them across restarts).
+		h.unmountUnder(filepath.Join(h.Dir, "run"))
+		if _, err := run(ctx, "ip", "netns", "del", h.NetNS); err != nil && !strings.Contains(err.Error(), "No such file") {
+			errs = append(errs, err)
+		}
+	}
+	for _, ns := range []string{l.WAN, l.Switch} {
+		if _, err := run(ctx, "ip", "netns", "del", ns); err != nil && !strings.Contains(err.Error(), "No such file") {
+			errs = append(errs, err)
+		}
+	}
+	if l.ownDir {
+		if err := os.RemoveAll(l.Dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// run runs a command and returns its combined output.
+func run(ctx context.Context, name string, args ...string) (string, error) {
+	return runIn(ctx, nil, name, args...)
+}
+
+func runIn(ctx context.Context, stdin io.Reader, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, dockerPath(name), args...)
+	cmd.Stdin = stdin
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+	}
+	return out.String(), nil
+}
+
+// start starts a long-running process with its output in logPath.
+func start(name string, args []string, logPath string) (*proc, error) {
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	// Its own process group, so a Ctrl-C of the test does not hit it
+	// before Close can stop it in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{}), log: f}
+	go func() {
+		p.err = cmd.Wait()
+		f.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// stop signals a process and waits for it, killing it if it lingers.
+func (p *proc) stop(sig syscall.Signal, grace time.Duration) {
+	if p == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Exited reports whether the process has ended.
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// busyboxApplets are linked in the lab image.
+var busyboxApplets = []string{"sh", "ping", "nc", "httpd", "sleep", "cat", "md5sum", "sha256sum",
+	"dd", "head", "wc", "ip", "wget", "echo", "ls", "true", "hostname", "ifconfig", "route", "seq", "tr", "yes"}
+
+// imageTar is a root filesystem with a static busybox and its applets.
+func imageTar() (*bytes.Buffer, error) {
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(bb)
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755}); err != nil {
+		return nil, err
+	}
+	if err := tw.WriteHeader(&tar.Header{Name: "bin/busybox", Mode: 0o755, Size: int64(len(data))}); err != nil {
+		return nil, err
+	}
+	if _, err := tw.Write(data); err != nil {
+		return nil, err
+	}
+	for _, a := range busyboxApplets {
+		if err := tw.WriteHeader(&tar.Header{Name: "bin/" + a, Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777}); err != nil {
+			return nil, err
+		}
+	}
+	for _, d := range []string{"tmp/", "www/", "etc/"} {
+		if err := tw.WriteHeader(&tar.Header{Name: d, Typeflag: tar.TypeDir, Mode: 0o1777}); err != nil {
+			return nil, err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return &buf, nil
+}
