@@ -128,7 +128,21 @@ func New(cfg Config) (*Driver, error) {
 func (d *Driver) Restore(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for _, n := range d.state.Networks {
+	for id, n := range d.state.Networks {
+		if _, ok := d.state.Pools[n.PoolID]; !ok {
+			// `docker network rm` releases the pool, then deletes the
+			// network, and only logs a failed delete: this agent was down
+			// in between, and the network is gone from Docker.
+			d.log.Warn("dropping network whose address pool Docker released", "network", short(id), "subnet", n.Subnet)
+			delete(d.state.Networks, id)
+			for _, e := range d.state.endpointsOf(id) {
+				delete(d.state.Endpoints, e.ID)
+			}
+			if err := d.saveLocked(); err != nil {
+				return err
+			}
+			continue
+		}
 		if err := d.cfg.Mesh.Attach(n.Subnet, n.Port, d.state.Pools[n.PoolID].reserved()); err != nil {
 			return fmt.Errorf("restoring network %s: %w", short(n.ID), err)
 		}

@@ -150,7 +150,9 @@ func (d *Driver) RequestAddress(ctx context.Context, req *ipam.RequestAddressReq
 // allocate records an address of the given kind in a pool, claiming a new
 // block from the mesh when this host's blocks are full.
 func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, kind Allocation) (netip.Addr, error) {
-	for attempt := 0; ; attempt++ {
+	// Each pass either allocates or claims a block; claims are bounded by
+	// the subnet's size and ctx by the request's deadline.
+	for {
 		d.mu.Lock()
 		p, ok := d.state.Pools[poolID]
 		if !ok {
@@ -175,9 +177,6 @@ func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, k
 		d.mu.Unlock()
 		if err != nil {
 			return netip.Addr{}, err
-		}
-		if attempt >= 3 {
-			return netip.Addr{}, &Error{KindSystem, fmt.Errorf("no free address in %s after claiming new blocks", subnet)}
 		}
 		// Claim outside the lock: it waits for the cluster. Concurrent
 		// requests of the same pool share one claim.

@@ -79,20 +79,27 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 		Port: d.freePortLocked(), MTU: mtu, Options: opts,
 	}
 	d.state.Networks[n.ID] = n
-	if err := d.cfg.Mesh.Attach(subnet, n.Port, pool.reserved()); err != nil {
+	// Docker takes an error as "no network" and never deletes it, so a
+	// failure at any step must undo the steps before it.
+	rollback := func(cause error) error {
 		delete(d.state.Networks, n.ID)
-		return err
+		if err := d.cfg.Mesh.Attach(subnet, 0, pool.reserved()); err != nil {
+			d.log.Error("rolling back network creation: detaching", "network", short(n.ID), "err", err)
+		}
+		if err := d.applyLocked(ctx); err != nil {
+			d.log.Error("rolling back network creation: data plane", "network", short(n.ID), "err", err)
+			d.kickLoop()
+		}
+		return cause
+	}
+	if err := d.cfg.Mesh.Attach(subnet, n.Port, pool.reserved()); err != nil {
+		return rollback(err)
 	}
 	if err := d.applyLocked(ctx); err != nil {
-		delete(d.state.Networks, n.ID)
-		if rerr := d.applyLocked(ctx); rerr != nil {
-			d.log.Error("rolling back network creation", "network", short(n.ID), "err", rerr)
-		}
-		_ = d.cfg.Mesh.Attach(subnet, 0, pool.reserved())
-		return &Error{KindSystem, fmt.Errorf("setting up network %s: %w", subnet, err)}
+		return rollback(&Error{KindSystem, fmt.Errorf("setting up network %s: %w", subnet, err)})
 	}
 	if err := d.saveLocked(); err != nil {
-		return err
+		return rollback(err)
 	}
 	d.log.Info("network created", "network", short(n.ID), "subnet", subnet, "port", n.Port, "mtu", mtu, "gateway", gw)
 	return nil
@@ -130,11 +137,17 @@ func (d *Driver) DeleteNetwork(ctx context.Context, req *network.DeleteNetworkRe
 	if !ok {
 		return nil
 	}
+	endpoints := d.state.endpointsOf(n.ID)
 	delete(d.state.Networks, n.ID)
-	for _, e := range d.state.endpointsOf(n.ID) {
+	for _, e := range endpoints {
 		delete(d.state.Endpoints, e.ID)
 	}
 	if err := d.saveLocked(); err != nil {
+		// Keep memory and disk in agreement; Docker only logs this.
+		d.state.Networks[n.ID] = n
+		for _, e := range endpoints {
+			d.state.Endpoints[e.ID] = e
+		}
 		return err
 	}
 	if err := d.cfg.Mesh.Attach(n.Subnet, 0, nil); err != nil {

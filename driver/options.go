@@ -37,7 +37,7 @@ func parseNetworkOptions(opts map[string]any) (NetworkOptions, error) {
 			if b, ok := v.(bool); !ok {
 				return o, invalidParam("option %s must be a boolean, got %T", k, v)
 			} else if b {
-				return o, invalidParam("wgmesh networks are IPv4 only; create the network without --ipv6")
+				return o, invalidParam("option %s=true: wgmesh networks are IPv4 only; create the network without --ipv6", k)
 			}
 		case dockerInternal:
 			b, ok := v.(bool)

@@ -146,7 +146,11 @@ func (s *State) endpointsOf(netID string) []*Endpoint {
 }
 
 // reserved lists the addresses of p reserved cluster-wide from this host.
+// A nil pool reserves nothing.
 func (p *Pool) reserved() []netip.Addr {
+	if p == nil {
+		return nil
+	}
 	var out []netip.Addr
 	for a, kind := range p.Allocated {
 		if kind == AllocAux || kind == AllocSharedGateway {

@@ -223,18 +223,21 @@ func pickBlock(v *View, req BlockRequest) (netip.Prefix, error) {
 	}
 
 	if req.Containing.IsValid() {
-		b := netip.PrefixFrom(req.Containing, bits).Masked()
 		if !within.Contains(req.Containing) {
 			return netip.Prefix{}, fmt.Errorf("address %s is outside range %s", req.Containing, within)
 		}
-		if overlapsBusy(b) {
-			holder := "another node"
-			if node, _, ok := v.Owner(req.Subnet, req.Containing); ok {
-				holder = "node " + node
+		// The biggest free block up to the requested size: a smaller
+		// one fits between blocks already taken, this node's included.
+		for b := bits; b <= req.Subnet.Addr().BitLen(); b++ {
+			if p := netip.PrefixFrom(req.Containing, b).Masked(); !overlapsBusy(p) {
+				return p, nil
 			}
-			return netip.Prefix{}, fmt.Errorf("block %s holding %s belongs to or is being claimed by %s: %w", b, req.Containing, holder, ErrBlockTaken)
 		}
-		return b, nil
+		holder := "another node"
+		if node, _, ok := v.Owner(req.Subnet, req.Containing); ok {
+			holder = "node " + node
+		}
+		return netip.Prefix{}, fmt.Errorf("address %s belongs to or is being claimed by %s: %w", req.Containing, holder, ErrBlockTaken)
 	}
 
 	n := 1 << (bits - within.Bits())
