@@ -47,7 +47,11 @@ func (h *Host) StartDocker(ctx context.Context) error {
 	if err := os.MkdirAll("/run/docker/plugins", 0o755); err != nil {
 		return err
 	}
-	script := fmt.Sprintf("mount --bind %s /run/docker/plugins && exec dockerd --data-root %s --exec-root %s -H unix://%s --pidfile %s",
+	// Hiding /run/containerd makes dockerd start a containerd of its own
+	// even where a system one runs (docker.io starts one under systemd):
+	// hosts must not share containers' processes.
+	script := fmt.Sprintf("{ [ ! -d /run/containerd ] || mount -t tmpfs tmpfs /run/containerd; } && "+
+		"mount --bind %s /run/docker/plugins && exec dockerd --data-root %s --exec-root %s -H unix://%s --pidfile %s",
 		h.PluginDir(), filepath.Join(h.Dir, "data"), filepath.Join(h.Dir, "exec"), h.DockerSock(), filepath.Join(h.Dir, "docker.pid"))
 	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "unshare", "-m", "--propagation", "slave", "sh", "-c", script}, h.DockerLog())
 	if err != nil {

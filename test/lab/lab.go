@@ -94,6 +94,8 @@ type Host struct {
 	mu      sync.Mutex
 	dockerd *proc
 	agent   *proc
+	// containers are stand-in container namespaces made by NewContainer.
+	containers []string
 }
 
 // proc is a process the lab started.
@@ -305,6 +307,9 @@ func (l *Lab) Close() error {
 		return nil
 	})
 	for _, h := range l.Hosts {
+		for _, ns := range h.containers {
+			_, _ = run(ctx, "ip", "netns", "del", ns)
+		}
 		// Unpin namespaces an agent left (it keeps them across restarts).
 		h.unmountUnder(filepath.Join(h.Dir, "run"))
 		if _, err := run(ctx, "ip", "netns", "del", h.NetNS); err != nil && !strings.Contains(err.Error(), "No such file") {

@@ -1,0 +1,62 @@
+# wgmesh. Two commands do everything on a fresh Debian machine, as root:
+#   make demo   three simulated hosts, a wgmesh network, cross-host pings
+#   make test   every test: unit, fuzz, namespaces, end-to-end with dockerd
+# Both install what is missing (Debian packages, a Go toolchain).
+
+SHELL := bash
+.SHELLFLAGS := -o pipefail -euc
+.DEFAULT_GOAL := build
+MAKEFLAGS += --no-print-directory
+
+GO := $(shell .ci/go.sh)
+export GOTOOLCHAIN := local
+export PATH := $(dir $(GO)):$(PATH)
+
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+FUZZTIME ?= 5s
+FUZZ_PKGS := ./mesh ./driver
+
+.PHONY: build lab deps demo test check unit fuzz e2e bench bench-smoke lint tidy-check clean
+
+build: ## static agent binary in bin/wgmesh
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
+
+lab: ## the lab driver used by demo and bench
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/wgmesh-lab ./test/cmd/wgmesh-lab
+
+deps: ## install missing Debian packages
+	.ci/deps.sh
+
+demo: deps build lab ## three hosts with dockerd + wgmesh, cross-host ping, wgmesh status
+	bin/wgmesh-lab demo -binary bin/wgmesh
+
+test: deps check unit fuzz e2e ## every test
+	@echo "make test: all passed"
+
+check: tidy-check lint
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) vet -tags e2e ./test/e2e/
+
+tidy-check: ## go.mod and go.sum are tidy
+	$(GO) mod tidy -diff
+
+unit: ## unit tests with the race detector; as root also the namespace tests
+	$(GO) test -race -count=1 ./...
+
+fuzz: ## every fuzzer for FUZZTIME
+	for pkg in $(FUZZ_PKGS); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "fuzz $$pkg $$f"; \
+			$(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME); \
+		done; \
+	done
+
+e2e: ## end-to-end suite against three real dockerd (root)
+	$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' 
+
+clean:
+	rm -rf bin
