@@ -98,6 +98,11 @@ type Driver struct {
 	mu    sync.Mutex
 	state *State
 	key   crypto.PrivateKey
+	// stagger decides when this node may start handshakes with new peers;
+	// restored is set once the peers found at start are marked known.
+	stagger  *stagger
+	restored bool
+	recheck  *time.Timer
 }
 
 // New loads the driver's state. It starts nothing; Run does.
@@ -114,6 +119,7 @@ func New(cfg Config) (*Driver, error) {
 		statePath: filepath.Join(cfg.StateDir, "driver.json"),
 		kick:      make(chan struct{}, 1),
 		key:       cfg.PrivateKey,
+		stagger:   newStagger(),
 	}
 	var err error
 	if d.state, err = loadState(d.statePath); err != nil {
@@ -199,6 +205,8 @@ func (d *Driver) applyLocked(ctx context.Context) error {
 // it attached, each allowed its own blocks.
 func (d *Driver) desiredLocked(v *mesh.View) *dataplane.Config {
 	cfg := &dataplane.Config{PrivateKey: d.key}
+	now := time.Now()
+	var recheck time.Duration
 	ids := make([]string, 0, len(d.state.Networks))
 	for id := range d.state.Networks {
 		ids = append(ids, id)
@@ -214,11 +222,21 @@ func (d *Driver) desiredLocked(v *mesh.View) *dataplane.Config {
 			ListenPort:  n.Port,
 			LocalBlocks: v.OwnBlocks(n.Subnet),
 		}
+		peers := map[crypto.PublicKey]bool{}
 		for _, p := range v.Peers(n.Subnet) {
+			peers[p.PublicKey] = true
+			if !d.restored {
+				d.stagger.known(n.Subnet, p.PublicKey)
+			}
+			ka, again := d.stagger.keepalive(n.Subnet, d.key.Public(), p.PublicKey, d.cfg.Keepalive, now)
+			if again > 0 && (recheck == 0 || again < recheck) {
+				recheck = again
+			}
 			dn.Peers = append(dn.Peers, dataplane.Peer{
-				PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs, Keepalive: d.cfg.Keepalive,
+				PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs, Keepalive: ka,
 			})
 		}
+		d.stagger.forget(n.Subnet, peers)
 		for _, e := range d.state.endpointsOf(n.ID) {
 			if !e.Joined {
 				continue
@@ -226,6 +244,14 @@ func (d *Driver) desiredLocked(v *mesh.View) *dataplane.Config {
 			dn.Endpoints = append(dn.Endpoints, dataplane.Endpoint{ID: e.ID, Addr: e.Addr, MAC: parseMAC(e.MAC)})
 		}
 		cfg.Networks = append(cfg.Networks, dn)
+	}
+	d.restored = true
+	if recheck > 0 {
+		if d.recheck == nil {
+			d.recheck = time.AfterFunc(recheck, d.kickLoop)
+		} else {
+			d.recheck.Reset(recheck)
+		}
 	}
 	return cfg
 }

@@ -1,0 +1,47 @@
+package driver
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/wgmesh/wgmesh/crypto"
+)
+
+func TestStagger(t *testing.T) {
+	subnet := netip.MustParsePrefix("10.60.0.0/16")
+	low, high := crypto.PublicKey{1}, crypto.PublicKey{2}
+	const want = 25 * time.Second
+	now := time.Unix(1000, 0)
+
+	s := newStagger()
+	// The lower key starts at once.
+	if ka, again := s.keepalive(subnet, low, high, want, now); ka != want || again != 0 {
+		t.Fatalf("lower key: keepalive %v, recheck %v", ka, again)
+	}
+	// The higher key waits, then starts.
+	if ka, again := s.keepalive(subnet, high, low, want, now); ka != 0 || again != initiateDelay {
+		t.Fatalf("higher key, new peer: keepalive %v, recheck %v", ka, again)
+	}
+	if ka, again := s.keepalive(subnet, high, low, want, now.Add(initiateDelay/2)); ka != 0 || again != initiateDelay/2 {
+		t.Fatalf("higher key, half-way: keepalive %v, recheck %v", ka, again)
+	}
+	if ka, _ := s.keepalive(subnet, high, low, want, now.Add(initiateDelay)); ka != want {
+		t.Fatalf("higher key, after the delay: keepalive %v", ka)
+	}
+	// A peer that goes away and comes back is new again.
+	s.forget(subnet, nil)
+	if ka, _ := s.keepalive(subnet, high, low, want, now.Add(time.Hour)); ka != 0 {
+		t.Fatal("returning peer not delayed")
+	}
+	// Peers known at start are not delayed.
+	s2 := newStagger()
+	s2.known(subnet, low)
+	if ka, _ := s2.keepalive(subnet, high, low, want, now); ka != want {
+		t.Fatal("peer known at start delayed")
+	}
+	// No keepalive wanted: nothing to stagger.
+	if ka, again := s2.keepalive(subnet, high, crypto.PublicKey{0}, 0, now); ka != 0 || again != 0 {
+		t.Fatal("keepalive 0 staggered")
+	}
+}
