@@ -15,7 +15,7 @@ export PATH := $(dir $(GO)):$(PATH)
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
-FUZZ_PKGS := ./mesh ./driver
+FUZZ_PKGS := ./crypto ./mesh ./driver
 
 .PHONY: build lab deps demo test check unit fuzz e2e bench bench-smoke lint tidy-check clean
 

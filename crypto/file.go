@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/google/renameio/v2"
@@ -105,8 +106,10 @@ func GenerateClusterKey() (string, error) {
 	if _, err := rand.Read(b); err != nil {
 		return "", fmt.Errorf("reading random bytes: %w", err)
 	}
-	return base64.StdEncoding.EncodeToString(b), nil
+	return encodeClusterKey(b), nil
 }
+
+func encodeClusterKey(k []byte) string { return base64.StdEncoding.EncodeToString(k) }
 
 // ParseClusterKey decodes a base64 cluster key of 16, 24 or 32 bytes.
 // The error never contains the input.
@@ -128,6 +131,11 @@ type Keyring [][]byte
 
 // Primary is the key that encrypts.
 func (k Keyring) Primary() []byte { return k[0] }
+
+// Equal reports whether two keyrings hold the same keys in the same order.
+func (k Keyring) Equal(o Keyring) bool {
+	return slices.EqualFunc(k, o, func(a, b []byte) bool { return bytes.Equal(a, b) })
+}
 
 // LoadKeyring reads a cluster key file: one base64 key per line, primary
 // first; blank lines and lines starting with # are ignored.

@@ -452,3 +452,79 @@ func TestStateSurvivesRestart(t *testing.T) {
 		t.Fatalf("reserved after restart: %v", r)
 	}
 }
+
+// TestClusterKeyRotation: the three-step rotation keeps every node in the
+// cluster, and afterwards the old key gets nobody in.
+func TestClusterKeyRotation(t *testing.T) {
+	c := newCluster(t)
+	for _, name := range []string{"a", "b", "c"} {
+		c.add(name)
+	}
+	allAlive := func() error {
+		for _, n := range c.nodes {
+			v := n.m.View()
+			if len(v.Members) != len(c.nodes) {
+				return fmt.Errorf("%s knows %d members", n.m.Name(), len(v.Members))
+			}
+			for name, m := range v.Members {
+				if m.State != Alive {
+					return fmt.Errorf("%s sees %s as %s", n.m.Name(), name, m.State)
+				}
+			}
+		}
+		return nil
+	}
+	eventually(t, 5*time.Second, allAlive)
+
+	oldKey := c.keyring[0]
+	s, _ := crypto.GenerateClusterKey()
+	newKey, _ := crypto.ParseClusterKey(s)
+	for _, step := range []crypto.Keyring{{oldKey, newKey}, {newKey, oldKey}, {newKey}} {
+		for _, n := range c.nodes {
+			if err := n.m.SetKeyring(step); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Gossip keeps flowing: members stay alive over a few probe rounds.
+		time.Sleep(500 * time.Millisecond)
+		eventually(t, 5*time.Second, allAlive)
+	}
+	// A claim needs the others' promises: gossip really works on the new key.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := claim(ctx, c.nodes[0]); err != nil {
+		t.Fatalf("claim after rotation: %v", err)
+	}
+	c.add("stale", func(cfg *Config) { cfg.Keyring = crypto.Keyring{oldKey} })
+	time.Sleep(1500 * time.Millisecond)
+	if got := len(c.nodes[0].m.memberlist().Members()); got != 3 {
+		t.Fatalf("a node with the retired key got in: %d members", got)
+	}
+}
+
+// TestNonMemberStateIsIgnored: an entry about a node that is not a member
+// (no node information, as gossip would have delivered for a member)
+// yields no WireGuard peer, no block and no vote.
+func TestNonMemberStateIsIgnored(t *testing.T) {
+	c := newCluster(t)
+	a := c.add("a")
+	d := &delegate{a.m}
+	d.NotifyMsg(encodeNet(NetworkEntry{Node: "mallory", Subnet: subnet, Version: 99, Port: 51820,
+		Blocks: []netip.Prefix{pfx("10.60.0.0/17")}, Claims: []Claim{{pfx("10.60.128.0/24"), 1}},
+		Promises: []Promise{{pfx("10.60.200.0/24"), "a", 1}}}))
+	a.m.step()
+	v := a.m.View()
+	if len(v.Peers(subnet)) != 0 {
+		t.Fatalf("a non-member became a WireGuard peer: %+v", v.Peers(subnet))
+	}
+	if owner, _, ok := v.Owner(subnet, netip.MustParseAddr("10.60.1.1")); ok {
+		t.Fatalf("a non-member owns a block: %s", owner)
+	}
+	// Its claimed block is free for members, and its vote counts for nothing.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := a.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Bits: 24, Containing: netip.MustParseAddr("10.60.1.1")})
+	if err != nil || got != pfx("10.60.1.0/24") {
+		t.Fatalf("claiming the block a non-member claimed: %s %v", got, err)
+	}
+}

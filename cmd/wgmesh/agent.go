@@ -43,6 +43,7 @@ type agentFlags struct {
 	wgKeepalive     time.Duration
 	mtu             int
 	leaveOnShutdown bool
+	wgKeyRotation   time.Duration
 	logLevel        string
 	logFormat       string
 }
@@ -65,6 +66,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.wgKeepalive, "wg-keepalive", 25*time.Second, "WireGuard persistent keepalive, keeps NAT mappings open (0 disables)")
 	fs.IntVar(&f.mtu, "mtu", 0, "default MTU of container interfaces (default: underlay MTU minus WireGuard overhead)")
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
+	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 }
@@ -96,6 +98,9 @@ func (f *agentFlags) validate() error {
 	}
 	if f.wgKeepalive < 0 {
 		return errors.New("--wg-keepalive must not be negative")
+	}
+	if f.wgKeyRotation != 0 && f.wgKeyRotation < time.Minute {
+		return errors.New("--wg-key-rotation must be 0 or at least 1m")
 	}
 	return nil
 }
@@ -237,6 +242,25 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return nil
 	})
 	g.Go(func() error { return control.Serve(gctx, controlL) })
+	if f.clusterKeyFile != "" {
+		g.Go(func() error { watchKeyring(gctx, f.clusterKeyFile, ring, m, log); return nil })
+	}
+	if f.wgKeyRotation > 0 {
+		g.Go(func() error {
+			t := time.NewTicker(f.wgKeyRotation)
+			defer t.Stop()
+			for {
+				select {
+				case <-gctx.Done():
+					return nil
+				case <-t.C:
+					if err := control.RotateKeys(gctx); err != nil {
+						log.Error("scheduled WireGuard key rotation", "err", err)
+					}
+				}
+			}
+		})
+	}
 	g.Go(func() error {
 		<-gctx.Done()
 		pluginL.Close()
@@ -266,6 +290,40 @@ func rotateKeys(ctx context.Context, path string, m *mesh.Mesh, d *driver.Driver
 	}
 	log.Info("WireGuard key rotated", "public_key", k.Public().String())
 	return nil
+}
+
+// watchKeyring reloads the cluster key file on SIGHUP and whenever it
+// changes, which is how a cluster rotates its key without downtime: on
+// every host, add the new key as a second line; then make it the first;
+// then remove the old one. A file that does not parse keeps the current
+// keys.
+func watchKeyring(ctx context.Context, path string, current crypto.Keyring, m *mesh.Mesh, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	poll := time.NewTicker(2 * time.Second)
+	defer poll.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+		case <-poll.C:
+		}
+		ring, err := crypto.LoadKeyring(path)
+		if err != nil {
+			log.Error("reloading the cluster key file; keeping the current keys", "err", err)
+			continue
+		}
+		if ring.Equal(current) {
+			continue
+		}
+		if err := m.SetKeyring(ring); err != nil {
+			log.Error("installing the reloaded cluster keys", "err", err)
+			continue
+		}
+		current = ring
+	}
 }
 
 // derivedMTU is the underlay MTU of the interface holding addr (or of the

@@ -172,9 +172,10 @@ func (h *Host) AgentPID() int {
 	return h.agent.cmd.Process.Pid
 }
 
-// Wgmesh runs a wgmesh command against this host's agent.
+// Wgmesh runs a wgmesh command (args[0]) against this host's agent.
 func (h *Host) Wgmesh(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, "nsenter", append([]string{"--net=" + h.NSPath(), h.lab.cfg.Binary}, append(args, "--control-socket", h.ControlSock())...)...)
+	cmd := []string{"--net=" + h.NSPath(), h.lab.cfg.Binary, args[0], "--control-socket", h.ControlSock()}
+	return run(ctx, "nsenter", append(cmd, args[1:]...)...)
 }
 
 // Exec runs a command in the host's network namespace.

@@ -23,6 +23,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,7 +42,14 @@ func Main(m *testing.M) int {
 			fmt.Fprintln(os.Stderr, "netnstest:", err)
 			return 1
 		}
-		return m.Run()
+		code := m.Run()
+		// Closing everything must stop every goroutine, wireguard-go's
+		// included.
+		if err := goleak.Find(); code == 0 && err != nil {
+			fmt.Fprintln(os.Stderr, "netnstest: goroutines leaked:", err)
+			return 1
+		}
+		return code
 	}
 	cmd := exec.Command("/proc/self/exe", os.Args[1:]...)
 	cmd.Env = append(os.Environ(), envIsolated+"=1")

@@ -612,6 +612,7 @@ func (d *DataPlane) removeNetwork(id string) error {
 	st, err := d.open(id, false)
 	if err != nil {
 		// Nothing usable to clean inside; just unpin it.
+		removeStaleUAPISocket(dataplane.WireGuardName(id))
 		return removeNS(filepath.Join(d.nsDir(), id))
 	}
 	if l, err := st.nl.LinkByName(dataplane.WireGuardName(id)); err == nil {
@@ -621,11 +622,28 @@ func (d *DataPlane) removeNetwork(id string) error {
 	}
 	st.close()
 	delete(d.nets, id)
+	removeStaleUAPISocket(dataplane.WireGuardName(id))
 	if err := removeNS(st.nsPath); err != nil {
 		return err
 	}
 	d.log.Info("network removed", "network", short(id))
 	return nil
+}
+
+// removeStaleUAPISocket removes the control socket a wireguard-go device
+// left when its agent was killed: a closed device unlinks its own, but a
+// killed one cannot, and no later device of that name will replace it
+// once its network is gone.
+func removeStaleUAPISocket(name string) {
+	path := filepath.Join("/var/run/wireguard", name+".sock")
+	if _, err := os.Stat(path); err != nil {
+		return
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return
+	}
+	_ = os.Remove(path)
 }
 
 // Status implements dataplane.DataPlane.
