@@ -103,6 +103,7 @@ type Driver struct {
 	stagger  *stagger
 	restored bool
 	recheck  *time.Timer
+	metrics  *metrics
 }
 
 // New loads the driver's state. It starts nothing; Run does.
@@ -120,6 +121,7 @@ func New(cfg Config) (*Driver, error) {
 		kick:      make(chan struct{}, 1),
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
+		metrics:   newMetrics(),
 	}
 	var err error
 	if d.state, err = loadState(d.statePath); err != nil {
@@ -180,6 +182,7 @@ func (d *Driver) Run(ctx context.Context) error {
 		err := d.applyLocked(ctx)
 		d.mu.Unlock()
 		if err != nil {
+			d.metrics.reconcileErrors.Inc()
 			d.log.Error("applying data plane failed; retrying", "err", err)
 			retry.Reset(2 * time.Second)
 		}

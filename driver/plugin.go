@@ -175,6 +175,7 @@ func (d *Driver) serve(c call) http.HandlerFunc {
 				level = slog.LevelError
 			}
 			log.Log(ctx, level, "plugin call failed", "kind", kind.String(), "err", err)
+			d.metrics.pluginCalls.WithLabelValues(c.path[1:], kind.String()).Inc()
 			// Docker treats every status but 200 as failure; the code is
 			// for people reading traces. Never 404: that means "no such
 			// call" and is taken as success for some.
@@ -186,6 +187,7 @@ func (d *Driver) serve(c call) http.HandlerFunc {
 			return
 		}
 		log.Debug("plugin call")
+		d.metrics.pluginCalls.WithLabelValues(c.path[1:], "ok").Inc()
 		sdk.EncodeResponse(w, res, false)
 	}
 }

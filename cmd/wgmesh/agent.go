@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -15,6 +16,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/wgmesh/wgmesh/crypto"
@@ -44,6 +48,7 @@ type agentFlags struct {
 	mtu             int
 	leaveOnShutdown bool
 	wgKeyRotation   time.Duration
+	metricsAddr     string
 	logLevel        string
 	logFormat       string
 }
@@ -67,6 +72,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.mtu, "mtu", 0, "default MTU of container interfaces (default: underlay MTU minus WireGuard overhead)")
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
 	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off when empty)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 }
@@ -245,6 +251,9 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	if f.clusterKeyFile != "" {
 		g.Go(func() error { watchKeyring(gctx, f.clusterKeyFile, ring, m, log); return nil })
 	}
+	if f.metricsAddr != "" {
+		g.Go(func() error { return serveMetrics(gctx, f.metricsAddr, d, log) })
+	}
 	if f.wgKeyRotation > 0 {
 		g.Go(func() error {
 			t := time.NewTicker(f.wgKeyRotation)
@@ -289,6 +298,30 @@ func rotateKeys(ctx context.Context, path string, m *mesh.Mesh, d *driver.Driver
 		return fmt.Errorf("applying the new key: %w", err)
 	}
 	log.Info("WireGuard key rotated", "public_key", k.Public().String())
+	return nil
+}
+
+// serveMetrics serves Prometheus metrics until ctx is done.
+func serveMetrics(ctx context.Context, addr string, d *driver.Driver, log *slog.Logger) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), d.Collector())
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	log.Info("serving metrics", "addr", l.Addr().String())
+	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("metrics: %w", err)
+	}
 	return nil
 }
 
