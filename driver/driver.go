@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -50,7 +51,11 @@ type Config struct {
 	// ResyncInterval is how often the loop re-applies everything, which
 	// repairs drift nobody told us about.
 	ResyncInterval time.Duration
-	Logger         *slog.Logger
+	// Docker is the local engine's API, for network sync (RunSync); nil
+	// turns sync off. DriverName is this plugin's name in that engine.
+	Docker     DockerAPI
+	DriverName string
+	Logger     *slog.Logger
 }
 
 // DefaultConfig returns the defaults.
@@ -62,6 +67,7 @@ func DefaultConfig() Config {
 		RequestTimeout: 60 * time.Second,
 		ClaimTimeout:   20 * time.Second,
 		ResyncInterval: 30 * time.Second,
+		DriverName:     "wgmesh",
 	}
 }
 
@@ -104,6 +110,13 @@ type Driver struct {
 	restored bool
 	recheck  *time.Timer
 	metrics  *metrics
+
+	// Network sync (sync.go): pendingCopies are versions of specs being
+	// created through Docker, syncing marks subnets being removed by it.
+	syncKick      chan struct{}
+	pendingCopies map[netip.Prefix]uint64
+	syncing       map[netip.Prefix]bool
+	syncProblems  []string
 }
 
 // New loads the driver's state. It starts nothing; Run does.
@@ -122,6 +135,10 @@ func New(cfg Config) (*Driver, error) {
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
 		metrics:   newMetrics(),
+
+		syncKick:      make(chan struct{}, 1),
+		pendingCopies: map[netip.Prefix]uint64{},
+		syncing:       map[netip.Prefix]bool{},
 	}
 	var err error
 	if d.state, err = loadState(d.statePath); err != nil {
@@ -173,6 +190,7 @@ func (d *Driver) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-d.cfg.Mesh.Changes():
+			d.kickSync()
 		case <-d.kick:
 		case <-resync.C:
 			d.collectGone(ctx)
@@ -292,6 +310,7 @@ func (d *Driver) collectGone(ctx context.Context) {
 		if e.Joined && known[e.NetworkID] && !present[id] {
 			d.log.Info("endpoint's veth is gone; forgetting it", "endpoint", short(id), "network", short(e.NetworkID))
 			delete(d.state.Endpoints, id)
+			d.publishEndpointsLocked(e.NetworkID)
 			changed = true
 		}
 	}

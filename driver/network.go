@@ -78,6 +78,11 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 		ID: req.NetworkID, Subnet: subnet, PoolID: pool.ID, Gateway: gw,
 		Port: d.freePortLocked(), MTU: mtu, Options: opts,
 	}
+	if v, ok := d.pendingCopies[subnet]; ok {
+		n.SpecVersion = v // a copy made by network sync
+	} else {
+		n.SpecVersion = d.cfg.Mesh.Tick()
+	}
 	d.state.Networks[n.ID] = n
 	// Docker takes an error as "no network" and never deletes it, so a
 	// failure at any step must undo the steps before it.
@@ -102,6 +107,7 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 		return rollback(err)
 	}
 	d.log.Info("network created", "network", short(n.ID), "subnet", subnet, "port", n.Port, "mtu", mtu, "gateway", gw)
+	d.kickSync()
 	return nil
 }
 
@@ -153,6 +159,8 @@ func (d *Driver) DeleteNetwork(ctx context.Context, req *network.DeleteNetworkRe
 	if err := d.cfg.Mesh.Attach(n.Subnet, 0, nil); err != nil {
 		d.log.Warn("detaching network from the mesh", "network", short(n.ID), "err", err)
 	}
+	d.cfg.Mesh.SetEndpoints(n.Subnet, 0)
+	d.publishRemovalLocked(n)
 	if err := d.applyLocked(ctx); err != nil {
 		// The loop retries; the network is gone from our state either way.
 		d.log.Error("tearing down network", "network", short(n.ID), "err", err)
@@ -208,6 +216,7 @@ func (d *Driver) CreateEndpoint(ctx context.Context, req *network.CreateEndpoint
 		delete(d.state.Endpoints, req.EndpointID)
 		return nil, err
 	}
+	d.publishEndpointsLocked(n.ID)
 	return resp, nil
 }
 
@@ -226,6 +235,7 @@ func (d *Driver) DeleteEndpoint(ctx context.Context, req *network.DeleteEndpoint
 	if err := d.saveLocked(); err != nil {
 		return err
 	}
+	d.publishEndpointsLocked(e.NetworkID)
 	if err := d.applyLocked(ctx); err != nil {
 		d.log.Warn("applying after endpoint removal", "err", err)
 		d.kickLoop()

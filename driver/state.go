@@ -53,6 +53,9 @@ type Network struct {
 	Port    uint16         `json:"port"`
 	MTU     int            `json:"mtu"`
 	Options NetworkOptions `json:"options"`
+	// SpecVersion is the mesh version of the definition this network
+	// stands for (see sync.go).
+	SpecVersion uint64 `json:"spec_version,omitempty"`
 }
 
 // Endpoint is a container's attachment on this host.

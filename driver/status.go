@@ -158,6 +158,7 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 		st.Networks = append(st.Networks, ns)
 	}
 	slices.SortFunc(st.Networks, func(a, b NetworkStatus) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	st.Problems = append(st.Problems, d.syncProblems...)
 	st.Healthy = len(st.Problems) == 0
 	return st, nil
 }

@@ -76,6 +76,11 @@ func FuzzDecodeMessage(f *testing.F) {
 	f.Add([]byte(`N{"n":"a","s":"::/0","v":1,"b":["::/0"]}`))
 	f.Add([]byte(`N{"n":"a","s":"10.0.0.0/8","v":1,"pr":[{"b":"10.0.0.0/9","t":"b","a":1}]}`))
 	f.Add([]byte("F"))
+	withSpec := sampleEntry()
+	withSpec.Endpoints = 3
+	withSpec.Spec = &NetworkSpec{Version: 4, Name: "app", IPRange: pfx("10.60.128.0/17"),
+		Aux: map[string]netip.Addr{"r": netip.MustParseAddr("10.60.0.2")}, Options: map[string]string{"k": "v"}, Internal: true}
+	f.Add(encodeNet(withSpec))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		msg, err := decodeMessage(b)
 		if err != nil {

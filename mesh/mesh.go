@@ -690,6 +690,50 @@ func (m *Mesh) Attach(subnet netip.Prefix, port uint16, reserved []netip.Addr) e
 	return nil
 }
 
+// Tick returns a fresh Lamport stamp: later than every version this node
+// has seen, so a spec stamped with it wins over them.
+func (m *Mesh) Tick() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.dirty = true
+	return m.rep.tick()
+}
+
+// PublishSpec publishes this node's definition of subnet's network, or a
+// removal (spec.Deleted). A spec without a version gets a fresh one.
+func (m *Mesh) PublishSpec(subnet netip.Prefix, spec NetworkSpec) error {
+	if err := ValidSubnet(subnet); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	if spec.Version == 0 {
+		spec.Version = m.rep.tick()
+	}
+	m.rep.observe(spec.Version)
+	if err := spec.validate(subnet); err != nil {
+		m.mu.Unlock()
+		return err
+	}
+	own := m.rep.own(subnet)
+	own.Spec = spec.Clone()
+	m.publishLocked(m.rep.putOwn(own))
+	m.mu.Unlock()
+	m.kickLoop()
+	return nil
+}
+
+// SetEndpoints publishes how many containers this node has on subnet.
+func (m *Mesh) SetEndpoints(subnet netip.Prefix, n int) {
+	m.mu.Lock()
+	own := m.rep.own(subnet)
+	if own.Endpoints != n && (own.Version != 0 || n != 0) {
+		own.Endpoints = n
+		m.publishLocked(m.rep.putOwn(own))
+	}
+	m.mu.Unlock()
+	m.kickLoop()
+}
+
 // Errors of ClaimBlock.
 var (
 	ErrNotJoined = errors.New("this node has not joined the cluster yet")

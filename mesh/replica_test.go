@@ -136,3 +136,50 @@ func TestNodeInfoSelfIsNeverOverwritten(t *testing.T) {
 		t.Fatalf("republished version %d does not beat the peer's copy %d", again.Version, mine.Version+10)
 	}
 }
+
+func TestViewSpec(t *testing.T) {
+	created := &NetworkSpec{Version: 5, Name: "app", Options: map[string]string{"com.docker.network.driver.mtu": "1300"}}
+	recreated := &NetworkSpec{Version: 9, Name: "app2"}
+	removed := &NetworkSpec{Version: 7, Name: "app", Deleted: true}
+	v := viewOf("a", []string{"a", "b", "c"},
+		NetworkEntry{Node: "a", Subnet: subnet, Spec: created, Endpoints: 2},
+		NetworkEntry{Node: "b", Subnet: subnet, Spec: removed},
+		NetworkEntry{Node: "mallory", Subnet: subnet, Spec: &NetworkSpec{Version: 99, Name: "evil"}},
+	)
+	if s, node := v.Spec(subnet); s == nil || !s.Deleted || node != "b" {
+		t.Fatalf("newest spec: %+v from %s, want b's removal (mallory is no member)", s, node)
+	}
+	if u := v.Users(subnet); len(u) != 1 || u["a"] != 2 {
+		t.Fatalf("users: %v", u)
+	}
+	v = viewOf("a", []string{"a", "b", "c"},
+		NetworkEntry{Node: "a", Subnet: subnet, Spec: created},
+		NetworkEntry{Node: "b", Subnet: subnet, Spec: removed},
+		NetworkEntry{Node: "c", Subnet: subnet, Spec: recreated},
+	)
+	if s, node := v.Spec(subnet); s == nil || s.Name != "app2" || node != "c" {
+		t.Fatalf("newest spec: %+v from %s, want c's re-creation", s, node)
+	}
+}
+
+func TestSpecValidation(t *testing.T) {
+	for name, s := range map[string]NetworkSpec{
+		"no version":      {Name: "x"},
+		"bad name":        {Version: 1, Name: "-x"},
+		"space in name":   {Version: 1, Name: "a b"},
+		"range outside":   {Version: 1, Name: "x", IPRange: pfx("10.61.0.0/24")},
+		"gateway outside": {Version: 1, Name: "x", Gateway: netip.MustParseAddr("10.61.0.1")},
+		"aux outside":     {Version: 1, Name: "x", Aux: map[string]netip.Addr{"r": netip.MustParseAddr("10.61.0.1")}},
+		"empty option":    {Version: 1, Name: "x", Options: map[string]string{"": "v"}},
+	} {
+		e := NetworkEntry{Node: "a", Subnet: subnet, Version: 1, Spec: &s}
+		if err := e.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	ok := NetworkEntry{Node: "a", Subnet: subnet, Version: 1, Spec: &NetworkSpec{Version: 3, Name: "my_net.1-a",
+		IPRange: pfx("10.60.128.0/17"), Aux: map[string]netip.Addr{"router": netip.MustParseAddr("10.60.0.2")}}}
+	if err := ok.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"unicode"
@@ -83,6 +84,93 @@ type NetworkEntry struct {
 	// Reserved are addresses no node may give to a container: the
 	// network's aux addresses and a gateway given with --gateway.
 	Reserved []netip.Addr `json:"r,omitempty"`
+	// Endpoints is how many containers the node has on the network.
+	Endpoints int `json:"e,omitempty"`
+	// Spec is how the node says the network is defined, when it created
+	// (or removed) the network; see View.Spec.
+	Spec *NetworkSpec `json:"spec,omitempty"`
+}
+
+// NetworkSpec defines a network so that every host can create the same
+// Docker network: what `docker network create` was given. Specs of one
+// subnet from different nodes are ordered by Version, a Lamport stamp, and
+// the newest wins; a removal is a newer spec with Deleted set.
+type NetworkSpec struct {
+	Version     uint64                `json:"v"`
+	Deleted     bool                  `json:"d,omitempty"`
+	Name        string                `json:"n"`
+	IPRange     netip.Prefix          `json:"r,omitzero"`
+	Gateway     netip.Addr            `json:"g,omitzero"` // only one given with --gateway
+	Aux         map[string]netip.Addr `json:"a,omitempty"`
+	Options     map[string]string     `json:"o,omitempty"`
+	IPAMOptions map[string]string     `json:"io,omitempty"`
+	Labels      map[string]string     `json:"l,omitempty"`
+	Internal    bool                  `json:"i,omitempty"`
+}
+
+// Clone returns a deep copy.
+func (s *NetworkSpec) Clone() *NetworkSpec {
+	if s == nil {
+		return nil
+	}
+	c := *s
+	c.Aux = maps.Clone(s.Aux)
+	c.Options = maps.Clone(s.Options)
+	c.IPAMOptions = maps.Clone(s.IPAMOptions)
+	c.Labels = maps.Clone(s.Labels)
+	return &c
+}
+
+// Limits of a spec: Docker's own limits are higher, but a spec travels in
+// every gossip message about its network.
+const (
+	maxSpecItems   = 64
+	maxSpecTextLen = 256
+)
+
+func (s *NetworkSpec) validate(subnet netip.Prefix) error {
+	if s.Version == 0 || s.Version > maxAttempts {
+		return invalid("network spec: version out of range")
+	}
+	if err := validNetworkName(s.Name); err != nil {
+		return err
+	}
+	if s.IPRange.IsValid() && (s.IPRange.Masked() != s.IPRange || s.IPRange.Bits() < subnet.Bits() || !subnet.Contains(s.IPRange.Addr())) {
+		return invalid("network spec: range %s not inside %s", s.IPRange, subnet)
+	}
+	if s.Gateway.IsValid() && !subnet.Contains(s.Gateway) {
+		return invalid("network spec: gateway %s not inside %s", s.Gateway, subnet)
+	}
+	if len(s.Aux)+len(s.Options)+len(s.IPAMOptions)+len(s.Labels) > maxSpecItems {
+		return invalid("network spec: more than %d options", maxSpecItems)
+	}
+	for k, a := range s.Aux {
+		if len(k) == 0 || len(k) > maxSpecTextLen || !subnet.Contains(a) {
+			return invalid("network spec: bad aux address %q=%s", k, a)
+		}
+	}
+	for _, m := range []map[string]string{s.Options, s.IPAMOptions, s.Labels} {
+		for k, v := range m {
+			if len(k) == 0 || len(k) > maxSpecTextLen || len(v) > maxSpecTextLen {
+				return invalid("network spec: option %.32q too long or empty", k)
+			}
+		}
+	}
+	return nil
+}
+
+// validNetworkName accepts Docker's network names.
+func validNetworkName(s string) error {
+	if s == "" || len(s) > maxSpecTextLen {
+		return invalid("network name must be 1 to %d bytes", maxSpecTextLen)
+	}
+	for i, r := range s {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || i > 0 && (r == '_' || r == '.' || r == '-')
+		if !ok {
+			return invalid("network name %q has a character Docker does not allow", s)
+		}
+	}
+	return nil
 }
 
 // Forget removes a node that is gone for good: every entry of Node with a
@@ -105,6 +193,7 @@ func (e NetworkEntry) Clone() NetworkEntry {
 	e.Claims = slices.Clone(e.Claims)
 	e.Promises = slices.Clone(e.Promises)
 	e.Reserved = slices.Clone(e.Reserved)
+	e.Spec = e.Spec.Clone()
 	return e
 }
 
@@ -232,6 +321,14 @@ func (e *NetworkEntry) Validate() error {
 	for _, a := range e.Reserved {
 		if !e.Subnet.Contains(a) {
 			return invalid("reserved address %s is not inside %s", a, e.Subnet)
+		}
+	}
+	if e.Endpoints < 0 || e.Endpoints > 1<<20 {
+		return invalid("entry %s/%s: endpoint count out of range", e.Node, e.Subnet)
+	}
+	if e.Spec != nil {
+		if err := e.Spec.validate(e.Subnet); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -3,6 +3,7 @@ package mesh
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -126,6 +127,36 @@ func (v *View) Owner(subnet netip.Prefix, addr netip.Addr) (node string, block n
 		}
 	}
 	return "", netip.Prefix{}, false
+}
+
+// Spec returns the newest definition any member published for subnet,
+// and who published it; a removed network's is Deleted.
+func (v *View) Spec(subnet netip.Prefix) (spec *NetworkSpec, node string) {
+	for _, e := range v.Networks[subnet] {
+		if e.Spec == nil {
+			continue
+		}
+		if spec == nil || e.Spec.Version > spec.Version || e.Spec.Version == spec.Version && e.Node > node {
+			spec, node = e.Spec, e.Node
+		}
+	}
+	return spec, node
+}
+
+// Users lists the members with endpoints on subnet, and how many.
+func (v *View) Users(subnet netip.Prefix) map[string]int {
+	out := map[string]int{}
+	for _, e := range v.Networks[subnet] {
+		if e.Endpoints > 0 {
+			out[e.Node] = e.Endpoints
+		}
+	}
+	return out
+}
+
+// Subnets lists every subnet the view has entries for.
+func (v *View) Subnets() []netip.Prefix {
+	return slices.SortedFunc(maps.Keys(v.Networks), comparePrefix)
 }
 
 // Peer is another node that has a network attached: a WireGuard peer.

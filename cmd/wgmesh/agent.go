@@ -25,6 +25,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/driver/dataplane/linux"
+	"github.com/wgmesh/wgmesh/driver/dockerapi"
 	"github.com/wgmesh/wgmesh/mesh"
 )
 
@@ -49,6 +50,9 @@ type agentFlags struct {
 	leaveOnShutdown bool
 	wgKeyRotation   time.Duration
 	metricsAddr     string
+	syncNetworks    bool
+	dockerHost      string
+	driverName      string
 	logLevel        string
 	logFormat       string
 }
@@ -72,6 +76,9 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.mtu, "mtu", 0, "default MTU of container interfaces (default: underlay MTU minus WireGuard overhead)")
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
 	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
+	fs.BoolVar(&f.syncNetworks, "sync-networks", true, "create here the wgmesh networks created on other hosts, and remove them likewise, through the local Docker API")
+	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks")
+	fs.StringVar(&f.driverName, "driver-name", "wgmesh", "this plugin's name in Docker (a managed plugin's is wgmesh:latest)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off when empty)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
@@ -203,7 +210,16 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	dcfg.PortBase = uint16(f.wgPort)
 	dcfg.DefaultMTU = mtu
 	dcfg.Keepalive = f.wgKeepalive
+	dcfg.DriverName = f.driverName
 	dcfg.Logger = log
+	if f.syncNetworks {
+		docker, err := dockerapi.New(f.dockerHost)
+		if err != nil {
+			return err
+		}
+		defer docker.Close()
+		dcfg.Docker = docker
+	}
 	d, err := driver.New(dcfg)
 	if err != nil {
 		return fmt.Errorf("driver: %w", err)
@@ -241,6 +257,7 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return m.Run(meshCtx) })
 	g.Go(func() error { return d.Run(gctx) })
+	g.Go(func() error { return d.RunSync(gctx) })
 	g.Go(func() error {
 		if err := d.Handler().Serve(pluginL); err != nil && !errors.Is(err, net.ErrClosed) {
 			return fmt.Errorf("plugin socket: %w", err)

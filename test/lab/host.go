@@ -115,6 +115,8 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--run-dir", filepath.Join(h.Dir, "run"),
 		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),
 		"--control-socket", h.ControlSock(),
+		"--docker-host", "unix://" + h.DockerSock(),
+		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
 		"--log-level", "debug",
 	}
 	args = append(args, h.lab.cfg.AgentArgs...)

@@ -63,6 +63,9 @@ type Config struct {
 	DockerHosts int
 	// AgentArgs are extra flags for every agent.
 	AgentArgs []string
+	// SyncNetworks lets agents create networks created elsewhere. Off by
+	// default: most tests choose on which hosts a network exists.
+	SyncNetworks bool
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
 }

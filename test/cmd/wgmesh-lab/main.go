@@ -48,7 +48,7 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		return fmt.Errorf("the demo builds network namespaces and runs dockerd: run it as root")
 	}
 	step("building %d simulated hosts, each with its own dockerd", n)
-	l, err := lab.New(ctx, lab.Config{Hosts: n, Binary: binary, Docker: true, Log: os.Stdout})
+	l, err := lab.New(ctx, lab.Config{Hosts: n, Binary: binary, Docker: true, SyncNetworks: true, Log: os.Stdout})
 	if err != nil {
 		return err
 	}
@@ -67,12 +67,20 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		return err
 	}
 
-	step("on every host: docker network create -d wgmesh --ipam-driver wgmesh --subnet 10.60.0.0/16 app")
+	step("on %s only: docker network create -d wgmesh --ipam-driver wgmesh --subnet 10.60.0.0/16 app", l.Hosts[0].Name)
 	start := time.Now()
-	if err := l.CreateNetwork(ctx, "app", "10.60.0.0/16", nil); err != nil {
+	if err := l.CreateNetwork(ctx, "app", "10.60.0.0/16", nil, l.Hosts[0]); err != nil {
 		return err
 	}
-	fmt.Printf("    created on %d hosts in %s\n", n, time.Since(start).Round(time.Millisecond))
+	for _, h := range l.Hosts[1:] {
+		if err := waitFor(ctx, 60*time.Second, func() error {
+			_, err := h.Docker(ctx, "network", "inspect", "app")
+			return err
+		}); err != nil {
+			return fmt.Errorf("network app did not appear on %s: %w", h.Name, err)
+		}
+		fmt.Printf("    network app appeared on %s after %s (the agents created it through Docker)\n", h.Name, time.Since(start).Round(time.Millisecond))
+	}
 
 	step("on every host: docker run -d --network app --name web<N> %s httpd -f -p 80", lab.Image)
 	ips := make([]string, n)
@@ -120,6 +128,18 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		<-ctx.Done()
 	}
 	return nil
+}
+
+// waitFor retries cond until it succeeds or d passes.
+func waitFor(ctx context.Context, d time.Duration, cond func() error) error {
+	deadline := time.Now().Add(d)
+	for {
+		err := cond()
+		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // pingSummary pulls "round-trip min/avg/max" out of busybox ping output.
