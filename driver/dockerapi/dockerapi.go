@@ -82,4 +82,3 @@ func (c *Client) RemoveNetwork(ctx context.Context, id string) error {
 	_, err := c.c.NetworkRemove(ctx, id, client.NetworkRemoveOptions{})
 	return err
 }
-
