@@ -349,6 +349,13 @@ func (d *DataPlane) ensureWireGuard(st *network, n *dataplane.Network) (netlink.
 		}
 		return d.ensureWireGuard(st, n)
 	}
+	if st.have == nil {
+		// New link, or new to this process: make sure it forwards what it
+		// receives to the veths.
+		if err := setRoutingConf(st.ns, link.Attrs().Index, false); err != nil {
+			return nil, err
+		}
+	}
 	if link.Attrs().MTU != n.MTU {
 		if st.dev != nil {
 			st.dev.setMTU(n.MTU)
@@ -569,7 +576,7 @@ func (d *DataPlane) CreateEndpoint(ctx context.Context, netID string, ep datapla
 	if err := st.nl.LinkSetAlias(link, endpointAlias+ep.ID); err != nil {
 		return "", fmt.Errorf("labelling %s: %w", hostName, err)
 	}
-	if err := inNS(st.ns, func() error { return setupHostVeth(hostName) }); err != nil {
+	if err := setRoutingConf(st.ns, link.Attrs().Index, true); err != nil {
 		return "", err
 	}
 	if err := st.nl.LinkSetUp(link); err != nil {

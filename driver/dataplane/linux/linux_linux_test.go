@@ -174,6 +174,21 @@ func testTwoHosts(t *testing.T, mode string) {
 	// An unused address in A's own block is unreachable, not sent to B.
 	ctrA.NoPing(t, "10.60.1.99")
 
+	// The host end routes and answers ARP at once; the WireGuard link
+	// forwards.
+	nsPath := filepath.Join(a.dir, "netns", netA)
+	for file, want := range map[string]string{
+		"/proc/sys/net/ipv4/conf/" + dataplane.HostVethName(epA.ID) + "/proxy_arp":    "1",
+		"/proc/sys/net/ipv4/conf/" + dataplane.HostVethName(epA.ID) + "/forwarding":   "1",
+		"/proc/sys/net/ipv4/neigh/" + dataplane.HostVethName(epA.ID) + "/proxy_delay": "0",
+		"/proc/sys/net/ipv4/conf/" + dataplane.WireGuardName(netA) + "/forwarding":    "1",
+	} {
+		out, err := netnstest.Exec(context.Background(), nsPath, "cat", file)
+		if err != nil || strings.TrimSpace(out) != want {
+			t.Errorf("%s = %q (%v), want %s", file, strings.TrimSpace(out), err, want)
+		}
+	}
+
 	// The container end carries the network's MTU and Docker's MAC.
 	l, err := ctrA.NL.LinkByName(dataplane.ContainerVethName(epA.ID))
 	if err != nil {

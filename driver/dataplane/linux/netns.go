@@ -4,9 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -142,19 +140,8 @@ func releaseSharedMount(dir string) error {
 	return nil
 }
 
-// writeSysctl sets a sysctl of the calling thread's network namespace;
-// call it through inNS. name uses dots, like sysctl(8).
-func writeSysctl(name, value string) error {
-	path := filepath.Join("/proc/sys", strings.ReplaceAll(name, ".", "/"))
-	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
-	}
-	return nil
-}
-
-// setupNetworkNS prepares a fresh network namespace: loopback up,
-// forwarding on (it routes between veths and WireGuard), IPv6 off (wgmesh
-// networks are IPv4; an IPv6 link-local stack would only add noise).
+// setupNetworkNS prepares a fresh network namespace: loopback up.
+// Forwarding is switched on per interface (setRoutingConf).
 func setupNetworkNS() error {
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -167,31 +154,6 @@ func setupNetworkNS() error {
 	}
 	if err := h.LinkSetUp(lo); err != nil {
 		return fmt.Errorf("bringing up lo: %w", err)
-	}
-	for _, kv := range [][2]string{
-		{"net.ipv4.ip_forward", "1"},
-		{"net.ipv6.conf.all.disable_ipv6", "1"},
-		{"net.ipv6.conf.default.disable_ipv6", "1"},
-	} {
-		if err := writeSysctl(kv[0], kv[1]); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
-	}
-	return nil
-}
-
-// setupHostVeth configures the host end of an endpoint's veth pair inside
-// the network namespace (through inNS): it answers ARP for every address
-// it can route (the container sees the whole subnet as on-link), at once
-// rather than after the default random delay of up to 0.8 s.
-func setupHostVeth(name string) error {
-	for _, kv := range [][2]string{
-		{"net.ipv4.conf." + name + ".proxy_arp", "1"},
-		{"net.ipv4.neigh." + name + ".proxy_delay", "0"},
-	} {
-		if err := writeSysctl(kv[0], kv[1]); err != nil {
-			return err
-		}
 	}
 	return nil
 }
