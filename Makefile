@@ -17,7 +17,10 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
 FUZZ_PKGS := ./crypto ./mesh ./driver
 
-.PHONY: build lab deps demo test check unit fuzz e2e bench bench-smoke lint tidy-check clean
+PLUGIN ?= wgmesh:latest
+DOCKER ?= docker
+
+.PHONY: build lab deps demo test check unit fuzz e2e bench bench-smoke lint tidy-check plugin clean
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -57,6 +60,16 @@ fuzz: ## every fuzzer for FUZZTIME
 
 e2e: ## end-to-end suite against three real dockerd (root)
 	$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' 
+
+plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCKER_HOST
+	rm -rf bin/plugin && mkdir -p bin/plugin/rootfs
+	DOCKER_BUILDKIT=0 $(DOCKER) build -q -t wgmesh-plugin-rootfs:$(VERSION) . >/dev/null
+	id=$$($(DOCKER) create wgmesh-plugin-rootfs:$(VERSION)) && \
+		$(DOCKER) export $$id | tar -x -C bin/plugin/rootfs && $(DOCKER) rm $$id >/dev/null
+	$(DOCKER) rmi wgmesh-plugin-rootfs:$(VERSION) >/dev/null
+	cp cmd/wgmesh/plugin.json bin/plugin/config.json
+	$(DOCKER) plugin rm -f $(PLUGIN) >/dev/null 2>&1 || true
+	$(DOCKER) plugin create $(PLUGIN) bin/plugin
 
 clean:
 	rm -rf bin

@@ -116,10 +116,27 @@ func NewControlClient(path string) *ControlClient {
 	return &ControlClient{path: path, http: &http.Client{
 		Timeout: 30 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
+			return dialUnix(ctx, path)
 		}},
 	}}
+}
+
+// dialUnix connects to a unix socket, also one whose path is longer than
+// the 108 bytes a socket address holds, such as a managed plugin's
+// (/var/lib/docker/plugins/<id>/propagated-mount/control.sock): it goes
+// through /proc/self/fd and a descriptor of the directory.
+func dialUnix(ctx context.Context, path string) (net.Conn, error) {
+	var d net.Dialer
+	const maxSunPath = 107
+	if len(path) <= maxSunPath {
+		return d.DialContext(ctx, "unix", path)
+	}
+	dir, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return nil, err
+	}
+	defer dir.Close()
+	return d.DialContext(ctx, "unix", fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(path)))
 }
 
 func (c *ControlClient) do(ctx context.Context, method, path string, in, out any) error {

@@ -82,3 +82,32 @@ func TestControl(t *testing.T) {
 		t.Error("GET /v1/forget succeeded")
 	}
 }
+
+// TestControlLongSocketPath: a socket path longer than a socket address
+// holds still works, as a managed plugin's does on the host.
+func TestControlLongSocketPath(t *testing.T) {
+	h := newHarness(t)
+	dir := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	short := filepath.Join(t.TempDir(), "c.sock")
+	l, err := ListenControl(short)
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := filepath.Join(dir, "control.sock")
+	if err := os.Rename(short, long); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- (&Control{Driver: h.d}).Serve(ctx, l) }()
+	defer func() { cancel(); <-done }()
+	if len(long) <= 108 {
+		t.Fatalf("path of %d bytes is not long enough to test", len(long))
+	}
+	if _, err := NewControlClient(long).Status(ctx); err != nil {
+		t.Fatalf("status over a %d-byte socket path: %v", len(long), err)
+	}
+}

@@ -123,7 +123,9 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		if set[f.Name] {
 			return
 		}
-		if v, ok := os.LookupEnv(envName(f.Name)); ok {
+		// An empty value means unset: a managed plugin's config lists
+		// every variable, most of them empty.
+		if v := os.Getenv(envName(f.Name)); v != "" {
 			if err := f.Value.Set(v); err != nil {
 				errs = append(errs, fmt.Errorf("%s=%q: %w", envName(f.Name), v, err))
 			}

@@ -73,6 +73,16 @@ func (h *Host) StartDocker(ctx context.Context) error {
 	}
 }
 
+// InDockerMountNS runs a command in dockerd's mount namespace, where the
+// host's mounts are as a managed plugin of that dockerd sees them.
+func (h *Host) InDockerMountNS(ctx context.Context, name string, args ...string) (string, error) {
+	pid, err := os.ReadFile(filepath.Join(h.Dir, "docker.pid"))
+	if err != nil {
+		return "", err
+	}
+	return run(ctx, "nsenter", append([]string{"-t", strings.TrimSpace(string(pid)), "-m", name}, args...)...)
+}
+
 // StopDocker stops dockerd with sig (SIGTERM stops its containers first;
 // SIGKILL is a crash).
 func (h *Host) StopDocker(sig syscall.Signal) {
