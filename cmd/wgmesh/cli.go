@@ -106,13 +106,10 @@ func printStatus(w io.Writer, st *driver.Status, now time.Time) {
 
 func ago(now, t time.Time) string {
 	d := now.Sub(t)
-	switch {
-	case d < time.Minute:
+	if d < time.Hour {
 		return d.Round(time.Second).String()
-	case d < time.Hour:
-		return d.Round(time.Minute).String()
 	}
-	return d.Round(time.Hour).String()
+	return d.Round(time.Minute).String()
 }
 
 func orDash(s string, ok bool) string {

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"io"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver"
+	"github.com/wgmesh/wgmesh/mesh"
+)
+
+func parse(t *testing.T, args []string, env map[string]string) (*agentFlags, error) {
+	t.Helper()
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	var f agentFlags
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	f.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	return &f, f.validate()
+}
+
+func TestFlagsFromEnvironment(t *testing.T) {
+	f, err := parse(t, []string{"--node-name", "from-flag", "--join", "a,b", "--join", "c"}, map[string]string{
+		"WGMESH_NODE_NAME":        "from-env",
+		"WGMESH_CLUSTER_KEY_FILE": "/etc/wgmesh/cluster.key",
+		"WGMESH_WG_PORT":          "52000",
+		"WGMESH_SYNC_NETWORKS":    "false",
+		// A managed plugin lists every variable; empty ones mean default.
+		"WGMESH_GOSSIP_PORT": "",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.nodeName != "from-flag" {
+		t.Errorf("node name %q: the command line must win over the environment", f.nodeName)
+	}
+	if f.clusterKeyFile != "/etc/wgmesh/cluster.key" || f.wgPort != 52000 || f.syncNetworks || f.gossipPort != 7946 {
+		t.Errorf("from the environment: %+v", f)
+	}
+	if strings.Join(f.join, " ") != "a b c" {
+		t.Errorf("join %v", f.join)
+	}
+	if f.controlSocket != filepath.Join(f.runDir, "control.sock") {
+		t.Errorf("control socket %q", f.controlSocket)
+	}
+}
+
+func TestFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{nil, nil, "gossip must be encrypted"},
+		{[]string{"--insecure", "--cluster-key-file", "/k"}, nil, "contradict"},
+		{[]string{"--insecure", "--state-dir", "relative"}, nil, "absolute path"},
+		{[]string{"--insecure", "--wg-port", "70000"}, nil, "out of range"},
+		{[]string{"--insecure", "--mtu", "100"}, nil, "--mtu 100"},
+		{[]string{"--insecure", "--wg-key-rotation", "5s"}, nil, "at least 1m"},
+		{[]string{"--insecure"}, map[string]string{"WGMESH_WG_PORT": "many"}, "WGMESH_WG_PORT"},
+	} {
+		_, err := parse(t, tc.args, tc.env)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v %v: err %v, want %q", tc.args, tc.env, err, tc.want)
+		}
+	}
+}
+
+func TestRunExitCodes(t *testing.T) {
+	var out, errb bytes.Buffer
+	ctx := context.Background()
+	if code := run(ctx, []string{"version"}, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "wgmesh ") {
+		t.Errorf("version: %d %q", code, out.String())
+	}
+	if code := run(ctx, []string{"frobnicate"}, &out, &errb); code != 2 {
+		t.Errorf("unknown command: exit %d", code)
+	}
+	if code := run(ctx, nil, &out, &errb); code != 2 {
+		t.Errorf("no command: exit %d", code)
+	}
+	errb.Reset()
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	if code := run(ctx, []string{"status", "--control-socket", sock}, &out, &errb); code != 1 || !strings.Contains(errb.String(), "is it running?") {
+		t.Errorf("status without an agent: exit %d, %q", code, errb.String())
+	}
+	if code := run(ctx, []string{"forget"}, &out, &errb); code != 2 {
+		t.Errorf("forget without a node: exit %d", code)
+	}
+	out.Reset()
+	if code := run(ctx, []string{"keygen"}, &out, &errb); code != 0 {
+		t.Fatalf("keygen: exit %d", code)
+	}
+	if _, err := crypto.ParseClusterKey(out.String()); err != nil {
+		t.Errorf("keygen printed no usable key: %v", err)
+	}
+}
+
+func TestPrintStatus(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	st := &driver.Status{
+		Node: driver.NodeStatus{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), WGMode: "userspace", Quorum: 2},
+		Members: []driver.MemberStatus{
+			{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), State: mesh.Alive, Self: true},
+			{Name: "h2", Addr: netip.MustParseAddr("192.0.2.2"), State: mesh.Dead, Since: now.Add(-90 * time.Second)},
+		},
+		Networks: []driver.NetworkStatus{{
+			Subnet: netip.MustParsePrefix("10.60.0.0/16"), Interface: "wgm0123", Port: 51820, MTU: 1340,
+			Blocks: []netip.Prefix{netip.MustParsePrefix("10.60.1.0/24")},
+			Peers: []driver.PeerStatus{{Node: "h3", State: mesh.Alive, Endpoint: netip.MustParseAddrPort("192.0.2.3:51820"),
+				AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.60.2.0/24")}, LastHandshake: now.Add(-12 * time.Second), RxBytes: 2048, TxBytes: 3 << 20}},
+		}},
+		Problems: []string{"node h2 (192.0.2.2) failed"},
+	}
+	var b bytes.Buffer
+	printStatus(&b, st, now)
+	for _, want := range []string{
+		"node h1 at 192.0.2.1, userspace WireGuard", "quorum 2 of 2",
+		"h2    192.0.2.2  dead   1m30s",
+		"network 10.60.0.0/16  link wgm0123  port 51820  mtu 1340  gateway -  blocks 10.60.1.0/24",
+		"h3    192.0.2.3:51820  10.60.2.0/24  alive  12s ago    2.0KiB  3.0MiB",
+		"PROBLEMS:", "! node h2 (192.0.2.2) failed",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, b.String())
+		}
+	}
+}

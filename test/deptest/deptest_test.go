@@ -1,0 +1,60 @@
+// Package deptest keeps wgmesh's imports going one way:
+// cmd → driver → mesh → crypto, and driver → driver/dataplane. The
+// cluster-wide code must not grow a dependency on the host's kernel or
+// on Docker, and crypto stands alone.
+package deptest
+
+import (
+	"encoding/json"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// deps lists the packages pkg imports, directly or not.
+func deps(t *testing.T, pkg string) []string {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-deps", "-json=ImportPath", pkg).Output()
+	if err != nil {
+		t.Fatalf("go list %s: %v", pkg, err)
+	}
+	var all []string
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for dec.More() {
+		var p struct{ ImportPath string }
+		if err := dec.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, p.ImportPath)
+	}
+	return all
+}
+
+const mod = "github.com/wgmesh/wgmesh/"
+
+func TestImportDirection(t *testing.T) {
+	forbidden := map[string][]string{
+		// Imports nothing of ours.
+		mod + "crypto": {mod},
+		// Cluster-wide: no OS, no WireGuard, no Docker, nothing host-local.
+		mod + "mesh": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard", "github.com/docker/",
+			"github.com/moby/", mod + "driver", mod + "cmd"},
+		// Desired state only; the implementations live below it.
+		mod + "driver/dataplane": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard/device", mod + "mesh", mod + "driver/dataplane/linux"},
+		// The driver talks to the kernel and to Docker only through its
+		// interfaces.
+		mod + "driver": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard/device", "github.com/moby/", mod + "driver/dataplane/linux", mod + "cmd"},
+	}
+	for pkg, bans := range forbidden {
+		for _, d := range deps(t, pkg) {
+			if d == pkg {
+				continue
+			}
+			for _, ban := range bans {
+				if strings.HasPrefix(d, ban) && !(ban == mod && pkg == mod+"crypto" && d == pkg) {
+					t.Errorf("%s imports %s", strings.TrimPrefix(pkg, mod), d)
+				}
+			}
+		}
+	}
+}
