@@ -16,13 +16,23 @@ package mesh
 //	              ReleaseBlock    ▼
 //	                            (none)
 //
-// Every node (the claimant too) votes by listing Promises in its own entry.
-// It promises a block to at most one pending claim at a time, never for a
-// block that some node owns, and keeps a promise until that claim is
-// withdrawn or committed. Two claims for overlapping blocks therefore
-// cannot both gather a majority of the same membership. Competing claims
-// rank by (attempt, node): the lower-ranked claimant withdraws and tries
-// another block, so votes are never stuck between two live claims.
+// Every node (the claimant too) votes by promising. It promises a block to
+// at most one pending claim at a time, never for a block that some node
+// owns, and keeps a promise until it sees that claim withdrawn or
+// committed. Two claims for overlapping blocks therefore cannot both
+// gather a majority of the same membership. Competing claims rank by
+// (attempt, node): the lower-ranked claimant withdraws and tries another
+// block, so votes are never stuck between two live claims.
+//
+// Promises are not replicated. A voter writes them to its state file
+// before telling anyone, and sends each one straight to its claimant,
+// again every few seconds while the claim is pending; the claimant counts
+// the votes it has received. Gossiping them instead would put every
+// voter's promises in its entry and resend whole entries to every node for
+// each vote: with many nodes claiming at once that grows as the square of
+// the cluster. A voter that lost its state file no longer knows what it
+// promised, so when it finds out (the cluster knows a newer version of
+// it) it abstains until any claim it may have voted for is settled.
 //
 // During a partition only a side holding a majority of the known nodes can
 // claim; every side keeps allocating addresses from blocks it already owns.
@@ -83,10 +93,11 @@ func (v *View) committedOverlap(subnet, b netip.Prefix, except string) (string, 
 	return "", false
 }
 
-// desiredPromises computes the promises this node should hold in subnet.
-// It is level-triggered: the result depends only on the view.
-func desiredPromises(v *View, subnet netip.Prefix) []Promise {
-	own, _ := v.Entry(subnet, v.Self)
+// desiredPromises computes the promises this node should hold in subnet,
+// given those it holds. It is level-triggered: the result depends only on
+// the view and held. A node that abstains (grant false) keeps its promises
+// but makes no new ones.
+func desiredPromises(v *View, subnet netip.Prefix, held []Promise, grant bool) []Promise {
 	pending := v.pendingClaims(subnet)
 	isPending := make(map[pendingClaim]bool, len(pending))
 	for _, c := range pending {
@@ -94,10 +105,13 @@ func desiredPromises(v *View, subnet netip.Prefix) []Promise {
 	}
 
 	var out []Promise
-	for _, p := range own.Promises {
+	for _, p := range held {
 		if isPending[pendingClaim{p.To, Claim{p.Block, p.Attempt}}] {
 			out = append(out, p)
 		}
+	}
+	if !grant {
+		return out
 	}
 	for _, c := range pending {
 		p := Promise{Block: c.Block, To: c.Node, Attempt: c.Attempt}
@@ -112,6 +126,7 @@ func desiredPromises(v *View, subnet netip.Prefix) []Promise {
 		}
 		out = append(out, p)
 	}
+	slices.SortFunc(out, comparePromise)
 	return out
 }
 
@@ -124,15 +139,15 @@ const (
 	Lost
 )
 
-// claimOutcome decides a claim of this node. rival names the node that
-// made it lose.
-func claimOutcome(v *View, subnet netip.Prefix, c Claim) (o Outcome, rival string, votes int) {
+// claimOutcome decides a claim of this node, given who voted for it.
+// Only votes of known members count. rival names the node that made it
+// lose.
+func claimOutcome(v *View, subnet netip.Prefix, c Claim, voters map[string]bool) (o Outcome, rival string, votes int) {
 	if node, ok := v.committedOverlap(subnet, c.Block, v.Self); ok {
 		return Lost, node, 0
 	}
-	want := Promise{Block: c.Block, To: v.Self, Attempt: c.Attempt}
-	for _, e := range v.Networks[subnet] {
-		if slices.Contains(e.Promises, want) {
+	for name := range voters {
+		if _, ok := v.Members[name]; ok {
 			votes++
 		}
 	}
@@ -192,23 +207,25 @@ func (r *BlockRequest) Validate() error {
 }
 
 // busyBlocks is everything in subnet that a new claim must not overlap:
-// blocks owned, claimed or promised by anyone, this node included.
-func (v *View) busyBlocks(subnet netip.Prefix) []netip.Prefix {
+// blocks owned or claimed by anyone, this node included, and blocks this
+// node promised.
+func (v *View) busyBlocks(subnet netip.Prefix, promised []Promise) []netip.Prefix {
 	var out []netip.Prefix
 	for _, e := range v.Networks[subnet] {
 		out = append(out, e.Blocks...)
 		for _, c := range e.Claims {
 			out = append(out, c.Block)
 		}
-		for _, p := range e.Promises {
-			out = append(out, p.Block)
-		}
+	}
+	for _, p := range promised {
+		out = append(out, p.Block)
 	}
 	return out
 }
 
-// pickBlock chooses a block to claim.
-func pickBlock(v *View, req BlockRequest) (netip.Prefix, error) {
+// pickBlock chooses a block to claim, avoiding the ones this node promised
+// to others.
+func pickBlock(v *View, req BlockRequest, promised []Promise) (netip.Prefix, error) {
 	if err := req.Validate(); err != nil {
 		return netip.Prefix{}, err
 	}
@@ -217,7 +234,7 @@ func pickBlock(v *View, req BlockRequest) (netip.Prefix, error) {
 		within = req.Within.Masked()
 	}
 	bits := max(req.Bits, within.Bits())
-	busy := v.busyBlocks(req.Subnet)
+	busy := v.busyBlocks(req.Subnet, promised)
 	overlapsBusy := func(b netip.Prefix) bool {
 		return slices.ContainsFunc(busy, b.Overlaps)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -36,6 +37,8 @@ func TestDesiredPromises(t *testing.T) {
 	abc := []string{"a", "b", "c"}
 	tests := []struct {
 		name    string
+		held    []Promise
+		abstain bool
 		entries []NetworkEntry
 		want    []Promise
 	}{
@@ -64,8 +67,8 @@ func TestDesiredPromises(t *testing.T) {
 		},
 		{
 			name: "a promise is kept even when a better claim shows up",
+			held: []Promise{{pfx("10.60.1.0/24"), "b", 7}},
 			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Promises: []Promise{{pfx("10.60.1.0/24"), "b", 7}}},
 				{Node: "b", Subnet: subnet, Claims: []Claim{{pfx("10.60.1.0/24"), 7}}},
 				{Node: "c", Subnet: subnet, Claims: []Claim{{pfx("10.60.1.0/25"), 2}}},
 			},
@@ -73,8 +76,8 @@ func TestDesiredPromises(t *testing.T) {
 		},
 		{
 			name: "a promise to a withdrawn claim is dropped and the next one granted",
+			held: []Promise{{pfx("10.60.1.0/24"), "b", 7}},
 			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Promises: []Promise{{pfx("10.60.1.0/24"), "b", 7}}},
 				{Node: "b", Subnet: subnet},
 				{Node: "c", Subnet: subnet, Claims: []Claim{{pfx("10.60.1.0/24"), 9}}},
 			},
@@ -82,11 +85,29 @@ func TestDesiredPromises(t *testing.T) {
 		},
 		{
 			name: "a promise to an old attempt does not carry over to a new one",
+			held: []Promise{{pfx("10.60.1.0/24"), "b", 7}},
 			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Promises: []Promise{{pfx("10.60.1.0/24"), "b", 7}}},
 				{Node: "b", Subnet: subnet, Claims: []Claim{{pfx("10.60.1.0/24"), 11}}},
 			},
 			want: []Promise{{pfx("10.60.1.0/24"), "b", 11}},
+		},
+		{
+			name: "a promise to a committed claim is dropped",
+			held: []Promise{{pfx("10.60.1.0/24"), "b", 7}},
+			entries: []NetworkEntry{
+				{Node: "b", Subnet: subnet, Blocks: []netip.Prefix{pfx("10.60.1.0/24")}},
+			},
+			want: nil,
+		},
+		{
+			name:    "an abstaining node keeps its promises and makes no new ones",
+			held:    []Promise{{pfx("10.60.1.0/24"), "b", 7}},
+			abstain: true,
+			entries: []NetworkEntry{
+				{Node: "b", Subnet: subnet, Claims: []Claim{{pfx("10.60.1.0/24"), 7}}},
+				{Node: "c", Subnet: subnet, Claims: []Claim{{pfx("10.60.2.0/24"), 8}}},
+			},
+			want: []Promise{{pfx("10.60.1.0/24"), "b", 7}},
 		},
 		{
 			name: "no promise for an owned block",
@@ -115,8 +136,9 @@ func TestDesiredPromises(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			v := viewOf("a", abc, tt.entries...)
-			got := sortedPromises(desiredPromises(v, subnet))
-			if diff := cmp.Diff(sortedPromises(tt.want), got, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
+			got := desiredPromises(v, subnet, tt.held, !tt.abstain)
+			want := slices.SortedFunc(slices.Values(tt.want), comparePromise)
+			if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 				t.Errorf("promises (-want +got):\n%s", diff)
 			}
 		})
@@ -125,10 +147,11 @@ func TestDesiredPromises(t *testing.T) {
 
 func TestClaimOutcome(t *testing.T) {
 	claim := Claim{pfx("10.60.1.0/24"), 5}
-	promise := Promise{claim.Block, "a", 5}
+	mine := NetworkEntry{Node: "a", Subnet: subnet, Claims: []Claim{claim}}
 	tests := []struct {
 		name    string
 		members []string
+		voters  []string
 		entries []NetworkEntry
 		want    Outcome
 		rival   string
@@ -136,85 +159,75 @@ func TestClaimOutcome(t *testing.T) {
 		{
 			name:    "a single node is its own quorum",
 			members: []string{"a"},
-			entries: []NetworkEntry{{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}}},
+			voters:  []string{"a"},
+			entries: []NetworkEntry{mine},
 			want:    Committed,
 		},
 		{
 			name:    "one vote of three is not enough",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}}},
+			voters:  []string{"a"},
+			entries: []NetworkEntry{mine},
 			want:    Pending,
 		},
 		{
 			name:    "two votes of three commit",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}},
-				{Node: "c", Subnet: subnet, Promises: []Promise{promise}},
-			},
-			want: Committed,
+			voters:  []string{"a", "c"},
+			entries: []NetworkEntry{mine},
+			want:    Committed,
 		},
 		{
 			name:    "two votes of four are not a majority",
 			members: []string{"a", "b", "c", "d"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}},
-				{Node: "c", Subnet: subnet, Promises: []Promise{promise}},
-			},
-			want: Pending,
+			voters:  []string{"a", "c"},
+			entries: []NetworkEntry{mine},
+			want:    Pending,
 		},
 		{
-			name:    "votes for another attempt do not count",
+			name:    "votes of non-members do not count",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}},
-				{Node: "c", Subnet: subnet, Promises: []Promise{{claim.Block, "a", 4}}},
-			},
-			want: Pending,
+			voters:  []string{"a", "mallory", "eve"},
+			entries: []NetworkEntry{mine},
+			want:    Pending,
 		},
 		{
 			name:    "lost to an owner",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}},
-				{Node: "b", Subnet: subnet, Blocks: []netip.Prefix{pfx("10.60.1.128/25")}},
-			},
-			want:  Lost,
-			rival: "b",
+			voters:  []string{"a", "c"},
+			entries: []NetworkEntry{mine, {Node: "b", Subnet: subnet, Blocks: []netip.Prefix{pfx("10.60.1.128/25")}}},
+			want:    Lost,
+			rival:   "b",
 		},
 		{
 			name:    "lost to a claim that ranks first",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}},
-				{Node: "b", Subnet: subnet, Claims: []Claim{{pfx("10.60.0.0/23"), 4}}},
-			},
-			want:  Lost,
-			rival: "b",
+			entries: []NetworkEntry{mine, {Node: "b", Subnet: subnet, Claims: []Claim{{pfx("10.60.0.0/23"), 4}}}},
+			want:    Lost,
+			rival:   "b",
 		},
 		{
 			name:    "a quorum wins even against a claim that ranks first",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}, Promises: []Promise{promise}},
-				{Node: "b", Subnet: subnet, Claims: []Claim{{claim.Block, 4}}, Promises: []Promise{promise}},
-			},
-			want: Committed,
+			voters:  []string{"a", "b"},
+			entries: []NetworkEntry{mine, {Node: "b", Subnet: subnet, Claims: []Claim{{claim.Block, 4}}}},
+			want:    Committed,
 		},
 		{
 			name:    "a rival claim that ranks later does not make it lose",
 			members: []string{"a", "b", "c"},
-			entries: []NetworkEntry{
-				{Node: "a", Subnet: subnet, Claims: []Claim{claim}},
-				{Node: "b", Subnet: subnet, Claims: []Claim{{claim.Block, 6}}},
-			},
-			want: Pending,
+			entries: []NetworkEntry{mine, {Node: "b", Subnet: subnet, Claims: []Claim{{claim.Block, 6}}}},
+			want:    Pending,
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			v := viewOf("a", tt.members, tt.entries...)
-			got, rival, _ := claimOutcome(v, subnet, claim)
+			voters := map[string]bool{}
+			for _, n := range tt.voters {
+				voters[n] = true
+			}
+			got, rival, _ := claimOutcome(v, subnet, claim, voters)
 			if got != tt.want || rival != tt.rival {
 				t.Fatalf("outcome = %v (rival %q), want %v (rival %q)", got, rival, tt.want, tt.rival)
 			}
@@ -223,10 +236,11 @@ func TestClaimOutcome(t *testing.T) {
 }
 
 func TestPickBlock(t *testing.T) {
-	v := viewOf("a", []string{"a", "b"},
+	v := viewOf("a", []string{"a", "b", "c"},
 		NetworkEntry{Node: "b", Subnet: subnet, Blocks: []netip.Prefix{pfx("10.60.0.0/17")}, Claims: []Claim{{pfx("10.60.128.0/18"), 1}}},
-		NetworkEntry{Node: "a", Subnet: subnet, Promises: []Promise{{pfx("10.60.192.0/19"), "b", 1}}},
 	)
+	promised := []Promise{{pfx("10.60.192.0/19"), "c", 1}}
+	pickBlock := func(v *View, req BlockRequest) (netip.Prefix, error) { return pickBlock(v, req, promised) }
 	free := map[netip.Prefix]bool{}
 	for i := range 32 {
 		b, _ := nthBlock(pfx("10.60.224.0/19"), 24, i)
@@ -299,15 +313,16 @@ func TestNthBlock(t *testing.T) {
 }
 
 // TestClaimProtocolSafety runs the claim protocol among simulated nodes
-// that see each other's entries in random order and with random delays,
-// and checks that no block is ever owned twice.
+// that see each other's entries and votes in random order, with random
+// delays, lost votes and repeated votes, and checks that no block is ever
+// owned twice.
 func TestClaimProtocolSafety(t *testing.T) {
 	for seed := range uint64(40) {
 		rng := rand.New(rand.NewPCG(seed, seed))
 		names := []string{"a", "b", "c", "d", "e"}
 		sim := newClaimSim(names, rng)
 		small := pfx("10.60.0.0/22") // four /24 blocks for five nodes
-		for step := 0; step < 4000 && !sim.done(); step++ {
+		for step := 0; step < 6000 && !sim.done(); step++ {
 			sim.step(small)
 			if c := sim.conflicts(small); c != "" {
 				t.Fatalf("seed %d step %d: %s", seed, step, c)
@@ -319,25 +334,30 @@ func TestClaimProtocolSafety(t *testing.T) {
 	}
 }
 
-// claimSim is a tiny model of the mesh: each node has a replica; a step
-// either lets a node act (vote, settle claims, start a claim) or delivers
-// one of its entries to one other node.
+// claimSim is a tiny model of the mesh: each node has a replica, its
+// promises and the votes it received; a step lets a node act (vote,
+// settle claims, start a claim), delivers one of its entries to one other
+// node, or delivers, drops or repeats a vote in flight.
 type claimSim struct {
-	rng   *rand.Rand
-	names []string
-	reps  map[string]*replica
-	live  map[string]liveRecord
-	want  map[string]bool // still wants a block
+	rng      *rand.Rand
+	names    []string
+	reps     map[string]*replica
+	live     map[string]liveRecord
+	promises map[string][]Promise
+	votes    map[string]map[Claim]map[string]bool
+	inFlight []vote
+	want     map[string]bool // still wants a block
 }
 
 func newClaimSim(names []string, rng *rand.Rand) *claimSim {
-	s := &claimSim{rng: rng, names: names, reps: map[string]*replica{}, live: map[string]liveRecord{}, want: map[string]bool{}}
-	for i, n := range names {
+	s := &claimSim{rng: rng, names: names, reps: map[string]*replica{}, live: map[string]liveRecord{},
+		promises: map[string][]Promise{}, votes: map[string]map[Claim]map[string]bool{}, want: map[string]bool{}}
+	for _, n := range names {
 		s.live[n] = liveRecord{state: Alive}
 		s.want[n] = true
 		s.reps[n] = newReplica(n)
+		s.votes[n] = map[Claim]map[string]bool{}
 		for j, m := range names {
-			_ = i
 			s.reps[n].nodes[m] = NodeInfo{Name: m, Version: 1, PublicKey: testKey(j), Addr: netip.MustParseAddr("192.0.2.1")}
 		}
 	}
@@ -353,36 +373,71 @@ func (s *claimSim) done() bool {
 	return true
 }
 
+// receive is a claimant counting a vote, as Mesh.recordVoteLocked does.
+func (s *claimSim) receive(v vote) {
+	c := Claim{v.Block, v.Attempt}
+	if !slices.Contains(s.reps[v.To].own(v.Subnet).Claims, c) {
+		return
+	}
+	if s.votes[v.To][c] == nil {
+		s.votes[v.To][c] = map[string]bool{}
+	}
+	s.votes[v.To][c][v.From] = true
+}
+
 func (s *claimSim) step(sub netip.Prefix) {
 	n := s.names[s.rng.IntN(len(s.names))]
 	r := s.reps[n]
-	if s.rng.IntN(2) == 0 {
+	switch s.rng.IntN(4) {
+	case 0:
 		// Deliver n's own entry to a random peer.
 		peer := s.names[s.rng.IntN(len(s.names))]
 		if e, ok := r.nets[entryKey{n, sub}]; ok && peer != n {
 			s.reps[peer].mergeNet(e)
 		}
 		return
+	case 1:
+		// Deliver, lose or repeat a vote in flight.
+		if len(s.inFlight) == 0 {
+			return
+		}
+		i := s.rng.IntN(len(s.inFlight))
+		v := s.inFlight[i]
+		if s.rng.IntN(4) != 0 {
+			s.inFlight = slices.Delete(s.inFlight, i, i+1)
+		}
+		if s.rng.IntN(5) != 0 {
+			s.receive(v)
+		}
+		return
 	}
 	v := buildView(r, s.live)
+	s.promises[n] = desiredPromises(v, sub, s.promises[n], true)
+	for _, p := range s.promises[n] {
+		vt := vote{From: n, Subnet: sub, Promise: p}
+		if p.To == n {
+			s.receive(vt)
+		} else {
+			s.inFlight = append(s.inFlight, vt)
+		}
+	}
 	own := r.own(sub)
-	own.Promises = desiredPromises(v, sub)
-	r.putOwn(own)
-	v = buildView(r, s.live)
-	own = r.own(sub)
 	var keep []Claim
 	for _, c := range own.Claims {
-		switch o, _, _ := claimOutcome(v, sub, c); o {
+		switch o, _, _ := claimOutcome(v, sub, c, s.votes[n][c]); o {
 		case Committed:
 			own.Blocks = append(own.Blocks, c.Block)
 			s.want[n] = false
 		case Pending:
 			keep = append(keep, c)
 		}
+		if !slices.Contains(keep, c) {
+			delete(s.votes[n], c)
+		}
 	}
 	own.Claims = keep
 	if s.want[n] && len(own.Claims) == 0 {
-		if b, err := pickBlock(v, BlockRequest{Subnet: sub, Bits: 24}); err == nil {
+		if b, err := pickBlock(v, BlockRequest{Subnet: sub, Bits: 24}, s.promises[n]); err == nil {
 			own.Claims = append(own.Claims, Claim{b, r.tick()})
 		} else {
 			s.want[n] = false // the subnet is full

@@ -3,6 +3,7 @@ package mesh
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 )
 
 // Gossip messages are a one-byte kind followed by JSON. JSON is not the
@@ -11,6 +12,7 @@ import (
 const (
 	kindNetwork byte = 'N'
 	kindForget  byte = 'F'
+	kindVote    byte = 'V'
 )
 
 // maxStateBytes bounds a push/pull state we are willing to decode.
@@ -20,6 +22,31 @@ const maxStateBytes = 16 << 20
 type message struct {
 	Net    *NetworkEntry
 	Forget *Forget
+	Vote   *vote
+}
+
+// vote tells a claimant, and only it, that From promised it a block.
+// Votes are not gossiped: a claim needs them once, and a voter sends its
+// promise again while the claim stays pending.
+type vote struct {
+	From   string       `json:"f"`
+	Subnet netip.Prefix `json:"s"`
+	Promise
+}
+
+func (v *vote) validate() error {
+	if err := validName(v.From); err != nil {
+		return err
+	}
+	if err := ValidSubnet(v.Subnet); err != nil {
+		return err
+	}
+	return v.Promise.validate(v.Subnet)
+}
+
+func encodeVote(v vote) []byte {
+	b, _ := json.Marshal(v)
+	return append([]byte{kindVote}, b...)
 }
 
 func encodeNet(e NetworkEntry) []byte {
@@ -56,6 +83,15 @@ func decodeMessage(b []byte) (message, error) {
 			return message{}, err
 		}
 		return message{Forget: &f}, nil
+	case kindVote:
+		var v vote
+		if err := json.Unmarshal(b[1:], &v); err != nil {
+			return message{}, invalid("vote: %v", err)
+		}
+		if err := v.validate(); err != nil {
+			return message{}, err
+		}
+		return message{Vote: &v}, nil
 	}
 	return message{}, invalid("unknown message kind %#x", b[0])
 }

@@ -13,7 +13,6 @@ func sampleEntry() NetworkEntry {
 		Node: "host-1", Subnet: pfx("10.60.0.0/16"), Version: 9, Port: 51821,
 		Blocks:   []netip.Prefix{pfx("10.60.1.0/24")},
 		Claims:   []Claim{{pfx("10.60.2.0/24"), 8}},
-		Promises: []Promise{{pfx("10.60.3.0/24"), "host-2", 4}},
 		Reserved: []netip.Addr{netip.MustParseAddr("10.60.0.2")},
 	}
 }
@@ -51,7 +50,11 @@ func TestDecodeRejects(t *testing.T) {
 		"block too big":  mut(func(e *NetworkEntry) { e.Blocks = []netip.Prefix{pfx("10.0.0.0/8")} }),
 		"zero attempt":   mut(func(e *NetworkEntry) { e.Claims = []Claim{{pfx("10.60.2.0/24"), 0}} }),
 		"reserved out":   mut(func(e *NetworkEntry) { e.Reserved = []netip.Addr{netip.MustParseAddr("10.99.0.1")} }),
-		"promise noname": mut(func(e *NetworkEntry) { e.Promises = []Promise{{pfx("10.60.3.0/24"), "", 1}} }),
+		"vote noname":    encodeVote(vote{From: "a", Subnet: subnet, Promise: Promise{pfx("10.60.3.0/24"), "", 1}}),
+		"vote nofrom":    encodeVote(vote{Subnet: subnet, Promise: Promise{pfx("10.60.3.0/24"), "b", 1}}),
+		"vote outside":   encodeVote(vote{From: "a", Subnet: subnet, Promise: Promise{pfx("10.61.3.0/24"), "b", 1}}),
+		"vote attempt":   encodeVote(vote{From: "a", Subnet: subnet, Promise: Promise{pfx("10.60.3.0/24"), "b", 0}}),
+		"vote host bits": []byte(`V{"f":"a","s":"10.60.0.1/16","b":"10.60.3.0/24","t":"b","a":1}`),
 		"forget noname":  []byte(`F{"n":"","v":1}`),
 	}
 	for name, b := range cases {
@@ -74,7 +77,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	f.Add(encodeNet(sampleEntry()))
 	f.Add(encodeForget(Forget{Node: "host-2", Version: 7}))
 	f.Add([]byte(`N{"n":"a","s":"::/0","v":1,"b":["::/0"]}`))
-	f.Add([]byte(`N{"n":"a","s":"10.0.0.0/8","v":1,"pr":[{"b":"10.0.0.0/9","t":"b","a":1}]}`))
+	f.Add(encodeVote(vote{From: "host-2", Subnet: subnet, Promise: Promise{pfx("10.60.3.0/24"), "host-1", 4}}))
 	f.Add([]byte("F"))
 	withSpec := sampleEntry()
 	withSpec.Endpoints = 3
@@ -92,6 +95,8 @@ func FuzzDecodeMessage(f *testing.F) {
 			again = encodeNet(*msg.Net)
 		case msg.Forget != nil:
 			again = encodeForget(*msg.Forget)
+		case msg.Vote != nil:
+			again = encodeVote(*msg.Vote)
 		default:
 			t.Fatal("decoded message is empty")
 		}

@@ -53,6 +53,17 @@ func (d *delegate) NotifyMsg(b []byte) {
 		if changed {
 			delete(d.m.live, msg.Forget.Node)
 		}
+	case msg.Vote != nil:
+		vt := msg.Vote
+		if vt.To == d.m.cfg.Name {
+			// A vote changes nothing replicated: it only wakes the loop.
+			voted := d.m.recordVoteLocked(claimKey{vt.Subnet, Claim{vt.Block, vt.Attempt}}, vt.From)
+			d.m.mu.Unlock()
+			if voted {
+				d.m.kickLoop()
+			}
+			return
+		}
 	}
 	if changed {
 		d.m.dirty = true

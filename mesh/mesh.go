@@ -136,9 +136,18 @@ type Mesh struct {
 	dirty   bool
 	outbox  []outMsg
 	waiters map[claimKey]chan Outcome
-	meta    []byte
-	addr    netip.Addr
-	leaving bool
+	// promises are this node's votes, by subnet; they are persisted
+	// before they are sent. promiseSent is when each was last sent.
+	promises    map[netip.Prefix][]Promise
+	promiseSent map[promiseKey]time.Time
+	// votes are the voters each of this node's pending claims heard from.
+	votes map[claimKey]map[string]bool
+	// abstainUntil: after losing its state file this node makes no new
+	// promises until then.
+	abstainUntil time.Time
+	meta         []byte
+	addr         netip.Addr
+	leaving      bool
 	// probeInterval is memberlist's, for the suspect heuristic.
 	probeInterval time.Duration
 	// started is when Run started gossip.
@@ -161,6 +170,20 @@ type claimKey struct {
 	subnet netip.Prefix
 	claim  Claim
 }
+
+type promiseKey struct {
+	subnet  netip.Prefix
+	promise Promise
+}
+
+// Vote timing. A vote travels in one UDP packet and may be lost, so a
+// voter repeats it while the claim is pending. After losing its state a
+// node abstains for longer than any claimant waits for votes (the driver
+// gives up on a claim after 20 seconds).
+const (
+	voteResend       = 2 * time.Second
+	lostStateAbstain = time.Minute
+)
 
 // New creates a Mesh from cfg and the state file, if any. It starts
 // nothing; Run does.
@@ -187,6 +210,10 @@ func New(cfg Config) (*Mesh, error) {
 		live:    map[string]liveRecord{},
 		waiters: map[claimKey]chan Outcome{},
 		addr:    addr,
+
+		promises:    map[netip.Prefix][]Promise{},
+		promiseSent: map[promiseKey]time.Time{},
+		votes:       map[claimKey]map[string]bool{},
 	}
 	m.probeInterval = m.baseMemberlist().ProbeInterval
 	m.queue = &memberlist.TransmitLimitedQueue{
@@ -435,35 +462,31 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	return out
 }
 
-// step is one pass of the mesh loop: vote, settle own claims, send what
-// changed, persist, and tell the driver.
+// step is one pass of the mesh loop: vote, settle own claims, persist,
+// send what changed, and tell the driver.
 func (m *Mesh) step() {
 	m.mu.Lock()
+	now := time.Now()
+	if m.rep.lostState {
+		m.rep.lostState = false
+		m.abstainUntil = now.Add(lostStateAbstain)
+		m.log.Warn("the cluster knows a newer state of this node than its state file: not voting on address block claims for a while",
+			"for", lostStateAbstain)
+	}
 	v := buildView(m.rep, m.live)
-	voted := false
-	for _, subnet := range m.subnetsLocked() {
-		want := desiredPromises(v, subnet)
-		own := m.rep.own(subnet)
-		if !slices.Equal(sortedPromises(own.Promises), sortedPromises(want)) {
-			own.Promises = want
-			m.publishLocked(m.rep.putOwn(own))
-			voted = true
-		}
-	}
-	if voted {
-		v = buildView(m.rep, m.live)
-	}
+	votes := m.voteLocked(v, now)
 	for _, subnet := range m.subnetsLocked() {
 		own := m.rep.own(subnet)
 		changed := false
 		var keep []Claim
 		for _, c := range own.Claims {
-			o, rival, votes := claimOutcome(v, subnet, c)
+			key := claimKey{subnet, c}
+			o, rival, n := claimOutcome(v, subnet, c, m.votes[key])
 			switch o {
 			case Committed:
 				own.Blocks = append(own.Blocks, c.Block)
 				changed = true
-				m.log.Info("address block claimed", "network", subnet, "block", c.Block, "votes", votes, "quorum", v.Quorum())
+				m.log.Info("address block claimed", "network", subnet, "block", c.Block, "votes", n, "quorum", v.Quorum())
 			case Lost:
 				changed = true
 				m.log.Debug("address block claim lost", "network", subnet, "block", c.Block, "to", rival)
@@ -471,15 +494,21 @@ func (m *Mesh) step() {
 				keep = append(keep, c)
 			}
 			if o != Pending {
-				if ch, ok := m.waiters[claimKey{subnet, c}]; ok {
+				delete(m.votes, key)
+				if ch, ok := m.waiters[key]; ok {
 					ch <- o
-					delete(m.waiters, claimKey{subnet, c})
+					delete(m.waiters, key)
 				}
 			}
 		}
 		if changed {
 			own.Claims = keep
 			m.publishLocked(m.rep.putOwn(own))
+		}
+	}
+	for k := range m.votes {
+		if !slices.Contains(m.rep.own(k.subnet).Claims, k.claim) {
+			delete(m.votes, k)
 		}
 	}
 	for k := range m.rep.republish {
@@ -496,7 +525,10 @@ func (m *Mesh) step() {
 	m.outbox = nil
 	m.mu.Unlock()
 
+	// Promises reach the disk before anyone hears of them.
+	m.persist()
 	m.send(out)
+	m.sendVotes(votes)
 	if updateMeta {
 		if ml := m.memberlist(); ml != nil {
 			if err := ml.UpdateNode(m.cfg.LeaveTimeout); err != nil {
@@ -504,14 +536,99 @@ func (m *Mesh) step() {
 			}
 		}
 	}
-	m.persist()
 	m.notifyChanged()
 }
 
-func sortedPromises(p []Promise) []Promise {
-	e := NetworkEntry{Promises: slices.Clone(p)}
-	e.normalize()
-	return e.Promises
+// outVote is a vote on its way to a claimant.
+type outVote struct {
+	to string
+	b  []byte
+}
+
+// voteLocked brings this node's promises up to date with the view and
+// returns the votes due to be sent. Votes for its own claims are counted
+// at once.
+func (m *Mesh) voteLocked(v *View, now time.Time) []outVote {
+	grant := !now.Before(m.abstainUntil)
+	subnets := m.subnetsLocked()
+	for s := range m.promises {
+		if !slices.Contains(subnets, s) {
+			subnets = append(subnets, s)
+		}
+	}
+	var out []outVote
+	held := map[promiseKey]bool{}
+	for _, subnet := range subnets {
+		want := desiredPromises(v, subnet, m.promises[subnet], grant)
+		if !slices.Equal(m.promises[subnet], want) {
+			if len(want) == 0 {
+				delete(m.promises, subnet)
+			} else {
+				m.promises[subnet] = want
+			}
+			m.dirty = true
+		}
+		for _, p := range want {
+			k := promiseKey{subnet, p}
+			held[k] = true
+			if p.To == m.cfg.Name {
+				m.recordVoteLocked(claimKey{subnet, Claim{p.Block, p.Attempt}}, m.cfg.Name)
+				continue
+			}
+			if now.Sub(m.promiseSent[k]) < voteResend {
+				continue
+			}
+			m.promiseSent[k] = now
+			out = append(out, outVote{to: p.To, b: encodeVote(vote{From: m.cfg.Name, Subnet: subnet, Promise: p})})
+		}
+	}
+	for k := range m.promiseSent {
+		if !held[k] {
+			delete(m.promiseSent, k)
+		}
+	}
+	return out
+}
+
+// recordVoteLocked counts a vote for one of this node's pending claims and
+// reports whether it is new. Votes for anything else are stale.
+func (m *Mesh) recordVoteLocked(key claimKey, voter string) bool {
+	if !slices.Contains(m.rep.own(key.subnet).Claims, key.claim) {
+		return false
+	}
+	set := m.votes[key]
+	if set[voter] {
+		return false
+	}
+	if set == nil {
+		set = map[string]bool{}
+		m.votes[key] = set
+	}
+	set[voter] = true
+	return true
+}
+
+// sendVotes sends votes to their claimants over UDP; a lost one is sent
+// again in a later step.
+func (m *Mesh) sendVotes(votes []outVote) {
+	ml := m.memberlist()
+	if ml == nil || len(votes) == 0 {
+		return
+	}
+	nodes := map[string]*memberlist.Node{}
+	for _, n := range ml.Members() {
+		nodes[n.Name] = n
+	}
+	for _, v := range votes {
+		n, ok := nodes[v.to]
+		if !ok {
+			continue
+		}
+		if err := ml.SendBestEffort(n, v.b); err != nil {
+			m.log.Debug("sending vote", "peer", v.to, "err", err)
+		}
+		m.stats.sent(len(v.b))
+	}
 }
 
 // subnetsLocked lists every subnet that has entries.
@@ -576,7 +693,8 @@ func (m *Mesh) send(msgs []outMsg) {
 // needs to remember.
 type persistedState struct {
 	snapshotState
-	Joined bool `json:"joined,omitempty"`
+	Joined   bool                       `json:"joined,omitempty"`
+	Promises map[netip.Prefix][]Promise `json:"promises,omitempty"`
 }
 
 func (m *Mesh) load() error {
@@ -616,6 +734,19 @@ func (m *Mesh) load() error {
 		m.rep.observe(n.Version)
 	}
 	m.joined = p.Joined
+	for subnet, ps := range p.Promises {
+		if err := ValidSubnet(subnet); err != nil {
+			return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
+		}
+		for _, pr := range ps {
+			if err := pr.validate(subnet); err != nil {
+				return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
+			}
+		}
+		ps = slices.Clone(ps)
+		slices.SortFunc(ps, comparePromise)
+		m.promises[subnet] = slices.Compact(ps)
+	}
 	return nil
 }
 
@@ -628,7 +759,7 @@ func (m *Mesh) persist() {
 	}
 	s := m.rep.snapshot()
 	s.Clock = m.rep.clock
-	p := persistedState{snapshotState: s, Joined: m.joined}
+	p := persistedState{snapshotState: s, Joined: m.joined, Promises: maps.Clone(m.promises)}
 	m.dirty = false
 	m.mu.Unlock()
 	if err := renameio.WriteFile(m.cfg.StatePath, mustJSON(p), 0o600); err != nil {
@@ -761,7 +892,7 @@ func (m *Mesh) ClaimBlock(ctx context.Context, req BlockRequest) (netip.Prefix, 
 				}
 			}
 		}
-		b, err := pickBlock(v, req)
+		b, err := pickBlock(v, req, m.promises[req.Subnet])
 		if err != nil {
 			m.mu.Unlock()
 			return netip.Prefix{}, err
@@ -830,10 +961,11 @@ func (m *Mesh) abandonClaim(key claimKey, cause error) error {
 		// Committed just now; keep it rather than leak it.
 		return nil
 	}
+	v := buildView(m.rep, m.live)
+	_, _, votes := claimOutcome(v, key.subnet, key.claim, m.votes[key])
+	delete(m.votes, key)
 	own.Claims = slices.DeleteFunc(own.Claims, func(c Claim) bool { return c == key.claim })
 	m.publishLocked(m.rep.putOwn(own))
-	v := buildView(m.rep, m.live)
-	_, _, votes := claimOutcome(v, key.subnet, key.claim)
 	var unreachable []string
 	for name, mem := range v.Members {
 		if !mem.State.Reachable() {

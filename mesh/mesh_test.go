@@ -510,8 +510,7 @@ func TestNonMemberStateIsIgnored(t *testing.T) {
 	a := c.add("a")
 	d := &delegate{a.m}
 	d.NotifyMsg(encodeNet(NetworkEntry{Node: "mallory", Subnet: subnet, Version: 99, Port: 51820,
-		Blocks: []netip.Prefix{pfx("10.60.0.0/17")}, Claims: []Claim{{pfx("10.60.128.0/24"), 1}},
-		Promises: []Promise{{pfx("10.60.200.0/24"), "a", 1}}}))
+		Blocks: []netip.Prefix{pfx("10.60.0.0/17")}, Claims: []Claim{{pfx("10.60.128.0/24"), 1}}}))
 	a.m.step()
 	v := a.m.View()
 	if len(v.Peers(subnet)) != 0 {
@@ -526,5 +525,109 @@ func TestNonMemberStateIsIgnored(t *testing.T) {
 	got, err := a.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Bits: 24, Containing: netip.MustParseAddr("10.60.1.1")})
 	if err != nil || got != pfx("10.60.1.0/24") {
 		t.Fatalf("claiming the block a non-member claimed: %s %v", got, err)
+	}
+}
+
+// newLoneMesh is a Mesh that is never started: state arrives through its
+// memberlist delegate, and tests drive its loop with step.
+func newLoneMesh(t *testing.T, name, statePath string) *Mesh {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Name, cfg.BindAddr, cfg.AdvertiseAddr = name, "127.0.0.1", "127.0.0.1"
+	cfg.PublicKey = testKey(9)
+	cfg.StatePath = statePath
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// peerState is what a peer would send in a push/pull to a node "a" it
+// has not met before: the members b and c, and the given entries.
+func peerState(entries ...NetworkEntry) []byte {
+	r := newReplica("b")
+	for i, n := range []string{"b", "c"} {
+		r.nodes[n] = NodeInfo{Name: n, Version: 1, PublicKey: testKey(i), Addr: netip.MustParseAddr("192.0.2.1")}
+	}
+	for _, e := range entries {
+		e.normalize()
+		r.nets[e.key()] = e
+	}
+	return encodeState(r.snapshot())
+}
+
+// TestPromisesSurviveRestart: a voter writes its promise to disk and
+// keeps it through a restart, even when a claim that ranks first shows up
+// afterwards; otherwise the same block could gather two majorities.
+func TestPromisesSurviveRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "a.json")
+	block := pfx("10.60.7.0/24")
+	a := newLoneMesh(t, "a", path)
+	(&delegate{a}).MergeRemoteState(peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 5, Claims: []Claim{{block, 5}}}), false)
+	a.step()
+	want := []Promise{{block, "b", 5}}
+	if got := a.promises[subnet]; !slices.Equal(got, want) {
+		t.Fatalf("promises = %v, want %v", got, want)
+	}
+
+	again := newLoneMesh(t, "a", path)
+	if got := again.promises[subnet]; !slices.Equal(got, want) {
+		t.Fatalf("promises after restart = %v, want %v", got, want)
+	}
+	(&delegate{again}).MergeRemoteState(peerState(
+		NetworkEntry{Node: "b", Subnet: subnet, Version: 5, Claims: []Claim{{block, 5}}},
+		NetworkEntry{Node: "c", Subnet: subnet, Version: 6, Claims: []Claim{{block, 2}}},
+	), false)
+	again.step()
+	if got := again.promises[subnet]; !slices.Equal(got, want) {
+		t.Fatalf("promises after a better claim = %v, want %v", got, want)
+	}
+
+	// Once b's claim is settled the promise goes, and c gets the vote.
+	(&delegate{again}).MergeRemoteState(peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 8}), false)
+	again.step()
+	if got, want := again.promises[subnet], []Promise{{block, "c", 2}}; !slices.Equal(got, want) {
+		t.Fatalf("promises after b withdrew = %v, want %v", got, want)
+	}
+}
+
+// TestLostStateAbstains: a node that finds the cluster knows a newer
+// version of it than it does has lost its promises, so it makes no new
+// ones for a while.
+func TestLostStateAbstains(t *testing.T) {
+	a := newLoneMesh(t, "a", "")
+	old := peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 50, Claims: []Claim{{pfx("10.60.7.0/24"), 50}}})
+	s, _ := decodeState(old)
+	// a published version 40 of itself before it lost its state.
+	s.Nodes = append(s.Nodes, NodeInfo{Name: "a", Version: 40, PublicKey: testKey(9), Addr: netip.MustParseAddr("127.0.0.1")})
+	(&delegate{a}).MergeRemoteState(encodeState(s), false)
+	a.step()
+	if got := a.promises[subnet]; len(got) != 0 {
+		t.Fatalf("a node that lost its state promised %v", got)
+	}
+	if until := time.Until(a.abstainUntil); until < lostStateAbstain-time.Second {
+		t.Fatalf("abstaining for %v, want %v", until, lostStateAbstain)
+	}
+
+	a.mu.Lock()
+	a.abstainUntil = time.Now()
+	a.mu.Unlock()
+	a.step()
+	if got := a.promises[subnet]; len(got) != 1 {
+		t.Fatalf("promises after abstaining: %v", got)
+	}
+}
+
+// TestVotesCountOnlyForPendingClaims: a vote arriving for a claim that is
+// not pending (withdrawn, or never made) is ignored.
+func TestVotesCountOnlyForPendingClaims(t *testing.T) {
+	a := newLoneMesh(t, "a", "")
+	(&delegate{a}).MergeRemoteState(peerState(), false)
+	d := &delegate{a}
+	stray := vote{From: "b", Subnet: subnet, Promise: Promise{pfx("10.60.9.0/24"), "a", 3}}
+	d.NotifyMsg(encodeVote(stray))
+	if len(a.votes) != 0 {
+		t.Fatalf("a vote for no claim was recorded: %v", a.votes)
 	}
 }

@@ -17,8 +17,8 @@ import (
 // a node lost its state file) are ordered by their encoding, so every node
 // picks the same one. Entries that a node receives about itself are
 // special: they can only be newer than its own if it lost state, and then
-// it adopts them (keeping its blocks and promises, dropping claims no one
-// waits for) and republishes them with a fresh version.
+// it adopts them (keeping its blocks, dropping claims no one waits for)
+// and republishes them with a fresh version.
 type replica struct {
 	self      string
 	clock     uint64
@@ -30,6 +30,9 @@ type replica struct {
 	republish map[entryKey]bool
 	// selfInfoStale is set when a peer held a newer NodeInfo of ours.
 	selfInfoStale bool
+	// lostState is set when peers know a newer version of this node than
+	// it does: it lost its state file, and with it its promises.
+	lostState bool
 }
 
 func newReplica(self string) *replica {
@@ -85,6 +88,7 @@ func (r *replica) mergeNode(n NodeInfo) bool {
 		// restarted without state. Our clock has moved past it now, so
 		// publishing ours again makes it win.
 		r.selfInfoStale = true
+		r.lostState = true
 		return false
 	}
 	r.nodes[n.Name] = n
@@ -119,10 +123,11 @@ func (r *replica) mergeNet(e NetworkEntry) bool {
 	if e.Node == r.self {
 		// Adopt what the cluster remembers of us: we lost state. Claims
 		// are dropped because nothing waits for them any more; blocks
-		// and promises are kept because others rely on them.
+		// are kept because others rely on them.
 		e.Claims = nil
 		e.Version = r.tick()
 		r.republish[k] = true
+		r.lostState = true
 	}
 	r.nets[k] = e
 	return true

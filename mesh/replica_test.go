@@ -30,7 +30,7 @@ func randomUpdates(rng *rand.Rand) (nodes []NodeInfo, nets []NetworkEntry, forge
 		case 1:
 			e.Claims = []Claim{{b, clock}}
 		case 2:
-			e.Promises = []Promise{{b, writers[rng.IntN(len(writers))], clock - 1}}
+			e.Reserved = []netip.Addr{b.Addr().Next()}
 		}
 		nets = append(nets, e)
 		if clock == 20 {
@@ -104,14 +104,13 @@ func TestForgetVoidsOlderEntries(t *testing.T) {
 func TestAdoptOwnEntry(t *testing.T) {
 	r := newReplica("a")
 	old := NetworkEntry{Node: "a", Subnet: subnet, Version: 40, Port: 51820,
-		Blocks:   []netip.Prefix{pfx("10.60.3.0/24")},
-		Claims:   []Claim{{pfx("10.60.4.0/24"), 39}},
-		Promises: []Promise{{pfx("10.60.5.0/24"), "b", 12}}}
+		Blocks: []netip.Prefix{pfx("10.60.3.0/24")},
+		Claims: []Claim{{pfx("10.60.4.0/24"), 39}}}
 	if !r.mergeNet(old) {
 		t.Fatal("own entry not adopted")
 	}
 	got := r.own(subnet)
-	if got.Version <= 40 || len(got.Blocks) != 1 || len(got.Promises) != 1 || len(got.Claims) != 0 {
+	if got.Version <= 40 || len(got.Blocks) != 1 || len(got.Claims) != 0 {
 		t.Fatalf("adopted %+v", got)
 	}
 	if !r.republish[got.key()] {
@@ -119,6 +118,9 @@ func TestAdoptOwnEntry(t *testing.T) {
 	}
 	if r.clock < got.Version {
 		t.Fatal("clock behind own entry")
+	}
+	if !r.lostState {
+		t.Fatal("adopting an own entry did not flag lost state")
 	}
 }
 

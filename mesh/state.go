@@ -60,7 +60,9 @@ type Claim struct {
 	Attempt uint64       `json:"a"`
 }
 
-// Promise is a vote by its entry's node for someone's claim.
+// Promise is this node's vote for someone's claim. Promises are not
+// replicated: a voter keeps its own in its state file and tells only the
+// claimant (see claims.go).
 type Promise struct {
 	Block   netip.Prefix `json:"b"`
 	To      string       `json:"t"`
@@ -71,16 +73,16 @@ type Promise struct {
 // subnet: Docker gives the same network a different ID on every host, so
 // the subnet is its identity across the mesh.
 //
-// A node with Port 0 does not have the network attached but may still
-// vote on other nodes' claims in it.
+// A node with Port 0 does not have the network attached; its entry may
+// still hold blocks, reserved addresses and a spec. Voting needs no entry:
+// every member votes on every claim.
 type NetworkEntry struct {
-	Node     string         `json:"n"`
-	Subnet   netip.Prefix   `json:"s"`
-	Version  uint64         `json:"v"`
-	Port     uint16         `json:"p,omitempty"`
-	Blocks   []netip.Prefix `json:"b,omitempty"`
-	Claims   []Claim        `json:"c,omitempty"`
-	Promises []Promise      `json:"pr,omitempty"`
+	Node    string         `json:"n"`
+	Subnet  netip.Prefix   `json:"s"`
+	Version uint64         `json:"v"`
+	Port    uint16         `json:"p,omitempty"`
+	Blocks  []netip.Prefix `json:"b,omitempty"`
+	Claims  []Claim        `json:"c,omitempty"`
 	// Reserved are addresses no node may give to a container: the
 	// network's aux addresses and a gateway given with --gateway.
 	Reserved []netip.Addr `json:"r,omitempty"`
@@ -191,7 +193,6 @@ func (e *NetworkEntry) key() entryKey { return entryKey{e.Node, e.Subnet} }
 func (e NetworkEntry) Clone() NetworkEntry {
 	e.Blocks = slices.Clone(e.Blocks)
 	e.Claims = slices.Clone(e.Claims)
-	e.Promises = slices.Clone(e.Promises)
 	e.Reserved = slices.Clone(e.Reserved)
 	e.Spec = e.Spec.Clone()
 	return e
@@ -205,10 +206,6 @@ func (e *NetworkEntry) normalize() {
 		return cmp.Or(comparePrefix(a.Block, b.Block), cmp.Compare(a.Attempt, b.Attempt))
 	})
 	e.Claims = slices.Compact(e.Claims)
-	slices.SortFunc(e.Promises, func(a, b Promise) int {
-		return cmp.Or(comparePrefix(a.Block, b.Block), cmp.Compare(a.To, b.To), cmp.Compare(a.Attempt, b.Attempt))
-	})
-	e.Promises = slices.Compact(e.Promises)
 	slices.SortFunc(e.Reserved, netip.Addr.Compare)
 	e.Reserved = slices.Compact(e.Reserved)
 }
@@ -270,14 +267,34 @@ func ValidSubnet(p netip.Prefix) error {
 	return nil
 }
 
-func (e *NetworkEntry) validBlock(b netip.Prefix) error {
+func (e *NetworkEntry) validBlock(b netip.Prefix) error { return validBlock(e.Subnet, b) }
+
+func validBlock(subnet, b netip.Prefix) error {
 	if !b.IsValid() || b.Masked() != b || b.Addr().Zone() != "" {
 		return invalid("bad block %s", b)
 	}
-	if b.Bits() < e.Subnet.Bits() || !e.Subnet.Contains(b.Addr()) {
-		return invalid("block %s is not inside %s", b, e.Subnet)
+	if b.Bits() < subnet.Bits() || !subnet.Contains(b.Addr()) {
+		return invalid("block %s is not inside %s", b, subnet)
 	}
 	return nil
+}
+
+// validate checks a promise of subnet, read from a peer or from disk.
+func (p *Promise) validate(subnet netip.Prefix) error {
+	if err := validBlock(subnet, p.Block); err != nil {
+		return err
+	}
+	if err := validName(p.To); err != nil {
+		return err
+	}
+	if p.Attempt == 0 || p.Attempt > maxAttempts {
+		return invalid("promise attempt out of range")
+	}
+	return nil
+}
+
+func comparePromise(a, b Promise) int {
+	return cmp.Or(comparePrefix(a.Block, b.Block), cmp.Compare(a.To, b.To), cmp.Compare(a.Attempt, b.Attempt))
 }
 
 // Validate checks a NetworkEntry received from a peer.
@@ -291,7 +308,7 @@ func (e *NetworkEntry) Validate() error {
 	if e.Version == 0 || e.Version > maxAttempts {
 		return invalid("entry %s/%s: version %d out of range", e.Node, e.Subnet, e.Version)
 	}
-	if len(e.Blocks)+len(e.Claims)+len(e.Promises)+len(e.Reserved) > maxListLen {
+	if len(e.Blocks)+len(e.Claims)+len(e.Reserved) > maxListLen {
 		return invalid("entry %s/%s: more than %d items", e.Node, e.Subnet, maxListLen)
 	}
 	for _, b := range e.Blocks {
@@ -305,17 +322,6 @@ func (e *NetworkEntry) Validate() error {
 		}
 		if c.Attempt == 0 || c.Attempt > maxAttempts {
 			return invalid("claim attempt out of range")
-		}
-	}
-	for _, p := range e.Promises {
-		if err := e.validBlock(p.Block); err != nil {
-			return err
-		}
-		if err := validName(p.To); err != nil {
-			return err
-		}
-		if p.Attempt == 0 || p.Attempt > maxAttempts {
-			return invalid("promise attempt out of range")
 		}
 	}
 	for _, a := range e.Reserved {
