@@ -150,6 +150,16 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 	prev := rec.state
 	if prev != state {
 		rec.state, rec.since = state, now
+		if state == Alive {
+			d.m.greet = append(d.m.greet, n.Name)
+		}
+	}
+	if state == Alive && !d.m.joined {
+		// Another member is alive: this node has seen its cluster, also
+		// if that member joined it before it reached its own seeds.
+		d.m.joined = true
+		d.m.dirty = true
+		d.m.log.Info("joined the cluster", "via", n.Name)
 	}
 	if state == Alive {
 		// Joining counts as contact; suspicion is measured from here.

@@ -142,6 +142,9 @@ type Mesh struct {
 	promiseSent map[promiseKey]time.Time
 	// votes are the voters each of this node's pending claims heard from.
 	votes map[claimKey]map[string]bool
+	// greet lists members that became alive since the last step: they
+	// are sent this node's pending claims, which they may have missed.
+	greet []string
 	// abstainUntil: after losing its state file this node makes no new
 	// promises until then.
 	abstainUntil time.Time
@@ -164,6 +167,8 @@ func (m *Mesh) unknownGrace() time.Duration {
 type outMsg struct {
 	name string // invalidates older queued broadcasts with the same name
 	b    []byte
+	// to, when set, sends the message to that member only, not gossiped.
+	to string
 }
 
 type claimKey struct {
@@ -175,6 +180,13 @@ type promiseKey struct {
 	subnet  netip.Prefix
 	promise Promise
 }
+
+// seedRetryMin and seedRetryMax bound the backoff of a node that could
+// not reach any seed.
+const (
+	seedRetryMin = 100 * time.Millisecond
+	seedRetryMax = time.Second
+)
 
 // Vote timing. A vote travels in one UDP packet and may be lost, so a
 // voter repeats it while the claim is pending. After losing its state a
@@ -410,6 +422,9 @@ func (m *Mesh) loopReconnect(ctx context.Context) {
 	defer m.wg.Done()
 	interval := m.cfg.ReconnectInterval
 	wait := time.Duration(0)
+	// While alone, seeds are retried quickly at first: when a whole
+	// cluster starts at once, most seeds come up within moments.
+	backoff := seedRetryMin
 	for {
 		select {
 		case <-ctx.Done():
@@ -421,8 +436,9 @@ func (m *Mesh) loopReconnect(ctx context.Context) {
 		if ml.NumMembers() < 2 && len(m.cfg.Join) > 0 {
 			n, err := ml.Join(m.cfg.Join)
 			if err != nil && n == 0 {
-				m.log.Warn("joining seeds", "seeds", m.cfg.Join, "err", err)
-				wait = min(time.Second, interval)
+				m.log.Warn("joining seeds", "seeds", m.cfg.Join, "err", err, "retry_in", min(backoff, interval))
+				wait = min(backoff, interval)
+				backoff = min(2*backoff, seedRetryMax)
 			}
 		}
 		if addrs := m.failedAddrs(ml); len(addrs) > 0 {
@@ -430,12 +446,14 @@ func (m *Mesh) loopReconnect(ctx context.Context) {
 				m.log.Info("reconnected to members believed failed", "contacted", n)
 			}
 		}
-		if ml.NumMembers() >= 2 {
+		// Never call memberlist under m.mu: memberlist calls the delegate,
+		// which takes m.mu, while it holds its own lock.
+		if members := ml.NumMembers(); members >= 2 {
 			m.mu.Lock()
 			if !m.joined {
 				m.joined = true
 				m.dirty = true
-				m.log.Info("joined the cluster", "members", ml.NumMembers())
+				m.log.Info("joined the cluster", "members", members)
 			}
 			m.mu.Unlock()
 			m.kickLoop()
@@ -517,6 +535,7 @@ func (m *Mesh) step() {
 		}
 		delete(m.rep.republish, k)
 	}
+	m.greetLocked()
 	updateMeta := m.rep.selfInfoStale
 	if updateMeta {
 		m.setSelfInfoLocked()
@@ -537,6 +556,27 @@ func (m *Mesh) step() {
 		}
 	}
 	m.notifyChanged()
+}
+
+// greetLocked sends members that just became alive this node's entries
+// with pending claims. A claim needs the votes of a majority of the nodes
+// known when it is counted, and a node that joined after the claim went
+// out would otherwise hear of it only at the next push/pull.
+func (m *Mesh) greetLocked() {
+	if len(m.greet) == 0 {
+		return
+	}
+	for _, subnet := range m.subnetsLocked() {
+		own := m.rep.own(subnet)
+		if len(own.Claims) == 0 {
+			continue
+		}
+		b := encodeNet(own)
+		for _, to := range m.greet {
+			m.outbox = append(m.outbox, outMsg{b: b, to: to})
+		}
+	}
+	m.greet = nil
 }
 
 // outVote is a vote on its way to a claimant.
@@ -575,7 +615,9 @@ func (m *Mesh) voteLocked(v *View, now time.Time) []outVote {
 				m.recordVoteLocked(claimKey{subnet, Claim{p.Block, p.Attempt}}, m.cfg.Name)
 				continue
 			}
-			if now.Sub(m.promiseSent[k]) < voteResend {
+			if now.Sub(m.promiseSent[k]) < voteResend || m.live[p.To].state != Alive {
+				// Sent lately, or no way to reach the claimant yet: its
+				// joining kicks another step.
 				continue
 			}
 			m.promiseSent[k] = now
@@ -660,6 +702,12 @@ func (m *Mesh) send(msgs []outMsg) {
 	members := ml.Members()
 	direct := len(members) <= m.cfg.DirectFanout
 	for _, msg := range msgs {
+		if msg.to != "" {
+			if i := slices.IndexFunc(members, func(n *memberlist.Node) bool { return n.Name == msg.to }); i >= 0 {
+				m.sendTo(ml, members[i], msg.b)
+			}
+			continue
+		}
 		if len(msg.b) <= maxBroadcast {
 			m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
 			if !direct {
@@ -667,26 +715,31 @@ func (m *Mesh) send(msgs []outMsg) {
 			}
 		}
 		for _, n := range members {
-			if n.Name == m.cfg.Name {
-				continue
+			if n.Name != m.cfg.Name {
+				m.sendTo(ml, n, msg.b)
 			}
-			if len(msg.b) <= maxBroadcast {
-				if err := ml.SendBestEffort(n, msg.b); err != nil {
-					m.log.Debug("sending to member", "peer", n.Name, "err", err)
-				}
-				m.stats.sent(len(msg.b))
-				continue
-			}
-			m.wg.Add(1)
-			go func(n *memberlist.Node, b []byte) {
-				defer m.wg.Done()
-				if err := ml.SendReliable(n, b); err != nil {
-					m.log.Debug("sending to member over TCP", "peer", n.Name, "err", err)
-				}
-				m.stats.sent(len(b))
-			}(n, msg.b)
 		}
 	}
+}
+
+// sendTo sends b to one member: in a UDP packet if it fits, else over TCP
+// in the background.
+func (m *Mesh) sendTo(ml *memberlist.Memberlist, n *memberlist.Node, b []byte) {
+	if len(b) <= maxBroadcast {
+		if err := ml.SendBestEffort(n, b); err != nil {
+			m.log.Debug("sending to member", "peer", n.Name, "err", err)
+		}
+		m.stats.sent(len(b))
+		return
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		if err := ml.SendReliable(n, b); err != nil {
+			m.log.Debug("sending to member over TCP", "peer", n.Name, "err", err)
+		}
+		m.stats.sent(len(b))
+	}()
 }
 
 // persistedState is the state file: the replica plus what only this node
