@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/wgmesh/wgmesh/driver"
 )
 
 // NSPath is the host's network namespace, for nsenter.
@@ -150,8 +152,8 @@ func (h *Host) StartAgent(ctx context.Context, extra ...string) error {
 	h.mu.Unlock()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := h.Wgmesh(ctx, "status", "--json"); err == nil || strings.Contains(err.Error(), "exit status 1") {
-			// Up; unhealthy is fine, it may not have joined yet.
+		// Up once it answers; unhealthy is fine, it may not have joined yet.
+		if _, err := driver.NewControlClient(h.ControlSock()).Status(ctx); err == nil {
 			return nil
 		}
 		if p.exited() {
