@@ -37,7 +37,7 @@ deps: ## install missing Debian packages
 demo: deps build lab ## three hosts with dockerd + wgmesh, cross-host ping, wgmesh status
 	bin/wgmesh-lab demo -binary bin/wgmesh
 
-test: deps check unit fuzz e2e ## every test
+test: deps check unit fuzz e2e bench-smoke ## every test
 	@echo "make test: all passed"
 
 check: tidy-check lint
@@ -73,6 +73,15 @@ plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCK
 	cp cmd/wgmesh/plugin.json bin/plugin/config.json
 	$(DOCKER) plugin rm -f $(PLUGIN) >/dev/null 2>&1 || true
 	$(DOCKER) plugin create $(PLUGIN) bin/plugin
+
+bin/wireguard-go: go.mod ## standalone wireguard-go, built from the module wgmesh uses, for the benchmark
+	CGO_ENABLED=0 $(GO) build -trimpath -o $@ golang.zx2c4.com/wireguard
+
+bench: deps build lab bin/wireguard-go ## benchmarks side by side; report in bench/results
+	bin/wgmesh-lab bench -binary bin/wgmesh -wireguard-go bin/wireguard-go -out bench/results
+
+bench-smoke: deps build lab bin/wireguard-go ## one tiny case of every benchmark, so it cannot rot
+	bin/wgmesh-lab bench -smoke -binary bin/wgmesh -wireguard-go bin/wireguard-go -out $$(mktemp -d)
 
 clean:
 	rm -rf bin

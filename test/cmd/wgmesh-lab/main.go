@@ -14,16 +14,21 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/wgmesh/wgmesh/test/bench"
 	"github.com/wgmesh/wgmesh/test/lab"
 )
 
 func main() {
+	if len(os.Args) >= 2 && os.Args[1] == "bench" {
+		os.Exit(benchMain(os.Args[2:]))
+	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,sim] [-clusters N,...] [-sim-sizes N,...]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -128,6 +133,83 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		<-ctx.Done()
 	}
 	return nil
+}
+
+// benchMain runs the benchmarks and writes the report.
+func benchMain(args []string) int {
+	fs := flag.NewFlagSet("bench", flag.ExitOnError)
+	smoke := fs.Bool("smoke", false, "one tiny case of each kind, to check the benchmark works")
+	binary := fs.String("binary", "bin/wgmesh", "wgmesh binary")
+	wg := fs.String("wireguard-go", "bin/wireguard-go", "wireguard-go binary, built from the module wgmesh uses")
+	out := fs.String("out", "bench/results", "directory for the report")
+	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
+	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
+	parts := fs.String("parts", "data,control,sim", "which parts to run: data, control, sim")
+	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
+	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
+	_ = fs.Parse(args)
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: needs root (network namespaces, dockerd)")
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	cfg := bench.Full()
+	name := time.Now().Format("2006-01-02T150405")
+	if *smoke {
+		cfg, name = bench.Smoke(), "smoke"
+	}
+	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
+	if *runs > 0 {
+		cfg.Runs = *runs
+	}
+	if *duration > 0 {
+		cfg.Duration = *duration
+	}
+	for _, l := range []struct {
+		flag string
+		dst  *[]int
+	}{{*clusters, &cfg.ClusterSizes}, {*sims, &cfg.SimSizes}} {
+		if l.flag == "" {
+			continue
+		}
+		sizes, err := intList(l.flag)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 2
+		}
+		*l.dst = sizes
+	}
+	if err := cfg.SetParts(*parts); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	r, err := bench.New(cfg).Run(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench failed:", err)
+		return 1
+	}
+	path, err := r.Write(*out, name)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench: writing the report:", err)
+		return 1
+	}
+	fmt.Print("\n" + r.Markdown())
+	fmt.Println("\nreport:", path)
+	return 0
+}
+
+// intList parses a comma-separated list of positive integers.
+func intList(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%q: want positive integers separated by commas", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // waitFor retries cond until it succeeds or d passes.

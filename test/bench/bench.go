@@ -1,0 +1,271 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/wgmesh/wgmesh/test/lab"
+)
+
+// Config configures a benchmark run.
+type Config struct {
+	// Binary is the wgmesh binary; WireguardGo a wireguard-go binary built
+	// from the module wgmesh uses.
+	Binary, WireguardGo string
+	// Runs per data-plane case; the report gives medians.
+	Runs int
+	// Duration of each iperf3 test; Pings per latency test.
+	Duration time.Duration
+	Pings    int
+	// FirstPingSamples: how many `docker run` to first ping are timed.
+	FirstPingSamples int
+	// ClusterSizes for the convergence measurements.
+	ClusterSizes []int
+	// SimSizes for the in-process simulation of larger clusters.
+	SimSizes []int
+	// SimQuick shortens the simulation's idle phases (smoke runs).
+	SimQuick bool
+	// NoData, NoControl and NoSim leave a part out.
+	NoData, NoControl, NoSim bool
+	Log                      io.Writer
+}
+
+// SetParts keeps only the parts named in a comma-separated list of
+// data, control and sim.
+func (c *Config) SetParts(list string) error {
+	c.NoData, c.NoControl, c.NoSim = true, true, true
+	for _, p := range strings.Split(list, ",") {
+		switch strings.TrimSpace(p) {
+		case "data":
+			c.NoData = false
+		case "control":
+			c.NoControl = false
+		case "sim":
+			c.NoSim = false
+		default:
+			return fmt.Errorf("unknown part %q: want data, control or sim", p)
+		}
+	}
+	return nil
+}
+
+// Full is the configuration of `make bench`.
+func Full() Config {
+	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15,
+		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}}
+}
+
+// Smoke is a tiny run that checks the benchmark still works.
+func Smoke() Config {
+	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2,
+		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true}
+}
+
+// Bench runs benchmarks.
+type Bench struct{ cfg Config }
+
+// New returns a Bench.
+func New(cfg Config) *Bench {
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	return &Bench{cfg: cfg}
+}
+
+func (b *Bench) logf(format string, args ...any) {
+	fmt.Fprintf(b.cfg.Log, "bench: "+format+"\n", args...)
+}
+
+// Report is everything a run measured.
+type Report struct {
+	Started     time.Time     `json:"started"`
+	Took        string        `json:"took"`
+	Machine     string        `json:"machine"`
+	Config      string        `json:"config"`
+	DataPlane   []CaseResult  `json:"data_plane"`
+	FirstPing   FirstPing     `json:"first_ping"`
+	Convergence []Convergence `json:"convergence"`
+	Simulation  []SimResult   `json:"simulation"`
+	Targets     []Target      `json:"targets"`
+	chart       string
+}
+
+// Target is one of the goals the benchmark checks.
+type Target struct {
+	Goal     string `json:"goal"`
+	Measured string `json:"measured"`
+	Met      bool   `json:"met"`
+}
+
+// simLog shows the simulation's progress, and its nodes' warnings, in the
+// log of the run.
+func (b *Bench) simLog() *slog.Logger {
+	return slog.New(slog.NewTextHandler(b.cfg.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+// Run runs every benchmark and returns the report.
+func (b *Bench) Run(ctx context.Context) (*Report, error) {
+	r := &Report{Started: time.Now(), Machine: machine(),
+		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, clusters %v, simulated %v",
+			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClusterSizes, b.cfg.SimSizes)}
+	if !b.cfg.NoData || !b.cfg.NoControl {
+		if err := b.withDocker(ctx, r); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range b.cfg.ClusterSizes {
+		if b.cfg.NoControl {
+			break
+		}
+		b.logf("convergence: %d hosts", n)
+		c, err := b.convergence(ctx, n)
+		if err != nil {
+			return nil, fmt.Errorf("%d hosts: %w", n, err)
+		}
+		r.Convergence = append(r.Convergence, c)
+	}
+	for _, n := range b.cfg.SimSizes {
+		if b.cfg.NoSim {
+			break
+		}
+		b.logf("simulation: %d nodes in one process", n)
+		s, err := simulate(ctx, n, b.cfg.SimQuick, b.simLog())
+		if err != nil {
+			return nil, fmt.Errorf("simulating %d nodes: %w", n, err)
+		}
+		r.Simulation = append(r.Simulation, s...)
+	}
+	r.Targets = r.check()
+	r.Took = time.Since(r.Started).Round(time.Second).String()
+	return r, nil
+}
+
+// withDocker runs the parts that need two hosts with dockerd: the data
+// plane and the first ping.
+func (b *Bench) withDocker(ctx context.Context, r *Report) error {
+	b.logf("two hosts with dockerd")
+	l, err := lab.New(ctx, lab.Config{Hosts: 2, Binary: b.cfg.Binary, Docker: true, Log: b.cfg.Log})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if err := l.StartAgents(ctx); err != nil {
+		return err
+	}
+	if !b.cfg.NoData {
+		if r.DataPlane, err = b.dataPlane(ctx, l); err != nil {
+			return err
+		}
+	}
+	if !b.cfg.NoControl {
+		if r.FirstPing, err = b.firstPing(ctx, l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// dataPlane measures every case, round-robin so that drift of the machine
+// spreads over all of them alike.
+func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, error) {
+	cases, err := b.setupCases(ctx, l)
+	defer func() {
+		for _, c := range cases {
+			if c.stop != nil {
+				c.stop()
+			}
+		}
+	}()
+	if err != nil {
+		return nil, err
+	}
+	results := make([]CaseResult, len(cases))
+	for i, c := range cases {
+		results[i] = CaseResult{Name: c.name, Note: c.note, Skipped: c.skip}
+	}
+	for run := range b.cfg.Runs {
+		for i, c := range cases {
+			if c.skip != "" {
+				continue
+			}
+			m, err := b.measure(ctx, c)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", c.name, err)
+			}
+			results[i].Runs = append(results[i].Runs, m)
+			b.logf("run %d %-17s 1 stream %.2f Gbit/s, 4 streams %.2f Gbit/s, ping %.3f ms (p99 %.3f), %.1f CPU s/GB",
+				run+1, c.name, m.TCP1Gbps, m.TCP4Gbps, m.PingAvgMs, m.PingP99Ms, m.CPUSecPerGB)
+		}
+	}
+	for i := range results {
+		r := &results[i]
+		pick := func(f func(Run) float64) float64 {
+			var vs []float64
+			for _, m := range r.Runs {
+				vs = append(vs, f(m))
+			}
+			return median(vs)
+		}
+		if len(r.Runs) == 0 {
+			continue
+		}
+		r.TCP1Gbps = pick(func(m Run) float64 { return m.TCP1Gbps })
+		r.TCP4Gbps = pick(func(m Run) float64 { return m.TCP4Gbps })
+		r.PingAvgMs = pick(func(m Run) float64 { return m.PingAvgMs })
+		r.PingP99Ms = pick(func(m Run) float64 { return m.PingP99Ms })
+		r.CPUSecPerGB = pick(func(m Run) float64 { return m.CPUSecPerGB })
+	}
+	return results, nil
+}
+
+func (r *Report) dataCase(name string) *CaseResult {
+	for i := range r.DataPlane {
+		if r.DataPlane[i].Name == name {
+			return &r.DataPlane[i]
+		}
+	}
+	return nil
+}
+
+// check compares the measurements with the targets of the benchmark.
+func (r *Report) check() []Target {
+	var t []Target
+	wm, wg := r.dataCase("wgmesh"), r.dataCase("wireguard-go")
+	if wm != nil && wg != nil && len(wm.Runs) > 0 && len(wg.Runs) > 0 {
+		ratio1, ratio4 := wm.TCP1Gbps/wg.TCP1Gbps, wm.TCP4Gbps/wg.TCP4Gbps
+		t = append(t,
+			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (1 stream)", fmt.Sprintf("%.0f %%", ratio1*100), ratio1 >= 0.9},
+			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.0f %%", ratio4*100), ratio4 >= 0.9},
+			Target{"wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.0f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1},
+		)
+	}
+	if len(r.FirstPing.Samples) > 0 {
+		t = append(t, Target{"docker run → first cross-host ping: median < 1 s",
+			fmt.Sprintf("median %.0f ms, p95 %.0f ms", r.FirstPing.MedianMs, r.FirstPing.P95Ms), r.FirstPing.MedianMs < 1000})
+	}
+	for _, c := range r.Convergence {
+		if c.Hosts == 25 {
+			t = append(t,
+				Target{"25 hosts converge < 3 s after start", fmt.Sprintf("%.0f ms", c.StartMs), c.StartMs < 3000},
+				Target{"a joining host is reachable by all < 2 s", fmt.Sprintf("%.0f ms (peer of all after %.0f ms)", c.JoinReachableMs, c.JoinPeersMs), c.JoinReachableMs < 2000},
+			)
+		}
+		if c.IdleRSSMiB > 0 && c.Hosts == r.Convergence[len(r.Convergence)-1].Hosts {
+			t = append(t, Target{"agent RSS < 40 MiB idle", fmt.Sprintf("%.1f MiB", c.IdleRSSMiB), c.IdleRSSMiB < 40})
+		}
+	}
+	return t
+}
+
+func machine() string {
+	var kernel string
+	if out, err := run(context.Background(), "uname", "-r"); err == nil {
+		kernel = strings.TrimSpace(out)
+	}
+	return fmt.Sprintf("%d CPUs, Linux %s, %s", runtime.NumCPU(), kernel, runtime.Version())
+}

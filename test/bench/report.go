@@ -1,0 +1,141 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Write stores the report as name.md and name.json in dir.
+func (r *Report) Write(dir, name string) (mdPath string, err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	j, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".json"), append(j, '\n'), 0o644); err != nil {
+		return "", err
+	}
+	drawn, err := r.WriteChart(filepath.Join(dir, name+".png"))
+	if err != nil {
+		return "", err
+	}
+	if drawn {
+		r.chart = name + ".png"
+	}
+	mdPath = filepath.Join(dir, name+".md")
+	return mdPath, os.WriteFile(mdPath, []byte(r.Markdown()), 0o644)
+}
+
+// Markdown renders the report for people.
+func (r *Report) Markdown() string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	p("# wgmesh benchmark, %s", r.Started.Format("2006-01-02 15:04 MST"))
+	p("")
+	p("Machine: %s. Configuration: %s. Took %s.", r.Machine, r.Config, r.Took)
+	p("All cases ran in this one run on this one machine; compare them as ratios, not with other runs.")
+	p("")
+	p("## Targets")
+	p("")
+	p("| target | measured | met |")
+	p("|---|---|---|")
+	for _, t := range r.Targets {
+		met := "yes"
+		if !t.Met {
+			met = "**no**"
+		}
+		p("| %s | %s | %s |", t.Goal, t.Measured, met)
+	}
+	if len(r.DataPlane) > 0 {
+		p("")
+		r.dataPlaneMarkdown(p)
+	}
+	if len(r.FirstPing.Samples) > 0 || len(r.Convergence) > 0 {
+		p("")
+		r.controlPlaneMarkdown(p)
+	}
+	if len(r.Simulation) > 0 {
+		p("")
+		p("## Simulation beyond this machine")
+		p("")
+		p(simulationTable(r.Simulation))
+	}
+	return b.String()
+}
+
+func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
+	p("## Data plane: two simulated hosts, medians of %d runs", len(firstRuns(r)))
+	p("")
+	if r.chart != "" {
+		p("![throughput](%s)", r.chart)
+		p("")
+	}
+	var ref *CaseResult
+	if c := r.dataCase("wireguard-go"); c != nil && len(c.Runs) > 0 {
+		ref = c
+	}
+	p("| case | TCP 1 stream | TCP 4 streams | vs wireguard-go (1 / 4) | ping avg | ping p99 | CPU s per GB |")
+	p("|---|---|---|---|---|---|---|")
+	for _, c := range r.DataPlane {
+		if c.Skipped != "" {
+			p("| %s | skipped: %s | | | | | |", c.Name, c.Skipped)
+			continue
+		}
+		vs := ""
+		if ref != nil {
+			vs = fmt.Sprintf("%.0f %% / %.0f %%", c.TCP1Gbps/ref.TCP1Gbps*100, c.TCP4Gbps/ref.TCP4Gbps*100)
+		}
+		p("| %s | %.2f Gbit/s | %.2f Gbit/s | %s | %.3f ms | %.3f ms | %.1f |", c.Name, c.TCP1Gbps, c.TCP4Gbps, vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)
+	}
+	p("")
+	for _, c := range r.DataPlane {
+		p("- **%s**: %s", c.Name, c.Note)
+	}
+	p("")
+	p("iperf3 TCP between the ends (%s); ping every 10 ms. CPU seconds per GB count the whole machine (both hosts", strings.Split(r.Config, ", ")[1])
+	p("run on it), iperf3 included, per GB received.")
+}
+
+func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
+	p("## Control plane")
+	if len(r.FirstPing.Samples) > 0 {
+		p("")
+		p("`docker run` to the first ping that crosses to another host (timed by the container itself): median **%.0f ms**, p95 %.0f ms, over %d samples: %s ms.",
+			r.FirstPing.MedianMs, r.FirstPing.P95Ms, len(r.FirstPing.Samples), formatSamples(r.FirstPing.Samples))
+	}
+	if len(r.Convergence) == 0 {
+		return
+	}
+	p("")
+	p("| hosts | full WireGuard peer sets after start | agents' CPU until then | joining host: peer of all | joining host: handshake with all | agent RSS (with peers) | agent RSS idle | gossip per node |")
+	p("|---|---|---|---|---|---|---|---|")
+	for _, c := range r.Convergence {
+		p("| %d | %.0f ms | %.1f s | %.0f ms | %.0f ms | %.1f MiB | %.1f MiB | %.0f B/s |", c.Hosts, c.StartMs, c.StartCPUSeconds, c.JoinPeersMs, c.JoinReachableMs, c.RSSMiB, c.IdleRSSMiB, c.GossipBytesPerSec)
+	}
+	p("")
+	p("Each host is a network namespace running a real agent with userspace WireGuard; they start together and each creates")
+	p("the network as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
+	p("memberlist's probes included) while the cluster is idle.")
+}
+
+func firstRuns(r *Report) []Run {
+	for _, c := range r.DataPlane {
+		if len(c.Runs) > 0 {
+			return c.Runs
+		}
+	}
+	return nil
+}
+
+func formatSamples(vs []float64) string {
+	s := make([]string, len(vs))
+	for i, v := range vs {
+		s[i] = fmt.Sprintf("%.0f", v)
+	}
+	return strings.Join(s, ", ")
+}
