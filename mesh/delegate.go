@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -15,7 +16,8 @@ import (
 )
 
 // delegate adapts Mesh to memberlist's callbacks. Every method returns
-// quickly and never calls into memberlist (see the locking rule on Mesh).
+// quickly and never calls into memberlist while holding m.mu (see the
+// locking rule on Mesh).
 type delegate struct{ m *Mesh }
 
 var (
@@ -45,14 +47,17 @@ func (d *delegate) NotifyMsg(b []byte) {
 	}
 	d.m.mu.Lock()
 	var changed bool
+	var relay string
 	switch {
 	case msg.Net != nil:
 		changed = d.m.rep.mergeNet(*msg.Net)
+		relay = "net/" + msg.Net.Node + "/" + msg.Net.Subnet.String()
 	case msg.Forget != nil:
 		changed = d.m.rep.mergeForget(*msg.Forget)
 		if changed {
 			delete(d.m.live, msg.Forget.Node)
 		}
+		relay = "forget/" + msg.Forget.Node
 	case msg.Vote != nil:
 		vt := msg.Vote
 		if vt.To == d.m.cfg.Name {
@@ -70,6 +75,15 @@ func (d *delegate) NotifyMsg(b []byte) {
 	}
 	d.m.mu.Unlock()
 	if changed {
+		// Pass news on, as Serf does: memberlist sends a node's
+		// broadcasts to a few random members only, so past the
+		// direct fan-out a message would reach a fraction of the
+		// cluster until the next push/pull. Only what was news here
+		// is relayed, so every node relays a version at most once, and
+		// a newer version replaces an older one still queued.
+		if len(b) <= maxBroadcast {
+			d.m.queue.QueueBroadcast(&broadcast{name: relay, msg: slices.Clone(b)})
+		}
 		d.m.kickLoop()
 	}
 }

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -629,5 +630,28 @@ func TestVotesCountOnlyForPendingClaims(t *testing.T) {
 	d.NotifyMsg(encodeVote(stray))
 	if len(a.votes) != 0 {
 		t.Fatalf("a vote for no claim was recorded: %v", a.votes)
+	}
+}
+
+// TestNewsIsRelayedOnce: beyond the direct fan-out, entries spread only
+// because each node passes on what was news to it, once per version.
+func TestNewsIsRelayedOnce(t *testing.T) {
+	a := newLoneMesh(t, "a", "")
+	d := &delegate{a}
+	e := NetworkEntry{Node: "b", Subnet: subnet, Version: 3, Blocks: []netip.Prefix{pfx("10.60.1.0/24")}}
+	d.NotifyMsg(encodeNet(e))
+	if n := a.queue.NumQueued(); n != 1 {
+		t.Fatalf("after news: %d messages queued for relay, want 1", n)
+	}
+	d.NotifyMsg(encodeNet(e))
+	if n := a.queue.NumQueued(); n != 1 {
+		t.Fatalf("after old news: %d messages queued, want still 1", n)
+	}
+	e.Version = 4
+	newer := encodeNet(e)
+	d.NotifyMsg(newer)
+	got := a.queue.GetBroadcasts(0, 4096)
+	if len(got) != 1 || !bytes.Equal(got[0], newer) {
+		t.Fatalf("relayed %q, want only the newer version %q", got, newer)
 	}
 }
