@@ -91,6 +91,7 @@ type Report struct {
 	FirstPing   FirstPing     `json:"first_ping"`
 	Convergence []Convergence `json:"convergence"`
 	Simulation  []SimResult   `json:"simulation"`
+	SimErrors   []string      `json:"simulation_errors,omitempty"`
 	Targets     []Target      `json:"targets"`
 	chart       string
 }
@@ -135,10 +136,16 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 		}
 		b.logf("simulation: %d nodes in one process", n)
 		s, err := simulate(ctx, n, b.cfg.SimQuick, b.simLog())
-		if err != nil {
-			return nil, fmt.Errorf("simulating %d nodes: %w", n, err)
-		}
 		r.Simulation = append(r.Simulation, s...)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, err
+			}
+			// A size this machine cannot simulate is a finding of the
+			// report, not a reason to lose the rest of it.
+			b.logf("simulating %d nodes failed: %v", n, err)
+			r.SimErrors = append(r.SimErrors, fmt.Sprintf("%d nodes: %v", n, err))
+		}
 	}
 	r.Targets = r.check()
 	r.Took = time.Since(r.Started).Round(time.Second).String()

@@ -59,11 +59,14 @@ func (r *Report) Markdown() string {
 		p("")
 		r.controlPlaneMarkdown(p)
 	}
-	if len(r.Simulation) > 0 {
+	if len(r.Simulation) > 0 || len(r.SimErrors) > 0 {
 		p("")
 		p("## Simulation beyond this machine")
 		p("")
 		p(simulationTable(r.Simulation))
+		for _, e := range r.SimErrors {
+			p("- failed: %s", e)
+		}
 	}
 	return b.String()
 }
