@@ -246,9 +246,9 @@ func (r *Report) check() []Target {
 	if wm != nil && wg != nil && len(wm.Runs) > 0 && len(wg.Runs) > 0 {
 		ratio1, ratio4 := wm.TCP1Gbps/wg.TCP1Gbps, wm.TCP4Gbps/wg.TCP4Gbps
 		t = append(t,
-			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (1 stream)", fmt.Sprintf("%.0f %%", ratio1*100), ratio1 >= 0.9},
-			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.0f %%", ratio4*100), ratio4 >= 0.9},
-			Target{"wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.0f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1},
+			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (1 stream)", fmt.Sprintf("%.1f %%", ratio1*100), ratio1 >= 0.9},
+			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.1f %%", ratio4*100), ratio4 >= 0.9},
+			Target{"wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.1f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1},
 		)
 	}
 	if len(r.FirstPing.Samples) > 0 {

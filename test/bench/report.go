@@ -31,6 +31,22 @@ func (r *Report) Write(dir, name string) (mdPath string, err error) {
 	return mdPath, os.WriteFile(mdPath, []byte(r.Markdown()), 0o644)
 }
 
+// Rerender reads a report from its JSON file, checks the targets again
+// and writes it anew beside it, chart included: for a change of
+// presentation without a new run.
+func Rerender(jsonPath string) (mdPath string, err error) {
+	b, err := os.ReadFile(jsonPath)
+	if err != nil {
+		return "", err
+	}
+	var r Report
+	if err := json.Unmarshal(b, &r); err != nil {
+		return "", fmt.Errorf("reading %s: %w", jsonPath, err)
+	}
+	r.Targets = r.check()
+	return r.Write(filepath.Dir(jsonPath), strings.TrimSuffix(filepath.Base(jsonPath), ".json"))
+}
+
 // Markdown renders the report for people.
 func (r *Report) Markdown() string {
 	var b strings.Builder
@@ -66,6 +82,12 @@ func (r *Report) Markdown() string {
 		p(simulationTable(r.Simulation))
 		for _, e := range r.SimErrors {
 			p("- failed: %s", e)
+		}
+		if len(r.SimErrors) > 0 {
+			p("")
+			p("A size fails where one process cannot run that many memberlists at LAN timing on this machine's cores:")
+			p("probes and their answers wait for a CPU past their timeouts, healthy nodes are declared dead, and")
+			p("membership never settles. Such sizes need a machine with more cores.")
 		}
 	}
 	return b.String()
@@ -123,7 +145,9 @@ func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
 	p("")
 	p("Each host is a network namespace running a real agent with userspace WireGuard; they start together and each creates")
 	p("the network as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
-	p("memberlist's probes included) while the cluster is idle.")
+	p("memberlist's probes included) while the cluster is idle. Where the agents' CPU time until convergence comes")
+	p("close to this machine's cores times the time it took, the agents were waiting for a CPU, which hosts of their")
+	p("own would not.")
 }
 
 func firstRuns(r *Report) []Run {

@@ -147,7 +147,17 @@ func benchMain(args []string) int {
 	parts := fs.String("parts", "data,control,sim", "which parts to run: data, control, sim")
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
+	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
 	_ = fs.Parse(args)
+	if *render != "" {
+		path, err := bench.Rerender(*render)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+		fmt.Println("report:", path)
+		return 0
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "bench: needs root (network namespaces, dockerd)")
 		return 1
