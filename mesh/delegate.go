@@ -168,16 +168,16 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 			d.m.greet = append(d.m.greet, n.Name)
 		}
 	}
-	if state == Alive && !d.m.joined {
-		// Another member is alive: this node has seen its cluster, also
-		// if that member joined it before it reached its own seeds.
-		d.m.joined = true
-		d.m.dirty = true
-		d.m.log.Info("joined the cluster", "via", n.Name)
-	}
 	if state == Alive {
 		// Joining counts as contact; suspicion is measured from here.
 		rec.lastAck = now
+		if !d.m.joined {
+			// Another member is alive: this node has seen its cluster,
+			// also if that member joined it before it reached its seeds.
+			d.m.joined = true
+			d.m.dirty = true
+			d.m.log.Info("joined the cluster", "via", n.Name)
+		}
 	}
 	d.m.live[n.Name] = rec
 	d.m.mu.Unlock()
