@@ -1,7 +1,9 @@
 # wgmesh. Two commands do everything on a fresh Debian machine, as root:
 #   make demo   three simulated hosts, a wgmesh network, cross-host pings
-#   make test   every test: unit, fuzz, namespaces, end-to-end with dockerd
+#   make test   every test: unit, fuzz, namespaces, end-to-end with dockerd,
+#               and a smoke run of the benchmark
 # Both install what is missing (Debian packages, a Go toolchain).
+# make bench runs the benchmarks and writes bench/results.
 
 SHELL := bash
 .SHELLFLAGS := -o pipefail -euc
