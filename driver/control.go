@@ -76,21 +76,7 @@ func (c *Control) Serve(ctx context.Context, l net.Listener) error {
 
 // ListenControl opens the control socket with mode 0600.
 func ListenControl(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(path), err)
-	}
-	if err := removeStaleSocket(path); err != nil {
-		return nil, err
-	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("setting mode of %s: %w", path, err)
-	}
-	return l, nil
+	return listenUnix(path, 0o700, 0o600)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

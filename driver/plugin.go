@@ -215,7 +215,13 @@ func writeError(w http.ResponseWriter, proto protocol, status int, err error) {
 // Listen opens the plugin socket, replacing a stale one. Docker finds a
 // plugin named wgmesh at /run/docker/plugins/wgmesh.sock.
 func Listen(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	return listenUnix(path, 0o755, 0o660)
+}
+
+// listenUnix opens a unix socket at path with mode sockMode, creating its
+// directory with dirMode and replacing a stale socket.
+func listenUnix(path string, dirMode, sockMode os.FileMode) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(path), err)
 	}
 	if err := removeStaleSocket(path); err != nil {
@@ -225,7 +231,7 @@ func Listen(path string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o660); err != nil {
+	if err := os.Chmod(path, sockMode); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("setting mode of %s: %w", path, err)
 	}
