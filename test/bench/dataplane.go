@@ -53,12 +53,6 @@ type Run struct {
 	CPUSecPerGB          float64
 }
 
-func inNS(nsPath string) func(context.Context, string, ...string) (string, error) {
-	return func(ctx context.Context, name string, args ...string) (string, error) {
-		return run(ctx, "nsenter", append([]string{"--net=" + nsPath, name}, args...)...)
-	}
-}
-
 func run(ctx context.Context, name string, args ...string) (string, error) {
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
 	if err != nil {
@@ -79,7 +73,7 @@ func (b *Bench) setupCases(ctx context.Context, l *lab.Lab) ([]*dataCase, error)
 		return nil
 	}
 	if err := add(&dataCase{name: "raw underlay", note: "veth + bridge between the host namespaces, MTU 1400: the physical limit",
-		client: inNS(h1.NSPath()), server: inNS(h2.NSPath()), serverIP: h2.Addr.String()}, nil); err != nil {
+		client: h1.Exec, server: h2.Exec, serverIP: h2.Addr.String()}, nil); err != nil {
 		return nil, err
 	}
 	wg, err := b.setupWireguardGo(ctx, h1, h2)
@@ -155,7 +149,7 @@ func configureWG(ctx context.Context, h1, h2 *lab.Host, iface [2]string, subnet 
 // encryption engine as wgmesh's userspace path, without wgmesh.
 func (b *Bench) setupWireguardGo(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 	c := &dataCase{name: "wireguard-go", note: "standalone wireguard-go between the hosts, configured with wg(8), MTU 1340",
-		client: inNS(h1.NSPath()), server: inNS(h2.NSPath()), serverIP: "10.97.0.2"}
+		client: h1.Exec, server: h2.Exec, serverIP: "10.97.0.2"}
 	ifaces := [2]string{"wgb" + h1.NetNS[3:9] + "a", "wgb" + h2.NetNS[3:9] + "b"}
 	var procs []*exec.Cmd
 	c.stop = func() {
@@ -198,7 +192,7 @@ func (b *Bench) setupWireguardGo(ctx context.Context, h1, h2 *lab.Host) (*dataCa
 // (unencrypted) data plane.
 func setupVXLAN(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 	c := &dataCase{name: "kernel VXLAN", note: "unencrypted, Docker overlay's data plane, MTU 1350",
-		client: inNS(h1.NSPath()), server: inNS(h2.NSPath()), serverIP: "10.98.0.2"}
+		client: h1.Exec, server: h2.Exec, serverIP: "10.98.0.2"}
 	for i, h := range []*lab.Host{h1, h2} {
 		other := []*lab.Host{h2, h1}[i]
 		steps := [][]string{
@@ -261,7 +255,7 @@ func setupWgmesh(ctx context.Context, l *lab.Lab) (*dataCase, error) {
 // setupKernelWG uses the kernel's WireGuard where the module exists.
 func setupKernelWG(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 	c := &dataCase{name: "kernel WireGuard", note: "the kernel module between the hosts, configured with wg(8), MTU 1340",
-		client: inNS(h1.NSPath()), server: inNS(h2.NSPath()), serverIP: "10.96.0.2"}
+		client: h1.Exec, server: h2.Exec, serverIP: "10.96.0.2"}
 	if _, err := h1.Exec(ctx, "ip", "link", "add", "wgk", "type", "wireguard"); err != nil {
 		c.skip = "no WireGuard kernel module on this machine"
 		return c, nil
