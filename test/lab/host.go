@@ -60,19 +60,10 @@ func (h *Host) StartDocker(ctx context.Context) error {
 		return err
 	}
 	h.dockerd = p
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if _, err := h.dockerLocked(ctx, "version"); err == nil {
-			return nil
-		}
-		if p.exited() {
-			return fmt.Errorf("dockerd exited: %v (log: %s)", p.err, h.DockerLog())
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("dockerd did not come up (log: %s)", h.DockerLog())
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	return p.waitReady(ctx, "dockerd", h.DockerLog(), 60*time.Second, 200*time.Millisecond, func() error {
+		_, err := h.dockerLocked(ctx, "version")
+		return err
+	})
 }
 
 // InDockerMountNS runs a command in dockerd's mount namespace, where the
@@ -150,20 +141,11 @@ func (h *Host) StartAgent(ctx context.Context, extra ...string) error {
 	}
 	h.agent = p
 	h.mu.Unlock()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		// Up once it answers; unhealthy is fine, it may not have joined yet.
-		if _, err := driver.NewControlClient(h.ControlSock()).Status(ctx); err == nil {
-			return nil
-		}
-		if p.exited() {
-			return fmt.Errorf("agent exited: %v (log: %s)", p.err, h.AgentLog())
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("agent did not come up (log: %s)", h.AgentLog())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	// Up once it answers; unhealthy is fine, it may not have joined yet.
+	return p.waitReady(ctx, "agent", h.AgentLog(), 30*time.Second, 100*time.Millisecond, func() error {
+		_, err := driver.NewControlClient(h.ControlSock()).Status(ctx)
+		return err
+	})
 }
 
 // StopAgent stops the agent with sig: SIGTERM is a clean stop, SIGKILL a

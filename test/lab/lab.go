@@ -388,6 +388,25 @@ func (p *proc) stop(sig syscall.Signal, grace time.Duration) {
 }
 
 // Exited reports whether the process has ended.
+// waitReady polls ready every poll until it succeeds, and fails when the
+// process exits first or timeout passes; what and log name the process
+// and its log in errors.
+func (p *proc) waitReady(ctx context.Context, what, log string, timeout, poll time.Duration, ready func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if ready() == nil {
+			return nil
+		}
+		if p.exited() {
+			return fmt.Errorf("%s exited: %v (log: %s)", what, p.err, log)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("%s did not come up (log: %s)", what, log)
+		}
+		time.Sleep(poll)
+	}
+}
+
 func (p *proc) exited() bool {
 	select {
 	case <-p.done:
