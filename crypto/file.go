@@ -9,11 +9,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
-	"github.com/google/renameio/v2"
+	"github.com/wgmesh/wgmesh/internal/durable"
 )
 
 // SecretFileMode is the only mode wgmesh writes secrets with, and the most
@@ -23,25 +22,10 @@ const SecretFileMode fs.FileMode = 0o600
 // ErrInsecureFile is wrapped by errors about secret files that others can read.
 var ErrInsecureFile = errors.New("secret file is accessible to group or others")
 
-// WriteSecretFile atomically replaces path with data, mode 0600.
+// WriteSecretFile atomically and durably replaces path with data, mode
+// 0600 whatever the mode of an existing file was.
 func WriteSecretFile(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("creating directory for %s: %w", path, err)
-	}
-	// Not renameio.WriteFile: it would keep the permissions of an existing
-	// file, and a secret must end up 0600 whatever was there before.
-	f, err := renameio.NewPendingFile(path, renameio.WithPermissions(SecretFileMode))
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	defer f.Cleanup()
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := f.CloseAtomicallyReplace(); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	return nil
+	return durable.WriteFile(path, data, SecretFileMode)
 }
 
 // ReadSecretFile reads a secret file, refusing one that group or others may

@@ -3,7 +3,8 @@
 // only by their owner and makes it hard to print them by accident: a
 // PrivateKey formats as a redaction marker, never as its bytes.
 //
-// It imports nothing else of wgmesh.
+// It imports nothing else of wgmesh but internal/durable, for writing its
+// files.
 package crypto
 
 import (
