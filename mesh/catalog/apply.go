@@ -1,0 +1,272 @@
+package catalog
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+)
+
+// Apply applies a log entry at index, appended by the leader at time at.
+// It is deterministic: every node applying the same entries in the same
+// order reaches the same state and the same results. A refused command
+// changes nothing but Index.
+func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
+	s.Index = index
+	sig, c, err := DecodeSigned(entry)
+	if err != nil {
+		return refuse(CodeInvalid, "%v", err)
+	}
+	if r, ok := s.authenticate(sig, c); !ok {
+		return r
+	}
+	switch c.Op {
+	case OpInit:
+		if s.ClusterID != "" {
+			return refuse(CodeInvalid, "cluster %s is already initialised", s.ClusterID)
+		}
+		s.ClusterID = c.Init.ClusterID
+		return s.register(c.Node, c.BootID, &c.Init.Register, at)
+	case OpRegister:
+		if s.ClusterID == "" {
+			return refuse(CodeNotInitialised, "the cluster is not initialised")
+		}
+		return s.register(c.Node, c.BootID, c.Register, at)
+	}
+	if s.ClusterID == "" {
+		return refuse(CodeNotInitialised, "the cluster is not initialised")
+	}
+	n := s.Nodes[c.Node]
+	if c.BootID != n.BootID {
+		return refuse(CodeStale, "command of node %s comes from an earlier run of it (boot %s, current %s)", c.Node, c.BootID, n.BootID)
+	}
+	switch {
+	case c.Seq == 0:
+		return refuse(CodeInvalid, "command without sequence number")
+	case c.Seq == n.LastSeq:
+		// A retry of a command that was applied: same answer.
+		return n.LastResult
+	case c.Seq < n.LastSeq:
+		return refuse(CodeStale, "command %d of node %s is older than its last (%d)", c.Seq, c.Node, n.LastSeq)
+	}
+	var r Result
+	switch c.Op {
+	case OpEnsureNetwork:
+		r = s.ensureNetwork(c.Node, c.Network, at)
+	case OpSetSpec:
+		r = s.setSpec(c.Spec)
+	case OpDeleteNetwork:
+		delete(s.Networks, c.Delete.Subnet)
+	case OpClaim:
+		r = s.claim(c.Node, c.Claim)
+	case OpRelease:
+		if nw := s.Networks[c.Release.Subnet]; nw != nil {
+			for _, b := range c.Release.Blocks {
+				if nw.Blocks[b] == c.Node {
+					delete(nw.Blocks, b)
+				}
+			}
+		}
+	case OpAdopt:
+		r = s.adopt(c.Node, c.Adopt)
+	case OpForget:
+		r = s.forget(c.Node, c.Forget.Name, at)
+	}
+	// The result's network is for the caller, not worth keeping.
+	n.LastSeq, n.LastResult = c.Seq, Result{Code: r.Code, Message: r.Message, Block: r.Block}
+	return r
+}
+
+// authenticate checks that a command is signed by the identity it speaks
+// for: the one it registers, or the one the state binds its node to.
+func (s *State) authenticate(sig Signed, c *Command) (Result, bool) {
+	id, registering := c.SignerID()
+	if !registering {
+		n, ok := s.Nodes[c.Node]
+		if !ok {
+			return refuse(CodeNotRegistered, "node %s is not registered in the cluster", c.Node), false
+		}
+		id = n.ID
+	}
+	if !id.Verify(signPurpose, sig.Cmd, sig.Sig) {
+		return refuse(CodeBadSignature, "command in the name of node %s is not signed by its identity %s", c.Node, id.Short()), false
+	}
+	return Result{}, true
+}
+
+func (s *State) register(name, boot string, r *Register, at time.Time) Result {
+	if f, ok := s.Forgotten[r.ID]; ok {
+		return refuse(CodeForgotten, "this node's identity was forgotten by the cluster (it was node %s, forgotten by %s at %s); "+
+			"a forgotten node cannot come back: remove its state directory to join as a new node", f.Name, f.By, f.At.UTC().Format(time.RFC3339))
+	}
+	if other, ok := s.NodeByID(r.ID); ok && other.Name != name {
+		return refuse(CodeIdentityInUse, "this node's identity is registered as node %s; one identity has one name: "+
+			"start it with --node-name %s, or give this host a state directory of its own", other.Name, other.Name)
+	}
+	n, ok := s.Nodes[name]
+	if !ok {
+		s.Nodes[name] = &Node{Name: name, ID: r.ID, Addr: r.Addr, BootID: boot, Generation: r.Generation, Registered: at, Seen: at}
+		return Result{}
+	}
+	if n.ID != r.ID {
+		return refuse(CodeNameTaken, "node name %s is taken by another node (identity %s, at %s); this host (identity %s, at %s) must use another --node-name, "+
+			"or, if %s is gone for good, run `wgmesh forget %s` on a healthy host first",
+			name, n.ID.Short(), n.Addr, r.ID.Short(), r.Addr, name, name)
+	}
+	if n.BootID == boot {
+		return Result{} // a retry
+	}
+	if r.Generation <= n.Generation {
+		return refuse(CodeRolledBack, "node %s starts from state generation %d, but the cluster has seen generation %d of it (last at %s): "+
+			"its state directory is an older copy (a restored backup or VM snapshot), or another host runs with a copy of it; "+
+			"this node claims nothing until an operator fixes it (see README, Failures)", name, r.Generation, n.Generation, n.Addr)
+	}
+	n.Addr, n.BootID, n.Generation, n.Seen = r.Addr, boot, r.Generation, at
+	n.LastSeq, n.LastResult = 0, Result{}
+	return Result{}
+}
+
+func (s *State) ensureNetwork(node string, e *EnsureNetwork, at time.Time) Result {
+	bits := e.BlockBits
+	if bits == 0 {
+		bits = DefaultBlockBits(e.Subnet)
+	}
+	if n, ok := s.Networks[e.Subnet]; ok {
+		switch {
+		case e.BlockBits != 0 && e.BlockBits != n.BlockBits:
+			return refuse(CodeNetworkConflict, "network %s exists in the cluster with blocks of /%d, not /%d: create it with the same "+
+				"--ipam-opt wgmesh.block-size, or without it", e.Subnet, n.BlockBits, e.BlockBits)
+		case e.Gateway.IsValid() && e.Gateway != n.Gateway:
+			return refuse(CodeNetworkConflict, "network %s exists in the cluster with gateway %s, not %s", e.Subnet, n.Gateway, e.Gateway)
+		case len(e.Aux) > 0 && !maps.Equal(e.Aux, n.Aux):
+			return refuse(CodeNetworkConflict, "network %s exists in the cluster with other aux addresses (%v)", e.Subnet, n.Aux)
+		}
+		return Result{Network: n.Clone()}
+	}
+	for _, subnet := range s.Subnets() {
+		if other := s.Networks[subnet]; other.Subnet.Overlaps(e.Subnet) {
+			return refuse(CodeNetworkConflict, "subnet %s overlaps network %s (%s) of the cluster; a subnet is one network across the mesh",
+				e.Subnet, other.Subnet, other.name())
+		}
+	}
+	n := &Network{Subnet: e.Subnet, BlockBits: bits, Gateway: e.Gateway, Aux: maps.Clone(e.Aux),
+		Blocks: map[netip.Prefix]string{}, CreatedBy: node, Created: at}
+	if !n.Gateway.IsValid() && !e.HostGateways {
+		n.Gateway = e.Subnet.Addr().Next()
+	}
+	s.Networks[e.Subnet] = n
+	return Result{Network: n.Clone()}
+}
+
+func (n *Network) name() string {
+	if n.Spec != nil {
+		return n.Spec.Name
+	}
+	return "unnamed"
+}
+
+func (s *State) setSpec(c *SetSpec) Result {
+	n, ok := s.Networks[c.Subnet]
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
+	}
+	if other, ok := s.NetworkByName(c.Spec.Name); ok && other.Subnet != c.Subnet {
+		return refuse(CodeNetworkConflict, "a network named %s already exists in the cluster, with subnet %s", c.Spec.Name, other.Subnet)
+	}
+	if n.Spec != nil && n.Spec.Name != c.Spec.Name {
+		return refuse(CodeNetworkConflict, "network %s is called %s in the cluster, not %s; a subnet is one network, give it one name",
+			c.Subnet, n.Spec.Name, c.Spec.Name)
+	}
+	if n.Spec == nil {
+		n.Spec = c.Spec.Clone()
+	}
+	return Result{Network: n.Clone()}
+}
+
+// overlapping finds the lowest owned block of n overlapping p.
+func (n *Network) overlapping(p netip.Prefix) (netip.Prefix, string, bool) {
+	var found netip.Prefix
+	for b := range n.Blocks {
+		if b.Overlaps(p) && (!found.IsValid() || ComparePrefix(b, found) < 0) {
+			found = b
+		}
+	}
+	return found, n.Blocks[found], found.IsValid()
+}
+
+func (s *State) claim(node string, c *Claim) Result {
+	n, ok := s.Networks[c.Subnet]
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
+	}
+	if c.Containing.IsValid() {
+		if owner, b, ok := n.Owner(c.Containing); ok {
+			if owner == node {
+				return Result{Block: b}
+			}
+			return refuse(CodeBlockTaken, "address %s is in block %s of node %s", c.Containing, b, owner)
+		}
+		// The biggest free block up to the network's size: a smaller one
+		// fits between blocks already taken.
+		for bits := n.BlockBits; bits <= c.Subnet.Addr().BitLen(); bits++ {
+			p := netip.PrefixFrom(c.Containing, bits).Masked()
+			if _, _, taken := n.overlapping(p); !taken {
+				n.Blocks[p] = node
+				return Result{Block: p}
+			}
+		}
+		return refuse(CodeBlockTaken, "address %s is taken", c.Containing)
+	}
+	b, ok := pickBlock(n, node, c.Within)
+	if !ok {
+		within := c.Subnet
+		if c.Within.IsValid() {
+			within = c.Within
+		}
+		return refuse(CodeNoFreeBlock, "all blocks of /%d in %s are taken", max(n.BlockBits, within.Bits()), within)
+	}
+	n.Blocks[b] = node
+	return Result{Block: b}
+}
+
+func (s *State) adopt(node string, a *Adopt) Result {
+	n, ok := s.Networks[a.Subnet]
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", a.Subnet)
+	}
+	var taken []string
+	for _, b := range a.Blocks {
+		if have, owner, ok := n.overlapping(b); ok && (owner != node || have != b) {
+			taken = append(taken, fmt.Sprintf("%s (overlaps %s of %s)", b, have, owner))
+		}
+	}
+	if len(taken) > 0 {
+		slices.Sort(taken)
+		return refuse(CodeBlockTaken, "blocks held by %s before the upgrade are taken: %v", node, taken)
+	}
+	for _, b := range a.Blocks {
+		n.Blocks[b] = node
+	}
+	return Result{}
+}
+
+func (s *State) forget(by, name string, at time.Time) Result {
+	if by == name {
+		return refuse(CodeInvalid, "a node cannot forget itself")
+	}
+	n, ok := s.Nodes[name]
+	if !ok {
+		return refuse(CodeNotRegistered, "no node %s in the cluster", name)
+	}
+	delete(s.Nodes, name)
+	s.Forgotten[n.ID] = Forgotten{Name: name, By: by, At: at}
+	for _, nw := range s.Networks {
+		for b, owner := range nw.Blocks {
+			if owner == name {
+				delete(nw.Blocks, b)
+			}
+		}
+	}
+	return Result{}
+}
