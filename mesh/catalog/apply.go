@@ -89,7 +89,7 @@ func (s *State) authenticate(sig Signed, c *Command) (Result, bool) {
 		}
 		id = n.ID
 	}
-	if !id.Verify(signPurpose, sig.Cmd, sig.Sig) {
+	if !sig.VerifiedBy(id) {
 		return refuse(CodeBadSignature, "command in the name of node %s is not signed by its identity %s", c.Node, id.Short()), false
 	}
 	return Result{}, true

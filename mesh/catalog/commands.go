@@ -149,6 +149,9 @@ func Sign(c *Command, id crypto.Identity) (Signed, error) {
 	return Signed{Cmd: b, Sig: id.Sign(signPurpose, b)}, nil
 }
 
+// VerifiedBy reports whether id signed the command.
+func (s Signed) VerifiedBy(id crypto.NodeID) bool { return id.Verify(signPurpose, s.Cmd, s.Sig) }
+
 // Encode is the log entry of a signed command.
 func (s Signed) Encode() []byte {
 	b, _ := json.Marshal(s)

@@ -1,0 +1,493 @@
+package consensus
+
+// How a node becomes a member of the cluster's Raft, without anyone
+// designating servers:
+//
+//	no Raft state ──gossip shows a cluster──▶ register through a member
+//	     │                                     (forwarded to the leader),
+//	     │                                     start Raft, ask to be admitted
+//	     │                                     as a non-voter
+//	     └──no cluster anywhere, view stable,─▶ bootstrap: sole voter,
+//	        this node the lowest of the view,   first entry initialises the
+//	        and no member knows a lower one     cluster and registers it
+//
+//	Raft state ──────────────────────────────▶ register this run (a new
+//	                                            generation) with the leader
+//
+// Two hosts started at the same moment do not both bootstrap: only the
+// lowest-named node of a view that has stayed the same for a while does,
+// after asking every other member whether it knows of a cluster or of a
+// lower node. The others join the cluster it advertises by gossip.
+
+import (
+	"cmp"
+	"context"
+	cryptorand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
+)
+
+// ErrNotMember is returned for commands of a node that is not (yet) a
+// registered member of a cluster.
+var ErrNotMember = errors.New("this node is not a member of the cluster yet")
+
+func lower(a, b Member) bool {
+	return cmp.Or(cmp.Compare(a.Name, b.Name), strings.Compare(a.ID.String(), b.ID.String())) < 0
+}
+
+// lowestAlive is the lowest alive member of a gossip view.
+func lowestAlive(members []Member) (Member, bool) {
+	var low Member
+	found := false
+	for _, m := range members {
+		if m.Alive && (!found || lower(m, low)) {
+			low, found = m, true
+		}
+	}
+	return low, found
+}
+
+func (n *Node) setJoinErr(err error) {
+	n.mu.Lock()
+	changed := (err == nil) != (n.joinErr == nil) || err != nil && n.joinErr != nil && err.Error() != n.joinErr.Error()
+	n.joinErr = err
+	n.mu.Unlock()
+	if changed && err != nil {
+		n.log.Info("not a member of the cluster yet", "why", err)
+	}
+}
+
+// joinOrBootstrap runs while this node has no Raft state.
+func (n *Node) joinOrBootstrap(ctx context.Context) {
+	members := n.cfg.Membership.Members()
+	var cluster []Member
+	for _, m := range members {
+		if !m.Self && m.Alive && m.ClusterID != "" && m.RaftAddr != "" {
+			cluster = append(cluster, m)
+		}
+	}
+	if len(cluster) > 0 {
+		n.join(ctx, cluster)
+		return
+	}
+	if !n.cfg.Membership.Joined() {
+		n.setJoinErr(errors.New("waiting to reach a seed (--join)"))
+		return
+	}
+	var alive []string
+	for _, m := range members {
+		if m.Alive {
+			alive = append(alive, m.Name+"/"+m.ID.String())
+		}
+	}
+	slices.Sort(alive)
+	view := strings.Join(alive, ",")
+	now := time.Now()
+	n.mu.Lock()
+	if view != n.view {
+		n.view, n.viewSince = view, now
+	}
+	since := n.viewSince
+	n.mu.Unlock()
+	if now.Sub(since) < n.cfg.StableWait {
+		n.setJoinErr(errors.New("waiting for the membership to settle before starting a cluster"))
+		return
+	}
+	low, _ := lowestAlive(members)
+	if !low.Self {
+		n.setJoinErr(fmt.Errorf("waiting for node %s to start the cluster", low.Name))
+		return
+	}
+	for _, m := range members {
+		if m.Self || !m.Alive {
+			continue
+		}
+		if m.RaftAddr == "" {
+			n.setJoinErr(fmt.Errorf("node %s advertises no consensus address", m.Name))
+			return
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		resp, _, err := n.call(cctx, m.RaftAddr, &request{Method: methodStatus})
+		cancel()
+		if err != nil || resp.Status == nil {
+			n.setJoinErr(fmt.Errorf("cannot ask node %s whether it knows a cluster (is TCP %s open?): %v", m.Name, m.RaftAddr, err))
+			return
+		}
+		if resp.Status.ClusterID != "" {
+			return // gossip will show its cluster soon
+		}
+		if resp.Status.LowestName != "" && lower(Member{Name: resp.Status.LowestName, ID: resp.Status.LowestID}, Member{Name: n.cfg.Name, ID: n.id}) {
+			n.setJoinErr(fmt.Errorf("waiting for node %s, which %s knows, to start the cluster", resp.Status.LowestName, m.Name))
+			return
+		}
+	}
+	n.bootstrap(ctx)
+}
+
+// bootstrap starts a new cluster with this node as its only voter.
+func (n *Node) bootstrap(ctx context.Context) {
+	conf := raft.Configuration{Servers: []raft.Server{{Suffrage: raft.Voter, ID: raft.ServerID(n.id.String()), Address: raft.ServerAddress(n.cfg.Advertise)}}}
+	if err := n.startRaft(&conf); err != nil {
+		n.setJoinErr(err)
+		n.log.Error("starting a cluster", "err", err)
+		return
+	}
+	n.log.Info("no cluster found: started one")
+	n.register(ctx)
+}
+
+func newClusterID() string {
+	b := make([]byte, 8)
+	_, _ = cryptorand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// registration is this run's registration entry (or, for the node that
+// bootstrapped, the cluster's first entry).
+func (n *Node) registration(init bool) ([]byte, error) {
+	reg := catalog.Register{ID: n.id, Addr: n.cfg.Addr, Generation: n.gen}
+	c := &catalog.Command{Op: catalog.OpRegister, Node: n.cfg.Name, BootID: n.bootID, Register: &reg}
+	if init {
+		c = &catalog.Command{Op: catalog.OpInit, Node: n.cfg.Name, BootID: n.bootID, Init: &catalog.Init{ClusterID: newClusterID(), Register: reg}}
+	}
+	s, err := catalog.Sign(c, n.cfg.Identity)
+	if err != nil {
+		return nil, err
+	}
+	return s.Encode(), nil
+}
+
+// fatalCodes are refusals that a retry cannot fix.
+var fatalCodes = []catalog.Code{catalog.CodeNameTaken, catalog.CodeIdentityInUse, catalog.CodeForgotten, catalog.CodeRolledBack}
+
+func (n *Node) refused(err error) {
+	var ce *catalog.Error
+	if errors.As(err, &ce) && slices.Contains(fatalCodes, ce.Code) {
+		n.mu.Lock()
+		n.fatal = err
+		r := n.raft
+		n.mu.Unlock()
+		n.log.Error("the cluster refuses this node", "err", err)
+		if ce.Code == catalog.CodeRolledBack && r != nil {
+			// Its Raft state may be as old as the rest: it must not vote.
+			_ = r.Shutdown().Error()
+		}
+		n.notify()
+		return
+	}
+	n.setJoinErr(err)
+}
+
+// join registers through members of an existing cluster, then starts Raft
+// and asks to be admitted.
+func (n *Node) join(ctx context.Context, cluster []Member) {
+	entry, err := n.registration(false)
+	if err != nil {
+		n.setJoinErr(err)
+		return
+	}
+	rand.Shuffle(len(cluster), func(i, j int) { cluster[i], cluster[j] = cluster[j], cluster[i] })
+	for _, m := range cluster {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, _, err := n.call(cctx, m.RaftAddr, &request{Method: methodApply, Entry: entry})
+		if err == nil && resp.Err == "" {
+			if refusal := resp.Result.Err(); refusal != nil {
+				cancel()
+				n.refused(refusal)
+				return
+			}
+			resp, _, err = n.call(cctx, m.RaftAddr, &request{Method: methodStatus})
+		}
+		cancel()
+		if err != nil || resp.Err != "" || resp.Status == nil {
+			n.setJoinErr(fmt.Errorf("registering through %s: %v%s", m.Name, err, resp.Err))
+			continue
+		}
+		n.mu.Lock()
+		n.admittedBy = resp.Status.LeaderID
+		n.mu.Unlock()
+		if err := n.startRaft(nil); err != nil {
+			n.setJoinErr(err)
+			return
+		}
+		n.mu.Lock()
+		n.registered = true
+		n.mu.Unlock()
+		n.setJoinErr(nil)
+		n.log.Info("joined the cluster", "cluster", resp.Status.ClusterID, "via", m.Name, "generation", n.gen)
+		n.askAdmission(ctx)
+		n.notify()
+		return
+	}
+}
+
+// register registers this run with the leader (a node with Raft state).
+func (n *Node) register(ctx context.Context) {
+	init := false
+	if n.isLeader() {
+		n.fsm.Read(func(s *catalog.State) { init = s.ClusterID == "" })
+	}
+	entry, err := n.registration(init)
+	if err != nil {
+		n.setJoinErr(err)
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	res, index, err := n.send(cctx, entry)
+	if err != nil {
+		n.setJoinErr(fmt.Errorf("registering with the cluster's leader: %w", err))
+		return
+	}
+	if refusal := res.Err(); refusal != nil {
+		n.refused(refusal)
+		return
+	}
+	_ = n.fsm.WaitIndex(cctx, index)
+	n.mu.Lock()
+	n.registered = true
+	n.mu.Unlock()
+	n.setJoinErr(nil)
+	n.log.Info("registered with the cluster", "generation", n.gen, "init", init)
+	n.notify()
+}
+
+// ensureAdmitted asks again to be admitted while this node is not in its
+// own copy of the Raft configuration.
+func (n *Node) ensureAdmitted(ctx context.Context) {
+	r := n.raftServer()
+	if r == nil || r.State() == raft.Leader {
+		return
+	}
+	f := r.GetConfiguration()
+	if f.Error() != nil {
+		return
+	}
+	for _, s := range f.Configuration().Servers {
+		if s.ID == raft.ServerID(n.id.String()) {
+			return
+		}
+	}
+	n.askAdmission(ctx)
+}
+
+// askAdmission asks the leader, through any member, to add this node to
+// the Raft configuration, and learns who the leader is.
+func (n *Node) askAdmission(ctx context.Context) {
+	for _, m := range n.clusterMembers() {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, _, err := n.call(cctx, m.RaftAddr, &request{Method: methodStatus})
+		if err == nil && st.Status != nil && !st.Status.LeaderID.IsZero() {
+			n.mu.Lock()
+			n.admittedBy = st.Status.LeaderID
+			n.mu.Unlock()
+			var resp response
+			resp, _, err = n.call(cctx, m.RaftAddr, &request{Method: methodJoin, RaftAddr: n.cfg.Advertise})
+			if err == nil && resp.Err != "" {
+				err = errors.New(resp.Err)
+			}
+		}
+		cancel()
+		if err == nil {
+			return
+		}
+		n.log.Debug("asking to be admitted", "via", m.Name, "err", err)
+	}
+}
+
+// clusterMembers lists the alive members with a consensus address, the
+// known leader first.
+func (n *Node) clusterMembers() []Member {
+	_, leaderID := n.leader()
+	var out []Member
+	for _, m := range n.cfg.Membership.Members() {
+		if !m.Self && m.Alive && m.RaftAddr != "" && m.ClusterID != "" {
+			out = append(out, m)
+		}
+	}
+	rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	slices.SortStableFunc(out, func(a, b Member) int {
+		if a.ID == leaderID {
+			return -1
+		}
+		if b.ID == leaderID {
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// send delivers a signed entry to the leader: applied here if this node
+// leads, else sent to the leader it knows, else through any member.
+func (n *Node) send(ctx context.Context, entry []byte) (catalog.Result, uint64, error) {
+	if n.isLeader() {
+		res, index, err := n.applyLocal(ctx, entry)
+		if !errors.Is(err, errNotLeader) {
+			return res, index, err
+		}
+	}
+	var last error = errNoLeader
+	if addr, _ := n.leader(); addr != "" {
+		resp, _, err := n.call(ctx, addr, &request{Method: methodApply, Entry: entry})
+		if err == nil && resp.Err == "" {
+			return resp.Result, resp.Index, nil
+		}
+		last = errors.Join(err, errString(resp.Err))
+	}
+	for _, m := range n.clusterMembers() {
+		if ctx.Err() != nil {
+			break
+		}
+		resp, _, err := n.call(ctx, m.RaftAddr, &request{Method: methodApply, Entry: entry})
+		if err == nil && resp.Err == "" {
+			return resp.Result, resp.Index, nil
+		}
+		last = errors.Join(err, errString(resp.Err))
+	}
+	return catalog.Result{}, 0, fmt.Errorf("no leader could be reached: %w", last)
+}
+
+func errString(s string) error {
+	if s == "" {
+		return nil
+	}
+	return errors.New(s)
+}
+
+// Propose sends a command of this node to the leader and returns its
+// result once it is applied here too. The command is signed with this
+// node's identity and numbered; a command whose answer was lost is sent
+// again with the same number, so it applies once. Propose waits for this
+// node's registration, up to ctx.
+func (n *Node) Propose(ctx context.Context, c *catalog.Command) (catalog.Result, error) {
+	if err := n.waitRegistered(ctx); err != nil {
+		return catalog.Result{}, err
+	}
+	n.seqMu.Lock()
+	defer n.seqMu.Unlock()
+	n.seq++
+	c.Node, c.BootID, c.Seq = n.cfg.Name, n.bootID, n.seq
+	s, err := catalog.Sign(c, n.cfg.Identity)
+	if err != nil {
+		return catalog.Result{}, err
+	}
+	entry := s.Encode()
+	start := time.Now()
+	for {
+		res, index, err := n.send(ctx, entry)
+		if err == nil {
+			if err := n.fsm.WaitIndex(ctx, index); err != nil {
+				return catalog.Result{}, err
+			}
+			n.metrics.proposal(c.Op, time.Since(start))
+			return res, nil
+		}
+		select {
+		case <-ctx.Done():
+			return catalog.Result{}, fmt.Errorf("%w (%w)", ctx.Err(), err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// waitRegistered waits until this node is a registered member.
+func (n *Node) waitRegistered(ctx context.Context) error {
+	for {
+		n.mu.Lock()
+		ok, fatal, joinErr, shutdown := n.registered, n.fatal, n.joinErr, n.shutdown
+		n.mu.Unlock()
+		switch {
+		case fatal != nil:
+			return fatal
+		case shutdown:
+			return errClosed
+		case ok:
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if joinErr != nil {
+				return fmt.Errorf("%w: %w (%w)", ErrNotMember, joinErr, ctx.Err())
+			}
+			return fmt.Errorf("%w (%w)", ErrNotMember, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Leave takes this node out of the Raft configuration, for a node that
+// leaves the cluster on purpose: a leader hands over leadership first.
+func (n *Node) Leave(ctx context.Context) error {
+	r := n.raftServer()
+	if r == nil {
+		return nil
+	}
+	if r.State() == raft.Leader {
+		if err := r.LeadershipTransfer().Error(); err != nil {
+			return fmt.Errorf("handing over leadership: %w", err)
+		}
+	}
+	for _, m := range n.clusterMembers() {
+		resp, _, err := n.call(ctx, m.RaftAddr, &request{Method: methodLeave})
+		if err == nil && resp.Err == "" {
+			return nil
+		}
+	}
+	return errors.New("no member could take this node out of the configuration")
+}
+
+// admit adds a registered node to the configuration as a non-voter.
+func (n *Node) admit(who crypto.NodeID, addr string) error {
+	if _, ok := n.registeredID(who); !ok {
+		return fmt.Errorf("node %s is not registered", who.Short())
+	}
+	if addr == "" {
+		return errors.New("no consensus address")
+	}
+	r := n.raftServer()
+	if r == nil {
+		return errNotLeader
+	}
+	f := r.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return err
+	}
+	for _, s := range f.Configuration().Servers {
+		if s.ID == raft.ServerID(who.String()) && s.Address == raft.ServerAddress(addr) {
+			return nil
+		}
+	}
+	if err := r.AddNonvoter(raft.ServerID(who.String()), raft.ServerAddress(addr), 0, applyTimeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return errNotLeader
+		}
+		return fmt.Errorf("admitting %s: %w", who.Short(), err)
+	}
+	return nil
+}
+
+// removeServer takes a node out of the configuration.
+func (n *Node) removeServer(who crypto.NodeID) error {
+	r := n.raftServer()
+	if r == nil {
+		return errNotLeader
+	}
+	if err := r.RemoveServer(raft.ServerID(who.String()), 0, applyTimeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return errNotLeader
+		}
+		return err
+	}
+	return nil
+}

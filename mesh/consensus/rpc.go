@@ -1,0 +1,199 @@
+package consensus
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
+)
+
+// Requests a node sends to the cluster's leader (or to any member, which
+// passes them on to the leader once). Each is one framed JSON message
+// each way on a stream of its own.
+const (
+	methodApply  = "apply"
+	methodJoin   = "join"
+	methodStatus = "status"
+	methodLeave  = "leave"
+)
+
+type request struct {
+	Method string `json:"method"`
+	// Entry is a signed catalog command (apply).
+	Entry []byte `json:"entry,omitempty"`
+	// RaftAddr is where the caller serves Raft (join).
+	RaftAddr string `json:"raft_addr,omitempty"`
+	// Forwarded marks a request passed on by a member that is not the
+	// leader; it is never passed on again.
+	Forwarded bool `json:"forwarded,omitempty"`
+	// For is the identity a forwarded join or leave speaks for.
+	For crypto.NodeID `json:"for,omitzero"`
+}
+
+type response struct {
+	Err string `json:"err,omitempty"`
+	// NotLeader is set when the answering node could not reach a leader.
+	NotLeader bool           `json:"not_leader,omitempty"`
+	Result    catalog.Result `json:"result,omitzero"`
+	Index     uint64         `json:"index,omitempty"`
+	Status    *PeerStatus    `json:"status,omitempty"`
+}
+
+// PeerStatus is a node's consensus state, as the status request returns it.
+type PeerStatus struct {
+	ClusterID    string        `json:"cluster_id"`
+	State        string        `json:"state"`
+	LeaderID     crypto.NodeID `json:"leader_id,omitzero"`
+	LeaderAddr   string        `json:"leader_addr,omitempty"`
+	AppliedIndex uint64        `json:"applied_index"`
+	LastIndex    uint64        `json:"last_index"`
+	// LowestName and LowestID are the lowest alive member the answering
+	// node knows, for the bootstrap decision.
+	LowestName string        `json:"lowest_name,omitempty"`
+	LowestID   crypto.NodeID `json:"lowest_id,omitzero"`
+}
+
+// maxFrame bounds one message.
+const maxFrame = catalog.MaxEntryBytes + 64<<10
+
+func writeFrame(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var hdr [4]byte
+	binary.BigEndian.PutUint32(hdr[:], uint32(len(b)))
+	if _, err := w.Write(append(hdr[:], b...)); err != nil {
+		return err
+	}
+	return nil
+}
+
+func readFrame(r io.Reader, v any) error {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > maxFrame {
+		return fmt.Errorf("message of %d bytes exceeds %d", n, maxFrame)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
+// rpcTimeout bounds serving one request (an apply waits for a commit).
+const rpcTimeout = 30 * time.Second
+
+// serveRPC answers one request on conn from peer.
+func (n *Node) serveRPC(conn net.Conn, peer crypto.NodeID) {
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(rpcTimeout))
+	var req request
+	if err := readFrame(conn, &req); err != nil {
+		n.metrics.refused("rpc-frame")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
+	defer cancel()
+	resp := n.handleRPC(ctx, peer, &req)
+	_ = writeFrame(conn, resp)
+}
+
+func (n *Node) handleRPC(ctx context.Context, peer crypto.NodeID, req *request) response {
+	if req.Method == methodStatus {
+		st := n.peerStatus()
+		return response{Status: &st}
+	}
+	who := peer
+	if req.Forwarded {
+		// Only a member of the cluster passes requests on, and only
+		// once: the identity a join or leave is for came from it.
+		if _, ok := n.registeredID(peer); !ok {
+			n.metrics.refused("forward-not-member")
+			return response{Err: "only registered members forward requests"}
+		}
+		who = req.For
+	}
+	if !n.isLeader() {
+		if req.Forwarded {
+			return response{NotLeader: true, Err: "not the leader"}
+		}
+		fwd := *req
+		fwd.Forwarded, fwd.For = true, peer
+		resp, err := n.callLeader(ctx, &fwd)
+		if err != nil {
+			return response{NotLeader: true, Err: err.Error()}
+		}
+		return resp
+	}
+	switch req.Method {
+	case methodApply:
+		r, index, err := n.applyLocal(ctx, req.Entry)
+		if err != nil {
+			return response{Err: err.Error(), NotLeader: errors.Is(err, errNotLeader)}
+		}
+		return response{Result: r, Index: index}
+	case methodJoin:
+		if err := n.admit(who, req.RaftAddr); err != nil {
+			return response{Err: err.Error(), NotLeader: errors.Is(err, errNotLeader)}
+		}
+		return response{}
+	case methodLeave:
+		if err := n.removeServer(who); err != nil {
+			return response{Err: err.Error(), NotLeader: errors.Is(err, errNotLeader)}
+		}
+		return response{}
+	}
+	n.metrics.refused("rpc-method")
+	return response{Err: fmt.Sprintf("unknown request %q", req.Method)}
+}
+
+// call sends one request to the node at addr.
+func (n *Node) call(ctx context.Context, addr string, req *request) (response, crypto.NodeID, error) {
+	conn, peer, err := n.mux.dialStream(ctx, addr, streamRPC)
+	if err != nil {
+		return response{}, crypto.NodeID{}, fmt.Errorf("connecting to %s: %w", addr, err)
+	}
+	defer conn.Close()
+	deadline := time.Now().Add(rpcTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	if err := writeFrame(conn, req); err != nil {
+		return response{}, peer, fmt.Errorf("sending to %s: %w", addr, err)
+	}
+	var resp response
+	if err := readFrame(conn, &resp); err != nil {
+		return response{}, peer, fmt.Errorf("reading the answer of %s: %w", addr, err)
+	}
+	return resp, peer, nil
+}
+
+// callLeader sends a request to the leader this node knows of.
+func (n *Node) callLeader(ctx context.Context, req *request) (response, error) {
+	addr, _ := n.leader()
+	if addr == "" {
+		return response{}, errNoLeader
+	}
+	resp, _, err := n.call(ctx, addr, req)
+	return resp, err
+}
+
+var (
+	errNotLeader = errors.New("not the leader")
+	errNoLeader  = errors.New("no leader known")
+)

@@ -1,0 +1,198 @@
+package consensus
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/wgmesh/wgmesh/crypto"
+)
+
+// One TCP port carries both Raft and wgmesh's own requests to the leader,
+// each connection under mutual TLS (crypto.ClusterTLS). After the
+// handshake the dialler writes one byte saying which it is, as Consul
+// multiplexes its server port.
+const (
+	streamRaft byte = 'R'
+	streamRPC  byte = 'C'
+)
+
+// handshakeTimeout bounds the TLS handshake and the stream byte.
+const handshakeTimeout = 10 * time.Second
+
+// DialFunc opens a TCP connection; tests replace it to cut links.
+type DialFunc func(ctx context.Context, addr string) (net.Conn, error)
+
+// mux accepts connections on the consensus port, authenticates them and
+// hands each to Raft or to the RPC server.
+type mux struct {
+	l    net.Listener
+	tls  *crypto.ClusterTLS
+	dial DialFunc
+	log  *slog.Logger
+	// allowRaft says whether a node may send this node Raft requests:
+	// only voters (a leader or a candidate) ever do.
+	allowRaft func(crypto.NodeID) bool
+	rpc       func(conn net.Conn, peer crypto.NodeID)
+	refused   func(reason string)
+
+	raftConns chan net.Conn
+	closed    chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+}
+
+func newMux(l net.Listener, tls *crypto.ClusterTLS, dial DialFunc, log *slog.Logger) *mux {
+	if dial == nil {
+		dial = func(ctx context.Context, addr string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr)
+		}
+	}
+	return &mux{l: l, tls: tls, dial: dial, log: log, raftConns: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+// serve accepts connections until the mux is closed.
+func (m *mux) serve() {
+	defer m.wg.Done()
+	for {
+		c, err := m.l.Accept()
+		if err != nil {
+			select {
+			case <-m.closed:
+				return
+			default:
+			}
+			m.log.Warn("accepting a consensus connection", "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			m.handle(c)
+		}()
+	}
+}
+
+func (m *mux) handle(c net.Conn) {
+	tc := tls.Server(c, m.tls.ServerConfig())
+	peer, err := crypto.Handshake(tc, handshakeTimeout)
+	if err != nil {
+		m.log.Debug("consensus connection refused", "remote", c.RemoteAddr().String(), "err", err)
+		m.refuse("tls")
+		c.Close()
+		return
+	}
+	var kind [1]byte
+	_ = tc.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	if _, err := io.ReadFull(tc, kind[:]); err != nil {
+		tc.Close()
+		return
+	}
+	_ = tc.SetReadDeadline(time.Time{})
+	switch kind[0] {
+	case streamRaft:
+		if m.allowRaft == nil || !m.allowRaft(peer) {
+			m.log.Warn("refusing Raft traffic from a node that is not a voter", "peer_id", peer.Short(), "remote", c.RemoteAddr().String())
+			m.refuse("raft-not-voter")
+			tc.Close()
+			return
+		}
+		select {
+		case m.raftConns <- tc:
+		case <-m.closed:
+			tc.Close()
+		}
+	case streamRPC:
+		m.rpc(tc, peer)
+	default:
+		m.refuse("stream-kind")
+		tc.Close()
+	}
+}
+
+func (m *mux) refuse(reason string) {
+	if m.refused != nil {
+		m.refused(reason)
+	}
+}
+
+// dialStream opens an authenticated stream of the given kind to addr and
+// returns it with the identity that answered.
+func (m *mux) dialStream(ctx context.Context, addr string, kind byte) (net.Conn, crypto.NodeID, error) {
+	c, err := m.dial(ctx, addr)
+	if err != nil {
+		return nil, crypto.NodeID{}, err
+	}
+	tc := tls.Client(c, m.tls.ClientConfig())
+	timeout := handshakeTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, time.Until(d))
+	}
+	peer, err := crypto.Handshake(tc, timeout)
+	if err != nil {
+		c.Close()
+		return nil, crypto.NodeID{}, err
+	}
+	if _, err := tc.Write([]byte{kind}); err != nil {
+		tc.Close()
+		return nil, crypto.NodeID{}, fmt.Errorf("writing to %s: %w", addr, err)
+	}
+	return tc, peer, nil
+}
+
+func (m *mux) close() {
+	m.closeOnce.Do(func() {
+		close(m.closed)
+		m.l.Close()
+	})
+	m.wg.Wait()
+}
+
+// streamLayer is the mux as Raft's raft.StreamLayer.
+type streamLayer struct {
+	m    *mux
+	addr net.Addr
+}
+
+var _ raft.StreamLayer = (*streamLayer)(nil)
+
+func (s *streamLayer) Accept() (net.Conn, error) {
+	select {
+	case c := <-s.m.raftConns:
+		return c, nil
+	case <-s.m.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close does nothing: the mux owns the listener and closes it after Raft
+// has shut down.
+func (s *streamLayer) Close() error { return nil }
+
+func (s *streamLayer) Addr() net.Addr { return s.addr }
+
+func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	c, _, err := s.m.dialStream(ctx, string(address), streamRaft)
+	return c, err
+}
+
+// tcpAddr is a net.Addr for the advertised address, which Raft puts into
+// its requests as where to reach this node.
+type tcpAddr string
+
+func (a tcpAddr) Network() string { return "tcp" }
+func (a tcpAddr) String() string  { return string(a) }
+
+var errClosed = errors.New("consensus is shut down")
