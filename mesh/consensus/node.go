@@ -196,8 +196,8 @@ type Node struct {
 	// dead and aliveSince track servers for the autopilot.
 	dead       map[crypto.NodeID]time.Time
 	aliveSince map[crypto.NodeID]time.Time
-	joinErr   error
-	shutdown  bool
+	joinErr    error
+	shutdown   bool
 }
 
 // New prepares a node: it reads and advances its generation counter, so
