@@ -2,7 +2,6 @@ package catalog
 
 import (
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -57,11 +56,16 @@ func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
 	case OpSetSpec:
 		r = s.setSpec(c.Spec)
 	case OpDeleteNetwork:
-		delete(s.Networks, c.Delete.Subnet)
+		if n, ok := s.Live(c.Delete.Subnet); ok {
+			n.Deleted, n.DeletedBy, n.DeletedAt = true, c.Node, at
+			clear(n.Blocks)
+		}
+	case OpReserve:
+		r = s.reserve(c.Node, c.Reserve)
 	case OpClaim:
 		r = s.claim(c.Node, c.Claim)
 	case OpRelease:
-		if nw := s.Networks[c.Release.Subnet]; nw != nil {
+		if nw, ok := s.Live(c.Release.Subnet); ok {
 			for _, b := range c.Release.Blocks {
 				if nw.Blocks[b] == c.Node {
 					delete(nw.Blocks, b)
@@ -132,25 +136,23 @@ func (s *State) ensureNetwork(node string, e *EnsureNetwork, at time.Time) Resul
 	if bits == 0 {
 		bits = DefaultBlockBits(e.Subnet)
 	}
-	if n, ok := s.Networks[e.Subnet]; ok {
+	if n, ok := s.Live(e.Subnet); ok {
 		switch {
 		case e.BlockBits != 0 && e.BlockBits != n.BlockBits:
 			return refuse(CodeNetworkConflict, "network %s exists in the cluster with blocks of /%d, not /%d: create it with the same "+
 				"--ipam-opt wgmesh.block-size, or without it", e.Subnet, n.BlockBits, e.BlockBits)
 		case e.Gateway.IsValid() && e.Gateway != n.Gateway:
 			return refuse(CodeNetworkConflict, "network %s exists in the cluster with gateway %s, not %s", e.Subnet, n.Gateway, e.Gateway)
-		case len(e.Aux) > 0 && !maps.Equal(e.Aux, n.Aux):
-			return refuse(CodeNetworkConflict, "network %s exists in the cluster with other aux addresses (%v)", e.Subnet, n.Aux)
 		}
 		return Result{Network: n.Clone()}
 	}
 	for _, subnet := range s.Subnets() {
-		if other := s.Networks[subnet]; other.Subnet.Overlaps(e.Subnet) {
+		if other := s.Networks[subnet]; !other.Deleted && other.Subnet.Overlaps(e.Subnet) {
 			return refuse(CodeNetworkConflict, "subnet %s overlaps network %s (%s) of the cluster; a subnet is one network across the mesh",
 				e.Subnet, other.Subnet, other.name())
 		}
 	}
-	n := &Network{Subnet: e.Subnet, BlockBits: bits, Gateway: e.Gateway, Aux: maps.Clone(e.Aux),
+	n := &Network{Subnet: e.Subnet, BlockBits: bits, Gateway: e.Gateway,
 		Blocks: map[netip.Prefix]string{}, CreatedBy: node, Created: at}
 	if !n.Gateway.IsValid() && !e.HostGateways {
 		n.Gateway = e.Subnet.Addr().Next()
@@ -166,8 +168,24 @@ func (n *Network) name() string {
 	return "unnamed"
 }
 
+func (s *State) reserve(node string, r *Reserve) Result {
+	n, ok := s.Live(r.Subnet)
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", r.Subnet)
+	}
+	if slices.Contains(n.Aux, r.Addr) || n.Gateway == r.Addr {
+		return Result{Network: n.Clone()}
+	}
+	if owner, b, ok := n.Owner(r.Addr); ok && owner != node {
+		return refuse(CodeBlockTaken, "address %s is in block %s of node %s, which may have given it to a container", r.Addr, b, owner)
+	}
+	n.Aux = append(n.Aux, r.Addr)
+	slices.SortFunc(n.Aux, netip.Addr.Compare)
+	return Result{Network: n.Clone()}
+}
+
 func (s *State) setSpec(c *SetSpec) Result {
-	n, ok := s.Networks[c.Subnet]
+	n, ok := s.Live(c.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
 	}
@@ -196,7 +214,7 @@ func (n *Network) overlapping(p netip.Prefix) (netip.Prefix, string, bool) {
 }
 
 func (s *State) claim(node string, c *Claim) Result {
-	n, ok := s.Networks[c.Subnet]
+	n, ok := s.Live(c.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
 	}
@@ -231,7 +249,7 @@ func (s *State) claim(node string, c *Claim) Result {
 }
 
 func (s *State) adopt(node string, a *Adopt) Result {
-	n, ok := s.Networks[a.Subnet]
+	n, ok := s.Live(a.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", a.Subnet)
 	}

@@ -26,6 +26,9 @@ const (
 	OpSetSpec Op = "set-spec"
 	// OpDeleteNetwork removes a network everywhere, with its blocks.
 	OpDeleteNetwork Op = "delete-network"
+	// OpReserve keeps an address of a network from every container
+	// (an --aux-address).
+	OpReserve Op = "reserve"
 	// OpClaim asks for a block; OpRelease gives blocks back.
 	OpClaim   Op = "claim"
 	OpRelease Op = "release"
@@ -55,6 +58,7 @@ type Command struct {
 	Network  *EnsureNetwork `json:"network,omitempty"`
 	Spec     *SetSpec       `json:"spec,omitempty"`
 	Delete   *DeleteNetwork `json:"delete,omitempty"`
+	Reserve  *Reserve       `json:"reserve,omitempty"`
 	Claim    *Claim         `json:"claim,omitempty"`
 	Release  *Release       `json:"release,omitempty"`
 	Adopt    *Adopt         `json:"adopt,omitempty"`
@@ -78,14 +82,19 @@ type Register struct {
 // subnet; Gateway, if valid, was given with --gateway, and otherwise the
 // subnet's first address is every host's gateway.
 type EnsureNetwork struct {
-	Subnet    netip.Prefix          `json:"subnet"`
-	BlockBits int                   `json:"block_bits,omitempty"`
-	Gateway   netip.Addr            `json:"gateway,omitzero"`
-	Aux       map[string]netip.Addr `json:"aux,omitempty"`
+	Subnet    netip.Prefix `json:"subnet"`
+	BlockBits int          `json:"block_bits,omitempty"`
+	Gateway   netip.Addr   `json:"gateway,omitzero"`
 	// HostGateways keeps the scheme of networks made before Raft, where
 	// each host took its gateway address from a block of its own: their
 	// subnet's first address may belong to a container.
 	HostGateways bool `json:"host_gateways,omitempty"`
+}
+
+// Reserve reserves Addr in Subnet.
+type Reserve struct {
+	Subnet netip.Prefix `json:"subnet"`
+	Addr   netip.Addr   `json:"addr"`
 }
 
 // SetSpec records a network's Docker definition.
@@ -210,7 +219,7 @@ func (c *Command) Validate() error {
 		return invalid("boot ID must be 1 to %d bytes", maxBootIDLen)
 	}
 	set := 0
-	for _, p := range []bool{c.Init != nil, c.Register != nil, c.Network != nil, c.Spec != nil, c.Delete != nil,
+	for _, p := range []bool{c.Init != nil, c.Register != nil, c.Network != nil, c.Spec != nil, c.Delete != nil, c.Reserve != nil,
 		c.Claim != nil, c.Release != nil, c.Adopt != nil, c.Forget != nil} {
 		if p {
 			set++
@@ -251,6 +260,17 @@ func (c *Command) Validate() error {
 			break
 		}
 		return ValidSubnet(c.Delete.Subnet)
+	case OpReserve:
+		if c.Reserve == nil {
+			break
+		}
+		if err := ValidSubnet(c.Reserve.Subnet); err != nil {
+			return err
+		}
+		if !c.Reserve.Subnet.Contains(c.Reserve.Addr) {
+			return invalid("address %s is not inside %s", c.Reserve.Addr, c.Reserve.Subnet)
+		}
+		return nil
 	case OpClaim:
 		if c.Claim == nil {
 			break
@@ -301,14 +321,6 @@ func (e *EnsureNetwork) validate() error {
 	}
 	if e.Gateway.IsValid() && !e.Subnet.Contains(e.Gateway) {
 		return invalid("gateway %s is not inside %s", e.Gateway, e.Subnet)
-	}
-	if len(e.Aux) > maxSpecItems {
-		return invalid("more than %d aux addresses", maxSpecItems)
-	}
-	for k, a := range e.Aux {
-		if k == "" || len(k) > maxTextLen || !e.Subnet.Contains(a) {
-			return invalid("bad aux address %.32q=%s", k, a)
-		}
 	}
 	return nil
 }

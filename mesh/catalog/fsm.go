@@ -21,6 +21,8 @@ type FSM struct {
 	// onApply, if set, is told of every applied command and its result
 	// (metrics and logs); it must not block.
 	onApply func(*Command, Result)
+	// onSnapshot, if set, receives every snapshot's encoding.
+	onSnapshot func([]byte)
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -32,6 +34,20 @@ func NewFSM() *FSM { return &FSM{state: NewState(), changed: make(chan struct{})
 // Raft starts.
 func (f *FSM) OnApply(fn func(*Command, Result)) { f.onApply = fn }
 
+// OnSnapshot sets a function that receives every snapshot Raft takes, as
+// it is taken (the node keeps its own copy of the state with it). Call it
+// before Raft starts.
+func (f *FSM) OnSnapshot(fn func([]byte)) { f.onSnapshot = fn }
+
+// Load installs a state saved earlier, before Raft starts: entries up to
+// its index are then skipped when Raft replays its log.
+func (f *FSM) Load(s *State) {
+	f.mu.Lock()
+	f.state = s
+	f.notifyLocked()
+	f.mu.Unlock()
+}
+
 // Apply implements raft.FSM. Its return value is the Result, which
 // reaches whoever proposed the entry.
 func (f *FSM) Apply(l *raft.Log) any {
@@ -39,6 +55,11 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return nil
 	}
 	f.mu.Lock()
+	if l.Index <= f.state.Index {
+		// Already in the state this node loaded at start.
+		f.mu.Unlock()
+		return nil
+	}
 	r := f.state.Apply(l.Index, l.AppendedAt, l.Data)
 	f.notifyLocked()
 	f.mu.Unlock()
@@ -107,6 +128,9 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	b, err := json.Marshal(f.state)
 	if err != nil {
 		return nil, fmt.Errorf("encoding catalog snapshot: %w", err)
+	}
+	if f.onSnapshot != nil {
+		f.onSnapshot(b)
 	}
 	return snapshot(b), nil
 }

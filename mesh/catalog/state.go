@@ -75,8 +75,8 @@ type Network struct {
 	// Gateway is the network's gateway address, the same on every host
 	// and never given to a container.
 	Gateway netip.Addr `json:"gateway"`
-	// Aux are --aux-address reservations, by name.
-	Aux map[string]netip.Addr `json:"aux,omitempty"`
+	// Aux are --aux-address reservations.
+	Aux []netip.Addr `json:"aux,omitempty"`
 	// Spec is how the network was defined with `docker network create`,
 	// once a host's sync loop has read it from its Docker.
 	Spec *Spec `json:"spec,omitempty"`
@@ -84,6 +84,12 @@ type Network struct {
 	Blocks    map[netip.Prefix]string `json:"blocks,omitempty"`
 	CreatedBy string                  `json:"created_by"`
 	Created   time.Time               `json:"created"`
+	// Deleted marks a network removed from the cluster (`wgmesh network
+	// rm`): its blocks are free, and hosts remove their copies. Creating
+	// the subnet again replaces the record.
+	Deleted   bool      `json:"deleted,omitempty"`
+	DeletedBy string    `json:"deleted_by,omitempty"`
+	DeletedAt time.Time `json:"deleted_at,omitzero"`
 }
 
 // Spec is what `docker network create` was given, so that every host can
@@ -124,7 +130,7 @@ func (n *Network) Clone() *Network {
 		return nil
 	}
 	c := *n
-	c.Aux = maps.Clone(n.Aux)
+	c.Aux = slices.Clone(n.Aux)
 	c.Spec = n.Spec.Clone()
 	c.Blocks = maps.Clone(n.Blocks)
 	return &c
@@ -137,9 +143,7 @@ func (n *Network) Reserved() []netip.Addr {
 	if n.Gateway.IsValid() {
 		out = append(out, n.Gateway)
 	}
-	for _, a := range n.Aux {
-		out = append(out, a)
-	}
+	out = append(out, n.Aux...)
 	slices.SortFunc(out, netip.Addr.Compare)
 	return slices.Compact(out)
 }
@@ -201,10 +205,17 @@ func (s *State) NodeByID(id crypto.NodeID) (*Node, bool) {
 	return nil, false
 }
 
-// NetworkByName finds a network by its Docker name.
+// Live returns the network of subnet unless there is none or it was
+// deleted.
+func (s *State) Live(subnet netip.Prefix) (*Network, bool) {
+	n, ok := s.Networks[subnet]
+	return n, ok && !n.Deleted
+}
+
+// NetworkByName finds a live network by its Docker name.
 func (s *State) NetworkByName(name string) (*Network, bool) {
 	for _, n := range s.Networks {
-		if n.Spec != nil && n.Spec.Name == name {
+		if !n.Deleted && n.Spec != nil && n.Spec.Name == name {
 			return n, true
 		}
 	}

@@ -491,3 +491,11 @@ func (n *Node) removeServer(who crypto.NodeID) error {
 	}
 	return nil
 }
+
+// SubmitSigned sends an entry that was signed elsewhere to the leader
+// and returns its result, without waiting for it to apply here (tests use
+// it to play a member that forges commands).
+func (n *Node) SubmitSigned(ctx context.Context, entry []byte) (catalog.Result, error) {
+	res, _, err := n.send(ctx, entry)
+	return res, err
+}

@@ -30,6 +30,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -170,6 +171,11 @@ type Node struct {
 	gen     uint64
 	changes chan struct{}
 
+	// savedIndex is the index of the saved copy of the catalog; saveMu
+	// serialises writing it.
+	savedIndex atomic.Uint64
+	saveMu     sync.Mutex
+
 	// seqMu serialises this node's commands, so that their sequence
 	// numbers reach the leader in order.
 	seqMu sync.Mutex
@@ -227,7 +233,16 @@ func New(cfg Config) (*Node, error) {
 		return nil, err
 	}
 	n.gen = gen
+	if err := n.readCatalog(); err != nil {
+		return nil, err
+	}
 	n.fsm.OnApply(n.onApply)
+	n.fsm.OnSnapshot(func(b []byte) {
+		var st struct{ Index uint64 }
+		if json.Unmarshal(b, &st) == nil {
+			n.writeCatalog(b, st.Index)
+		}
+	})
 	n.mux = newMux(cfg.Listener, cfg.TLS, cfg.Dial, n.log)
 	n.mux.allowRaft = n.allowRaft
 	n.mux.rpc = n.serveRPC
@@ -314,9 +329,14 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	t := time.NewTicker(n.cfg.Tick)
 	defer t.Stop()
-	lastPilot := time.Time{}
+	lastPilot, lastSave := time.Time{}, time.Time{}
+	defer n.saveCatalog()
 	for {
 		n.step(ctx)
+		if time.Since(lastSave) >= saveCatalogEvery {
+			lastSave = time.Now()
+			n.saveCatalog()
+		}
 		if n.isLeader() && time.Since(lastPilot) >= time.Second {
 			lastPilot = time.Now()
 			n.autopilot(ctx)
@@ -368,6 +388,10 @@ func (n *Node) raftConfig() *raft.Config {
 	// A node removed from the configuration keeps running as a
 	// non-voter candidate for re-admission rather than shutting down.
 	c.ShutdownOnRemove = false
+	// The catalog is loaded from this node's own copy (catalog.go), which
+	// is never older than Raft's latest snapshot: Raft then replays only
+	// what came after, and the catalog is there from the first moment.
+	c.NoSnapshotRestoreOnStart = true
 	return &c
 }
 
@@ -411,6 +435,11 @@ func (n *Node) startRaft(boot *raft.Configuration) error {
 		Timeout: 10 * time.Second,
 		Logger:  logbridge.Hclog(n.log, "raft-net", hclog.Warn),
 	})
+	if err := n.loadCatalog(snaps); err != nil {
+		trans.Close()
+		_ = closeLogs()
+		return err
+	}
 	conf := n.raftConfig()
 	if boot != nil {
 		if err := raft.BootstrapCluster(conf, logs, stable, snaps, trans, *boot); err != nil {
@@ -644,4 +673,24 @@ func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 		return *refusal, false
 	}
 	return catalog.Result{}, true
+}
+
+// Refusal is the cluster's refusal of this node, if any: a taken name,
+// an identity registered under another name, a forgotten identity, or a
+// state directory older than what the cluster saw.
+func (n *Node) Refusal() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.fatal
+}
+
+// Close releases what New took, for a node whose Run never started.
+func (n *Node) Close() { n.mux.close() }
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // only our own plain types are marshalled
+	}
+	return b
 }
