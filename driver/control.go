@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -20,7 +21,7 @@ type Control struct {
 	Driver *Driver
 	// Forget and RotateKeys carry out `wgmesh forget` and
 	// `wgmesh rotate-keys`.
-	Forget     func(node string) error
+	Forget     func(ctx context.Context, node string) error
 	RotateKeys func(ctx context.Context) error
 }
 
@@ -43,11 +44,26 @@ func (c *Control) Handler() http.Handler {
 			controlError(w, http.StatusBadRequest, errors.New(`want {"node": "<name>"}`))
 			return
 		}
-		if err := c.Forget(req.Node); err != nil {
+		if err := c.Forget(r.Context(), req.Node); err != nil {
 			controlError(w, http.StatusConflict, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"forgotten": req.Node})
+	})
+	mux.HandleFunc("POST /v1/network-rm", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Network string `json:"network"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil || req.Network == "" {
+			controlError(w, http.StatusBadRequest, errors.New(`want {"network": "<name or subnet>"}`))
+			return
+		}
+		subnet, err := c.Driver.RemoveClusterNetwork(r.Context(), req.Network)
+		if err != nil {
+			controlError(w, http.StatusConflict, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"removed": req.Network, "subnet": subnet.String()})
 	})
 	mux.HandleFunc("POST /v1/rotate-keys", func(w http.ResponseWriter, r *http.Request) {
 		if err := c.RotateKeys(r.Context()); err != nil {
@@ -166,6 +182,15 @@ func (c *ControlClient) Status(ctx context.Context) (*Status, error) {
 		return nil, err
 	}
 	return &st, nil
+}
+
+// RemoveNetwork asks the agent to remove a network from the cluster.
+func (c *ControlClient) RemoveNetwork(ctx context.Context, network string) (netip.Prefix, error) {
+	var out struct {
+		Subnet netip.Prefix `json:"subnet"`
+	}
+	err := c.do(ctx, http.MethodPost, "/v1/network-rm", map[string]string{"network": network}, &out)
+	return out.Subnet, err
 }
 
 // Forget asks the agent to forget a node.

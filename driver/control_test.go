@@ -22,7 +22,7 @@ func TestControl(t *testing.T) {
 	newKey, _ := crypto.GeneratePrivateKey()
 	c := &Control{
 		Driver: h.d,
-		Forget: func(node string) error {
+		Forget: func(_ context.Context, node string) error {
 			if node == testNode {
 				return errors.New("a node cannot forget itself")
 			}

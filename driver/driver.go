@@ -6,7 +6,7 @@
 // Plugin handlers change state and apply the data plane for the network
 // they touch before they answer, so Docker sees errors; gossip changes
 // only kick the loop. Handlers never wait for the cluster, except to claim
-// an address block, which needs a quorum by design.
+// an address block or to create a network, which the cluster decides.
 package driver
 
 import (
@@ -111,12 +111,11 @@ type Driver struct {
 	recheck  *time.Timer
 	metrics  *metrics
 
-	// Network sync (sync.go): pendingCopies are versions of specs being
-	// created through Docker, syncing marks subnets being removed by it.
-	syncKick      chan struct{}
-	pendingCopies map[netip.Prefix]uint64
-	syncing       map[netip.Prefix]bool
-	syncProblems  []string
+	// Network sync (sync.go): copying names the networks the loop is
+	// creating through Docker right now.
+	syncKick     chan struct{}
+	copying      map[netip.Prefix]string
+	syncProblems []string
 }
 
 // New loads the driver's state. It starts nothing; Run does.
@@ -136,9 +135,8 @@ func New(cfg Config) (*Driver, error) {
 		stagger:   newStagger(),
 		metrics:   newMetrics(),
 
-		syncKick:      make(chan struct{}, 1),
-		pendingCopies: map[netip.Prefix]uint64{},
-		syncing:       map[netip.Prefix]bool{},
+		syncKick: make(chan struct{}, 1),
+		copying:  map[netip.Prefix]string{},
 	}
 	var err error
 	if d.state, err = loadState(d.statePath); err != nil {
@@ -168,9 +166,10 @@ func (d *Driver) Restore(ctx context.Context) error {
 			}
 			continue
 		}
-		if err := d.cfg.Mesh.Attach(n.Subnet, n.Port, d.state.Pools[n.PoolID].reserved()); err != nil {
+		if err := d.cfg.Mesh.Attach(n.Subnet, n.Port); err != nil {
 			return fmt.Errorf("restoring network %s: %w", short(n.ID), err)
 		}
+		d.publishEndpointsLocked(n.ID)
 	}
 	if len(d.state.Networks) > 0 {
 		d.log.Info("restoring networks", "networks", len(d.state.Networks), "endpoints", len(d.state.Endpoints))

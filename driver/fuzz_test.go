@@ -22,6 +22,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane/dataplanetest"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // fuzzHost is a host with a network, a joined endpoint and a pool, saved
@@ -280,10 +281,10 @@ func FuzzPoolOptions(f *testing.F) {
 			}
 			return
 		}
-		p := &Pool{Subnet: subnet, Options: o}
-		req := mesh.BlockRequest{Subnet: subnet, Bits: p.blockBits()}
-		if err := req.Validate(); err != nil {
-			t.Fatalf("options %v on %s give blocks the mesh refuses: %v", opts, subnet, err)
+		c := &catalog.Command{Op: catalog.OpEnsureNetwork, Node: "n", BootID: "b", Seq: 1,
+			Network: &catalog.EnsureNetwork{Subnet: subnet, BlockBits: o.BlockBits}}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("options %v on %s give blocks the cluster refuses: %v", opts, subnet, err)
 		}
 		j, _ := json.Marshal(o)
 		var back PoolOptions
@@ -325,8 +326,9 @@ func FuzzParseSubnet(f *testing.F) {
 		if err := mesh.ValidSubnet(p); err != nil {
 			t.Fatalf("the mesh refuses %s: %v", p, err)
 		}
-		req := mesh.BlockRequest{Subnet: p, Bits: DefaultBlockBits(p)}
-		if err := req.Validate(); err != nil {
+		c := &catalog.Command{Op: catalog.OpEnsureNetwork, Node: "n", BootID: "b", Seq: 1,
+			Network: &catalog.EnsureNetwork{Subnet: p, BlockBits: catalog.DefaultBlockBits(p)}}
+		if err := c.Validate(); err != nil {
 			t.Fatalf("default blocks of %s: %v", p, err)
 		}
 		pool := &Pool{Subnet: p}

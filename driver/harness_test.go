@@ -22,6 +22,7 @@ import (
 	"github.com/docker/go-plugins-helpers/ipam"
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
 	"go.uber.org/goleak"
 
 	"github.com/wgmesh/wgmesh/crypto"
@@ -31,7 +32,12 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m,
+		// raft's NetworkTransport leaves goroutines reading pooled
+		// connections until their peers close them.
+		goleak.IgnoreTopFunction("github.com/hashicorp/raft.(*NetworkTransport).listen"),
+		goleak.IgnoreAnyFunction("github.com/hashicorp/raft.(*NetworkTransport).handleConn"),
+	)
 }
 
 // testNode is the mesh name of the harness's node. A fixed name makes the
@@ -54,8 +60,18 @@ func startMesh(tb testing.TB, pub crypto.PublicKey) *mesh.Mesh {
 	if err != nil {
 		tb.Fatalf("gossip transport: %v", err)
 	}
+	raftL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		_ = tr.Shutdown()
+		tb.Fatalf("consensus listener: %v", err)
+	}
+	id, err := crypto.GenerateIdentity()
+	if err != nil {
+		tb.Fatal(err)
+	}
 	cfg := mesh.DefaultConfig()
 	cfg.Name = testNode
+	cfg.Identity = id
 	cfg.BindAddr = "127.0.0.1"
 	cfg.BindPort = tr.GetAutoBindPort()
 	cfg.AdvertiseAddr = "127.0.0.1"
@@ -63,9 +79,13 @@ func startMesh(tb testing.TB, pub crypto.PublicKey) *mesh.Mesh {
 	cfg.WGMode = dataplane.ModeUserspace
 	cfg.Memberlist = memberlist.DefaultLocalConfig()
 	cfg.Transport = tr
+	cfg.RaftListener = raftL
+	cfg.StateDir = tb.TempDir()
+	cfg.Consensus = mesh.ConsensusTiming{Raft: fastRaft(), StableWait: time.Millisecond, Tick: 20 * time.Millisecond}
 	m, err := mesh.New(cfg)
 	if err != nil {
 		_ = tr.Shutdown()
+		raftL.Close()
 		tb.Fatalf("mesh: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -78,6 +98,16 @@ func startMesh(tb testing.TB, pub crypto.PublicKey) *mesh.Mesh {
 		}
 	})
 	return m
+}
+
+// fastRaft elects a single node at once.
+func fastRaft() *raft.Config {
+	c := raft.DefaultConfig()
+	c.HeartbeatTimeout = 50 * time.Millisecond
+	c.ElectionTimeout = 50 * time.Millisecond
+	c.LeaderLeaseTimeout = 50 * time.Millisecond
+	c.CommitTimeout = 5 * time.Millisecond
+	return c
 }
 
 // newTestDriver builds a driver over m and dp that keeps its state in dir.
@@ -309,6 +339,7 @@ func errorMessage(tb testing.TB, path string, body []byte) string {
 const (
 	pathActivate       = "/Plugin.Activate"
 	pathNetCaps        = "/NetworkDriver.GetCapabilities"
+	pathGwAllocCheck   = "/NetworkDriver.GwAllocCheck"
 	pathCreateNetwork  = "/NetworkDriver.CreateNetwork"
 	pathDeleteNetwork  = "/NetworkDriver.DeleteNetwork"
 	pathCreateEndpoint = "/NetworkDriver.CreateEndpoint"

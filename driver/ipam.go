@@ -10,6 +10,7 @@ import (
 	"github.com/docker/go-plugins-helpers/ipam"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // Address spaces wgmesh answers GetDefaultAddressSpaces with. A network's
@@ -42,7 +43,9 @@ func (d *Driver) DefaultAddressSpaces() *ipam.AddressSpacesResponse {
 	return &ipam.AddressSpacesResponse{LocalDefaultAddressSpace: AddressSpace, GlobalDefaultAddressSpace: GlobalAddressSpace}
 }
 
-// RequestPool registers a network's subnet on this host.
+// RequestPool registers a network's subnet on this host. Identical
+// requests get the same pool, as the IPAM protocol asks (Docker Engine 29
+// repeats a request in some cases); each is released once.
 func (d *Driver) RequestPool(ctx context.Context, req *ipam.RequestPoolRequest) (*ipam.RequestPoolResponse, error) {
 	if req.V6 {
 		return nil, invalidParam("wgmesh networks are IPv4 only; create the network without --ipv6")
@@ -73,13 +76,25 @@ func (d *Driver) RequestPool(ctx context.Context, req *ipam.RequestPoolRequest) 
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if p, ok := d.state.Pools[id]; ok && p.Options == opts {
+		p.Requests++
+		if err := d.saveLocked(); err != nil {
+			p.Requests--
+			return nil, err
+		}
+		return &ipam.RequestPoolResponse{PoolID: id, Pool: subnet.String(), Data: map[string]string{}}, nil
+	}
 	for _, p := range d.state.Pools {
 		if p.Subnet.Overlaps(subnet) {
+			if n := d.state.networkBySubnet(p.Subnet); n != nil && d.isCopy(n.Subnet) {
+				return nil, forbidden("subnet %s is network %s of the wgmesh cluster, which this host is creating by itself right now "+
+					"(a network created on one host appears on every host); use it as it is", subnet, d.copyName(n.Subnet))
+			}
 			return nil, forbidden("subnet %s overlaps %s of another wgmesh network on this host; "+
 				"a subnet is one network across the whole mesh", subnet, p.Subnet)
 		}
 	}
-	d.state.Pools[id] = &Pool{ID: id, Subnet: subnet, Range: rng, Options: opts, Allocated: map[netip.Addr]Allocation{}}
+	d.state.Pools[id] = &Pool{ID: id, Subnet: subnet, Range: rng, Options: opts, Allocated: map[netip.Addr]Allocation{}, Requests: 1}
 	if err := d.saveLocked(); err != nil {
 		delete(d.state.Pools, id)
 		return nil, err
@@ -88,27 +103,46 @@ func (d *Driver) RequestPool(ctx context.Context, req *ipam.RequestPoolRequest) 
 	return &ipam.RequestPoolResponse{PoolID: id, Pool: subnet.String(), Data: map[string]string{}}, nil
 }
 
-// ReleasePool gives up a pool and the blocks it held.
+// ReleasePool gives up a pool, once every request of it is released, and
+// the blocks this host held in it.
 func (d *Driver) ReleasePool(ctx context.Context, req *ipam.ReleasePoolRequest) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	p, ok := d.state.Pools[req.PoolID]
 	if !ok {
+		d.mu.Unlock()
 		// Docker retries cleanups; releasing twice is not an error.
 		return nil
 	}
+	if p.Requests > 1 {
+		p.Requests--
+		err := d.saveLocked()
+		if err != nil {
+			p.Requests++
+		}
+		d.mu.Unlock()
+		return err
+	}
 	if n := d.state.networkBySubnet(p.Subnet); n != nil && len(d.state.endpointsOf(n.ID)) > 0 {
+		d.mu.Unlock()
 		return forbidden("pool %s still has endpoints on this host", req.PoolID)
 	}
 	delete(d.state.Pools, req.PoolID)
 	if err := d.saveLocked(); err != nil {
 		d.state.Pools[req.PoolID] = p
+		d.mu.Unlock()
 		return err
 	}
-	if blocks := d.cfg.Mesh.View().OwnBlocks(p.Subnet); len(blocks) > 0 {
-		d.cfg.Mesh.ReleaseBlocks(p.Subnet, blocks...)
-	}
+	d.mu.Unlock()
 	d.log.Info("address pool released", "pool", req.PoolID)
+	if blocks := d.cfg.Mesh.View().OwnBlocks(p.Subnet); len(blocks) > 0 {
+		// Giving blocks back needs the cluster; a host that cannot reach
+		// it keeps them, which wastes addresses but breaks nothing.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.cfg.ClaimTimeout)
+		defer cancel()
+		if err := d.cfg.Mesh.ReleaseBlocks(cctx, p.Subnet, blocks...); err != nil {
+			d.log.Warn("giving back address blocks", "network", p.Subnet, "err", err)
+		}
+	}
 	return nil
 }
 
@@ -126,15 +160,21 @@ func (d *Driver) RequestAddress(ctx context.Context, req *ipam.RequestAddressReq
 	kind := AllocEndpoint
 	switch {
 	case req.Options[optRequestAddressType] == addressTypeGateway:
-		kind = AllocGateway
-		if want.IsValid() {
-			kind = AllocSharedGateway
-		}
+		kind = AllocSharedGateway
 	case want.IsValid() && req.Options[optMACAddress] == "":
 		kind = AllocAux
 	}
 
-	addr, err := d.allocate(ctx, req.PoolID, want, kind)
+	var addr netip.Addr
+	var err error
+	switch kind {
+	case AllocSharedGateway:
+		addr, err = d.gateway(ctx, req.PoolID, want)
+	case AllocAux:
+		addr, err = d.aux(ctx, req.PoolID, want)
+	default:
+		addr, err = d.allocate(ctx, req.PoolID, want, kind)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -147,8 +187,97 @@ func (d *Driver) RequestAddress(ctx context.Context, req *ipam.RequestAddressReq
 	return &ipam.RequestAddressResponse{Address: netip.PrefixFrom(addr, p.Subnet.Bits()).String(), Data: map[string]string{}}, nil
 }
 
+// ensureNetwork makes sure the cluster's catalog has the pool's network
+// (a network the catalog has needs no consensus), with the given gateway
+// if valid.
+func (d *Driver) ensureNetwork(ctx context.Context, poolID string, gw netip.Addr) (*catalog.Network, error) {
+	d.mu.Lock()
+	p, ok := d.state.Pools[poolID]
+	if !ok {
+		d.mu.Unlock()
+		return nil, notFound("no wgmesh address pool %s on this host", poolID)
+	}
+	e := catalog.EnsureNetwork{Subnet: p.Subnet, BlockBits: p.Options.BlockBits, Gateway: gw, HostGateways: p.hostGateways()}
+	d.mu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
+	defer cancel()
+	n, err := d.cfg.Mesh.EnsureNetwork(cctx, e)
+	if err != nil {
+		return nil, meshError(fmt.Sprintf("creating network %s in the cluster", e.Subnet), err)
+	}
+	return n, nil
+}
+
+// gateway answers a gateway request. Every host gives the network the
+// same gateway, reserved in the catalog, so a host that runs no container
+// on a network takes no block for it. Networks made before the catalog
+// keep giving each host a gateway from a block of its own.
+func (d *Driver) gateway(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
+	n, err := d.ensureNetwork(ctx, poolID, want)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if !n.Gateway.IsValid() {
+		return d.allocate(ctx, poolID, want, AllocGateway)
+	}
+	if want.IsValid() && want != n.Gateway {
+		return netip.Addr{}, forbidden("network %s exists in the cluster with gateway %s: create it with --gateway %s, or without --gateway",
+			n.Subnet, n.Gateway, n.Gateway)
+	}
+	return d.record(poolID, n.Gateway, AllocSharedGateway)
+}
+
+// aux reserves an --aux-address in the whole cluster.
+func (d *Driver) aux(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
+	n, err := d.ensureNetwork(ctx, poolID, netip.Addr{})
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	d.mu.Lock()
+	var refusal error
+	if p := d.state.Pools[poolID]; p != nil {
+		if kind, taken := p.Allocated[want]; taken && kind != AllocAux {
+			refusal = forbidden("address %s is already in use on this host (%s)", want, kind)
+		} else if !p.usable(want) {
+			refusal = invalidParam("aux address %s is not a usable address of %s", want, n.Subnet)
+		}
+	}
+	d.mu.Unlock()
+	if refusal != nil {
+		return netip.Addr{}, refusal
+	}
+	cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
+	defer cancel()
+	if err := d.cfg.Mesh.Reserve(cctx, n.Subnet, want); err != nil {
+		return netip.Addr{}, meshError("reserving an aux address", err)
+	}
+	return d.record(poolID, want, AllocAux)
+}
+
+// record notes an address that needs no block of this host.
+func (d *Driver) record(poolID string, addr netip.Addr, kind Allocation) (netip.Addr, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p, ok := d.state.Pools[poolID]
+	if !ok {
+		return netip.Addr{}, notFound("no wgmesh address pool %s on this host", poolID)
+	}
+	if have, taken := p.Allocated[addr]; taken {
+		if have == kind {
+			return addr, nil
+		}
+		return netip.Addr{}, forbidden("address %s is already in use on this host (%s)", addr, have)
+	}
+	p.Allocated[addr] = kind
+	if err := d.saveLocked(); err != nil {
+		delete(p.Allocated, addr)
+		return netip.Addr{}, err
+	}
+	return addr, nil
+}
+
 // allocate records an address of the given kind in a pool, claiming a new
-// block from the mesh when this host's blocks are full.
+// block from the cluster when this host's blocks are full.
 func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, kind Allocation) (netip.Addr, error) {
 	// Each pass either allocates or claims a block; claims are bounded by
 	// the subnet's size and ctx by the request's deadline.
@@ -159,7 +288,7 @@ func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, k
 			d.mu.Unlock()
 			return netip.Addr{}, notFound("no wgmesh address pool %s on this host", poolID)
 		}
-		addr, needBlock, err := d.pickLocked(p, want, kind)
+		addr, needBlock, err := d.pickLocked(p, want)
 		if err == nil && !needBlock {
 			p.Allocated[addr] = kind
 			if err := d.saveLocked(); err != nil {
@@ -167,20 +296,20 @@ func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, k
 				d.mu.Unlock()
 				return netip.Addr{}, err
 			}
-			if kind == AllocAux || kind == AllocSharedGateway {
-				d.publishReservedLocked(p)
-			}
 			d.mu.Unlock()
 			return addr, nil
 		}
-		subnet, rng, bits := p.Subnet, p.Range, p.blockBits()
+		subnet, rng := p.Subnet, p.Range
 		d.mu.Unlock()
 		if err != nil {
 			return netip.Addr{}, err
 		}
+		if _, err := d.ensureNetwork(ctx, poolID, netip.Addr{}); err != nil {
+			return netip.Addr{}, err
+		}
 		// Claim outside the lock: it waits for the cluster. Concurrent
 		// requests of the same pool share one claim.
-		req := mesh.BlockRequest{Subnet: subnet, Bits: bits, Within: rng}
+		req := mesh.BlockRequest{Subnet: subnet, Within: rng}
 		key := poolID
 		if want.IsValid() {
 			req.Containing, req.Within = want, netip.Prefix{}
@@ -192,20 +321,32 @@ func (d *Driver) allocate(ctx context.Context, poolID string, want netip.Addr, k
 			return d.cfg.Mesh.ClaimBlock(cctx, req)
 		})
 		if err != nil {
-			if errors.Is(err, mesh.ErrBlockTaken) {
+			if want.IsValid() && errors.Is(err, mesh.ErrBlockTaken) {
 				return netip.Addr{}, forbidden("address %s: %v", want, err)
 			}
-			if errors.Is(err, mesh.ErrNoFreeBlock) {
-				return netip.Addr{}, forbidden("network %s is full: %v", subnet, err)
-			}
-			return netip.Addr{}, &Error{KindSystem, fmt.Errorf("getting an address block of %s: %w", subnet, err)}
+			return netip.Addr{}, meshError(fmt.Sprintf("getting an address block of %s", subnet), err)
 		}
 	}
 }
 
+// meshError turns an error of the cluster into one Docker shows.
+func meshError(what string, err error) error {
+	switch {
+	case errors.Is(err, mesh.ErrNoFreeBlock):
+		return forbidden("%s: the network is full: %v", what, err)
+	case errors.Is(err, mesh.ErrBlockTaken), errors.Is(err, mesh.ErrNetworkConflict):
+		return forbidden("%s: %v", what, err)
+	case errors.Is(err, catalog.ErrInvalid):
+		return invalidParam("%s: %v", what, err)
+	case errors.Is(err, mesh.ErrNotMember):
+		return &Error{KindSystem, fmt.Errorf("%s: this host is not a member of the wgmesh cluster yet (see `wgmesh status`): %w", what, err)}
+	}
+	return &Error{KindSystem, fmt.Errorf("%s: %w", what, err)}
+}
+
 // pickLocked chooses the address to allocate, or says that a block must
 // be claimed first.
-func (d *Driver) pickLocked(p *Pool, want netip.Addr, kind Allocation) (addr netip.Addr, needBlock bool, err error) {
+func (d *Driver) pickLocked(p *Pool, want netip.Addr) (addr netip.Addr, needBlock bool, err error) {
 	v := d.cfg.Mesh.View()
 	reserved := v.Reserved(p.Subnet)
 	own := v.OwnBlocks(p.Subnet)
@@ -224,13 +365,9 @@ func (d *Driver) pickLocked(p *Pool, want netip.Addr, kind Allocation) (addr net
 	if holder, taken := p.Allocated[want]; taken {
 		return netip.Addr{}, false, forbidden("address %s is already in use on this host (%s)", want, holder)
 	}
-	if kind == AllocAux || kind == AllocSharedGateway {
-		// Reserved everywhere; it need not lie in a block of ours.
-		return want, false, nil
-	}
 	for _, r := range reserved {
 		if r == want {
-			return netip.Addr{}, false, forbidden("address %s is reserved in %s (an --aux-address or --gateway of some host)", want, p.Subnet)
+			return netip.Addr{}, false, forbidden("address %s is reserved in %s (the gateway or an --aux-address of the network)", want, p.Subnet)
 		}
 	}
 	for _, b := range own {
@@ -241,16 +378,9 @@ func (d *Driver) pickLocked(p *Pool, want netip.Addr, kind Allocation) (addr net
 	return netip.Addr{}, true, nil
 }
 
-// publishReservedLocked tells the mesh which addresses this host reserves.
-func (d *Driver) publishReservedLocked(p *Pool) {
-	if n := d.state.networkBySubnet(p.Subnet); n != nil {
-		if err := d.cfg.Mesh.Attach(n.Subnet, n.Port, p.reserved()); err != nil {
-			d.log.Warn("publishing reserved addresses", "err", err)
-		}
-	}
-}
-
-// ReleaseAddress returns an address to the pool.
+// ReleaseAddress returns an address to the pool. Reservations in the
+// catalog (the gateway, aux addresses) stay: other hosts have the network
+// too.
 func (d *Driver) ReleaseAddress(ctx context.Context, req *ipam.ReleaseAddressRequest) error {
 	addr, err := parseAddrMaybeCIDR(req.Address)
 	if err != nil {
@@ -270,9 +400,6 @@ func (d *Driver) ReleaseAddress(ctx context.Context, req *ipam.ReleaseAddressReq
 	if err := d.saveLocked(); err != nil {
 		p.Allocated[addr] = kind
 		return err
-	}
-	if kind == AllocAux || kind == AllocSharedGateway {
-		d.publishReservedLocked(p)
 	}
 	return nil
 }

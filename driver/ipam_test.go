@@ -15,6 +15,10 @@ import (
 func TestStaticAddress(t *testing.T) {
 	h := newHarness(t)
 	n := h.createNetwork("net static", "10.60.0.0/16", nil)
+	if own := h.mesh.View().OwnBlocks(n.subnet); len(own) != 0 {
+		t.Fatalf("creating a network claimed blocks %v", own)
+	}
+	h.requestAddress(containerReq(n.poolID, "", "02:42:0a:3c:00:09"))
 	own := h.mesh.View().OwnBlocks(n.subnet)
 	if len(own) != 1 {
 		t.Fatalf("own blocks %v, want one", own)
@@ -80,32 +84,29 @@ func TestStaticAddress(t *testing.T) {
 }
 
 // TestAuxAddress: --aux-address comes with no options at all. It is
-// accepted anywhere in the subnet, reserved on every host, and released
-// when the network goes.
+// accepted anywhere in the subnet, needs no block, and is reserved in the
+// whole cluster for as long as the network exists there.
 func TestAuxAddress(t *testing.T) {
 	h := newHarness(t)
 	subnet := netip.MustParsePrefix("10.60.0.0/16")
 	netID := dockerID("net aux")
 	poolID := h.requestPool(poolReq(subnet.String(), "", nil))
 	gw := h.requestAddress(gatewayReq(poolID, ""))
-	// The address dynamic allocation would pick next.
+	if gw.Addr() != netip.MustParseAddr("10.60.0.1") {
+		t.Fatalf("gateway %s, want the subnet's first address", gw)
+	}
 	aux := gw.Addr().Next()
 	if got := h.requestAddress(auxReq(poolID, aux.String())); got != netip.PrefixFrom(aux, 16) {
 		t.Fatalf("aux %s answered %s", aux, got)
 	}
-	own := h.mesh.View().OwnBlocks(subnet)
-	// One outside our blocks needs no block.
 	far := netip.MustParseAddr("10.60.250.250")
-	if own[0].Contains(far) {
-		far = netip.MustParseAddr("10.60.7.250")
-	}
 	h.requestAddress(auxReq(poolID, far.String()))
-	if got := h.mesh.View().OwnBlocks(subnet); !slices.Equal(got, own) {
-		t.Errorf("aux address changed own blocks from %v to %v", own, got)
+	if own := h.mesh.View().OwnBlocks(subnet); len(own) != 0 {
+		t.Errorf("the gateway and aux addresses claimed blocks %v", own)
 	}
 	allocated := h.state().Pools[poolID].Allocated
-	if allocated[aux] != AllocAux || allocated[far] != AllocAux {
-		t.Errorf("state allocations %v, want both aux", allocated)
+	if allocated[aux] != AllocAux || allocated[far] != AllocAux || allocated[gw.Addr()] != AllocSharedGateway {
+		t.Errorf("state allocations %v", allocated)
 	}
 
 	req := createNetworkReq(netID, subnet.String(), gw, nil)
@@ -113,29 +114,31 @@ func TestAuxAddress(t *testing.T) {
 		"db": netip.PrefixFrom(aux, 16).String(), "far": netip.PrefixFrom(far, 16).String(),
 	}
 	h.empty(pathCreateNetwork, req)
-	// Reserved for the whole mesh, so no other host hands them out.
-	if got := h.mesh.View().Reserved(subnet); !slices.Equal(got, sortedAddrs(aux, far)) {
-		t.Errorf("mesh reserves %v, want %s and %s", got, aux, far)
+	// Reserved for the whole cluster, so no host hands them out.
+	if got := h.mesh.View().Reserved(subnet); !slices.Equal(got, sortedAddrs(gw.Addr(), aux, far)) {
+		t.Errorf("cluster reserves %v, want %s, %s and %s", got, gw.Addr(), aux, far)
 	}
-
-	ctr := h.requestAddress(containerReq(poolID, "", "02:42:0a:3c:00:02"))
-	if ctr.Addr() == aux || ctr.Addr() != aux.Next() {
-		t.Errorf("dynamic address %s, want %s (skipping aux %s)", ctr, aux.Next(), aux)
+	for range 3 {
+		ctr := h.requestAddress(containerReq(poolID, "", "02:42:0a:3c:00:02"))
+		if a := ctr.Addr(); a == aux || a == far || a == gw.Addr() {
+			t.Errorf("dynamic address %s is reserved", ctr)
+		}
 	}
 	if _, msg := h.fail(pathRequestAddress, containerReq(poolID, aux.String(), "02:42:0a:3c:00:03")); !strings.Contains(msg, "in use") {
 		t.Errorf("--ip of an aux address: %q", msg)
 	}
 
-	// docker network rm releases aux addresses (and the reservation).
+	// docker network rm releases this host's copy of the aux address;
+	// the network still has it elsewhere, so it stays reserved.
 	h.empty(pathReleaseAddress, releaseReq(poolID, aux))
 	if _, ok := h.state().Pools[poolID].Allocated[aux]; ok {
 		t.Error("aux address still allocated after release")
 	}
-	if got := h.mesh.View().Reserved(subnet); !slices.Equal(got, []netip.Addr{far}) {
-		t.Errorf("mesh reserves %v after releasing %s", got, aux)
+	if got := h.mesh.View().Reserved(subnet); !slices.Contains(got, aux) {
+		t.Errorf("cluster reserves %v after one host released %s", got, aux)
 	}
-	if got := h.requestAddress(containerReq(poolID, "", "02:42:0a:3c:00:04")); got.Addr() != aux {
-		t.Errorf("dynamic address %s, want the released %s", got, aux)
+	if _, msg := h.fail(pathRequestAddress, containerReq(poolID, aux.String(), "02:42:0a:3c:00:04")); !strings.Contains(msg, "reserved") {
+		t.Errorf("--ip of a released aux address: %q", msg)
 	}
 }
 
@@ -210,7 +213,7 @@ func TestIPRange(t *testing.T) {
 	}
 	gw := h.requestAddress(gatewayReq(poolID, ""))
 	h.empty(pathCreateNetwork, createNetworkReq(dockerID("net range"), subnet.String(), gw, nil))
-	addrs := []netip.Addr{gw.Addr()}
+	var addrs []netip.Addr
 	for range 20 {
 		addrs = append(addrs, h.requestAddress(containerReq(poolID, "", "02:42:0a:3c:80:02")).Addr())
 	}
@@ -275,7 +278,7 @@ func TestBlockSize(t *testing.T) {
 		t.Run(tc.subnet+"="+tc.opt, func(t *testing.T) {
 			subnet := netip.MustParsePrefix(tc.subnet)
 			poolID := h.requestPool(poolReq(tc.subnet, "", map[string]string{optBlockSize: tc.opt}))
-			a := h.requestAddress(gatewayReq(poolID, ""))
+			a := h.requestAddress(containerReq(poolID, "", "02:42:0a:3c:00:05"))
 			own := h.mesh.View().OwnBlocks(subnet)
 			if len(own) != 1 || own[0].Bits() != tc.bits || !own[0].Contains(a.Addr()) {
 				t.Errorf("own blocks %v, want one /%d holding %s", own, tc.bits, a)
@@ -343,7 +346,8 @@ func TestRequestPoolRefusals(t *testing.T) {
 		{"host bits", poolReq("10.64.0.1/16", "", nil), 400, "did you mean 10.64.0.0/16"},
 		{"too small", poolReq("10.64.0.0/29", "", nil), 400, "too small"},
 		{"too large", poolReq("10.0.0.0/7", "", nil), 400, "too large"},
-		{"duplicate", poolReq("10.60.0.0/16", "", nil), 500, "overlaps"},
+		{"same subnet, other options", poolReq("10.60.0.0/16", "", map[string]string{optBlockSize: "26"}), 500, "overlaps"},
+		{"same subnet, a range", poolReq("10.60.0.0/16", "10.60.1.0/24", nil), 500, "overlaps"},
 		{"inside another", poolReq("10.60.5.0/24", "", nil), 500, "overlaps"},
 		{"around another", poolReq("10.0.0.0/8", "", nil), 500, "overlaps"},
 		{"range outside subnet", poolReq("10.64.0.0/16", "10.65.0.0/24", nil), 400, "not inside subnet"},
@@ -372,6 +376,25 @@ func TestRequestPoolRefusals(t *testing.T) {
 	again := h.requestPool(poolReq("10.60.0.0/16", "", map[string]string{"com.example.opt": "x"}))
 	if again != existing {
 		t.Errorf("pool ID changed from %q to %q", existing, again)
+	}
+}
+
+// TestIdenticalRequestPool: identical requests get the same pool, as the
+// IPAM protocol asks, and it goes with the last release.
+func TestIdenticalRequestPool(t *testing.T) {
+	h := newHarness(t)
+	a := h.requestPool(poolReq("10.60.0.0/16", "", nil))
+	b := h.requestPool(poolReq("10.60.0.0/16", "", nil))
+	if a != b {
+		t.Fatalf("identical requests got %q and %q", a, b)
+	}
+	h.empty(pathReleasePool, map[string]any{"PoolID": a})
+	if h.state().Pools[a] == nil {
+		t.Fatal("the first release took the pool of both requests")
+	}
+	h.empty(pathReleasePool, map[string]any{"PoolID": a})
+	if h.state().Pools[a] != nil {
+		t.Fatal("the pool outlived its last release")
 	}
 }
 

@@ -37,16 +37,19 @@ func TestDockerLifecycle(t *testing.T) {
 		t.Fatalf("state after RequestPool: pool %s missing: %+v", poolID, s.Pools)
 	}
 
+	// The gateway is the same on every host and takes no block.
 	gw := h.requestAddress(gatewayReq(poolID, ""))
-	own := h.mesh.View().OwnBlocks(subnet)
-	if len(own) != 1 || !own[0].Contains(gw.Addr()) {
-		t.Fatalf("gateway %s is not in this host's blocks %v", gw, own)
+	if gw.Addr() != netip.MustParseAddr("10.60.0.1") {
+		t.Fatalf("gateway %s, want the subnet's first address", gw)
+	}
+	if own := h.mesh.View().OwnBlocks(subnet); len(own) != 0 {
+		t.Fatalf("the gateway claimed blocks %v", own)
 	}
 	if gw.Bits() != subnet.Bits() {
 		t.Errorf("gateway %s does not carry the subnet's mask", gw)
 	}
-	if got := h.state().Pools[poolID].Allocated[gw.Addr()]; got != AllocGateway {
-		t.Errorf("state has gateway %s as %q, want %q", gw.Addr(), got, AllocGateway)
+	if got := h.state().Pools[poolID].Allocated[gw.Addr()]; got != AllocSharedGateway {
+		t.Errorf("state has gateway %s as %q, want %q", gw.Addr(), got, AllocSharedGateway)
 	}
 
 	h.empty(pathCreateNetwork, createNetworkReq(netID, "10.60.0.0/16", gw, nil))
@@ -60,7 +63,7 @@ func TestDockerLifecycle(t *testing.T) {
 	if p := attachedPort(h.mesh, subnet); p != 51820 {
 		t.Errorf("mesh announces port %d for %s, want 51820", p, subnet)
 	}
-	wantNet := fmt.Sprintf("link %s mtu 1420 port 51820 addr %s\nroute 10.60.0.0/16 dev %s\nroute unreachable %s", wg, gw.Addr(), wg, own[0])
+	wantNet := fmt.Sprintf("link %s mtu 1420 port 51820 addr %s\nroute 10.60.0.0/16 dev %s", wg, gw.Addr(), wg)
 	if diff := cmp.Diff(wantNet, h.fake.Render()); diff != "" {
 		t.Errorf("data plane after CreateNetwork (-want +got):\n%s", diff)
 	}
@@ -71,9 +74,12 @@ func TestDockerLifecycle(t *testing.T) {
 	if addr.Addr() == gw.Addr() {
 		t.Fatalf("container got the gateway's address %s", addr)
 	}
-	if own := h.mesh.View().OwnBlocks(subnet); !inAny(own, addr.Addr()) {
-		t.Errorf("container address %s is not in this host's blocks %v", addr, own)
+	own := h.mesh.View().OwnBlocks(subnet)
+	if len(own) != 1 || !inAny(own, addr.Addr()) {
+		t.Fatalf("container address %s is not in this host's blocks %v", addr, own)
 	}
+	// The block's addresses without a container go nowhere.
+	wantNet += fmt.Sprintf("\nroute unreachable %s", own[0])
 	for _, a := range []netip.Addr{gw.Addr(), addr.Addr()} {
 		if b := lastByte(a); b == 0 || b == 255 {
 			t.Errorf("address %s ends in .%d", a, b)
@@ -220,7 +226,7 @@ func TestCreateNetworkApplyFails(t *testing.T) {
 	checkNoNetwork(t, h, subnet)
 	// IPAM is Docker's to roll back (it sends ReleaseAddress and
 	// ReleasePool next); the driver leaves it alone.
-	if s := h.state(); s.Pools[poolID] == nil || s.Pools[poolID].Allocated[gw.Addr()] != AllocGateway {
+	if s := h.state(); s.Pools[poolID] == nil || s.Pools[poolID].Allocated[gw.Addr()] != AllocSharedGateway {
 		t.Errorf("pool changed by the driver's rollback: %+v", s.Pools)
 	}
 

@@ -127,11 +127,12 @@ func (d *Driver) addressUsage(netID string) (used, free int) {
 	reserved := v.Reserved(n.Subnet)
 	for _, b := range v.OwnBlocks(n.Subnet) {
 		for a := b.Addr(); b.Contains(a); a = a.Next() {
-			if _, taken := p.Allocated[a]; taken {
+			switch {
+			case slices.Contains(reserved, a):
+				// The network's, not this host's.
+			case p.Allocated[a] != "":
 				used++
-				continue
-			}
-			if p.usable(a) && preferred(a) && p.inRange(a) && !slices.Contains(reserved, a) {
+			case p.usable(a) && preferred(a) && p.inRange(a):
 				free++
 			}
 		}

@@ -7,18 +7,47 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 )
 
+// capabilities is NetworkDriver.GetCapabilities' answer; go-plugins-helpers'
+// type lacks GwAllocChecker, which Docker Engine 28 and later read.
+type capabilities struct {
+	Scope             string
+	ConnectivityScope string
+	GwAllocChecker    bool `json:",omitempty"`
+}
+
 // Capabilities answers NetworkDriver.GetCapabilities. The scope is local:
 // each host's Docker keeps its own copy of the network, with no Swarm and
 // no key-value store. Connectivity is global: containers on every host of
-// the network reach each other.
-func (d *Driver) Capabilities() *network.CapabilitiesResponse {
-	return &network.CapabilitiesResponse{Scope: network.LocalScope, ConnectivityScope: network.GlobalScope}
+// the network reach each other. GwAllocChecker makes newer engines ask
+// (GwAllocCheck) whether to allocate a gateway address.
+func (d *Driver) Capabilities() *capabilities {
+	return &capabilities{Scope: network.LocalScope, ConnectivityScope: network.GlobalScope, GwAllocChecker: true}
+}
+
+// gwAllocCheck is NetworkDriver.GwAllocCheck's request and answer.
+type gwAllocCheckRequest struct {
+	Options map[string]any
+}
+
+type gwAllocCheckResponse struct {
+	SkipIPv4 bool
+	SkipIPv6 bool
+}
+
+// GwAllocCheck answers Docker Engine 28+: keep the IPv4 gateway. It costs
+// no block (every host shares the network's gateway, reserved in the
+// catalog), it sources the ICMP errors the network's namespace sends
+// containers, and it makes `docker network inspect` show the same gateway
+// on every host whatever its engine. There is no IPv6 to allocate.
+func (d *Driver) GwAllocCheck(ctx context.Context, req *gwAllocCheckRequest) (*gwAllocCheckResponse, error) {
+	return &gwAllocCheckResponse{SkipIPv4: false, SkipIPv6: true}, nil
 }
 
 // CreateNetwork sets the network up on this host: its namespace and
@@ -34,6 +63,9 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 	}
 	if len(req.IPv6Data) > 0 {
 		return invalidParam("wgmesh networks are IPv4 only; create the network without IPv6 subnets")
+	}
+	if len(req.IPv4Data) == 0 {
+		return invalidParam("wgmesh networks are IPv4 networks: create the network without --ipv4=false, with --subnet and --ipam-driver wgmesh")
 	}
 	if len(req.IPv4Data) != 1 || req.IPv4Data[0] == nil {
 		return invalidParam("a wgmesh network has exactly one IPv4 subnet, got %d", len(req.IPv4Data))
@@ -70,6 +102,21 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 	if other := d.state.networkBySubnet(subnet); other != nil {
 		return forbidden("subnet %s is already used by wgmesh network %s on this host", subnet, short(other.ID))
 	}
+	if !gw.IsValid() {
+		// A newer engine may skip the gateway; the network's namespace
+		// still gets the catalog's.
+		poolID := pool.ID
+		d.mu.Unlock()
+		cn, err := d.ensureNetwork(ctx, poolID, netip.Addr{})
+		d.mu.Lock()
+		if err != nil {
+			return err
+		}
+		gw = cn.Gateway
+		if _, ok := d.state.Networks[req.NetworkID]; ok {
+			return forbidden("network %s was created meanwhile", short(req.NetworkID))
+		}
+	}
 	mtu := opts.MTU
 	if mtu == 0 {
 		mtu = d.cfg.DefaultMTU
@@ -78,17 +125,12 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 		ID: req.NetworkID, Subnet: subnet, PoolID: pool.ID, Gateway: gw,
 		Port: d.freePortLocked(), MTU: mtu, Options: opts,
 	}
-	if v, ok := d.pendingCopies[subnet]; ok {
-		n.SpecVersion = v // a copy made by network sync
-	} else {
-		n.SpecVersion = d.cfg.Mesh.Tick()
-	}
 	d.state.Networks[n.ID] = n
 	// Docker takes an error as "no network" and never deletes it, so a
 	// failure at any step must undo the steps before it.
 	rollback := func(cause error) error {
 		delete(d.state.Networks, n.ID)
-		if err := d.cfg.Mesh.Attach(subnet, 0, pool.reserved()); err != nil {
+		if err := d.cfg.Mesh.Attach(subnet, 0); err != nil {
 			d.log.Error("rolling back network creation: detaching", "network", short(n.ID), "err", err)
 		}
 		if err := d.applyLocked(ctx); err != nil {
@@ -97,10 +139,12 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 		}
 		return cause
 	}
-	if err := d.cfg.Mesh.Attach(subnet, n.Port, pool.reserved()); err != nil {
+	if err := d.cfg.Mesh.Attach(subnet, n.Port); err != nil {
 		return rollback(err)
 	}
-	if err := d.applyLocked(ctx); err != nil {
+	// Only this network's own trouble fails its creation: another
+	// network that cannot be set up right now is the loop's to retry.
+	if err := dataplane.NetworkErr(d.applyLocked(ctx), n.ID); err != nil {
 		return rollback(&Error{KindSystem, fmt.Errorf("setting up network %s: %w", subnet, err)})
 	}
 	if err := d.saveLocked(); err != nil {
@@ -156,11 +200,15 @@ func (d *Driver) DeleteNetwork(ctx context.Context, req *network.DeleteNetworkRe
 		}
 		return err
 	}
-	if err := d.cfg.Mesh.Attach(n.Subnet, 0, nil); err != nil {
+	if err := d.cfg.Mesh.Attach(n.Subnet, 0); err != nil {
 		d.log.Warn("detaching network from the mesh", "network", short(n.ID), "err", err)
 	}
 	d.cfg.Mesh.SetEndpoints(n.Subnet, 0)
-	d.publishRemovalLocked(n)
+	// Removing a network here removes this host's copy only: while the
+	// cluster has the network, the sync loop puts it back, so that a
+	// `docker network prune` never leaves a host unable to run a
+	// container on it. `wgmesh network rm` removes it everywhere.
+	d.kickSyncSoon()
 	if err := d.applyLocked(ctx); err != nil {
 		// The loop retries; the network is gone from our state either way.
 		d.log.Error("tearing down network", "network", short(n.ID), "err", err)
@@ -211,7 +259,11 @@ func (d *Driver) CreateEndpoint(ctx context.Context, req *network.CreateEndpoint
 		}
 		return nil, forbidden("endpoint %s already exists with address %s", short(req.EndpointID), e.Addr)
 	}
-	d.state.Endpoints[req.EndpointID] = &Endpoint{ID: req.EndpointID, NetworkID: n.ID, Addr: addr, MAC: mac}
+	ifName, _ := req.Options[optIfName].(string)
+	if ifName != "" && !validIfName(ifName) {
+		return nil, invalidParam("interface name %q: at most 15 letters, digits and ._- characters", ifName)
+	}
+	d.state.Endpoints[req.EndpointID] = &Endpoint{ID: req.EndpointID, NetworkID: n.ID, Addr: addr, MAC: mac, IfName: ifName}
 	if err := d.saveLocked(); err != nil {
 		delete(d.state.Endpoints, req.EndpointID)
 		return nil, err
@@ -262,7 +314,7 @@ func (d *Driver) EndpointInfo(ctx context.Context, req *network.InfoRequest) (*n
 // The answer sets no gateway: libnetwork then also connects the container
 // to docker_gwbridge, its own NAT bridge, for the outside world, while
 // the wgmesh subnet is on-link through the veth.
-func (d *Driver) Join(ctx context.Context, req *network.JoinRequest) (*network.JoinResponse, error) {
+func (d *Driver) Join(ctx context.Context, req *network.JoinRequest) (*joinResponse, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	e, ok := d.state.Endpoints[req.EndpointID]
@@ -274,7 +326,7 @@ func (d *Driver) Join(ctx context.Context, req *network.JoinRequest) (*network.J
 	if err != nil {
 		return nil, &Error{KindSystem, fmt.Errorf("creating the container's interface: %w", err)}
 	}
-	e.Joined = true
+	e.Joined, e.JoinedAt = true, time.Now()
 	if err := d.saveLocked(); err != nil {
 		return nil, err
 	}
@@ -284,7 +336,41 @@ func (d *Driver) Join(ctx context.Context, req *network.JoinRequest) (*network.J
 		d.kickLoop()
 	}
 	d.log.Debug("endpoint joined", "endpoint", short(e.ID), "network", short(n.ID), "addr", e.Addr)
-	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}, nil
+	resp := &joinResponse{InterfaceName: interfaceName{SrcName: ifName, DstPrefix: "eth"}}
+	if e.IfName != "" {
+		resp.InterfaceName.DstName, resp.InterfaceName.DstPrefix = e.IfName, ""
+	}
+	return resp, nil
+}
+
+// joinResponse is NetworkDriver.Join's answer. go-plugins-helpers' type
+// lacks DstName, with which Docker Engine 28 and later name the
+// container's interface as the user asked.
+type joinResponse struct {
+	InterfaceName interfaceName
+	Gateway       string `json:",omitempty"`
+}
+
+type interfaceName struct {
+	SrcName   string
+	DstPrefix string `json:",omitempty"`
+	DstName   string `json:",omitempty"`
+}
+
+// optIfName is the endpoint option with the container interface name.
+const optIfName = "com.docker.network.endpoint.ifname"
+
+// validIfName accepts Linux interface names.
+func validIfName(s string) bool {
+	if s == "" || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // Leave is a no-op: Docker moves the interface back to the host after we

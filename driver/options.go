@@ -17,6 +17,7 @@ const (
 
 	dockerGeneric  = "com.docker.network.generic"
 	dockerIPv6     = "com.docker.network.enable_ipv6"
+	dockerIPv4     = "com.docker.network.enable_ipv4"
 	dockerInternal = "com.docker.network.internal"
 )
 
@@ -38,6 +39,12 @@ func parseNetworkOptions(opts map[string]any) (NetworkOptions, error) {
 				return o, invalidParam("option %s must be a boolean, got %T", k, v)
 			} else if b {
 				return o, invalidParam("option %s=true: wgmesh networks are IPv4 only; create the network without --ipv6", k)
+			}
+		case dockerIPv4:
+			if b, ok := v.(bool); !ok {
+				return o, invalidParam("option %s must be a boolean, got %T", k, v)
+			} else if !b {
+				return o, invalidParam("option %s=false: wgmesh networks are IPv4 networks; create the network without --ipv4=false", k)
 			}
 		case dockerInternal:
 			b, ok := v.(bool)
@@ -88,7 +95,7 @@ func (o *NetworkOptions) parseGeneric(generic map[string]any) error {
 // PoolOptions are what `--ipam-opt` set.
 type PoolOptions struct {
 	// BlockBits is the prefix length of the blocks each host claims; 0
-	// means DefaultBlockBits.
+	// means catalog.DefaultBlockBits.
 	BlockBits int `json:"block_bits,omitempty"`
 }
 
@@ -118,13 +125,6 @@ func parsePoolOptions(opts map[string]string, subnet netip.Prefix) (PoolOptions,
 
 // maxBlockBits: a /30 holds four addresses, the smallest useful block.
 const maxBlockBits = 30
-
-// DefaultBlockBits picks a block size for a subnet: /24 blocks for big
-// subnets, smaller ones so that a small subnet still splits into several
-// blocks, and never below /28.
-func DefaultBlockBits(subnet netip.Prefix) int {
-	return min(max(24, subnet.Bits()+4), 28)
-}
 
 // parseSubnet parses the --subnet Docker passed to RequestPool.
 func parseSubnet(s string) (netip.Prefix, error) {

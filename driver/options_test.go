@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -60,7 +61,9 @@ func TestCreateNetworkRefusals(t *testing.T) {
 		{"unknown wgmesh option", withGeneric(map[string]any{"wgmesh.mtu": "1400"}), 400, []string{"unknown option wgmesh.mtu", optMTU}},
 		{"unknown driver option", withGeneric(map[string]any{"com.docker.network.driver.overlay.vxlanid_list": "4097"}), 400, []string{"com.docker.network.driver.overlay.vxlanid_list"}},
 		{"other IPAM driver", withData(func(d map[string]any) { d["AddressSpace"] = "LocalDefault" }), 400, []string{"--ipam-driver wgmesh", "LocalDefault"}},
-		{"no IPv4 data", with("IPv4Data", []any{}), 400, []string{"exactly one IPv4 subnet"}},
+		{"no IPv4 data", with("IPv4Data", []any{}), 400, []string{"IPv4 networks", "--ipv4=false"}},
+		{"IPv4 disabled", withOptions(map[string]any{dockerIPv4: false}), 400, []string{dockerIPv4, "--ipv4=false"}},
+		{"ipv4 not a boolean", withOptions(map[string]any{dockerIPv4: "no"}), 400, []string{dockerIPv4, "boolean"}},
 		{"null IPv4 data", with("IPv4Data", []any{nil}), 400, []string{"exactly one IPv4 subnet"}},
 		{"two IPv4 subnets", with("IPv4Data", []any{
 			map[string]any{"AddressSpace": AddressSpace, "Pool": subnetStr},
@@ -185,7 +188,7 @@ func TestDefaultBlockBits(t *testing.T) {
 		{"10.60.0.0/24", 28},
 		{"10.60.0.0/28", 28},
 	} {
-		if got := DefaultBlockBits(netip.MustParsePrefix(tc.subnet)); got != tc.want {
+		if got := catalog.DefaultBlockBits(netip.MustParsePrefix(tc.subnet)); got != tc.want {
 			t.Errorf("DefaultBlockBits(%s) = %d, want %d", tc.subnet, got, tc.want)
 		}
 	}

@@ -72,6 +72,10 @@ func (d *Driver) calls() []call {
 	}
 	return []call{
 		nd("GetCapabilities", func(context.Context, []byte) (any, error) { return d.Capabilities(), nil }),
+		nd("GwAllocCheck", func(ctx context.Context, body []byte) (any, error) {
+			// Sent with a body of options, or none at all.
+			return d.GwAllocCheck(ctx, &gwAllocCheckRequest{})
+		}),
 		nd("CreateNetwork", with("CreateNetwork", func(ctx context.Context, r *network.CreateNetworkRequest) (any, error) {
 			return empty, d.CreateNetwork(ctx, r)
 		})),

@@ -28,7 +28,9 @@ func TestHandshake(t *testing.T) {
 		{pathActivate, `{"Implements":["NetworkDriver","IpamDriver"]}`},
 		// Local data scope: no Swarm or cluster store; global connectivity:
 		// containers on every host reach each other.
-		{pathNetCaps, `{"Scope":"local","ConnectivityScope":"global"}`},
+		// GwAllocChecker: newer engines ask whether to allocate a gateway.
+		{pathNetCaps, `{"Scope":"local","ConnectivityScope":"global","GwAllocChecker":true}`},
+		{pathGwAllocCheck, `{"SkipIPv4":false,"SkipIPv6":true}`},
 		// The MAC tells --ip (comes with it) from --aux-address (no options).
 		{pathIpamCaps, `{"RequiresMACAddress":true}`},
 		{pathAddressSpaces, `{"LocalDefaultAddressSpace":"wgmesh","GlobalDefaultAddressSpace":"wgmesh-global"}`},
@@ -104,7 +106,7 @@ func TestCallsAreComplete(t *testing.T) {
 		"/NetworkDriver.AllocateNetwork", "/NetworkDriver.CreateEndpoint", "/NetworkDriver.CreateNetwork",
 		"/NetworkDriver.DeleteEndpoint", "/NetworkDriver.DeleteNetwork", "/NetworkDriver.DiscoverDelete",
 		"/NetworkDriver.DiscoverNew", "/NetworkDriver.EndpointOperInfo", "/NetworkDriver.FreeNetwork",
-		"/NetworkDriver.GetCapabilities", "/NetworkDriver.Join", "/NetworkDriver.Leave",
+		"/NetworkDriver.GetCapabilities", "/NetworkDriver.GwAllocCheck", "/NetworkDriver.Join", "/NetworkDriver.Leave",
 		"/NetworkDriver.ProgramExternalConnectivity", "/NetworkDriver.RevokeExternalConnectivity",
 	}
 	slices.Sort(got)
@@ -115,7 +117,7 @@ func TestCallsAreComplete(t *testing.T) {
 
 // noArgCalls are sent by Docker without a body; they ignore it.
 var noArgCalls = map[string]bool{
-	pathNetCaps: true, pathIpamCaps: true, pathAddressSpaces: true,
+	pathNetCaps: true, pathIpamCaps: true, pathAddressSpaces: true, pathGwAllocCheck: true,
 }
 
 // TestBadBodies sends malformed requests to every call: each must answer
@@ -123,8 +125,8 @@ var noArgCalls = map[string]bool{
 func TestBadBodies(t *testing.T) {
 	h := newHarness(t)
 	calls := h.d.calls()
-	if len(calls) != 20 {
-		t.Fatalf("%d calls, want 20", len(calls))
+	if len(calls) != 21 {
+		t.Fatalf("%d calls, want 21", len(calls))
 	}
 	malformed := []struct{ name, body string }{
 		{"truncated", "{"},
@@ -165,6 +167,7 @@ func TestNullBodies(t *testing.T) {
 	h := newHarness(t)
 	want := map[string]int{
 		"/NetworkDriver.GetCapabilities":             200,
+		"/NetworkDriver.GwAllocCheck":                200,
 		"/NetworkDriver.CreateNetwork":               400, // no network ID
 		"/NetworkDriver.DeleteNetwork":               200, // nothing to delete
 		"/NetworkDriver.AllocateNetwork":             200,

@@ -8,8 +8,9 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"time"
 
-	"github.com/google/renameio/v2"
+	"github.com/wgmesh/wgmesh/internal/durable"
 )
 
 // State is what this host must remember across restarts of the agent and
@@ -30,17 +31,22 @@ type Pool struct {
 	Options PoolOptions  `json:"options"`
 	// Allocated are addresses handed out on this host.
 	Allocated map[netip.Addr]Allocation `json:"allocated"`
+	// Requests counts RequestPool calls not yet released: the IPAM
+	// protocol gives identical requests the same pool.
+	Requests int `json:"requests,omitempty"`
 }
 
 // Allocation says what holds an address.
 type Allocation string
 
 const (
+	// AllocGateway is a gateway taken from a block of this host, as
+	// networks made before the catalog had (see catalog.EnsureNetwork).
 	AllocGateway  Allocation = "gateway"
 	AllocAux      Allocation = "aux"
 	AllocEndpoint Allocation = "endpoint"
-	// AllocSharedGateway is a --gateway: the same address on every host,
-	// reserved cluster-wide rather than taken from this host's block.
+	// AllocSharedGateway is the network's gateway: the same address on
+	// every host, reserved in the catalog rather than taken from a block.
 	AllocSharedGateway Allocation = "shared-gateway"
 )
 
@@ -53,9 +59,6 @@ type Network struct {
 	Port    uint16         `json:"port"`
 	MTU     int            `json:"mtu"`
 	Options NetworkOptions `json:"options"`
-	// SpecVersion is the mesh version of the definition this network
-	// stands for (see sync.go).
-	SpecVersion uint64 `json:"spec_version,omitempty"`
 }
 
 // Endpoint is a container's attachment on this host.
@@ -64,8 +67,13 @@ type Endpoint struct {
 	NetworkID string       `json:"network_id"`
 	Addr      netip.Prefix `json:"addr"`
 	MAC       string       `json:"mac"`
-	// Joined is set once its veth pair exists.
-	Joined bool `json:"joined,omitempty"`
+	// IfName is the container interface name asked for with
+	// --network name=N,driver-opt=com.docker.network.endpoint.ifname=IF
+	// (honoured by Docker Engine 28 and later).
+	IfName string `json:"ifname,omitempty"`
+	// Joined is set once its veth pair exists; JoinedAt is when.
+	Joined   bool      `json:"joined,omitempty"`
+	JoinedAt time.Time `json:"joined_at,omitzero"`
 }
 
 func newState() *State {
@@ -89,16 +97,19 @@ func loadState(path string) (*State, error) {
 		if p.Allocated == nil {
 			p.Allocated = map[netip.Addr]Allocation{}
 		}
+		p.Requests = max(p.Requests, 1)
 	}
 	return s, nil
 }
 
+// save writes the state durably: Docker is told of an address only once
+// it is on disk, or a crash could hand it out twice.
 func (s *State) save(path string) error {
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding driver state: %w", err)
 	}
-	if err := renameio.WriteFile(path, b, 0o600); err != nil {
+	if err := durable.WriteFile(path, b, 0o600); err != nil {
 		return fmt.Errorf("writing driver state: %w", err)
 	}
 	return nil
@@ -148,27 +159,15 @@ func (s *State) endpointsOf(netID string) []*Endpoint {
 	return out
 }
 
-// reserved lists the addresses of p reserved cluster-wide from this host.
-// A nil pool reserves nothing.
-func (p *Pool) reserved() []netip.Addr {
-	if p == nil {
-		return nil
-	}
-	var out []netip.Addr
-	for a, kind := range p.Allocated {
-		if kind == AllocAux || kind == AllocSharedGateway {
-			out = append(out, a)
+// hostGateways reports whether the pool's network gives each host a
+// gateway from a block of its own: networks made before the catalog.
+func (p *Pool) hostGateways() bool {
+	for _, kind := range p.Allocated {
+		if kind == AllocGateway {
+			return true
 		}
 	}
-	slices.SortFunc(out, netip.Addr.Compare)
-	return out
-}
-
-func (p *Pool) blockBits() int {
-	if p.Options.BlockBits != 0 {
-		return p.Options.BlockBits
-	}
-	return DefaultBlockBits(p.Subnet)
+	return false
 }
 
 // usable reports whether addr may go to a container or gateway: inside

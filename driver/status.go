@@ -10,17 +10,20 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
 
 // Status is what `wgmesh status` shows: the node, the cluster as gossip
 // sees it, and each local network with its WireGuard peers.
 type Status struct {
-	Node     NodeStatus      `json:"node"`
-	Members  []MemberStatus  `json:"members"`
-	Networks []NetworkStatus `json:"networks"`
-	Gossip   mesh.Stats      `json:"gossip"`
-	Problems []string        `json:"problems,omitempty"`
-	Healthy  bool            `json:"healthy"`
+	Node NodeStatus `json:"node"`
+	// Consensus is this node's part in the cluster's Raft.
+	Consensus consensus.Status `json:"consensus"`
+	Members   []MemberStatus   `json:"members"`
+	Networks  []NetworkStatus  `json:"networks"`
+	Gossip    mesh.Stats       `json:"gossip"`
+	Problems  []string         `json:"problems,omitempty"`
+	Healthy   bool             `json:"healthy"`
 }
 
 // NodeStatus describes this node.
@@ -29,7 +32,7 @@ type NodeStatus struct {
 	Addr      netip.Addr       `json:"addr"`
 	PublicKey crypto.PublicKey `json:"public_key"`
 	WGMode    string           `json:"wg_mode"`
-	Quorum    int              `json:"quorum"`
+	ClusterID string           `json:"cluster_id,omitempty"`
 }
 
 // MemberStatus describes a member of the cluster.
@@ -93,9 +96,11 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 	self := v.Members[v.Self]
 	st := &Status{
 		Node: NodeStatus{Name: v.Self, Addr: self.Addr, PublicKey: d.currentKey().Public(),
-			WGMode: d.cfg.DataPlane.Mode(), Quorum: v.Quorum()},
-		Gossip: d.cfg.Mesh.Stats(),
+			WGMode: d.cfg.DataPlane.Mode(), ClusterID: v.ClusterID},
+		Consensus: d.cfg.Mesh.Consensus(),
+		Gossip:    d.cfg.Mesh.Stats(),
 	}
+	st.Problems = append(st.Problems, d.cfg.Mesh.Problems()...)
 	if dpErr != nil {
 		st.Problems = append(st.Problems, fmt.Sprintf("reading the data plane: %v", dpErr))
 	}
@@ -114,9 +119,6 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 		}
 	}
 	slices.SortFunc(st.Members, func(a, b MemberStatus) int { return cmp.Compare(a.Name, b.Name) })
-	for _, c := range v.Conflicts() {
-		st.Problems = append(st.Problems, fmt.Sprintf("address conflict in %s: %s holds %s and %s holds %s", c.Subnet, c.NodeA, c.BlockA, c.NodeB, c.BlockB))
-	}
 
 	byID := map[string]int{}
 	for i, p := range planes {

@@ -33,7 +33,7 @@ func TestStatus(t *testing.T) {
 	if !st.Healthy || len(st.Problems) != 0 {
 		t.Errorf("lone node unhealthy: %q", st.Problems)
 	}
-	wantNode := NodeStatus{Name: testNode, Addr: netip.MustParseAddr("127.0.0.1"), PublicKey: h.key.Public(), WGMode: dataplane.ModeUserspace, Quorum: 1}
+	wantNode := NodeStatus{Name: testNode, Addr: netip.MustParseAddr("127.0.0.1"), PublicKey: h.key.Public(), WGMode: dataplane.ModeUserspace, ClusterID: st.Node.ClusterID}
 	if diff := cmp.Diff(wantNode, st.Node, cmpNetip); diff != "" {
 		t.Errorf("node (-want +got):\n%s", diff)
 	}

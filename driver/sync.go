@@ -1,23 +1,24 @@
 package driver
 
 // Network sync: a wgmesh network created on one host appears on every
-// host, with the same name and options, and a removal follows the same
-// path.
+// host, with the same name and options, for as long as the cluster has
+// it; `wgmesh network rm` removes it everywhere.
 //
 // The plugin never learns a network's name (Docker does not send it), so
-// the sync loop reads local networks from Docker's API and publishes each
-// one's definition in the mesh (mesh.NetworkSpec, newest version wins).
-// Every host compares the newest spec of each subnet with its own Docker:
+// the sync loop reads local networks from Docker's API and records each
+// one's definition in the catalog (catalog.Spec) the first time. Every
+// host compares the catalog with its own Docker:
 //
-//	local network    newest spec                   action
-//	none             a network                     create it through Docker
-//	L (version v)    none, or older than v         publish L's definition
-//	L (version v)    a removal newer than v        remove L, unless containers use it
-//	L (version v)    a network as new as v or more nothing: L is a copy of it
+//	local network      catalog                       action
+//	none               a network with a definition   create it through Docker
+//	L                  a network, no definition yet  record L's definition
+//	L                  deleted                       remove L, unless containers use it
+//	L                  a network named otherwise     report it
 //
-// A local network's version is the stamp of its creation here, or, for a
-// copy this loop made, the version of the spec it copies: a copy must
-// never look newer than a later removal.
+// Removing a network on one host (`docker network rm`, or a `docker
+// network prune` from cron) removes that host's copy only, and the loop
+// puts it back: no host decides for the others, and no prune leaves a
+// host unable to run a container on a network the cluster has.
 
 import (
 	"context"
@@ -30,6 +31,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // DockerNetwork is a network as Docker's API shows it.
@@ -62,90 +64,88 @@ type DockerAPI interface {
 type syncAction struct {
 	kind   string // "publish", "create", "remove"
 	subnet netip.Prefix
-	spec   mesh.NetworkSpec // publish: what to publish; create: what to copy
-	local  DockerNetwork    // publish, remove: the local network
-}
-
-// localNet is a local wgmesh network with the version it stands for.
-type localNet struct {
-	DockerNetwork
-	version uint64
-	// sharedGateway is set when the gateway was given with --gateway.
-	sharedGateway bool
+	spec   catalog.Spec  // publish: what to record
+	create DockerNetwork // create: what to create
+	local  DockerNetwork // publish, remove: the local network
 }
 
 // planSync decides what to do; problems are reported in status.
-func planSync(locals []localNet, v *mesh.View) (actions []syncAction, problems []string) {
-	bySubnet := map[netip.Prefix]localNet{}
+func planSync(locals []DockerNetwork, v *mesh.View) (actions []syncAction, problems []string) {
+	bySubnet := map[netip.Prefix]DockerNetwork{}
 	names := map[string]netip.Prefix{}
 	for _, l := range locals {
 		bySubnet[l.Subnet] = l
 		names[l.Name] = l.Subnet
 	}
-	for _, subnet := range slices.SortedFunc(maps.Keys(bySubnet), func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) }) {
+	for _, subnet := range slices.SortedFunc(maps.Keys(bySubnet), catalog.ComparePrefix) {
 		l := bySubnet[subnet]
-		spec, from := v.Spec(subnet)
+		n := v.Network(subnet)
 		switch {
-		case spec == nil || spec.Version < l.version:
-			actions = append(actions, syncAction{kind: "publish", subnet: subnet, spec: specOf(l), local: l.DockerNetwork})
-		case spec.Deleted:
+		case n == nil && v.Deleted(subnet):
+			del := v.Catalog.Networks[subnet]
 			if len(l.Containers) == 0 {
-				actions = append(actions, syncAction{kind: "remove", subnet: subnet, local: l.DockerNetwork})
+				actions = append(actions, syncAction{kind: "remove", subnet: subnet, local: l})
 			} else {
-				problems = append(problems, fmt.Sprintf("network %s (%s) was removed on %s, but containers here still use it: %s; it goes once they do",
-					l.Name, subnet, from, strings.Join(l.Containers, ", ")))
+				problems = append(problems, fmt.Sprintf("network %s (%s) was removed from the cluster (by %s), but containers here still use it: %s; it goes once they do",
+					l.Name, subnet, del.DeletedBy, strings.Join(l.Containers, ", ")))
 			}
-		case spec.Name != l.Name:
-			problems = append(problems, fmt.Sprintf("network %s here is called %s on %s; a subnet is one network, give it one name", l.Name, spec.Name, from))
+		case n == nil:
+			// Not in this node's catalog yet.
+		case n.Spec == nil:
+			actions = append(actions, syncAction{kind: "publish", subnet: subnet, spec: specOf(l), local: l})
+		case n.Spec.Name != l.Name:
+			problems = append(problems, fmt.Sprintf("network %s here is called %s in the cluster; a subnet is one network, give it one name "+
+				"(remove this copy; the agent creates it under the cluster's name)", l.Name, n.Spec.Name))
 		}
 	}
 	for _, subnet := range v.Subnets() {
-		spec, from := v.Spec(subnet)
-		if spec == nil {
+		n := v.Network(subnet)
+		if n.Spec == nil {
 			continue
 		}
 		if _, ok := bySubnet[subnet]; ok {
 			continue
 		}
-		if spec.Deleted {
-			if users := v.Users(subnet); len(users) > 0 {
-				var where []string
-				for _, node := range slices.Sorted(maps.Keys(users)) {
-					where = append(where, fmt.Sprintf("%s (%d)", node, users[node]))
-				}
-				problems = append(problems, fmt.Sprintf("network %s (%s) was removed on %s, but containers still use it on %s",
-					spec.Name, subnet, from, strings.Join(where, ", ")))
-			}
+		if other, taken := names[n.Spec.Name]; taken {
+			problems = append(problems, fmt.Sprintf("cannot create network %s (%s) here: a network of that name already has %s", n.Spec.Name, subnet, other))
 			continue
 		}
-		if other, taken := names[spec.Name]; taken {
-			problems = append(problems, fmt.Sprintf("cannot create network %s (%s) here: a network of that name already has %s", spec.Name, subnet, other))
-			continue
-		}
-		actions = append(actions, syncAction{kind: "create", subnet: subnet, spec: *spec.Clone()})
+		actions = append(actions, syncAction{kind: "create", subnet: subnet, create: dockerNetworkOf(n)})
 	}
 	return actions, problems
 }
 
 // specOf is the definition of a local network.
-func specOf(l localNet) mesh.NetworkSpec {
-	s := mesh.NetworkSpec{
-		Version: l.version, Name: l.Name, IPRange: l.IPRange, Aux: maps.Clone(l.Aux),
-		Options: maps.Clone(l.Options), IPAMOptions: maps.Clone(l.IPAMOptions), Labels: maps.Clone(l.Labels), Internal: l.Internal,
-	}
-	if l.sharedGateway {
-		s.Gateway = l.Gateway
-	}
-	return s
+func specOf(l DockerNetwork) catalog.Spec {
+	return catalog.Spec{Name: l.Name, IPRange: l.IPRange, Options: maps.Clone(l.Options), IPAMOptions: maps.Clone(l.IPAMOptions),
+		Labels: maps.Clone(l.Labels), Internal: l.Internal}
 }
 
-// RunSync keeps this host's Docker networks in step with the mesh until
-// ctx is done. It does nothing without a Docker API.
+// dockerNetworkOf is what to create for a network of the catalog.
+func dockerNetworkOf(n *catalog.Network) DockerNetwork {
+	s := n.Spec
+	dn := DockerNetwork{Name: s.Name, Subnet: n.Subnet, IPRange: s.IPRange, Gateway: n.Gateway,
+		Options: maps.Clone(s.Options), IPAMOptions: maps.Clone(s.IPAMOptions), Labels: maps.Clone(s.Labels), Internal: s.Internal}
+	if len(n.Aux) > 0 {
+		dn.Aux = map[string]netip.Addr{}
+		for i, a := range n.Aux {
+			dn.Aux[fmt.Sprintf("aux%d", i+1)] = a
+		}
+	}
+	return dn
+}
+
+// syncInterval is how often the loop looks at Docker without being asked
+// to; local changes and the catalog's wake it at once.
+const syncInterval = 30 * time.Second
+
+// RunSync keeps this host's Docker networks in step with the catalog
+// until ctx is done. It does nothing without a Docker API.
 func (d *Driver) RunSync(ctx context.Context) error {
 	if d.cfg.Docker == nil {
 		return nil
 	}
-	t := time.NewTicker(5 * time.Second)
+	t := time.NewTicker(syncInterval)
 	defer t.Stop()
 	failing := false
 	for {
@@ -174,6 +174,18 @@ func (d *Driver) kickSync() {
 	}
 }
 
+// kickSyncSoon kicks the sync loop once Docker has finished what it was
+// doing when it called the plugin.
+func (d *Driver) kickSyncSoon() { time.AfterFunc(time.Second, d.kickSync) }
+
+// isCopy reports whether the sync loop is creating subnet's network.
+func (d *Driver) isCopy(subnet netip.Prefix) bool {
+	_, ok := d.copying[subnet]
+	return ok
+}
+
+func (d *Driver) copyName(subnet netip.Prefix) string { return d.copying[subnet] }
+
 func (d *Driver) syncOnce(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
 	defer cancel()
@@ -183,7 +195,7 @@ func (d *Driver) syncOnce(ctx context.Context) error {
 	}
 	v := d.cfg.Mesh.View()
 	d.mu.Lock()
-	var locals []localNet
+	var locals []DockerNetwork
 	for _, dn := range docker {
 		n, ok := d.state.Networks[dn.ID]
 		if !ok {
@@ -192,11 +204,7 @@ func (d *Driver) syncOnce(ctx context.Context) error {
 			continue
 		}
 		dn.Subnet = n.Subnet
-		l := localNet{DockerNetwork: dn, version: n.SpecVersion}
-		if p := d.state.Pools[n.PoolID]; p != nil && p.Allocated[n.Gateway] == AllocSharedGateway {
-			l.sharedGateway = true
-		}
-		locals = append(locals, l)
+		locals = append(locals, dn)
 	}
 	d.mu.Unlock()
 
@@ -205,31 +213,29 @@ func (d *Driver) syncOnce(ctx context.Context) error {
 	for _, a := range actions {
 		switch a.kind {
 		case "publish":
-			if err := d.cfg.Mesh.PublishSpec(a.subnet, a.spec); err != nil {
-				errs = append(errs, fmt.Errorf("publishing network %s: %w", a.spec.Name, err))
+			if err := d.cfg.Mesh.PublishSpec(ctx, a.subnet, a.spec); err != nil {
+				if errors.Is(err, catalog.ErrNetworkConflict) {
+					problems = append(problems, fmt.Sprintf("network %s (%s): %v", a.spec.Name, a.subnet, err))
+					continue
+				}
+				errs = append(errs, fmt.Errorf("recording network %s in the cluster: %w", a.spec.Name, err))
 			}
 		case "remove":
-			d.log.Info("removing network removed elsewhere", "name", a.local.Name, "subnet", a.subnet)
-			d.mu.Lock()
-			d.syncing[a.subnet] = true
-			d.mu.Unlock()
+			d.log.Info("removing network removed from the cluster", "name", a.local.Name, "subnet", a.subnet)
 			if err := d.cfg.Docker.RemoveNetwork(ctx, a.local.ID); err != nil {
 				errs = append(errs, fmt.Errorf("removing network %s: %w", a.local.Name, err))
 			}
-			d.mu.Lock()
-			delete(d.syncing, a.subnet)
-			d.mu.Unlock()
 		case "create":
-			d.log.Info("creating network created elsewhere", "name", a.spec.Name, "subnet", a.subnet)
+			d.log.Info("creating network of the cluster", "name", a.create.Name, "subnet", a.subnet)
 			d.mu.Lock()
-			d.pendingCopies[a.subnet] = a.spec.Version
+			d.copying[a.subnet] = a.create.Name
 			d.mu.Unlock()
-			err := d.cfg.Docker.CreateNetwork(ctx, d.cfg.DriverName, dockerNetworkOf(a.subnet, a.spec))
+			err := d.cfg.Docker.CreateNetwork(ctx, d.cfg.DriverName, a.create)
 			d.mu.Lock()
-			delete(d.pendingCopies, a.subnet)
+			delete(d.copying, a.subnet)
 			d.mu.Unlock()
 			if err != nil {
-				problems = append(problems, fmt.Sprintf("creating network %s (%s) here: %v", a.spec.Name, a.subnet, err))
+				problems = append(problems, fmt.Sprintf("creating network %s (%s) here: %v", a.create.Name, a.subnet, err))
 			}
 		}
 	}
@@ -239,36 +245,31 @@ func (d *Driver) syncOnce(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func dockerNetworkOf(subnet netip.Prefix, s mesh.NetworkSpec) DockerNetwork {
-	return DockerNetwork{
-		Name: s.Name, Subnet: subnet, IPRange: s.IPRange, Gateway: s.Gateway, Aux: maps.Clone(s.Aux),
-		Options: maps.Clone(s.Options), IPAMOptions: maps.Clone(s.IPAMOptions), Labels: maps.Clone(s.Labels), Internal: s.Internal,
-	}
-}
-
-// publishRemovalLocked publishes that a network was removed on this host,
-// unless the removal came from the mesh in the first place.
-func (d *Driver) publishRemovalLocked(n *Network) {
-	if d.cfg.Docker == nil || d.syncing[n.Subnet] {
-		return
-	}
-	spec, _ := d.cfg.Mesh.View().Spec(n.Subnet)
-	if spec != nil && spec.Deleted && spec.Version >= n.SpecVersion {
-		return
-	}
-	removal := mesh.NetworkSpec{Deleted: true, Name: "removed"}
-	if spec != nil {
-		removal.Name = spec.Name
-	}
-	if err := d.cfg.Mesh.PublishSpec(n.Subnet, removal); err != nil {
-		d.log.Warn("publishing network removal", "subnet", n.Subnet, "err", err)
-	}
-}
-
 // publishEndpointsLocked tells the mesh how many containers this host has
 // on a network, so that a removal elsewhere can say where it is in use.
 func (d *Driver) publishEndpointsLocked(netID string) {
 	if n, ok := d.state.Networks[netID]; ok {
 		d.cfg.Mesh.SetEndpoints(n.Subnet, len(d.state.endpointsOf(netID)))
 	}
+}
+
+// RemoveClusterNetwork removes a network, by name or subnet, from the
+// whole cluster: every host removes its copy. It is refused while
+// containers use the network on any host, naming the hosts.
+func (d *Driver) RemoveClusterNetwork(ctx context.Context, network string) (netip.Prefix, error) {
+	v := d.cfg.Mesh.View()
+	var subnet netip.Prefix
+	if n, ok := v.Catalog.NetworkByName(network); ok {
+		subnet = n.Subnet
+	} else if p, err := netip.ParsePrefix(network); err == nil && v.Network(p) != nil {
+		subnet = p
+	} else {
+		return netip.Prefix{}, fmt.Errorf("no network %q in the cluster (give its name or subnet)", network)
+	}
+	if err := d.cfg.Mesh.DeleteNetwork(ctx, subnet); err != nil {
+		return netip.Prefix{}, err
+	}
+	d.log.Info("network removed from the cluster", "network", network, "subnet", subnet)
+	d.kickSync()
+	return subnet, nil
 }

@@ -11,81 +11,82 @@ import (
 	"testing"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 func TestPlanSync(t *testing.T) {
 	s1 := netip.MustParsePrefix("10.60.0.0/16")
 	s2 := netip.MustParsePrefix("10.61.0.0/16")
-	app := func(v uint64) *mesh.NetworkSpec { return &mesh.NetworkSpec{Version: v, Name: "app"} }
-	gone := func(v uint64) *mesh.NetworkSpec { return &mesh.NetworkSpec{Version: v, Name: "app", Deleted: true} }
-	local := func(subnet netip.Prefix, name string, version uint64, containers ...string) localNet {
-		return localNet{DockerNetwork: DockerNetwork{ID: "id-" + name, Name: name, Subnet: subnet, Containers: containers}, version: version}
+	local := func(subnet netip.Prefix, name string, containers ...string) DockerNetwork {
+		return DockerNetwork{ID: "id-" + name, Name: name, Subnet: subnet, Containers: containers}
 	}
-	view := func(entries ...mesh.NetworkEntry) *mesh.View {
-		v := &mesh.View{Self: "a", Networks: map[netip.Prefix][]mesh.NetworkEntry{}}
-		for _, e := range entries {
-			v.Networks[e.Subnet] = append(v.Networks[e.Subnet], e)
+	type net struct {
+		subnet  netip.Prefix
+		name    string // "" for no definition yet
+		deleted bool
+	}
+	view := func(nets ...net) *mesh.View {
+		st := catalog.NewState()
+		for _, n := range nets {
+			cn := &catalog.Network{Subnet: n.subnet, BlockBits: 24, Gateway: n.subnet.Addr().Next(), Deleted: n.deleted, DeletedBy: "b"}
+			if n.name != "" {
+				cn.Spec = &catalog.Spec{Name: n.name}
+			}
+			st.Networks[n.subnet] = cn
 		}
-		return v
+		return &mesh.View{Self: "a", Catalog: st}
 	}
 	tests := []struct {
 		name     string
-		locals   []localNet
+		locals   []DockerNetwork
 		view     *mesh.View
 		actions  []string
 		problems []string
 	}{
 		{
-			name:    "a network created here is published",
-			locals:  []localNet{local(s1, "app", 7)},
-			view:    view(),
-			actions: []string{"publish 10.60.0.0/16 app v7"},
+			name:    "a network created here is recorded",
+			locals:  []DockerNetwork{local(s1, "app")},
+			view:    view(net{subnet: s1}),
+			actions: []string{"publish 10.60.0.0/16 app"},
 		},
 		{
-			name:    "a network created elsewhere is created here",
-			view:    view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: app(5)}),
-			actions: []string{"create 10.60.0.0/16 app v5"},
+			name:    "a network of the cluster is created here",
+			view:    view(net{s1, "app", false}),
+			actions: []string{"create 10.60.0.0/16 app"},
 		},
 		{
-			name:   "a copy of the newest spec is left alone",
-			locals: []localNet{local(s1, "app", 5)},
-			view:   view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: app(5)}),
+			name:   "a copy is left alone",
+			locals: []DockerNetwork{local(s1, "app")},
+			view:   view(net{s1, "app", false}),
 		},
 		{
-			name:    "a removal newer than the local network removes it",
-			locals:  []localNet{local(s1, "app", 5)},
-			view:    view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: gone(9)}),
+			name:    "a network removed from the cluster is removed here",
+			locals:  []DockerNetwork{local(s1, "app")},
+			view:    view(net{s1, "app", true}),
 			actions: []string{"remove 10.60.0.0/16 app"},
 		},
 		{
-			name:     "a network with containers is kept and reported",
-			locals:   []localNet{local(s1, "app", 5, "web", "db")},
-			view:     view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: gone(9)}),
-			problems: []string{"removed on b, but containers here still use it: web, db"},
+			name:     "a removed network with containers is kept and reported",
+			locals:   []DockerNetwork{local(s1, "app", "web", "db")},
+			view:     view(net{s1, "app", true}),
+			problems: []string{"removed from the cluster (by b), but containers here still use it: web, db"},
 		},
 		{
-			name:    "a network re-created after a removal is published again",
-			locals:  []localNet{local(s1, "app", 12)},
-			view:    view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: gone(9)}),
-			actions: []string{"publish 10.60.0.0/16 app v12"},
-		},
-		{
-			name: "a removed network still used elsewhere is reported where",
-			view: view(mesh.NetworkEntry{Node: "a", Subnet: s1, Spec: gone(9)},
-				mesh.NetworkEntry{Node: "c", Subnet: s1, Endpoints: 2}),
-			problems: []string{"was removed on a, but containers still use it on c (2)"},
+			name:   "a network the catalog does not know yet is left alone",
+			locals: []DockerNetwork{local(s1, "app")},
+			view:   view(),
 		},
 		{
 			name:     "a different network of the same name blocks the copy",
-			locals:   []localNet{local(s2, "app", 3)},
-			view:     view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: app(5)}, mesh.NetworkEntry{Node: "a", Subnet: s2, Spec: app(3)}),
+			locals:   []DockerNetwork{local(s2, "app")},
+			view:     view(net{s1, "app", false}, net{s2, "app", false}),
 			problems: []string{"a network of that name already has 10.61.0.0/16"},
 		},
 		{
 			name:     "one subnet, two names",
-			locals:   []localNet{local(s1, "web", 3)},
-			view:     view(mesh.NetworkEntry{Node: "b", Subnet: s1, Spec: app(5)}),
-			problems: []string{"network web here is called app on b"},
+			locals:   []DockerNetwork{local(s1, "web")},
+			view:     view(net{s1, "app", false}),
+			problems: []string{"network web here is called app in the cluster"},
 		},
 	}
 	for _, tt := range tests {
@@ -96,8 +97,10 @@ func TestPlanSync(t *testing.T) {
 				switch a.kind {
 				case "remove":
 					got = append(got, fmt.Sprintf("remove %s %s", a.subnet, a.local.Name))
+				case "create":
+					got = append(got, fmt.Sprintf("create %s %s", a.subnet, a.create.Name))
 				default:
-					got = append(got, fmt.Sprintf("%s %s %s v%d", a.kind, a.subnet, a.spec.Name, a.spec.Version))
+					got = append(got, fmt.Sprintf("%s %s %s", a.kind, a.subnet, a.spec.Name))
 				}
 			}
 			if !slices.Equal(got, tt.actions) {
@@ -155,9 +158,9 @@ func (f *fakeDocker) RemoveNetwork(_ context.Context, id string) error {
 	return nil
 }
 
-// TestSyncLoop: a local network is published with its Docker name; a
-// newer removal removes it through Docker without echoing a removal back;
-// a spec from the mesh is created through Docker as a copy of its version.
+// TestSyncLoop: a local network is recorded in the cluster with its Docker
+// name; pruned here, it comes back; removed from the cluster, it goes,
+// unless containers use it.
 func TestSyncLoop(t *testing.T) {
 	h := newHarness(t)
 	docker := &fakeDocker{h: h, nets: map[string]DockerNetwork{}}
@@ -170,14 +173,30 @@ func TestSyncLoop(t *testing.T) {
 	if err := h.d.syncOnce(ctx); err != nil {
 		t.Fatal(err)
 	}
-	spec, from := h.mesh.View().Spec(subnet)
-	if spec == nil || spec.Name != "app" || spec.Deleted || from != testNode || spec.Options[optMTU] != "1300" {
-		t.Fatalf("published spec %+v from %s", spec, from)
+	spec := h.mesh.View().Spec(subnet)
+	if spec == nil || spec.Name != "app" || spec.Options[optMTU] != "1300" {
+		t.Fatalf("recorded spec %+v", spec)
 	}
-	created := spec.Version
 
-	// Someone removes it (a newer removal); the loop removes it here.
-	if err := h.mesh.PublishSpec(subnet, mesh.NetworkSpec{Name: "app", Deleted: true}); err != nil {
+	// A prune here removes this host's copy; the loop puts it back.
+	if err := docker.RemoveNetwork(ctx, n.id); err != nil {
+		t.Fatal(err)
+	}
+	h.empty(pathReleasePool, map[string]any{"PoolID": n.poolID})
+	if err := h.d.syncOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(docker.nets) != 1 || len(h.state().Networks) != 1 {
+		t.Fatalf("pruned network not put back: docker %v, state %v", docker.nets, h.state().Networks)
+	}
+	for _, dn := range docker.nets {
+		if dn.Name != "app" || dn.Options[optMTU] != "1300" {
+			t.Fatalf("put back as %+v", dn)
+		}
+	}
+
+	// Removed from the cluster: the loop removes it here.
+	if _, err := h.d.RemoveClusterNetwork(ctx, "app"); err != nil {
 		t.Fatal(err)
 	}
 	if err := h.d.syncOnce(ctx); err != nil {
@@ -186,34 +205,10 @@ func TestSyncLoop(t *testing.T) {
 	if len(docker.nets) != 0 || len(h.state().Networks) != 0 {
 		t.Fatalf("network not removed: docker %v, state %v", docker.nets, h.state().Networks)
 	}
-	removal, _ := h.mesh.View().Spec(subnet)
-	if !removal.Deleted {
-		t.Fatal("the removal was overwritten")
+	if h.mesh.View().Network(subnet) != nil {
+		t.Fatal("the network is still in the cluster")
 	}
-
-	// A re-creation published by the mesh is created here as its copy.
-	h.empty(pathReleasePool, map[string]any{"PoolID": n.poolID})
-	if err := h.mesh.PublishSpec(subnet, mesh.NetworkSpec{Name: "app2"}); err != nil {
-		t.Fatal(err)
-	}
-	again, _ := h.mesh.View().Spec(subnet)
-	if err := h.d.syncOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	st := h.state()
-	if len(st.Networks) != 1 {
-		t.Fatalf("copy not created: %+v", st.Networks)
-	}
-	for _, net := range st.Networks {
-		if net.SpecVersion != again.Version || again.Version <= created {
-			t.Fatalf("copy stands for version %d, want the spec's %d", net.SpecVersion, again.Version)
-		}
-	}
-	// And it is not published back as a newer definition.
-	if err := h.d.syncOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if s, _ := h.mesh.View().Spec(subnet); s.Version != again.Version {
-		t.Fatalf("the copy republished itself as version %d", s.Version)
+	if _, err := h.d.RemoveClusterNetwork(ctx, "app"); err == nil {
+		t.Fatal("removing a removed network succeeded")
 	}
 }

@@ -1,18 +1,16 @@
 package mesh
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
-	"fmt"
-	"log"
 	"log/slog"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // delegate adapts Mesh to memberlist's callbacks. Every method returns
@@ -28,6 +26,19 @@ var (
 	_ memberlist.PingDelegate     = (*delegate)(nil)
 )
 
+// bound returns the identity the catalog binds to a node name. It reads
+// the catalog, which code holding m.mu may do.
+func (m *Mesh) bound(name string) (crypto.NodeID, bool) {
+	var id crypto.NodeID
+	var ok bool
+	m.node.FSM().Read(func(s *catalog.State) {
+		if n, found := s.Nodes[name]; found {
+			id, ok = n.ID, true
+		}
+	})
+	return id, ok
+}
+
 func (d *delegate) NodeMeta(limit int) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
@@ -40,49 +51,30 @@ func (d *delegate) NodeMeta(limit int) []byte {
 
 func (d *delegate) NotifyMsg(b []byte) {
 	d.m.stats.received(len(b))
-	msg, err := decodeMessage(b)
+	s, err := decodeMessage(b)
 	if err != nil {
-		d.m.log.Warn("dropping gossip message", "err", err)
+		d.m.mu.Lock()
+		d.m.rep.refuse("message-invalid")
+		d.m.mu.Unlock()
+		d.m.log.Debug("dropping gossip message", "err", err)
 		return
 	}
 	d.m.mu.Lock()
-	var changed bool
-	var relay string
-	switch {
-	case msg.Net != nil:
-		changed = d.m.rep.mergeNet(*msg.Net)
-		relay = "net/" + msg.Net.Node + "/" + msg.Net.Subnet.String()
-	case msg.Forget != nil:
-		changed = d.m.rep.mergeForget(*msg.Forget)
-		if changed {
-			delete(d.m.live, msg.Forget.Node)
-		}
-		relay = "forget/" + msg.Forget.Node
-	case msg.Vote != nil:
-		vt := msg.Vote
-		if vt.To == d.m.cfg.Name {
-			// A vote changes nothing replicated: it only wakes the loop.
-			voted := d.m.recordVoteLocked(claimKey{vt.Subnet, Claim{vt.Block, vt.Attempt}}, vt.From)
-			d.m.mu.Unlock()
-			if voted {
-				d.m.kickLoop()
-			}
-			return
-		}
-	}
+	changed := d.m.rep.mergeEntry(s, d.m.bound)
 	if changed {
-		d.m.dirty = true
+		d.m.touchLocked()
 	}
 	d.m.mu.Unlock()
 	if changed {
 		// Pass news on, as Serf does: memberlist sends a node's
-		// broadcasts to a few random members only, so past the
-		// direct fan-out a message would reach a fraction of the
-		// cluster until the next push/pull. Only what was news here
-		// is relayed, so every node relays a version at most once, and
-		// a newer version replaces an older one still queued.
+		// broadcasts to a few random members only, so past the direct
+		// fan-out a message would reach a fraction of the cluster until
+		// the next push/pull. Only what was news here is relayed, so
+		// every node relays a version at most once, and a newer version
+		// replaces an older one still queued.
+		e, _ := decodeEntry(s)
 		if len(b) <= maxBroadcast {
-			d.m.queue.QueueBroadcast(&broadcast{name: relay, msg: slices.Clone(b)})
+			d.m.queue.QueueBroadcast(&broadcast{name: "entry/" + e.Node + "/" + e.Subnet.String(), msg: slices.Clone(b)})
 		}
 		d.m.kickLoop()
 	}
@@ -99,20 +91,23 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 func (d *delegate) LocalState(join bool) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	return encodeState(d.m.rep.snapshot())
+	return mustJSON(d.m.rep.snapshot(false))
 }
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	d.m.stats.received(len(buf))
-	s, err := decodeState(buf)
+	s, err := decodeStateMsg(buf)
 	if err != nil {
 		d.m.log.Warn("dropping state from push/pull", "err", err)
 		return
 	}
+	changed := false
 	d.m.mu.Lock()
-	changed := d.m.rep.mergeSnapshot(s)
+	for _, e := range s.Entries {
+		changed = d.m.rep.mergeEntry(e, d.m.bound) || changed
+	}
 	if changed {
-		d.m.dirty = true
+		d.m.touchLocked()
 	}
 	d.m.mu.Unlock()
 	if changed {
@@ -120,16 +115,36 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	}
 }
 
-// NotifyAlive refuses nodes whose metadata this node cannot read: they
-// speak another protocol version, or are not wgmesh at all.
+// NotifyAlive refuses nodes whose metadata this node cannot read (they
+// speak another protocol, or are not wgmesh, or sign with an identity
+// their info does not name), and nodes whose name the catalog binds to
+// another identity: a second host with a taken name never becomes a
+// member here, and the refusal shows in status.
 func (d *delegate) NotifyAlive(n *memberlist.Node) error {
 	if n.Name == d.m.cfg.Name {
 		return nil
 	}
-	if _, err := decodeMeta(n.Meta); err != nil {
-		return fmt.Errorf("refusing node %s: %w", n.Name, err)
+	info, _, err := decodeMeta(n.Meta)
+	if err != nil {
+		d.m.mu.Lock()
+		d.m.rep.refuse("meta-invalid")
+		d.m.mu.Unlock()
+		return err
+	}
+	if id, ok := d.m.bound(n.Name); ok && id != info.ID {
+		d.m.problems.nameTaken(n.Name, n.Addr.String(), id, info.ID)
+		d.m.mu.Lock()
+		d.m.rep.refuse("info-wrong-identity")
+		d.m.mu.Unlock()
+		return errNameTaken(n.Name)
 	}
 	return nil
+}
+
+type errNameTaken string
+
+func (e errNameTaken) Error() string {
+	return "refusing node " + string(e) + ": the cluster binds that name to another identity"
 }
 
 // memberlist v0.7 never fills in Node.State (its nodeState.State shadows
@@ -142,7 +157,7 @@ func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.nodeEvent(n, Alive) }
 
 func (d *delegate) NotifyLeave(n *memberlist.Node) {
 	state := Dead
-	if info, err := decodeMeta(n.Meta); err == nil && info.Leaving {
+	if info, _, err := decodeMeta(n.Meta); err == nil && info.Leaving {
 		state = Left
 	}
 	d.nodeEvent(n, state)
@@ -152,21 +167,17 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 	if n.Name == d.m.cfg.Name {
 		return
 	}
-	info, err := decodeMeta(n.Meta)
+	info, s, err := decodeMeta(n.Meta)
 	now := time.Now()
 	d.m.mu.Lock()
-	if err == nil && info.Name == n.Name {
-		if d.m.rep.mergeNode(info) {
-			d.m.dirty = true
-		}
+	if err == nil && info.Name == n.Name && d.m.rep.mergeInfo(info, s, d.m.bound) {
+		d.m.touchLocked()
 	}
 	rec := d.m.live[n.Name]
 	prev := rec.state
 	if prev != state {
 		rec.state, rec.since = state, now
-		if state == Alive {
-			d.m.greet = append(d.m.greet, n.Name)
-		}
+		d.m.touchLocked()
 	}
 	if state == Alive {
 		// Joining counts as contact; suspicion is measured from here.
@@ -175,7 +186,6 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 			// Another member is alive: this node has seen its cluster,
 			// also if that member joined it before it reached its seeds.
 			d.m.joined = true
-			d.m.dirty = true
 			d.m.log.Info("joined the cluster", "via", n.Name)
 		}
 	}
@@ -207,9 +217,13 @@ func (d *delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, _ [
 	d.m.live[n.Name] = rec
 }
 
+// NotifyConflict: two hosts claim one node name at two addresses. The
+// first stays a member; the problem shows in status on every host that
+// sees it.
 func (d *delegate) NotifyConflict(existing, other *memberlist.Node) {
-	d.m.log.Error("two nodes use the same name; give each a unique --node-name",
+	d.m.log.Error("two hosts use the same node name; give each a unique --node-name and a state directory of its own",
 		"name", existing.Name, "addr", existing.Addr.String(), "other_addr", other.Addr.String())
+	d.m.problems.conflict(existing.Name, existing.Addr.String(), other.Addr.String())
 }
 
 // broadcast is a gossip message; a newer one with the same name replaces
@@ -242,50 +256,4 @@ func (s *gossipStats) sent(n int) {
 func (s *gossipStats) received(n int) {
 	s.recvMsgs.Add(1)
 	s.recvBytes.Add(uint64(n))
-}
-
-// Stats are counters of wgmesh's gossip payload since start.
-type Stats struct {
-	SentMessages, SentBytes, ReceivedMessages, ReceivedBytes uint64
-}
-
-// Stats returns gossip counters.
-func (m *Mesh) Stats() Stats {
-	return Stats{
-		SentMessages: m.stats.sentMsgs.Load(), SentBytes: m.stats.sentBytes.Load(),
-		ReceivedMessages: m.stats.recvMsgs.Load(), ReceivedBytes: m.stats.recvBytes.Load(),
-	}
-}
-
-// newStdLogger routes memberlist's log.Logger output into slog, mapping
-// its "[DEBUG]"/"[INFO]"/"[WARN]"/"[ERR]" prefixes to levels.
-func newStdLogger(l *slog.Logger) *log.Logger {
-	return log.New(&slogWriter{l.With("component", "memberlist")}, "", 0)
-}
-
-type slogWriter struct{ l *slog.Logger }
-
-func (w *slogWriter) Write(p []byte) (int, error) {
-	msg := string(bytes.TrimSpace(p))
-	level := slog.LevelInfo
-	for _, pfx := range []struct {
-		tag   string
-		level slog.Level
-	}{{"[DEBUG] ", slog.LevelDebug}, {"[INFO] ", slog.LevelInfo}, {"[WARN] ", slog.LevelWarn}, {"[ERR] ", slog.LevelError}, {"[ERROR] ", slog.LevelError}} {
-		if rest, ok := bytes.CutPrefix([]byte(msg), []byte(pfx.tag)); ok {
-			msg, level = string(rest), pfx.level
-			break
-		}
-	}
-	msg = strings.TrimPrefix(msg, "memberlist: ")
-	w.l.Log(context.Background(), level, msg)
-	return len(p), nil
-}
-
-func mustJSON(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err) // only our own plain types are marshalled
-	}
-	return b
 }

@@ -1,73 +1,117 @@
+// Package mesh is everything cluster-wide: membership and failure
+// detection through memberlist gossip, the catalog the cluster agrees on
+// through Raft (package consensus), and the records each node publishes
+// about itself by gossip.
+//
+// Two kinds of state, two mechanisms:
+//
+//   - What must never be held twice, and who is who — which identity a
+//     node name belongs to, which networks exist, which node owns which
+//     address block — is decided by committed Raft entries (package
+//     catalog). Every node holds a replica of the committed catalog.
+//   - What may differ between nodes for a while — a node's WireGuard key
+//     and endpoint, its WireGuard port per network, how many containers
+//     it runs — travels by gossip, in records signed by the node they
+//     describe (records.go). A receiver uses a record only if the catalog
+//     binds the record's node name to the identity that signed it, and
+//     installs as a peer's allowed IPs the blocks the catalog says that
+//     peer owns, never what the peer says of itself.
+//
+// mesh has no OS imports: no netlink, no WireGuard, no Docker.
 package mesh
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
+	"hash/fnv"
 	"log/slog"
 	"maps"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/google/renameio/v2"
 	"github.com/hashicorp/go-sockaddr"
 	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/internal/logbridge"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
 
 // Config configures a Mesh.
 type Config struct {
-	// Name is this node's unique name in the cluster.
+	// Name is this node's name in the cluster; the cluster binds it to
+	// Identity on first join.
 	Name string
+	// Identity is this node's identity key: it signs what the node
+	// publishes and authenticates it to the cluster.
+	Identity crypto.Identity
 	// BindAddr and BindPort are where gossip listens (TCP and UDP).
 	BindAddr string
 	BindPort int
-	// AdvertiseAddr is the address peers use for gossip and WireGuard;
-	// hosts behind NAT must set it. Empty: the bind address, or else the
-	// first private address of this host.
+	// RaftPort is where consensus listens (TCP, mutual TLS); 0 means
+	// BindPort+1.
+	RaftPort int
+	// AdvertiseAddr is the address peers use for gossip, consensus and
+	// WireGuard; hosts behind NAT must set it. Empty: the bind address,
+	// or else the first private address of this host.
 	AdvertiseAddr string
 	// Join lists seed addresses (host or host:port).
 	Join []string
-	// Keyring encrypts gossip. Nil means gossip in clear, which the
-	// caller must have chosen explicitly.
+	// Keyring encrypts gossip and keys consensus TLS. Nil means no
+	// encryption key, which the caller must have chosen explicitly.
 	Keyring crypto.Keyring
 	// PublicKey is this node's WireGuard public key.
 	PublicKey crypto.PublicKey
 	// WGMode is reported to peers ("kernel" or "userspace").
 	WGMode string
-	// StatePath persists the replicated state; empty keeps it in memory.
-	StatePath string
-	Logger    *slog.Logger
+	// StateDir holds the consensus log and this node's saved gossip.
+	// Empty keeps everything in memory (tests).
+	StateDir string
+	Logger   *slog.Logger
 	// Memberlist is the base memberlist configuration; nil means
 	// memberlist.DefaultLANConfig. Name, addresses, delegates and
 	// keyring are always set by Mesh.
 	Memberlist *memberlist.Config
 	// Transport overrides memberlist's network transport (tests).
 	Transport memberlist.Transport
+	// RaftListener and RaftDial override consensus networking (tests).
+	RaftListener net.Listener
+	RaftDial     consensus.DialFunc
+	// Consensus tunes Raft and the autopilot; zero values take defaults.
+	Consensus ConsensusTiming
 	// ReconnectInterval is how often a node retries its seeds while alone
 	// and tries to reach members it believes dead, which is how a
 	// partition heals after memberlist has given up on the other side.
 	ReconnectInterval time.Duration
 	// DirectFanout: in clusters up to this size a node sends its own
-	// changes straight to every member as well as gossiping them, which
-	// makes claims take one round trip instead of several gossip rounds.
+	// changes straight to every member as well as gossiping them.
 	DirectFanout int
 	// LeaveOnShutdown makes Run leave the cluster when it stops, so that
 	// peers drop this node at once. Off, peers keep their WireGuard
-	// configuration through an agent restart and mark the node failed
-	// only if it stays away past the failure timeouts.
+	// configuration through an agent restart.
 	LeaveOnShutdown bool
 	// LeaveTimeout bounds the graceful leave on shutdown.
 	LeaveTimeout time.Duration
+}
+
+// ConsensusTiming tunes consensus (see consensus.Config).
+type ConsensusTiming struct {
+	Raft                *raft.Config
+	StableWait          time.Duration
+	DeadVoterTimeout    time.Duration
+	DeadNonvoterTimeout time.Duration
+	Tick                time.Duration
+	MaxVoters           int
 }
 
 // DefaultConfig returns defaults for a LAN or a set of cloud hosts.
@@ -85,11 +129,17 @@ func DefaultConfig() Config {
 
 // Validate checks the configuration.
 func (c *Config) Validate() error {
-	if err := validName(c.Name); err != nil {
+	if err := catalog.ValidName(c.Name); err != nil {
 		return fmt.Errorf("node name: %w", err)
+	}
+	if c.Identity.IsZero() {
+		return errors.New("no identity key")
 	}
 	if c.BindPort < 0 || c.BindPort > 65535 {
 		return fmt.Errorf("gossip port %d out of range", c.BindPort)
+	}
+	if c.RaftPort < 0 || c.RaftPort > 65535 || c.RaftPort == 0 && c.BindPort == 65535 {
+		return fmt.Errorf("consensus port %d out of range", c.RaftPort)
 	}
 	if net.ParseIP(c.BindAddr) == nil {
 		return fmt.Errorf("bind address %q is not an IP address", c.BindAddr)
@@ -109,16 +159,27 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Mesh is this node's membership in the cluster and its replica of the
-// cluster's state.
+func (c *Config) raftPort() int {
+	if c.RaftPort != 0 {
+		return c.RaftPort
+	}
+	return c.BindPort + 1
+}
+
+// Mesh is this node's membership in the cluster, its replica of the
+// catalog and of the gossip records.
 //
 // Locking: mu guards the replica and everything next to it. memberlist
 // calls the delegates with its own locks held, so code holding mu must
-// never call into memberlist (or its broadcast queue): changes are put in
-// an outbox under mu and sent after it is released.
+// never call into memberlist (or its broadcast queue), nor into the
+// consensus node: changes are put in an outbox under mu and sent after it
+// is released. mu may be held while reading the catalog (FSM.Read).
 type Mesh struct {
-	cfg Config
-	log *slog.Logger
+	cfg  Config
+	log  *slog.Logger
+	tls  *crypto.ClusterTLS
+	node *consensus.Node
+	gen  uint64
 
 	ml      atomic.Pointer[memberlist.Memberlist]
 	keyring atomic.Pointer[memberlist.Keyring]
@@ -133,52 +194,32 @@ type Mesh struct {
 	rep     *replica
 	live    map[string]liveRecord
 	joined  bool
-	dirty   bool
-	outbox  []outMsg
-	waiters map[claimKey]chan Outcome
-	// promises are this node's votes, by subnet; they are persisted
-	// before they are sent. promiseSent is when each was last sent.
-	promises    map[netip.Prefix][]Promise
-	promiseSent map[promiseKey]time.Time
-	// votes are the voters each of this node's pending claims heard from.
-	votes map[claimKey]map[string]bool
-	// greet lists members that became alive since the last step: they
-	// are sent this node's pending claims, which they may have missed.
-	greet []string
-	// abstainUntil: after losing its state file this node makes no new
-	// promises until then.
-	abstainUntil time.Time
-	meta         []byte
-	addr         netip.Addr
-	leaving      bool
+	counter uint64
+	self    NodeInfo
+	meta    []byte
+	// metaStale is set when this node's info must be published again.
+	metaStale bool
+	outbox    []outMsg
+	addr      netip.Addr
+	leaving   bool
+	// gossipDirty marks the saved gossip as behind; lastSave is when it
+	// was last written.
+	gossipDirty bool
+	lastSave    time.Time
+	// mutations counts changes of the replica, liveness and this node's
+	// info; lastSig is what the driver was last told about.
+	mutations uint64
+	lastSig   viewSig
+	problems  problems
+	legacy    *legacyState
 	// probeInterval is memberlist's, for the suspect heuristic.
 	probeInterval time.Duration
-	// started is when Run started gossip.
-	started time.Time
-}
-
-// unknownGrace is how long a member known only from saved state may stay
-// unconfirmed before it counts as failed: long enough for the seeds to be
-// joined and a reconnect round to reach it.
-func (m *Mesh) unknownGrace() time.Duration {
-	return 3*m.cfg.ReconnectInterval + 10*m.probeInterval
+	started       time.Time
 }
 
 type outMsg struct {
 	name string // invalidates older queued broadcasts with the same name
 	b    []byte
-	// to, when set, sends the message to that member only, not gossiped.
-	to string
-}
-
-type claimKey struct {
-	subnet netip.Prefix
-	claim  Claim
-}
-
-type promiseKey struct {
-	subnet  netip.Prefix
-	promise Promise
 }
 
 // seedRetryMin and seedRetryMax bound the backoff of a node that could
@@ -188,17 +229,8 @@ const (
 	seedRetryMax = time.Second
 )
 
-// Vote timing. A vote travels in one UDP packet and may be lost, so a
-// voter repeats it while the claim is pending. After losing its state a
-// node abstains for longer than any claimant waits for votes (the driver
-// gives up on a claim after 20 seconds).
-const (
-	voteResend       = 2 * time.Second
-	lostStateAbstain = time.Minute
-)
-
-// New creates a Mesh from cfg and the state file, if any. It starts
-// nothing; Run does.
+// New creates a Mesh. It binds the consensus port (so that a port in use
+// fails at start) but starts nothing; Run does.
 func New(cfg Config) (*Mesh, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -213,19 +245,19 @@ func New(cfg Config) (*Mesh, error) {
 	if err != nil {
 		return nil, err
 	}
+	tlsc, err := crypto.NewClusterTLS(cfg.Identity, cfg.Keyring)
+	if err != nil {
+		return nil, err
+	}
 	m := &Mesh{
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "mesh"),
+		tls:     tlsc,
 		kick:    make(chan struct{}, 1),
 		changes: make(chan struct{}, 1),
 		rep:     newReplica(cfg.Name),
 		live:    map[string]liveRecord{},
-		waiters: map[claimKey]chan Outcome{},
 		addr:    addr,
-
-		promises:    map[netip.Prefix][]Promise{},
-		promiseSent: map[promiseKey]time.Time{},
-		votes:       map[claimKey]map[string]bool{},
 	}
 	m.probeInterval = m.baseMemberlist().ProbeInterval
 	m.queue = &memberlist.TransmitLimitedQueue{
@@ -237,19 +269,42 @@ func New(cfg Config) (*Mesh, error) {
 		},
 		RetransmitMult: 4,
 	}
-	if err := m.load(); err != nil {
-		return nil, err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.setSelfInfoLocked()
-	// Claims from before a restart have no one waiting for them.
-	for k, e := range m.rep.nets {
-		if k.node == cfg.Name && len(e.Claims) > 0 {
-			e.Claims = nil
-			m.publishLocked(m.rep.putOwn(e))
+	if cfg.StateDir != "" {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("creating state directory: %w", err)
+		}
+		if m.legacy, err = loadLegacy(filepath.Join(cfg.StateDir, legacyFile), cfg.Name); err != nil {
+			return nil, err
 		}
 	}
+	l := cfg.RaftListener
+	if l == nil {
+		hostPort := net.JoinHostPort(cfg.BindAddr, strconv.Itoa(cfg.raftPort()))
+		if l, err = net.Listen("tcp", hostPort); err != nil {
+			return nil, fmt.Errorf("consensus port: %w", err)
+		}
+	}
+	if cfg.RaftListener != nil {
+		m.cfg.RaftPort = l.Addr().(*net.TCPAddr).Port
+	}
+	advertise := net.JoinHostPort(addr.String(), strconv.Itoa(m.cfg.raftPort()))
+	ccfg := consensus.Config{
+		Name: cfg.Name, Identity: cfg.Identity, TLS: tlsc, Addr: addr, Dir: cfg.StateDir,
+		Listener: l, Advertise: advertise, Dial: cfg.RaftDial, Membership: membership{m}, Logger: cfg.Logger,
+		Raft: cfg.Consensus.Raft, StableWait: cfg.Consensus.StableWait, DeadVoterTimeout: cfg.Consensus.DeadVoterTimeout,
+		DeadNonvoterTimeout: cfg.Consensus.DeadNonvoterTimeout, Tick: cfg.Consensus.Tick, MaxVoters: cfg.Consensus.MaxVoters,
+	}
+	if m.node, err = consensus.New(ccfg); err != nil {
+		l.Close()
+		return nil, err
+	}
+	_, m.gen = m.node.Identity()
+	if err := m.loadGossip(); err != nil {
+		m.log.Warn("ignoring saved gossip", "err", err)
+	}
+	m.mu.Lock()
+	m.setSelfInfoLocked()
+	m.mu.Unlock()
 	return m, nil
 }
 
@@ -273,16 +328,35 @@ func advertiseAddr(cfg Config) (netip.Addr, error) {
 	return netip.ParseAddr(ip)
 }
 
+// version returns a new version for one of this node's records.
+func (m *Mesh) versionLocked() uint64 {
+	m.counter++
+	return m.gen<<32 | m.counter&0xffffffff
+}
+
 func (m *Mesh) setSelfInfoLocked() {
-	n := m.rep.setSelf(NodeInfo{
+	m.self = NodeInfo{
+		Name:       m.cfg.Name,
+		ID:         m.cfg.Identity.ID(),
+		Version:    m.versionLocked(),
 		PublicKey:  m.cfg.PublicKey,
 		Addr:       m.addr,
 		GossipPort: uint16(m.cfg.BindPort),
+		RaftPort:   uint16(m.cfg.raftPort()),
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
-	})
-	m.meta = encodeMeta(n)
-	m.dirty = true
+		ClusterID:  m.node.ClusterID(),
+	}
+	m.meta = encodeMeta(sign(m.cfg.Identity, purposeInfo, m.self))
+	m.metaStale = true
+	m.mutations++
+}
+
+// touchLocked records that the replica or liveness changed: the saved
+// gossip is behind, and the driver must look again.
+func (m *Mesh) touchLocked() {
+	m.gossipDirty = true
+	m.mutations++
 }
 
 // Name returns this node's name.
@@ -310,42 +384,71 @@ func (m *Mesh) notifyChanged() {
 	}
 }
 
-// Run starts gossip, joins the seeds and runs the mesh until ctx is done,
-// then leaves the cluster gracefully. It returns an error only if gossip
-// could not start.
+// ErrRefused wraps the cluster's refusal of this node: a taken name, an
+// identity used under another name, a forgotten identity. The agent
+// cannot work until an operator acts, so Run returns it.
+var ErrRefused = errors.New("the cluster refuses this node")
+
+// Run starts gossip and consensus, joins the seeds and runs the mesh until
+// ctx is done, then leaves the cluster if configured to. It returns an
+// error if gossip could not start or the cluster refuses this node.
 func (m *Mesh) Run(ctx context.Context) error {
 	conf := m.memberlistConfig()
 	ml, err := memberlist.Create(conf)
 	if err != nil {
+		m.node.Close()
 		return fmt.Errorf("starting gossip on %s:%d: %w", conf.BindAddr, conf.BindPort, err)
 	}
 	m.ml.Store(ml)
 	m.mu.Lock()
 	m.started = time.Now()
 	m.mu.Unlock()
-	m.log.Info("gossip started", "addr", m.addr, "port", conf.BindPort, "encrypted", conf.Keyring != nil)
+	m.log.Info("gossip started", "addr", m.addr, "port", conf.BindPort, "raft_port", m.cfg.raftPort(), "encrypted", conf.Keyring != nil)
 
+	nodeCtx, stopNode := context.WithCancel(context.Background())
+	nodeDone := make(chan error, 1)
+	go func() { nodeDone <- m.node.Run(nodeCtx) }()
+	// The mesh's own goroutines stop with Run, also when it returns on
+	// an error rather than because ctx is done.
+	ctx, stopLoops := context.WithCancel(ctx)
+	defer stopLoops()
 	m.wg.Add(1)
 	go m.loopReconnect(ctx)
 
 	ticker := time.NewTicker(time.Second)
 	defer ticker.Stop()
-	m.step()
+	var runErr error
+	m.step(ctx)
+loop:
 	for {
 		select {
 		case <-ctx.Done():
-			m.shutdown(ml)
-			return nil
+			break loop
+		case err := <-nodeDone:
+			nodeDone <- err
+			runErr = fmt.Errorf("consensus stopped: %w", err)
+			break loop
 		case <-m.kick:
-			m.step()
 		case <-ticker.C:
-			m.step()
+		case <-m.node.Changes():
+		}
+		if err := m.step(ctx); err != nil {
+			runErr = err
+			break loop
 		}
 	}
+	stopLoops()
+	m.shutdown(ml, stopNode, nodeDone)
+	return runErr
 }
 
-func (m *Mesh) shutdown(ml *memberlist.Memberlist) {
+func (m *Mesh) shutdown(ml *memberlist.Memberlist, stopNode context.CancelFunc, nodeDone chan error) {
 	if m.cfg.LeaveOnShutdown {
+		lctx, cancel := context.WithTimeout(context.Background(), m.cfg.LeaveTimeout)
+		if err := m.node.Leave(lctx); err != nil {
+			m.log.Warn("leaving consensus", "err", err)
+		}
+		cancel()
 		// Say we are leaving on purpose, then leave, so that peers show
 		// this node as left rather than failed.
 		m.mu.Lock()
@@ -359,17 +462,15 @@ func (m *Mesh) shutdown(ml *memberlist.Memberlist) {
 			m.log.Warn("leaving the cluster", "err", err)
 		}
 	}
+	stopNode()
+	if err := <-nodeDone; err != nil {
+		m.log.Warn("consensus stopped", "err", err)
+	}
 	if err := ml.Shutdown(); err != nil {
 		m.log.Warn("stopping gossip", "err", err)
 	}
 	m.wg.Wait()
-	m.mu.Lock()
-	for k, ch := range m.waiters {
-		close(ch)
-		delete(m.waiters, k)
-	}
-	m.mu.Unlock()
-	m.persist()
+	m.saveGossip()
 	m.log.Info("gossip stopped")
 }
 
@@ -395,7 +496,7 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 	conf.Alive = d
 	conf.Conflict = d
 	conf.Ping = d
-	conf.Logger = newStdLogger(m.cfg.Logger)
+	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"))
 	conf.LogOutput = nil
 	if m.cfg.Transport != nil {
 		conf.Transport = m.cfg.Transport
@@ -452,7 +553,6 @@ func (m *Mesh) loopReconnect(ctx context.Context) {
 			m.mu.Lock()
 			if !m.joined {
 				m.joined = true
-				m.dirty = true
 				m.log.Info("joined the cluster", "members", members)
 			}
 			m.mu.Unlock()
@@ -471,8 +571,9 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []string
-	for name, n := range m.rep.nodes {
-		if name == m.cfg.Name || alive[name] || n.Leaving || n.GossipPort == 0 {
+	for name, rec := range m.rep.infos {
+		n := rec.info
+		if alive[name] || n.Leaving || n.GossipPort == 0 {
 			continue
 		}
 		out = append(out, net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.GossipPort))))
@@ -480,74 +581,23 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	return out
 }
 
-// step is one pass of the mesh loop: vote, settle own claims, persist,
-// send what changed, and tell the driver.
-func (m *Mesh) step() {
+// step is one pass of the mesh loop: publish this node's info when it
+// changed, upgrade legacy state, save gossip, send what changed, and tell
+// the driver.
+func (m *Mesh) step(ctx context.Context) error {
+	if err := m.node.Refusal(); err != nil && !errors.Is(err, catalog.ErrRolledBack) {
+		return fmt.Errorf("%w: %w", ErrRefused, err)
+	}
 	m.mu.Lock()
-	now := time.Now()
-	if m.rep.lostState {
-		m.rep.lostState = false
-		m.abstainUntil = now.Add(lostStateAbstain)
-		m.log.Warn("the cluster knows a newer state of this node than its state file: not voting on address block claims for a while",
-			"for", lostStateAbstain)
-	}
-	v := buildView(m.rep, m.live)
-	votes := m.voteLocked(v, now)
-	for _, subnet := range m.subnetsLocked() {
-		own := m.rep.own(subnet)
-		changed := false
-		var keep []Claim
-		for _, c := range own.Claims {
-			key := claimKey{subnet, c}
-			o, rival, n := claimOutcome(v, subnet, c, m.votes[key])
-			switch o {
-			case Committed:
-				own.Blocks = append(own.Blocks, c.Block)
-				changed = true
-				m.log.Info("address block claimed", "network", subnet, "block", c.Block, "votes", n, "quorum", v.Quorum())
-			case Lost:
-				changed = true
-				m.log.Debug("address block claim lost", "network", subnet, "block", c.Block, "to", rival)
-			default:
-				keep = append(keep, c)
-			}
-			if o != Pending {
-				delete(m.votes, key)
-				if ch, ok := m.waiters[key]; ok {
-					ch <- o
-					delete(m.waiters, key)
-				}
-			}
-		}
-		if changed {
-			own.Claims = keep
-			m.publishLocked(m.rep.putOwn(own))
-		}
-	}
-	for k := range m.votes {
-		if !slices.Contains(m.rep.own(k.subnet).Claims, k.claim) {
-			delete(m.votes, k)
-		}
-	}
-	for k := range m.rep.republish {
-		if e, ok := m.rep.nets[k]; ok {
-			m.publishLocked(e)
-		}
-		delete(m.rep.republish, k)
-	}
-	m.greetLocked()
-	updateMeta := m.rep.selfInfoStale
-	if updateMeta {
+	if m.self.ClusterID != m.node.ClusterID() {
 		m.setSelfInfoLocked()
 	}
+	updateMeta := m.metaStale
+	m.metaStale = false
 	out := m.outbox
 	m.outbox = nil
 	m.mu.Unlock()
 
-	// Promises reach the disk before anyone hears of them.
-	m.persist()
-	m.send(out)
-	m.sendVotes(votes)
 	if updateMeta {
 		if ml := m.memberlist(); ml != nil {
 			if err := ml.UpdateNode(m.cfg.LeaveTimeout); err != nil {
@@ -555,137 +605,37 @@ func (m *Mesh) step() {
 			}
 		}
 	}
-	m.notifyChanged()
+	m.send(out)
+	if err := m.checkForgotten(); err != nil {
+		return err
+	}
+	m.migrateLegacy(ctx)
+	m.saveGossipThrottled()
+	if sig := m.signature(); sig != m.lastSig {
+		// Only a change wakes the driver: an idle cluster costs an
+		// idle host nothing.
+		m.lastSig = sig
+		m.notifyChanged()
+	}
+	return nil
 }
 
-// greetLocked sends members that just became alive this node's entries
-// with pending claims. A claim needs the votes of a majority of the nodes
-// known when it is counted, and a node that joined after the claim went
-// out would otherwise hear of it only at the next push/pull.
-func (m *Mesh) greetLocked() {
-	if len(m.greet) == 0 {
-		return
-	}
-	for _, subnet := range m.subnetsLocked() {
-		own := m.rep.own(subnet)
-		if len(own.Claims) == 0 {
-			continue
-		}
-		b := encodeNet(own)
-		for _, to := range m.greet {
-			m.outbox = append(m.outbox, outMsg{b: b, to: to})
-		}
-	}
-	m.greet = nil
+// viewSig summarises what the View depends on: mutations, the catalog's
+// index, and the liveness the View derives from time (suspect, failed).
+type viewSig struct {
+	mutations, index uint64
+	states           uint64
 }
 
-// outVote is a vote on its way to a claimant.
-type outVote struct {
-	to string
-	b  []byte
-}
-
-// voteLocked brings this node's promises up to date with the view and
-// returns the votes due to be sent. Votes for its own claims are counted
-// at once.
-func (m *Mesh) voteLocked(v *View, now time.Time) []outVote {
-	grant := !now.Before(m.abstainUntil)
-	subnets := m.subnetsLocked()
-	for s := range m.promises {
-		if !slices.Contains(subnets, s) {
-			subnets = append(subnets, s)
-		}
+func (m *Mesh) signature() viewSig {
+	v := m.View()
+	h := fnv.New64a()
+	for _, name := range slices.Sorted(maps.Keys(v.Members)) {
+		fmt.Fprintf(h, "%s=%d;", name, v.Members[name].State)
 	}
-	var out []outVote
-	held := map[promiseKey]bool{}
-	for _, subnet := range subnets {
-		want := desiredPromises(v, subnet, m.promises[subnet], grant)
-		if !slices.Equal(m.promises[subnet], want) {
-			if len(want) == 0 {
-				delete(m.promises, subnet)
-			} else {
-				m.promises[subnet] = want
-			}
-			m.dirty = true
-		}
-		for _, p := range want {
-			k := promiseKey{subnet, p}
-			held[k] = true
-			if p.To == m.cfg.Name {
-				m.recordVoteLocked(claimKey{subnet, Claim{p.Block, p.Attempt}}, m.cfg.Name)
-				continue
-			}
-			if now.Sub(m.promiseSent[k]) < voteResend || m.live[p.To].state != Alive {
-				// Sent lately, or no way to reach the claimant yet: its
-				// joining kicks another step.
-				continue
-			}
-			m.promiseSent[k] = now
-			out = append(out, outVote{to: p.To, b: encodeVote(vote{From: m.cfg.Name, Subnet: subnet, Promise: p})})
-		}
-	}
-	for k := range m.promiseSent {
-		if !held[k] {
-			delete(m.promiseSent, k)
-		}
-	}
-	return out
-}
-
-// recordVoteLocked counts a vote for one of this node's pending claims and
-// reports whether it is new. Votes for anything else are stale.
-func (m *Mesh) recordVoteLocked(key claimKey, voter string) bool {
-	if !slices.Contains(m.rep.own(key.subnet).Claims, key.claim) {
-		return false
-	}
-	set := m.votes[key]
-	if set[voter] {
-		return false
-	}
-	if set == nil {
-		set = map[string]bool{}
-		m.votes[key] = set
-	}
-	set[voter] = true
-	return true
-}
-
-// sendVotes sends votes to their claimants over UDP; a lost one is sent
-// again in a later step.
-func (m *Mesh) sendVotes(votes []outVote) {
-	ml := m.memberlist()
-	if ml == nil || len(votes) == 0 {
-		return
-	}
-	nodes := map[string]*memberlist.Node{}
-	for _, n := range ml.Members() {
-		nodes[n.Name] = n
-	}
-	for _, v := range votes {
-		n, ok := nodes[v.to]
-		if !ok {
-			continue
-		}
-		if err := ml.SendBestEffort(n, v.b); err != nil {
-			m.log.Debug("sending vote", "peer", v.to, "err", err)
-		}
-		m.stats.sent(len(v.b))
-	}
-}
-
-// subnetsLocked lists every subnet that has entries.
-func (m *Mesh) subnetsLocked() []netip.Prefix {
-	set := map[netip.Prefix]bool{}
-	for k := range m.rep.nets {
-		set[k.subnet] = true
-	}
-	return slices.SortedFunc(maps.Keys(set), comparePrefix)
-}
-
-// publishLocked queues an own entry for sending.
-func (m *Mesh) publishLocked(e NetworkEntry) {
-	m.outbox = append(m.outbox, outMsg{name: "net/" + e.Node + "/" + e.Subnet.String(), b: encodeNet(e)})
-	m.dirty = true
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return viewSig{mutations: m.mutations, index: v.Catalog.Index, states: h.Sum64()}
 }
 
 // maxBroadcast keeps a gossip message inside one UDP packet with room for
@@ -693,7 +643,6 @@ func (m *Mesh) publishLocked(e NetworkEntry) {
 const maxBroadcast = 1100
 
 // send gossips messages and, in small clusters, sends them directly.
-// Messages too big for a packet go to every member over TCP.
 func (m *Mesh) send(msgs []outMsg) {
 	ml := m.memberlist()
 	if ml == nil || len(msgs) == 0 {
@@ -702,132 +651,28 @@ func (m *Mesh) send(msgs []outMsg) {
 	members := ml.Members()
 	direct := len(members) <= m.cfg.DirectFanout
 	for _, msg := range msgs {
-		if msg.to != "" {
-			if i := slices.IndexFunc(members, func(n *memberlist.Node) bool { return n.Name == msg.to }); i >= 0 {
-				m.sendTo(ml, members[i], msg.b)
-			}
+		m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
+		if !direct {
 			continue
 		}
-		if len(msg.b) <= maxBroadcast {
-			m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
-			if !direct {
+		for _, n := range members {
+			if n.Name == m.cfg.Name {
 				continue
 			}
-		}
-		for _, n := range members {
-			if n.Name != m.cfg.Name {
-				m.sendTo(ml, n, msg.b)
+			if err := ml.SendBestEffort(n, msg.b); err != nil {
+				m.log.Debug("sending to member", "peer", n.Name, "err", err)
 			}
+			m.stats.sent(len(msg.b))
 		}
-	}
-}
-
-// sendTo sends b to one member: in a UDP packet if it fits, else over TCP
-// in the background.
-func (m *Mesh) sendTo(ml *memberlist.Memberlist, n *memberlist.Node, b []byte) {
-	if len(b) <= maxBroadcast {
-		if err := ml.SendBestEffort(n, b); err != nil {
-			m.log.Debug("sending to member", "peer", n.Name, "err", err)
-		}
-		m.stats.sent(len(b))
-		return
-	}
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
-		if err := ml.SendReliable(n, b); err != nil {
-			m.log.Debug("sending to member over TCP", "peer", n.Name, "err", err)
-		}
-		m.stats.sent(len(b))
-	}()
-}
-
-// persistedState is the state file: the replica plus what only this node
-// needs to remember.
-type persistedState struct {
-	snapshotState
-	Joined   bool                       `json:"joined,omitempty"`
-	Promises map[netip.Prefix][]Promise `json:"promises,omitempty"`
-}
-
-func (m *Mesh) load() error {
-	if m.cfg.StatePath == "" {
-		return nil
-	}
-	b, err := os.ReadFile(m.cfg.StatePath)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("reading mesh state: %w", err)
-	}
-	var p persistedState
-	if err := json.Unmarshal(b, &p); err != nil {
-		return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
-	}
-	s, err := decodeState(mustJSON(p.snapshotState))
-	if err != nil {
-		return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.rep.clock = s.Clock
-	for _, f := range s.Forgotten {
-		m.rep.forgotten[f.Node] = f.Version
-	}
-	for _, n := range s.Nodes {
-		m.rep.nodes[n.Name] = n
-	}
-	for _, e := range s.Networks {
-		e.normalize()
-		m.rep.nets[e.key()] = e
-		m.rep.observe(e.Version)
-	}
-	for _, n := range s.Nodes {
-		m.rep.observe(n.Version)
-	}
-	m.joined = p.Joined
-	for subnet, ps := range p.Promises {
-		if err := ValidSubnet(subnet); err != nil {
-			return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
-		}
-		for _, pr := range ps {
-			if err := pr.validate(subnet); err != nil {
-				return fmt.Errorf("reading mesh state %s: %w", m.cfg.StatePath, err)
-			}
-		}
-		ps = slices.Clone(ps)
-		slices.SortFunc(ps, comparePromise)
-		m.promises[subnet] = slices.Compact(ps)
-	}
-	return nil
-}
-
-// persist writes the state file if anything changed since the last write.
-func (m *Mesh) persist() {
-	m.mu.Lock()
-	if !m.dirty || m.cfg.StatePath == "" {
-		m.mu.Unlock()
-		return
-	}
-	s := m.rep.snapshot()
-	s.Clock = m.rep.clock
-	p := persistedState{snapshotState: s, Joined: m.joined, Promises: maps.Clone(m.promises)}
-	m.dirty = false
-	m.mu.Unlock()
-	if err := renameio.WriteFile(m.cfg.StatePath, mustJSON(p), 0o600); err != nil {
-		m.log.Error("writing mesh state", "path", m.cfg.StatePath, "err", err)
-		m.mu.Lock()
-		m.dirty = true
-		m.mu.Unlock()
 	}
 }
 
 // View returns a snapshot of the mesh as this node sees it.
 func (m *Mesh) View() *View {
+	cat := m.node.FSM().State()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v := buildView(m.rep, m.live)
+	v := buildView(m.cfg.Name, cat, m.rep, m.self, m.live)
 	// memberlist probes one member per interval, so a member normally
 	// answers once every len(members) intervals; three missed rounds make
 	// it suspect.
@@ -849,266 +694,9 @@ func (m *Mesh) View() *View {
 	return v
 }
 
-// Attach publishes that this node has subnet attached with its WireGuard
-// listening on port, reserving the given addresses. Port 0 detaches.
-func (m *Mesh) Attach(subnet netip.Prefix, port uint16, reserved []netip.Addr) error {
-	if err := ValidSubnet(subnet); err != nil {
-		return err
-	}
-	for _, a := range reserved {
-		if !subnet.Contains(a) {
-			return fmt.Errorf("reserved address %s is not inside %s", a, subnet)
-		}
-	}
-	m.mu.Lock()
-	own := m.rep.own(subnet)
-	before := own.Clone()
-	own.Port = port
-	own.Reserved = slices.Clone(reserved)
-	own.normalize()
-	if own.Version == 0 || !entriesEqual(own, before) {
-		m.publishLocked(m.rep.putOwn(own))
-	}
-	m.mu.Unlock()
-	m.kickLoop()
-	return nil
-}
-
-// Tick returns a fresh Lamport stamp: later than every version this node
-// has seen, so a spec stamped with it wins over them.
-func (m *Mesh) Tick() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.dirty = true
-	return m.rep.tick()
-}
-
-// PublishSpec publishes this node's definition of subnet's network, or a
-// removal (spec.Deleted). A spec without a version gets a fresh one.
-func (m *Mesh) PublishSpec(subnet netip.Prefix, spec NetworkSpec) error {
-	if err := ValidSubnet(subnet); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	if spec.Version == 0 {
-		spec.Version = m.rep.tick()
-	}
-	m.rep.observe(spec.Version)
-	if err := spec.validate(subnet); err != nil {
-		m.mu.Unlock()
-		return err
-	}
-	own := m.rep.own(subnet)
-	own.Spec = spec.Clone()
-	m.publishLocked(m.rep.putOwn(own))
-	m.mu.Unlock()
-	m.kickLoop()
-	return nil
-}
-
-// SetEndpoints publishes how many containers this node has on subnet.
-func (m *Mesh) SetEndpoints(subnet netip.Prefix, n int) {
-	m.mu.Lock()
-	own := m.rep.own(subnet)
-	if own.Endpoints != n && (own.Version != 0 || n != 0) {
-		own.Endpoints = n
-		m.publishLocked(m.rep.putOwn(own))
-	}
-	m.mu.Unlock()
-	m.kickLoop()
-}
-
-// Errors of ClaimBlock.
-var (
-	ErrNotJoined = errors.New("this node has not joined the cluster yet")
-	ErrNoQuorum  = errors.New("no quorum")
-)
-
-// ClaimBlock claims a block of req.Subnet for this node and waits until a
-// quorum has promised it, the claim lost, or ctx is done. A block this node
-// already owns that satisfies req.Containing is returned at once.
-func (m *Mesh) ClaimBlock(ctx context.Context, req BlockRequest) (netip.Prefix, error) {
-	if err := req.Validate(); err != nil {
-		return netip.Prefix{}, err
-	}
-	if err := m.waitJoined(ctx); err != nil {
-		return netip.Prefix{}, fmt.Errorf("claiming a block of %s: %w", req.Subnet, err)
-	}
-	for {
-		m.mu.Lock()
-		v := buildView(m.rep, m.live)
-		if req.Containing.IsValid() {
-			for _, b := range v.OwnBlocks(req.Subnet) {
-				if b.Contains(req.Containing) {
-					m.mu.Unlock()
-					return b, nil
-				}
-			}
-		}
-		b, err := pickBlock(v, req, m.promises[req.Subnet])
-		if err != nil {
-			m.mu.Unlock()
-			return netip.Prefix{}, err
-		}
-		c := Claim{Block: b, Attempt: m.rep.tick()}
-		own := m.rep.own(req.Subnet)
-		own.Claims = append(own.Claims, c)
-		m.publishLocked(m.rep.putOwn(own))
-		ch := make(chan Outcome, 1)
-		key := claimKey{req.Subnet, c}
-		m.waiters[key] = ch
-		m.mu.Unlock()
-		m.kickLoop()
-
-		select {
-		case o, ok := <-ch:
-			if !ok {
-				return netip.Prefix{}, errors.New("mesh is shutting down")
-			}
-			if o == Committed {
-				return b, nil
-			}
-			if req.Containing.IsValid() {
-				return netip.Prefix{}, fmt.Errorf("block %s holding %s went to another node: %w", b, req.Containing, ErrBlockTaken)
-			}
-			// Lost to a rival: pick another block.
-		case <-ctx.Done():
-			return netip.Prefix{}, m.abandonClaim(key, ctx.Err())
-		}
-	}
-}
-
-// waitJoined waits until this node has seen the cluster, if it was given
-// seeds: a node that never reached its cluster would otherwise claim
-// blocks alone and collide with it later.
-func (m *Mesh) waitJoined(ctx context.Context) error {
-	if len(m.cfg.Join) == 0 {
-		return nil
-	}
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for {
-		m.mu.Lock()
-		joined := m.joined
-		m.mu.Unlock()
-		if joined {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (seeds %v unreachable); a node claims address space only once it has seen the cluster: %w",
-				ErrNotJoined, m.cfg.Join, ctx.Err())
-		case <-t.C:
-		}
-	}
-}
-
-// abandonClaim withdraws a claim whose caller gave up, unless it was
-// committed meanwhile, and explains the lack of quorum.
-func (m *Mesh) abandonClaim(key claimKey, cause error) error {
-	m.mu.Lock()
-	delete(m.waiters, key)
-	own := m.rep.own(key.subnet)
-	if slices.Contains(own.Blocks, key.claim.Block) {
-		m.mu.Unlock()
-		// Committed just now; keep it rather than leak it.
-		return nil
-	}
-	v := buildView(m.rep, m.live)
-	_, _, votes := claimOutcome(v, key.subnet, key.claim, m.votes[key])
-	delete(m.votes, key)
-	own.Claims = slices.DeleteFunc(own.Claims, func(c Claim) bool { return c == key.claim })
-	m.publishLocked(m.rep.putOwn(own))
-	var unreachable []string
-	for name, mem := range v.Members {
-		if !mem.State.Reachable() {
-			unreachable = append(unreachable, name)
-		}
-	}
-	slices.Sort(unreachable)
-	m.mu.Unlock()
-	m.kickLoop()
-	return fmt.Errorf("claiming block %s: %w: %d of %d nodes promised it, %d needed (unreachable: %v): %w",
-		key.claim.Block, ErrNoQuorum, votes, len(v.Members), v.Quorum(), unreachable, cause)
-}
-
-// ReleaseBlocks gives up blocks this node owns in subnet.
-func (m *Mesh) ReleaseBlocks(subnet netip.Prefix, blocks ...netip.Prefix) {
-	m.mu.Lock()
-	own := m.rep.own(subnet)
-	n := len(own.Blocks)
-	own.Blocks = slices.DeleteFunc(own.Blocks, func(b netip.Prefix) bool { return slices.Contains(blocks, b) })
-	if len(own.Blocks) != n {
-		m.publishLocked(m.rep.putOwn(own))
-		m.log.Info("address blocks released", "network", subnet, "blocks", blocks)
-	}
-	m.mu.Unlock()
-	m.kickLoop()
-}
-
-// ErrAlive is returned when forgetting a node that gossip says is alive.
-var ErrAlive = errors.New("node is alive")
-
-// Forget declares node gone for good: its entries are dropped cluster-wide
-// and its address blocks become free. It is refused while gossip sees the
-// node alive or suspect, since its containers may still use the blocks.
-func (m *Mesh) Forget(node string) error {
-	if node == m.cfg.Name {
-		return errors.New("a node cannot forget itself")
-	}
-	if mem, ok := m.View().Members[node]; ok && mem.State.Routable() {
-		return fmt.Errorf("forgetting %s: %w (gossip says %s); stop its agent first, or wait until gossip reports it failed", node, ErrAlive, mem.State)
-	}
-	m.mu.Lock()
-	if _, ok := m.rep.nodes[node]; !ok {
-		m.mu.Unlock()
-		return fmt.Errorf("forgetting %s: no such node", node)
-	}
-	f := Forget{Node: node, Version: m.rep.maxVersion(node)}
-	m.rep.mergeForget(f)
-	delete(m.live, node)
-	m.outbox = append(m.outbox, outMsg{name: "forget/" + node, b: encodeForget(f)})
-	m.dirty = true
-	m.mu.Unlock()
-	m.log.Info("node forgotten", "peer", node)
-	m.kickLoop()
-	return nil
-}
-
-// SetPublicKey publishes a new WireGuard public key for this node.
-func (m *Mesh) SetPublicKey(pub crypto.PublicKey) {
-	m.mu.Lock()
-	m.cfg.PublicKey = pub
-	m.rep.selfInfoStale = true
-	m.mu.Unlock()
-	m.kickLoop()
-}
-
-// SetKeyring replaces the gossip keyring, for key rotation: install the
-// new key everywhere, make it primary everywhere, then remove the old.
-func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
-	kr := m.keyring.Load()
-	if kr == nil {
-		return errors.New("gossip runs without encryption (--insecure); restart with a cluster key to enable it")
-	}
-	for _, k := range ring {
-		if err := kr.AddKey(k); err != nil {
-			return fmt.Errorf("installing cluster key: %w", err)
-		}
-	}
-	if err := kr.UseKey(ring.Primary()); err != nil {
-		return fmt.Errorf("switching primary cluster key: %w", err)
-	}
-	for _, k := range kr.GetKeys() {
-		if !slices.ContainsFunc(ring, func(r []byte) bool { return string(r) == string(k) }) {
-			if err := kr.RemoveKey(k); err != nil {
-				return fmt.Errorf("removing cluster key: %w", err)
-			}
-		}
-	}
-	m.mu.Lock()
-	m.cfg.Keyring = ring
-	m.mu.Unlock()
-	m.log.Info("cluster keyring updated", "keys", len(ring))
-	return nil
+// unknownGrace is how long a member known only from the catalog or saved
+// gossip may stay unconfirmed before it counts as failed: long enough for
+// the seeds to be joined and a reconnect round to reach it.
+func (m *Mesh) unknownGrace() time.Duration {
+	return 3*m.cfg.ReconnectInterval + 10*m.probeInterval
 }

@@ -1,657 +1,531 @@
 package mesh
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/memberlist"
-	"go.uber.org/goleak"
-
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
-}
+var subnet = netip.MustParsePrefix("10.60.0.0/16")
 
-// partition decides which addresses can reach each other.
-type partition struct {
-	mu    sync.Mutex
-	group map[string]int // address -> side; absent means side 0
-}
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-func (p *partition) cut(a, b string) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.group[a] != p.group[b]
-}
-
-func (p *partition) set(addr string, side int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.group[addr] = side
-}
-
-func (p *partition) heal() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	clear(p.group)
-}
-
-// cutTransport drops traffic across the partition, like a failed link.
-// It wraps memberlist's real UDP/TCP transport on loopback rather than
-// MockNetwork: the mock delivers over unbuffered channels, and two nodes
-// answering each other's probes at the same moment block forever, which
-// real datagrams never do.
-type cutTransport struct {
-	memberlist.NodeAwareTransport
-	self string
-	p    *partition
-}
-
-var errCut = errors.New("network partitioned")
-
-func (t *cutTransport) WriteTo(b []byte, addr string) (time.Time, error) {
-	if t.p.cut(t.self, addr) {
-		return time.Now(), nil
-	}
-	return t.NodeAwareTransport.WriteTo(b, addr)
-}
-
-func (t *cutTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
-	if t.p.cut(t.self, a.Addr) {
-		return time.Now(), nil
-	}
-	return t.NodeAwareTransport.WriteToAddress(b, a)
-}
-
-func (t *cutTransport) DialTimeout(addr string, d time.Duration) (net.Conn, error) {
-	if t.p.cut(t.self, addr) {
-		return nil, errCut
-	}
-	return t.NodeAwareTransport.DialTimeout(addr, d)
-}
-
-func (t *cutTransport) DialAddressTimeout(a memberlist.Address, d time.Duration) (net.Conn, error) {
-	if t.p.cut(t.self, a.Addr) {
-		return nil, errCut
-	}
-	return t.NodeAwareTransport.DialAddressTimeout(a, d)
-}
-
-// cluster is a set of meshes over one mock network.
-type cluster struct {
-	t       *testing.T
-	part    *partition
-	nodes   []*testNode
-	keyring crypto.Keyring
-	dir     string
-}
-
-type testNode struct {
-	m      *Mesh
-	addr   string
-	cancel context.CancelFunc
-	done   chan error
-}
-
-func newCluster(t *testing.T) *cluster {
-	key, _ := crypto.GenerateClusterKey()
-	k, _ := crypto.ParseClusterKey(key)
-	return &cluster{t: t, part: &partition{group: map[string]int{}}, keyring: crypto.Keyring{k}, dir: t.TempDir()}
-}
-
-func fastMemberlist() *memberlist.Config {
-	c := memberlist.DefaultLocalConfig()
-	c.ProbeInterval = 100 * time.Millisecond
-	c.ProbeTimeout = 50 * time.Millisecond
-	c.SuspicionMult = 2
-	c.GossipInterval = 20 * time.Millisecond
-	c.PushPullInterval = time.Second
-	c.GossipToTheDeadTime = time.Second
-	c.TCPTimeout = 500 * time.Millisecond
-	return c
-}
-
-// add creates and starts a node; seeds are the first node unless it is
-// the first.
-func (c *cluster) add(name string, mutate ...func(*Config)) *testNode {
-	c.t.Helper()
-	logger := slog.New(slog.NewTextHandler(testWriter{c.t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	tr, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
-		BindAddrs: []string{"127.0.0.1"},
-		Logger:    newStdLogger(logger),
-	})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	p := tr.GetAutoBindPort()
-	host, port := "127.0.0.1", strconv.Itoa(p)
-	cfg := DefaultConfig()
-	cfg.Name = name
-	cfg.BindAddr = host
-	cfg.BindPort = p
-	cfg.AdvertiseAddr = host
-	cfg.PublicKey = testKey(len(c.nodes))
-	cfg.WGMode = "userspace"
-	cfg.Keyring = c.keyring
-	cfg.Memberlist = fastMemberlist()
-	cfg.Transport = &cutTransport{NodeAwareTransport: tr, self: net.JoinHostPort(host, port), p: c.part}
-	cfg.ReconnectInterval = 200 * time.Millisecond
-	cfg.StatePath = filepath.Join(c.dir, name+".json")
-	cfg.Logger = logger
-	if len(c.nodes) > 0 {
-		cfg.Join = []string{c.nodes[0].addr}
-	}
-	for _, f := range mutate {
-		f(&cfg)
-	}
-	m, err := New(cfg)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	n := &testNode{m: m, addr: net.JoinHostPort(host, port), done: make(chan error, 1)}
-	ctx, cancel := context.WithCancel(context.Background())
-	n.cancel = cancel
-	go func() { n.done <- m.Run(ctx) }()
-	c.nodes = append(c.nodes, n)
-	c.t.Cleanup(n.stop)
-	return n
-}
-
-func (n *testNode) stop() {
-	if n.cancel == nil {
-		return
-	}
-	n.cancel()
-	<-n.done
-	n.cancel = nil
-}
-
-// testWriter sends logs to t.Log, so they show only for failing tests.
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(p[:len(p)-1]))
-	return len(p), nil
-}
-
-// eventually retries cond until it returns nil or the deadline passes.
-func eventually(t *testing.T, d time.Duration, cond func() error) {
+func ensure(t testing.TB, n *testNode, s netip.Prefix) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := n.m.EnsureNetwork(ctx, catalog.EnsureNetwork{Subnet: s}); err != nil {
+		t.Fatalf("%s: ensure %s: %v", n.name, s, err)
 	}
 }
 
 func claim(ctx context.Context, n *testNode) (netip.Prefix, error) {
-	return n.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Bits: 24})
+	return n.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet})
 }
 
+// TestClusterClaimsAndPeers: three nodes form a cluster; each claims a
+// block and attaches the network; every node's peers are the other two,
+// each allowed exactly the blocks the catalog gives it.
 func TestClusterClaimsAndPeers(t *testing.T) {
 	c := newCluster(t)
-	a, b, d := c.add("a"), c.add("b"), c.add("c")
-	eventually(t, 5*time.Second, func() error {
-		for _, n := range c.nodes {
-			if got := len(n.m.View().Members); got != 3 {
-				return fmt.Errorf("%s knows %d members", n.m.Name(), got)
-			}
-		}
-		return nil
-	})
-
-	// All three create the network at once and claim concurrently.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	names := []string{"a", "b", "c"}
+	for _, name := range names {
+		c.add(name)
+	}
+	for _, name := range names {
+		c.nodes[name].start()
+	}
+	c.waitMembers(20*time.Second, names...)
+	ensure(t, c.nodes["a"], subnet)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	blocks := make([]netip.Prefix, 3)
-	var wg sync.WaitGroup
-	for i, n := range []*testNode{a, b, d} {
-		if err := n.m.Attach(subnet, uint16(51820+i), nil); err != nil {
+	got := map[string]netip.Prefix{}
+	for i, name := range names {
+		n := c.nodes[name]
+		b, err := claim(ctx, n)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got[name] = b
+		if err := n.m.Attach(subnet, uint16(51820+i)); err != nil {
 			t.Fatal(err)
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var err error
-			if blocks[i], err = claim(ctx, n); err != nil {
-				t.Errorf("%s: %v", n.m.Name(), err)
-			}
-		}()
 	}
-	wg.Wait()
-	if distinct := slices.Compact(slices.SortedFunc(slices.Values(blocks), comparePrefix)); len(distinct) != 3 {
-		t.Fatalf("blocks not distinct: %v", blocks)
-	}
-
-	// Every node sees the other two as WireGuard peers with their blocks.
-	eventually(t, 5*time.Second, func() error {
-		for i, n := range c.nodes {
-			peers := n.m.View().Peers(subnet)
+	eventually(t, 10*time.Second, func() error {
+		for i, name := range names {
+			peers := c.nodes[name].m.View().Peers(subnet)
 			if len(peers) != 2 {
-				return fmt.Errorf("%s has %d peers", n.m.Name(), len(peers))
+				return fmt.Errorf("%s has %d peers", name, len(peers))
 			}
 			for _, p := range peers {
-				j := slices.IndexFunc(c.nodes, func(o *testNode) bool { return o.m.Name() == p.Node })
-				if j == i || len(p.AllowedIPs) != 1 || p.AllowedIPs[0] != blocks[j] || p.Endpoint.Port() != uint16(51820+j) || p.PublicKey != testKey(j) {
-					return fmt.Errorf("%s sees peer %+v, want block %s", n.m.Name(), p, blocks[j])
+				j := slices.Index(names, p.Node)
+				if !slices.Equal(p.AllowedIPs, []netip.Prefix{got[p.Node]}) || p.Endpoint.Port() != uint16(51820+j) || i == j {
+					return fmt.Errorf("%s: peer %+v, want block %s", name, p, got[p.Node])
+				}
+				if p.PublicKey != c.nodes[p.Node].wgKey {
+					return fmt.Errorf("%s: peer %s has the wrong key", name, p.Node)
 				}
 			}
 		}
 		return nil
 	})
-
-	// Detaching drops the node from others' peer lists but keeps its blocks.
-	if err := d.m.Attach(subnet, 0, nil); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 5*time.Second, func() error {
-		if n := len(a.m.View().Peers(subnet)); n != 1 {
-			return fmt.Errorf("a has %d peers after c detached", n)
-		}
-		return nil
-	})
-	if owner, _, _ := a.m.View().Owner(subnet, blocks[2].Addr()); owner != "c" {
-		t.Fatalf("owner of c's block is %q", owner)
+	if got["a"] == got["b"] || got["b"] == got["c"] || got["a"] == got["c"] {
+		t.Fatalf("blocks overlap: %v", got)
 	}
 }
 
+// TestPartitionMinorityCannotClaim: in a partition only the side holding
+// a majority of the voters can claim; both keep their blocks; after the
+// heal, nothing is held twice.
 func TestPartitionMinorityCannotClaim(t *testing.T) {
 	c := newCluster(t)
-	for _, name := range []string{"a", "b", "c", "d", "e"} {
+	names := []string{"a", "b", "c", "d", "e"}
+	for _, name := range names {
 		c.add(name)
 	}
-	eventually(t, 5*time.Second, func() error {
-		for _, n := range c.nodes {
-			if got := len(n.m.View().Members); got != 5 {
-				return fmt.Errorf("%s knows %d members", n.m.Name(), got)
+	for _, name := range names {
+		c.nodes[name].start()
+	}
+	c.waitMembers(30*time.Second, names...)
+	// Five voters once the autopilot has promoted them all.
+	eventually(t, 30*time.Second, func() error {
+		voters := 0
+		for _, s := range c.nodes["a"].m.Consensus().Servers {
+			if s.Voter {
+				voters++
+			}
+		}
+		if voters != 5 {
+			return fmt.Errorf("%d voters", voters)
+		}
+		return nil
+	})
+	ensure(t, c.nodes["a"], subnet)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	before := map[string]netip.Prefix{}
+	for _, name := range names {
+		b, err := claim(ctx, c.nodes[name])
+		if err != nil {
+			t.Fatal(err)
+		}
+		before[name] = b
+	}
+	c.net.setSide("d", 1)
+	c.net.setSide("e", 1)
+	short, cancelShort := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancelShort()
+	if b, err := claim(short, c.nodes["d"]); err == nil {
+		t.Fatalf("the minority claimed %s", b)
+	}
+	b, err := claim(ctx, c.nodes["a"])
+	if err != nil {
+		t.Fatalf("the majority could not claim: %v", err)
+	}
+	// Both sides still own what they had.
+	for _, name := range names {
+		if !slices.Contains(c.nodes[name].m.View().OwnBlocks(subnet), before[name]) {
+			t.Errorf("%s lost %s in the partition", name, before[name])
+		}
+	}
+	c.net.heal()
+	eventually(t, 30*time.Second, func() error {
+		for _, name := range names {
+			v := c.nodes[name].m.View()
+			if owner, _, _ := v.Owner(subnet, b.Addr()); owner != "a" {
+				return fmt.Errorf("%s: %s belongs to %q", name, b, owner)
 			}
 		}
 		return nil
 	})
-	for _, n := range c.nodes[3:] {
-		c.part.set(n.addr, 1)
-	}
-	// Wait until each side sees the other as failed.
-	eventually(t, 10*time.Second, func() error {
-		v := c.nodes[0].m.View()
-		if s := v.Members["e"].State; s.Reachable() {
-			return fmt.Errorf("a still sees e as %s", s)
+	checkOwnership(t, c)
+}
+
+// checkOwnership asserts that no two nodes' views disagree about an owner
+// and that no block is owned twice.
+func checkOwnership(t testing.TB, c *cluster) {
+	t.Helper()
+	owner := map[netip.Prefix]string{}
+	for _, n := range c.nodes {
+		if n.m == nil {
+			continue
 		}
-		return nil
-	})
-
-	// The majority side claims; the minority side cannot.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	got, err := claim(ctx, c.nodes[0])
-	if err != nil {
-		t.Fatalf("majority claim: %v", err)
-	}
-	short, cancel2 := context.WithTimeout(context.Background(), 1500*time.Millisecond)
-	defer cancel2()
-	_, err = c.nodes[4].m.ClaimBlock(short, BlockRequest{Subnet: subnet, Bits: 24, Containing: got.Addr()})
-	if !errors.Is(err, ErrNoQuorum) && !errors.Is(err, ErrBlockTaken) {
-		t.Fatalf("minority claim of the same block: err = %v, want no quorum", err)
-	}
-	_, err = c.nodes[4].m.ClaimBlock(short, BlockRequest{Subnet: subnet, Bits: 24})
-	if !errors.Is(err, ErrNoQuorum) && !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("minority claim: err = %v, want no quorum", err)
-	}
-
-	// Heal: both sides reconverge, with no conflicts and the block where it was.
-	c.part.heal()
-	eventually(t, 15*time.Second, func() error {
-		for _, n := range c.nodes {
-			v := n.m.View()
-			for name, m := range v.Members {
-				if !m.State.Reachable() {
-					return fmt.Errorf("%s sees %s as %s", n.m.Name(), name, m.State)
+		v := n.m.View()
+		for _, s := range v.Subnets() {
+			nw := v.Network(s)
+			var blocks []netip.Prefix
+			for b, o := range nw.Blocks {
+				blocks = append(blocks, b)
+				if prev, ok := owner[b]; ok && prev != o {
+					t.Fatalf("block %s: %s says %s, another node says %s", b, n.name, o, prev)
+				}
+				owner[b] = o
+			}
+			for i, a := range blocks {
+				for _, b := range blocks[i+1:] {
+					if a.Overlaps(b) && nw.Blocks[a] != nw.Blocks[b] {
+						t.Fatalf("%s sees overlapping blocks %s (%s) and %s (%s)", n.name, a, nw.Blocks[a], b, nw.Blocks[b])
+					}
 				}
 			}
-			if owner, _, _ := v.Owner(subnet, got.Addr()); owner != "a" {
-				return fmt.Errorf("%s sees owner %q for %s", n.m.Name(), owner, got)
-			}
-			if cs := v.Conflicts(); len(cs) > 0 {
-				return fmt.Errorf("conflicts: %+v", cs)
-			}
 		}
-		return nil
-	})
-	// After the heal the former minority can claim again.
-	if _, err := claim(ctx, c.nodes[4]); err != nil {
-		t.Fatalf("claim after heal: %v", err)
 	}
 }
 
+// TestForget: a node that is gone for good is forgotten through the
+// cluster, refused while it is alive; its blocks become free, and it can
+// never come back under its old identity.
 func TestForget(t *testing.T) {
 	c := newCluster(t)
-	a, b := c.add("a"), c.add("b")
-	eventually(t, 5*time.Second, func() error {
-		if len(a.m.View().Members) != 2 {
-			return errors.New("not joined")
-		}
-		return nil
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := b.m.Attach(subnet, 51820, nil); err != nil {
-		t.Fatal(err)
+	for _, name := range []string{"a", "b", "c"} {
+		c.add(name).start()
 	}
-	held, err := claim(ctx, b)
+	c.waitMembers(20*time.Second, "a", "b", "c")
+	ensure(t, c.nodes["a"], subnet)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bc, err := claim(ctx, c.nodes["c"])
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.m.Forget("b"); !errors.Is(err, ErrAlive) {
-		t.Fatalf("forgetting a live node: err = %v", err)
+	if err := c.nodes["a"].m.Forget(ctx, "c"); !errors.Is(err, ErrAlive) {
+		t.Fatalf("forgetting a live node: %v", err)
 	}
-	if err := a.m.Forget("nobody"); err == nil {
-		t.Fatal("forgetting an unknown node succeeded")
-	}
-
-	b.stop()
-	eventually(t, 5*time.Second, func() error {
-		if s := a.m.View().Members["b"].State; s.Reachable() {
-			return fmt.Errorf("b is %s", s)
-		}
-		return nil
+	c.nodes["c"].crash()
+	eventually(t, 20*time.Second, func() error {
+		return c.nodes["a"].m.Forget(ctx, "c")
 	})
-	// With b gone, a alone is not a majority of two.
-	short, cancel2 := context.WithTimeout(context.Background(), time.Second)
-	defer cancel2()
-	if _, err := claim(short, a); !errors.Is(err, ErrNoQuorum) {
-		t.Fatalf("claim with half the cluster down: err = %v", err)
+	for _, name := range []string{"a", "b"} {
+		eventually(t, 10*time.Second, func() error {
+			v := c.nodes[name].m.View()
+			if owner, _, ok := v.Owner(subnet, bc.Addr()); ok {
+				return fmt.Errorf("%s: %s still belongs to %s", name, bc, owner)
+			}
+			if _, ok := v.Members["c"]; ok {
+				return fmt.Errorf("%s still lists c", name)
+			}
+			return nil
+		})
 	}
-	if err := a.m.Forget("b"); err != nil {
-		t.Fatal(err)
-	}
-	v := a.m.View()
-	if _, ok := v.Members["b"]; ok {
-		t.Fatal("b still a member after forget")
-	}
-	// The forgotten node's block is free again, and a is now its own quorum.
-	got, err := a.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Bits: 24, Containing: held.Addr()})
-	if err != nil || got != held {
-		t.Fatalf("reclaiming %s: %s, %v", held, got, err)
+	// c comes back with its old state: the cluster refuses it, and its
+	// agent stops with a clear error.
+	c.nodes["c"].start()
+	select {
+	case err := <-c.nodes["c"].done:
+		c.nodes["c"].done <- err
+		if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "forgotten") {
+			t.Fatalf("forgotten node stopped with %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a forgotten node kept running")
 	}
 }
 
-func TestWrongKeyCannotJoinOrInject(t *testing.T) {
+// TestWrongKeyCannotJoin: a node with another cluster key cannot join
+// gossip nor consensus.
+func TestWrongKeyCannotJoin(t *testing.T) {
 	c := newCluster(t)
-	a := c.add("a")
+	c.add("a").start()
+	c.waitRegistered(10*time.Second, "a")
 	other, _ := crypto.GenerateClusterKey()
-	wrong, _ := crypto.ParseClusterKey(other)
-	mallory := c.add("mallory", func(cfg *Config) { cfg.Keyring = crypto.Keyring{wrong} })
-	// Mallory tries to publish a claim on a block and an attachment.
-	_ = mallory.m.Attach(subnet, 51820, nil)
-	time.Sleep(1500 * time.Millisecond)
-	v := a.m.View()
-	if len(v.Members) != 1 {
-		t.Fatalf("a knows %d members, want itself only", len(v.Members))
+	k, _ := crypto.ParseClusterKey(other)
+	x := c.add("x", func(cfg *Config) { cfg.Keyring = crypto.Keyring{k} }).start()
+	time.Sleep(2 * time.Second)
+	if _, ok := c.nodes["a"].m.View().Members["x"]; ok {
+		t.Fatal("a node with another key became a member")
 	}
-	if len(v.Networks[subnet]) != 0 {
-		t.Fatalf("a accepted state from a node without the key: %+v", v.Networks[subnet])
-	}
-	if got := len(a.m.memberlist().Members()); got != 1 {
-		t.Fatalf("memberlist on a has %d members", got)
-	}
-	// A clear-text node cannot join an encrypted cluster either.
-	c.add("plain", func(cfg *Config) { cfg.Keyring = nil })
-	time.Sleep(time.Second)
-	if got := len(a.m.memberlist().Members()); got != 1 {
-		t.Fatalf("unencrypted node joined: %d members", got)
+	if st := x.m.Consensus(); st.Registered {
+		t.Fatalf("a node with another key registered: %+v", st)
 	}
 }
 
-func TestStateSurvivesRestart(t *testing.T) {
+// TestRestartKeepsPeers: an agent restart keeps the catalog and the
+// gossip records, so the restarted node has its peers before gossip has
+// caught up, and its own blocks at once.
+func TestRestartKeepsPeers(t *testing.T) {
 	c := newCluster(t)
-	a := c.add("a")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	a, b := c.add("a").start(), c.add("b").start()
+	c.waitMembers(20*time.Second, "a", "b")
+	ensure(t, a, subnet)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if err := a.m.Attach(subnet, 51820, []netip.Addr{netip.MustParseAddr("10.60.0.2")}); err != nil {
-		t.Fatal(err)
-	}
-	held, err := claim(ctx, a)
+	ba, err := claim(ctx, a)
 	if err != nil {
 		t.Fatal(err)
 	}
+	bb, err := claim(ctx, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = a.m.Attach(subnet, 51820)
+	_ = b.m.Attach(subnet, 51821)
+	eventually(t, 10*time.Second, func() error {
+		if len(a.m.View().Peers(subnet)) != 1 {
+			return errors.New("no peer yet")
+		}
+		return nil
+	})
+	time.Sleep(saveEvery + time.Second) // the saved gossip catches up
 	a.stop()
-	st, err := os.Stat(filepath.Join(c.dir, "a.json"))
-	if err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("state file: %v, mode %v", err, st.Mode())
+	// Restart a with b unreachable: what it knows comes from its disk.
+	c.net.setSide("b", 1)
+	a.start()
+	v := a.m.View()
+	if !slices.Equal(v.OwnBlocks(subnet), []netip.Prefix{ba}) {
+		t.Errorf("own blocks after restart: %v", v.OwnBlocks(subnet))
 	}
-
-	again, err := New(a.m.cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := again.View()
-	if got := v.OwnBlocks(subnet); len(got) != 1 || got[0] != held {
-		t.Fatalf("blocks after restart: %v, want [%s]", got, held)
-	}
-	if r := v.Reserved(subnet); len(r) != 1 {
-		t.Fatalf("reserved after restart: %v", r)
+	peers := v.Peers(subnet)
+	if len(peers) != 1 || peers[0].Node != "b" || !slices.Equal(peers[0].AllowedIPs, []netip.Prefix{bb}) {
+		t.Fatalf("peers right after restart: %+v", peers)
 	}
 }
 
-// TestClusterKeyRotation: the three-step rotation keeps every node in the
-// cluster, and afterwards the old key gets nobody in.
+// TestClusterKeyRotation: the key is rotated node by node while claims
+// keep working, over gossip and consensus alike.
 func TestClusterKeyRotation(t *testing.T) {
 	c := newCluster(t)
-	for _, name := range []string{"a", "b", "c"} {
-		c.add(name)
+	names := []string{"a", "b", "c"}
+	for _, name := range names {
+		c.add(name).start()
 	}
-	allAlive := func() error {
-		for _, n := range c.nodes {
-			v := n.m.View()
-			if len(v.Members) != len(c.nodes) {
-				return fmt.Errorf("%s knows %d members", n.m.Name(), len(v.Members))
-			}
-			for name, m := range v.Members {
-				if m.State != Alive {
-					return fmt.Errorf("%s sees %s as %s", n.m.Name(), name, m.State)
-				}
-			}
-		}
-		return nil
-	}
-	eventually(t, 5*time.Second, allAlive)
-
-	oldKey := c.keyring[0]
-	s, _ := crypto.GenerateClusterKey()
-	newKey, _ := crypto.ParseClusterKey(s)
-	for _, step := range []crypto.Keyring{{oldKey, newKey}, {newKey, oldKey}, {newKey}} {
-		for _, n := range c.nodes {
-			if err := n.m.SetKeyring(step); err != nil {
+	c.waitMembers(20*time.Second, names...)
+	ensure(t, c.nodes["a"], subnet)
+	oldKey := c.keyring.Primary()
+	nk, _ := crypto.GenerateClusterKey()
+	newKey, _ := crypto.ParseClusterKey(nk)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, ring := range []crypto.Keyring{{oldKey, newKey}, {newKey, oldKey}, {newKey}} {
+		for _, name := range names {
+			if err := c.nodes[name].m.SetKeyring(ring); err != nil {
 				t.Fatal(err)
 			}
 		}
-		// Gossip keeps flowing: members stay alive over a few probe rounds.
-		time.Sleep(500 * time.Millisecond)
-		eventually(t, 5*time.Second, allAlive)
+		for _, name := range names {
+			if _, err := claim(ctx, c.nodes[name]); err != nil {
+				t.Fatalf("claim after rotating to %d keys: %v", len(ring), err)
+			}
+		}
 	}
-	// A claim needs the others' promises: gossip really works on the new key.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if _, err := claim(ctx, c.nodes[0]); err != nil {
-		t.Fatalf("claim after rotation: %v", err)
-	}
-	c.add("stale", func(cfg *Config) { cfg.Keyring = crypto.Keyring{oldKey} })
-	time.Sleep(1500 * time.Millisecond)
-	if got := len(c.nodes[0].m.memberlist().Members()); got != 3 {
-		t.Fatalf("a node with the retired key got in: %d members", got)
-	}
+	c.waitMembers(10*time.Second, names...)
 }
 
-// TestNonMemberStateIsIgnored: an entry about a node that is not a member
-// (no node information, as gossip would have delivered for a member)
-// yields no WireGuard peer, no block and no vote.
-func TestNonMemberStateIsIgnored(t *testing.T) {
+// TestDuplicateNameRefused: a second host started with a taken name and a
+// fresh identity (a clone with the same hostname) is refused: its agent
+// stops with an error naming both addresses, and the healthy hosts list
+// the attempt as a problem.
+func TestDuplicateNameRefused(t *testing.T) {
 	c := newCluster(t)
-	a := c.add("a")
-	d := &delegate{a.m}
-	d.NotifyMsg(encodeNet(NetworkEntry{Node: "mallory", Subnet: subnet, Version: 99, Port: 51820,
-		Blocks: []netip.Prefix{pfx("10.60.0.0/17")}, Claims: []Claim{{pfx("10.60.128.0/24"), 1}}}))
-	a.m.step()
-	v := a.m.View()
-	if len(v.Peers(subnet)) != 0 {
-		t.Fatalf("a non-member became a WireGuard peer: %+v", v.Peers(subnet))
+	c.add("a").start()
+	c.add("b").start()
+	c.waitMembers(20*time.Second, "a", "b")
+	twin := c.add("b-twin")
+	twin.name = "b"
+	twin.start()
+	var err error
+	select {
+	case err = <-twin.done:
+		twin.done <- err
+	case <-time.After(30 * time.Second):
+		t.Fatal("the twin kept running")
 	}
-	if owner, _, ok := v.Owner(subnet, netip.MustParseAddr("10.60.1.1")); ok {
-		t.Fatalf("a non-member owns a block: %s", owner)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "taken") || !strings.Contains(err.Error(), "127.0.0.1") {
+		t.Fatalf("twin stopped with %v", err)
 	}
-	// Its claimed block is free for members, and its vote counts for nothing.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	eventually(t, 10*time.Second, func() error {
+		probs := strings.Join(c.nodes["a"].m.Problems(), "\n")
+		if !strings.Contains(probs, "node b") {
+			return fmt.Errorf("problems of a: %q", probs)
+		}
+		return nil
+	})
+	c.waitMembers(5*time.Second, "a", "b")
+}
+
+// TestForgedRecords: a member signs records in another node's name and
+// sends them to everyone; they are refused, counted and shown, and the
+// real node's records are untouched. A record with a version near 2^62
+// in its own name holds back nothing but its own records.
+func TestForgedRecords(t *testing.T) {
+	c := newCluster(t)
+	names := []string{"a", "b", "evil"}
+	for _, name := range names {
+		c.add(name).start()
+	}
+	c.waitMembers(20*time.Second, names...)
+	ensure(t, c.nodes["a"], subnet)
+	a, evil := c.nodes["a"], c.nodes["evil"]
+	_ = a.m.Attach(subnet, 51820)
+	eventually(t, 10*time.Second, func() error {
+		if _, ok := c.nodes["b"].m.View().Entry(subnet, "a"); !ok {
+			return errors.New("b has no entry of a")
+		}
+		return nil
+	})
+	forged := NetworkEntry{Node: "a", Subnet: subnet, Version: 1 << 61, Port: 4444}
+	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, forged)))
+	huge := NetworkEntry{Node: "evil", Subnet: subnet, Version: 1<<62 - 1, Port: 5555}
+	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, huge)))
+	tooHuge := NetworkEntry{Node: "evil", Subnet: subnet, Version: 1<<63 + 1, Port: 6666}
+	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, tooHuge)))
+	eventually(t, 10*time.Second, func() error {
+		st := c.nodes["b"].m.Stats()
+		if st.Refused["entry-forged"] == 0 {
+			return fmt.Errorf("b refused %v", st.Refused)
+		}
+		return nil
+	})
+	// a's entry keeps its port, and a's later changes still arrive.
+	_ = a.m.Attach(subnet, 51830)
+	eventually(t, 10*time.Second, func() error {
+		e, _ := c.nodes["b"].m.View().Entry(subnet, "a")
+		if e.Port != 51830 {
+			return fmt.Errorf("b has a's port %d", e.Port)
+		}
+		return nil
+	})
+	if !strings.Contains(strings.Join(c.nodes["b"].m.Problems(), "\n"), "forging") {
+		t.Errorf("b's problems do not mention the forgery: %q", c.nodes["b"].m.Problems())
+	}
+	// A claim in a's name, signed by evil, is refused by the leader.
+	cmd := &catalog.Command{Op: catalog.OpClaim, Node: "a", BootID: "x", Seq: 1, Claim: &catalog.Claim{Subnet: subnet}}
+	s, _ := catalog.Sign(cmd, evil.id)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	got, err := a.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Bits: 24, Containing: netip.MustParseAddr("10.60.1.1")})
-	if err != nil || got != pfx("10.60.1.0/24") {
-		t.Fatalf("claiming the block a non-member claimed: %s %v", got, err)
+	r, err := evil.m.node.SubmitSigned(ctx, s.Encode())
+	if err == nil {
+		err = r.Err()
+	}
+	if !errors.Is(err, catalog.ErrBadSignature) {
+		t.Fatalf("forged claim: %v", err)
+	}
+	if blocks := c.nodes["b"].m.View().BlocksOf(subnet, "a"); len(blocks) != 0 {
+		t.Fatalf("a owns %v after a forged claim", blocks)
 	}
 }
 
-// newLoneMesh is a Mesh that is never started: state arrives through its
-// memberlist delegate, and tests drive its loop with step.
-func newLoneMesh(t *testing.T, name, statePath string) *Mesh {
-	t.Helper()
-	cfg := DefaultConfig()
-	cfg.Name, cfg.BindAddr, cfg.AdvertiseAddr = name, "127.0.0.1", "127.0.0.1"
-	cfg.PublicKey = testKey(9)
-	cfg.StatePath = statePath
-	m, err := New(cfg)
+// sendToAll sends raw gossip to every other member.
+func (n *testNode) sendToAll(b []byte) {
+	ml := n.m.memberlist()
+	for _, mem := range ml.Members() {
+		if mem.Name != n.name {
+			_ = ml.SendBestEffort(mem, b)
+		}
+	}
+}
+
+// TestTwoViewsRegression is the scenario in which the quorum protocol
+// before Raft gave one block to two hosts: hosts learn of new members at
+// different moments, and a claim counted against a smaller membership
+// raced one counted against a larger one. Host a knows {a,b,c}; d and e
+// join while a and d claim the same address at the same moment. Exactly
+// one of them gets it.
+func TestTwoViewsRegression(t *testing.T) {
+	for round := range 3 {
+		t.Run(fmt.Sprint(round), func(t *testing.T) {
+			c := newCluster(t)
+			for _, name := range []string{"a", "b", "c"} {
+				c.add(name).start()
+			}
+			c.waitMembers(20*time.Second, "a", "b", "c")
+			ensure(t, c.nodes["a"], subnet)
+			d, e := c.add("d"), c.add("e")
+			d.seeds, e.seeds = []string{c.nodes["c"].gossipAddr()}, []string{c.nodes["c"].gossipAddr()}
+			d.start()
+			e.start()
+			want := netip.MustParseAddr("10.60.77.7")
+			var wg sync.WaitGroup
+			results := map[string]error{}
+			var mu sync.Mutex
+			for _, n := range []*testNode{c.nodes["a"], d} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+					defer cancel()
+					_, err := n.m.ClaimBlock(ctx, BlockRequest{Subnet: subnet, Containing: want})
+					mu.Lock()
+					results[n.name] = err
+					mu.Unlock()
+				}()
+			}
+			wg.Wait()
+			won := 0
+			for name, err := range results {
+				switch {
+				case err == nil:
+					won++
+				case !errors.Is(err, ErrBlockTaken):
+					t.Fatalf("%s: %v", name, err)
+				}
+			}
+			if won != 1 {
+				t.Fatalf("%d hosts got %s: %v", won, want, results)
+			}
+			checkOwnership(t, c)
+		})
+	}
+}
+
+// TestLegacyUpgrade: state files of the wgmesh before consensus (made by
+// it, in testdata) are upgraded in place: each node's blocks are adopted,
+// the network keeps per-host gateways, its definition is kept, and new
+// claims avoid the old blocks.
+func TestLegacyUpgrade(t *testing.T) {
+	c := newCluster(t)
+	for _, name := range []string{"host-a", "host-b"} {
+		n := c.add(name)
+		b, err := os.ReadFile(filepath.Join("testdata", "legacy", name+".json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(n.dir, legacyFile), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.nodes["host-a"].start()
+	c.nodes["host-b"].start()
+	want := map[netip.Prefix]string{pfx("10.60.133.0/24"): "host-a", pfx("10.60.200.0/24"): "host-a", pfx("10.60.204.0/24"): "host-b"}
+	eventually(t, 30*time.Second, func() error {
+		for _, name := range []string{"host-a", "host-b"} {
+			nw := c.nodes[name].m.View().Network(subnet)
+			if nw == nil {
+				return fmt.Errorf("%s: no network", name)
+			}
+			for b, owner := range want {
+				if nw.Blocks[b] != owner {
+					return fmt.Errorf("%s: %s owned by %q", name, b, nw.Blocks[b])
+				}
+			}
+			if nw.Gateway.IsValid() || nw.Spec == nil || nw.Spec.Name != "app" {
+				return fmt.Errorf("%s: network %+v", name, nw)
+			}
+		}
+		return nil
+	})
+	for _, name := range []string{"host-a", "host-b"} {
+		if _, err := os.Stat(filepath.Join(c.nodes[name].dir, legacyUpgraded)); err != nil {
+			t.Errorf("%s: old file not renamed: %v", name, err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b, err := claim(ctx, c.nodes["host-b"])
 	if err != nil {
 		t.Fatal(err)
 	}
-	return m
-}
-
-// peerState is what a peer would send in a push/pull to a node "a" it
-// has not met before: the members b and c, and the given entries.
-func peerState(entries ...NetworkEntry) []byte {
-	r := newReplica("b")
-	for i, n := range []string{"b", "c"} {
-		r.nodes[n] = NodeInfo{Name: n, Version: 1, PublicKey: testKey(i), Addr: netip.MustParseAddr("192.0.2.1")}
-	}
-	for _, e := range entries {
-		e.normalize()
-		r.nets[e.key()] = e
-	}
-	return encodeState(r.snapshot())
-}
-
-// TestPromisesSurviveRestart: a voter writes its promise to disk and
-// keeps it through a restart, even when a claim that ranks first shows up
-// afterwards; otherwise the same block could gather two majorities.
-func TestPromisesSurviveRestart(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "a.json")
-	block := pfx("10.60.7.0/24")
-	a := newLoneMesh(t, "a", path)
-	(&delegate{a}).MergeRemoteState(peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 5, Claims: []Claim{{block, 5}}}), false)
-	a.step()
-	want := []Promise{{block, "b", 5}}
-	if got := a.promises[subnet]; !slices.Equal(got, want) {
-		t.Fatalf("promises = %v, want %v", got, want)
-	}
-
-	again := newLoneMesh(t, "a", path)
-	if got := again.promises[subnet]; !slices.Equal(got, want) {
-		t.Fatalf("promises after restart = %v, want %v", got, want)
-	}
-	(&delegate{again}).MergeRemoteState(peerState(
-		NetworkEntry{Node: "b", Subnet: subnet, Version: 5, Claims: []Claim{{block, 5}}},
-		NetworkEntry{Node: "c", Subnet: subnet, Version: 6, Claims: []Claim{{block, 2}}},
-	), false)
-	again.step()
-	if got := again.promises[subnet]; !slices.Equal(got, want) {
-		t.Fatalf("promises after a better claim = %v, want %v", got, want)
-	}
-
-	// Once b's claim is settled the promise goes, and c gets the vote.
-	(&delegate{again}).MergeRemoteState(peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 8}), false)
-	again.step()
-	if got, want := again.promises[subnet], []Promise{{block, "c", 2}}; !slices.Equal(got, want) {
-		t.Fatalf("promises after b withdrew = %v, want %v", got, want)
-	}
-}
-
-// TestLostStateAbstains: a node that finds the cluster knows a newer
-// version of it than it does has lost its promises, so it makes no new
-// ones for a while.
-func TestLostStateAbstains(t *testing.T) {
-	a := newLoneMesh(t, "a", "")
-	old := peerState(NetworkEntry{Node: "b", Subnet: subnet, Version: 50, Claims: []Claim{{pfx("10.60.7.0/24"), 50}}})
-	s, _ := decodeState(old)
-	// a published version 40 of itself before it lost its state.
-	s.Nodes = append(s.Nodes, NodeInfo{Name: "a", Version: 40, PublicKey: testKey(9), Addr: netip.MustParseAddr("127.0.0.1")})
-	(&delegate{a}).MergeRemoteState(encodeState(s), false)
-	a.step()
-	if got := a.promises[subnet]; len(got) != 0 {
-		t.Fatalf("a node that lost its state promised %v", got)
-	}
-	if until := time.Until(a.abstainUntil); until < lostStateAbstain-time.Second {
-		t.Fatalf("abstaining for %v, want %v", until, lostStateAbstain)
-	}
-
-	a.mu.Lock()
-	a.abstainUntil = time.Now()
-	a.mu.Unlock()
-	a.step()
-	if got := a.promises[subnet]; len(got) != 1 {
-		t.Fatalf("promises after abstaining: %v", got)
-	}
-}
-
-// TestVotesCountOnlyForPendingClaims: a vote arriving for a claim that is
-// not pending (withdrawn, or never made) is ignored.
-func TestVotesCountOnlyForPendingClaims(t *testing.T) {
-	a := newLoneMesh(t, "a", "")
-	(&delegate{a}).MergeRemoteState(peerState(), false)
-	d := &delegate{a}
-	stray := vote{From: "b", Subnet: subnet, Promise: Promise{pfx("10.60.9.0/24"), "a", 3}}
-	d.NotifyMsg(encodeVote(stray))
-	if len(a.votes) != 0 {
-		t.Fatalf("a vote for no claim was recorded: %v", a.votes)
-	}
-}
-
-// TestNewsIsRelayedOnce: beyond the direct fan-out, entries spread only
-// because each node passes on what was news to it, once per version.
-func TestNewsIsRelayedOnce(t *testing.T) {
-	a := newLoneMesh(t, "a", "")
-	d := &delegate{a}
-	e := NetworkEntry{Node: "b", Subnet: subnet, Version: 3, Blocks: []netip.Prefix{pfx("10.60.1.0/24")}}
-	d.NotifyMsg(encodeNet(e))
-	if n := a.queue.NumQueued(); n != 1 {
-		t.Fatalf("after news: %d messages queued for relay, want 1", n)
-	}
-	d.NotifyMsg(encodeNet(e))
-	if n := a.queue.NumQueued(); n != 1 {
-		t.Fatalf("after old news: %d messages queued, want still 1", n)
-	}
-	e.Version = 4
-	newer := encodeNet(e)
-	d.NotifyMsg(newer)
-	got := a.queue.GetBroadcasts(0, 4096)
-	if len(got) != 1 || !bytes.Equal(got[0], newer) {
-		t.Fatalf("relayed %q, want only the newer version %q", got, newer)
+	if _, ok := want[b]; ok {
+		t.Fatalf("new claim got old block %s", b)
 	}
 }

@@ -9,14 +9,15 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // Liveness is what gossip says about a node right now.
 type Liveness int
 
 const (
-	// Unknown: known from replicated state but not (yet) seen by this
-	// node's memberlist, e.g. right after a restart.
+	// Unknown: known from the catalog or saved gossip but not (yet) seen
+	// by this node's memberlist, e.g. right after a restart.
 	Unknown Liveness = iota
 	Alive
 	// Suspect: gossip still counts the node alive, but it has not
@@ -75,25 +76,86 @@ type Member struct {
 	LastAck time.Time
 	RTT     time.Duration
 	Self    bool
+	// Registered: the catalog binds the member's name to its identity.
+	// What an unregistered member says is not used.
+	Registered bool
 }
 
-// View is an immutable snapshot of the mesh as this node sees it. Entries
-// of nodes that are not known members (no NodeInfo, or forgotten) are left
-// out: a claim or a key from outside the membership counts for nothing.
+// View is an immutable snapshot of the mesh as this node sees it: the
+// committed catalog, and the gossip records that the catalog vouches for.
 type View struct {
-	Self     string
-	Members  map[string]Member
-	Networks map[netip.Prefix][]NetworkEntry // sorted by node
+	Self      string
+	ClusterID string
+	Members   map[string]Member
+	Catalog   *catalog.State
+	// Entries are the trusted network entries, by subnet, sorted by node.
+	Entries map[netip.Prefix][]NetworkEntry
 }
 
-// Quorum is the number of promises a claim needs: a strict majority of
-// all known nodes, alive or not. Any two majorities of the same set share
-// a node, and a node promises a block to one claim at a time.
-func (v *View) Quorum() int { return len(v.Members)/2 + 1 }
+// Network returns the catalog's record of subnet's network, or nil if
+// there is none or it was deleted.
+func (v *View) Network(subnet netip.Prefix) *catalog.Network {
+	if n, ok := v.Catalog.Live(subnet); ok {
+		return n
+	}
+	return nil
+}
 
-// Entry returns node's entry for subnet.
+// Deleted reports whether subnet's network was removed from the cluster.
+func (v *View) Deleted(subnet netip.Prefix) bool {
+	n, ok := v.Catalog.Networks[subnet]
+	return ok && n.Deleted
+}
+
+// BlocksOf returns the blocks node owns in subnet.
+func (v *View) BlocksOf(subnet netip.Prefix, node string) []netip.Prefix {
+	if n := v.Network(subnet); n != nil {
+		return n.BlocksOf(node)
+	}
+	return nil
+}
+
+// OwnBlocks returns the blocks this node owns in subnet.
+func (v *View) OwnBlocks(subnet netip.Prefix) []netip.Prefix { return v.BlocksOf(subnet, v.Self) }
+
+// Reserved returns the addresses no container of subnet may get.
+func (v *View) Reserved(subnet netip.Prefix) []netip.Addr {
+	if n := v.Network(subnet); n != nil {
+		return n.Reserved()
+	}
+	return nil
+}
+
+// Owner returns the node whose block contains addr.
+func (v *View) Owner(subnet netip.Prefix, addr netip.Addr) (node string, block netip.Prefix, ok bool) {
+	if n := v.Network(subnet); n != nil {
+		return n.Owner(addr)
+	}
+	return "", netip.Prefix{}, false
+}
+
+// Spec returns subnet's Docker definition, once known.
+func (v *View) Spec(subnet netip.Prefix) *catalog.Spec {
+	if n := v.Network(subnet); n != nil {
+		return n.Spec
+	}
+	return nil
+}
+
+// Subnets lists the cluster's live networks.
+func (v *View) Subnets() []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range v.Catalog.Subnets() {
+		if !v.Catalog.Networks[s].Deleted {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Entry returns node's trusted entry for subnet.
 func (v *View) Entry(subnet netip.Prefix, node string) (NetworkEntry, bool) {
-	for _, e := range v.Networks[subnet] {
+	for _, e := range v.Entries[subnet] {
 		if e.Node == node {
 			return e, true
 		}
@@ -101,52 +163,10 @@ func (v *View) Entry(subnet netip.Prefix, node string) (NetworkEntry, bool) {
 	return NetworkEntry{}, false
 }
 
-// OwnBlocks returns the blocks this node owns in subnet.
-func (v *View) OwnBlocks(subnet netip.Prefix) []netip.Prefix {
-	e, _ := v.Entry(subnet, v.Self)
-	return e.Blocks
-}
-
-// Reserved returns every address some node reserved in subnet.
-func (v *View) Reserved(subnet netip.Prefix) []netip.Addr {
-	var out []netip.Addr
-	for _, e := range v.Networks[subnet] {
-		out = append(out, e.Reserved...)
-	}
-	slices.SortFunc(out, netip.Addr.Compare)
-	return slices.Compact(out)
-}
-
-// Owner returns the node whose block contains addr.
-func (v *View) Owner(subnet netip.Prefix, addr netip.Addr) (node string, block netip.Prefix, ok bool) {
-	for _, e := range v.Networks[subnet] {
-		for _, b := range e.Blocks {
-			if b.Contains(addr) {
-				return e.Node, b, true
-			}
-		}
-	}
-	return "", netip.Prefix{}, false
-}
-
-// Spec returns the newest definition any member published for subnet,
-// and who published it; a removed network's is Deleted.
-func (v *View) Spec(subnet netip.Prefix) (spec *NetworkSpec, node string) {
-	for _, e := range v.Networks[subnet] {
-		if e.Spec == nil {
-			continue
-		}
-		if spec == nil || e.Spec.Version > spec.Version || e.Spec.Version == spec.Version && e.Node > node {
-			spec, node = e.Spec, e.Node
-		}
-	}
-	return spec, node
-}
-
-// Users lists the members with endpoints on subnet, and how many.
+// Users lists the members with containers on subnet, and how many.
 func (v *View) Users(subnet netip.Prefix) map[string]int {
 	out := map[string]int{}
-	for _, e := range v.Networks[subnet] {
+	for _, e := range v.Entries[subnet] {
 		if e.Endpoints > 0 {
 			out[e.Node] = e.Endpoints
 		}
@@ -154,97 +174,36 @@ func (v *View) Users(subnet netip.Prefix) map[string]int {
 	return out
 }
 
-// Subnets lists every subnet the view has entries for.
-func (v *View) Subnets() []netip.Prefix {
-	return slices.SortedFunc(maps.Keys(v.Networks), comparePrefix)
-}
-
 // Peer is another node that has a network attached: a WireGuard peer.
 type Peer struct {
-	Node       string
-	PublicKey  crypto.PublicKey
-	Endpoint   netip.AddrPort
+	Node      string
+	PublicKey crypto.PublicKey
+	Endpoint  netip.AddrPort
+	// AllowedIPs are the blocks the catalog says the node owns: what it
+	// says of itself does not matter.
 	AllowedIPs []netip.Prefix
 	State      Liveness
 }
 
-// Peers returns the WireGuard peers of subnet: other nodes that have it
-// attached and are not known to be down. Dead nodes are left out so that
-// nothing is sent into the void; their blocks stay theirs.
+// Peers returns the WireGuard peers of subnet: other registered nodes
+// that have it attached and are not known to be down. Dead nodes are left
+// out so that nothing is sent into the void; their blocks stay theirs.
 func (v *View) Peers(subnet netip.Prefix) []Peer {
 	var out []Peer
-	for _, e := range v.Networks[subnet] {
+	for _, e := range v.Entries[subnet] {
 		m, ok := v.Members[e.Node]
-		if !ok || m.Self || e.Port == 0 || !m.State.Routable() {
+		if !ok || m.Self || !m.Registered || e.Port == 0 || !m.State.Routable() || m.PublicKey.IsZero() {
 			continue
 		}
 		out = append(out, Peer{
 			Node:       e.Node,
 			PublicKey:  m.PublicKey,
 			Endpoint:   netip.AddrPortFrom(m.Addr, e.Port),
-			AllowedIPs: slices.Clone(e.Blocks),
+			AllowedIPs: v.BlocksOf(subnet, e.Node),
 			State:      m.State,
 		})
 	}
 	return out
-}
-
-// Conflict is two nodes owning overlapping blocks: the protocol prevents
-// it, so one showing up means an operator forgot a node that was alive.
-type Conflict struct {
-	Subnet       netip.Prefix
-	NodeA, NodeB string
-	BlockA       netip.Prefix
-	BlockB       netip.Prefix
-}
-
-// Conflicts lists overlapping blocks held by different nodes.
-func (v *View) Conflicts() []Conflict {
-	var out []Conflict
-	for subnet, entries := range v.Networks {
-		for i, a := range entries {
-			for _, b := range entries[i+1:] {
-				for _, ba := range a.Blocks {
-					for _, bb := range b.Blocks {
-						if ba.Overlaps(bb) {
-							out = append(out, Conflict{subnet, a.Node, b.Node, ba, bb})
-						}
-					}
-				}
-			}
-		}
-	}
-	slices.SortFunc(out, func(a, b Conflict) int {
-		return cmp.Or(comparePrefix(a.Subnet, b.Subnet), cmp.Compare(a.NodeA, b.NodeA), comparePrefix(a.BlockA, b.BlockA))
-	})
-	return out
-}
-
-// buildView assembles a View from the replica and liveness.
-func buildView(r *replica, live map[string]liveRecord) *View {
-	v := &View{
-		Self:     r.self,
-		Members:  make(map[string]Member, len(r.nodes)),
-		Networks: map[netip.Prefix][]NetworkEntry{},
-	}
-	for name, n := range r.nodes {
-		l := live[name]
-		m := Member{NodeInfo: n, State: l.state, Since: l.since, LastAck: l.lastAck, RTT: l.rtt, Self: name == r.self}
-		if m.Self {
-			m.State = Alive
-		}
-		v.Members[name] = m
-	}
-	for k, e := range r.nets {
-		if _, ok := v.Members[k.node]; !ok {
-			continue
-		}
-		v.Networks[k.subnet] = append(v.Networks[k.subnet], e.Clone())
-	}
-	for _, entries := range v.Networks {
-		slices.SortFunc(entries, func(a, b NetworkEntry) int { return cmp.Compare(a.Node, b.Node) })
-	}
-	return v
 }
 
 type liveRecord struct {
@@ -252,4 +211,39 @@ type liveRecord struct {
 	since   time.Time
 	lastAck time.Time
 	rtt     time.Duration
+}
+
+// buildView assembles a View from the catalog, the replica and liveness.
+func buildView(self string, cat *catalog.State, r *replica, selfInfo NodeInfo, live map[string]liveRecord) *View {
+	v := &View{Self: self, ClusterID: cat.ClusterID, Catalog: cat, Members: map[string]Member{}, Entries: map[netip.Prefix][]NetworkEntry{}}
+	registered := func(name string, id crypto.NodeID) bool {
+		n, ok := cat.Nodes[name]
+		return ok && n.ID == id
+	}
+	infos := maps.Clone(r.infos)
+	infos[self] = infoRec{info: selfInfo}
+	for name, rec := range infos {
+		l := live[name]
+		m := Member{NodeInfo: rec.info, State: l.state, Since: l.since, LastAck: l.lastAck, RTT: l.rtt, Self: name == self,
+			Registered: registered(name, rec.info.ID)}
+		if m.Self {
+			m.State = Alive
+		}
+		v.Members[name] = m
+	}
+	for name, n := range cat.Nodes {
+		if _, ok := v.Members[name]; !ok {
+			l := live[name]
+			v.Members[name] = Member{NodeInfo: NodeInfo{Name: name, ID: n.ID, Addr: n.Addr}, State: l.state, Since: l.since, Registered: true, Self: name == self}
+		}
+	}
+	for k, rec := range r.entries {
+		if m, ok := v.Members[k.node]; ok && m.Registered {
+			v.Entries[k.subnet] = append(v.Entries[k.subnet], rec.e)
+		}
+	}
+	for _, entries := range v.Entries {
+		slices.SortFunc(entries, func(a, b NetworkEntry) int { return cmp.Compare(a.Node, b.Node) })
+	}
+	return v
 }

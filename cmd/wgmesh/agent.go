@@ -36,6 +36,7 @@ type agentFlags struct {
 	bindAddr        string
 	advertiseAddr   string
 	gossipPort      int
+	raftPort        int
 	join            listFlag
 	clusterKeyFile  string
 	insecure        bool
@@ -63,6 +64,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.bindAddr, "bind-addr", "0.0.0.0", "address gossip listens on")
 	fs.StringVar(&f.advertiseAddr, "advertise-addr", "", "address peers reach this node at, for gossip and WireGuard (set it behind NAT; default: the bind address or the first private address)")
 	fs.IntVar(&f.gossipPort, "gossip-port", 7946, "gossip port, TCP and UDP")
+	fs.IntVar(&f.raftPort, "raft-port", 0, "consensus port, TCP, mutual TLS (default: gossip port + 1)")
 	fs.Var(&f.join, "join", "seed address(es) host[:port] to join, comma-separated or repeated")
 	fs.StringVar(&f.clusterKeyFile, "cluster-key-file", "", "file with the cluster key(s) that encrypt gossip, mode 0600 (create with 'wgmesh keygen')")
 	fs.BoolVar(&f.insecure, "insecure", false, "gossip without encryption (never on an untrusted network)")
@@ -105,6 +107,12 @@ func (f *agentFlags) validate() error {
 	}
 	if f.gossipPort <= 0 || f.gossipPort > 65535 {
 		return fmt.Errorf("--gossip-port %d out of range", f.gossipPort)
+	}
+	if f.raftPort < 0 || f.raftPort > 65535 || f.raftPort == 0 && f.gossipPort == 65535 {
+		return fmt.Errorf("--raft-port %d out of range", f.raftPort)
+	}
+	if f.raftPort == f.gossipPort {
+		return errors.New("--raft-port must differ from --gossip-port")
 	}
 	if f.mtu != 0 && (f.mtu < dataplane.MinMTU || f.mtu > dataplane.MaxMTU) {
 		return fmt.Errorf("--mtu %d outside %d..%d", f.mtu, dataplane.MinMTU, dataplane.MaxMTU)
@@ -159,6 +167,18 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("creating state directory: %w", err)
 	}
+	unlock, err := lockStateDir(f.stateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	identity, created, err := crypto.LoadOrCreateIdentity(filepath.Join(f.stateDir, "identity.key"))
+	if err != nil {
+		return fmt.Errorf("identity key: %w", err)
+	}
+	if created {
+		log.Info("generated this node's identity key", "id", identity.ID().String())
+	}
 	key, created, err := crypto.LoadOrCreatePrivateKey(filepath.Join(f.stateDir, "private.key"))
 	if err != nil {
 		return fmt.Errorf("WireGuard key: %w", err)
@@ -183,14 +203,16 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 
 	mcfg := mesh.DefaultConfig()
 	mcfg.Name = f.nodeName
+	mcfg.Identity = identity
 	mcfg.BindAddr = f.bindAddr
 	mcfg.BindPort = f.gossipPort
+	mcfg.RaftPort = f.raftPort
 	mcfg.AdvertiseAddr = f.advertiseAddr
 	mcfg.Join = f.join
 	mcfg.Keyring = ring
 	mcfg.PublicKey = key.Public()
 	mcfg.WGMode = dp.Mode()
-	mcfg.StatePath = filepath.Join(f.stateDir, "mesh.json")
+	mcfg.StateDir = f.stateDir
 	mcfg.LeaveOnShutdown = f.leaveOnShutdown
 	mcfg.Logger = log
 	m, err := mesh.New(mcfg)
@@ -239,7 +261,7 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return err
 	}
 	log.Info("wgmesh agent running", "version", version, "node", f.nodeName, "addr", m.Addr(),
-		"public_key", key.Public().String(), "wg_mode", dp.Mode(), "mtu", mtu,
+		"id", identity.ID().String(), "public_key", key.Public().String(), "wg_mode", dp.Mode(), "mtu", mtu,
 		"plugin_socket", f.pluginSocket, "control_socket", f.controlSocket)
 
 	control := &driver.Control{

@@ -12,6 +12,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
 
 // controlFlag registers --control-socket, defaulting like the agent's.
@@ -51,8 +52,17 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 func printStatus(w io.Writer, st *driver.Status, now time.Time) {
-	fmt.Fprintf(w, "node %s at %s, %s WireGuard, public key %s, quorum %d of %d\n\n",
-		st.Node.Name, st.Node.Addr, st.Node.WGMode, st.Node.PublicKey, st.Node.Quorum, len(st.Members))
+	fmt.Fprintf(w, "node %s at %s, %s WireGuard, public key %s\n", st.Node.Name, st.Node.Addr, st.Node.WGMode, st.Node.PublicKey)
+	cs := st.Consensus
+	var voters []string
+	for _, s := range cs.Servers {
+		if s.Voter {
+			voters = append(voters, s.Name)
+		}
+	}
+	fmt.Fprintf(w, "cluster %s: this node %s, leader %s, voters %s, %d servers, applied index %d\n\n",
+		orDash(cs.ClusterID, cs.ClusterID != ""), cs.State, orDash(cs.Leader, cs.Leader != ""), orDash(strings.Join(voters, ","), len(voters) > 0),
+		len(cs.Servers), cs.AppliedIndex)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tADDRESS\tSTATE\tSINCE\tRTT\tWIREGUARD\tPUBLIC KEY")
 	for _, m := range st.Members {
@@ -195,4 +205,51 @@ func runRotateKeys(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	_, err = fmt.Fprintf(stdout, "new public key %s\n", pub)
 	return err
+}
+
+func runNetwork(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "rm" {
+		fmt.Fprintln(stderr, "usage: wgmesh network rm [--control-socket PATH] NAME|SUBNET")
+		return errUsage
+	}
+	fs := newFlagSet("network rm", stderr)
+	var socket string
+	controlFlag(fs, &socket)
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "usage: wgmesh network rm [--control-socket PATH] NAME|SUBNET")
+		return errUsage
+	}
+	subnet, err := driver.NewControlClient(socket).RemoveNetwork(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "removed network %s (%s) from the cluster; every host removes its copy\n", fs.Arg(0), subnet)
+	return err
+}
+
+func runRecover(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("recover", stderr)
+	var stateDir string
+	fs.StringVar(&stateDir, "state-dir", "/var/lib/wgmesh", "the stopped agent's state directory")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	unlock, err := lockStateDir(stateDir)
+	if err != nil {
+		return fmt.Errorf("%w; stop the agent first", err)
+	}
+	defer unlock()
+	id, _, err := crypto.LoadOrCreateIdentity(filepath.Join(stateDir, "identity.key"))
+	if err != nil {
+		return err
+	}
+	old, err := consensus.Recover(stateDir, id, nil)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "this node is now the only voter of its cluster (it had %d servers); start its agent, and the others rejoin\n", len(old.Servers))
+	return nil
 }

@@ -5,6 +5,8 @@
 //	wgmesh status [--json]
 //	wgmesh keygen
 //	wgmesh forget NODE
+//	wgmesh network rm NAME
+//	wgmesh recover
 //	wgmesh rotate-keys
 //	wgmesh version
 package main
@@ -34,6 +36,8 @@ func commands() []command {
 		{"status", "show nodes, networks and WireGuard peers (exit 1 if unhealthy)", runStatus},
 		{"keygen", "print a new cluster key", runKeygen},
 		{"forget", "release the address blocks of a node that is gone for good", runForget},
+		{"network", "network rm NAME: remove a network from every host", runNetwork},
+		{"recover", "make this stopped node the only voter, when most voters are gone for good", runRecover},
 		{"rotate-keys", "give this node a new WireGuard key pair", runRotateKeys},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "wgmesh", version)

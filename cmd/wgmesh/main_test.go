@@ -14,6 +14,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
 
 func parse(t *testing.T, args []string, env map[string]string) (*agentFlags, error) {
@@ -110,7 +111,9 @@ func TestRunExitCodes(t *testing.T) {
 func TestPrintStatus(t *testing.T) {
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	st := &driver.Status{
-		Node: driver.NodeStatus{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), WGMode: "userspace", Quorum: 2},
+		Node: driver.NodeStatus{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), WGMode: "userspace"},
+		Consensus: consensus.Status{ClusterID: "c0ffee", State: "leader", Leader: "h1", AppliedIndex: 42,
+			Servers: []consensus.ServerStatus{{Name: "h1", Voter: true}, {Name: "h2"}}},
 		Members: []driver.MemberStatus{
 			{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), State: mesh.Alive, Self: true},
 			{Name: "h2", Addr: netip.MustParseAddr("192.0.2.2"), State: mesh.Dead, Since: now.Add(-90 * time.Second)},
@@ -126,7 +129,8 @@ func TestPrintStatus(t *testing.T) {
 	var b bytes.Buffer
 	printStatus(&b, st, now)
 	for _, want := range []string{
-		"node h1 at 192.0.2.1, userspace WireGuard", "quorum 2 of 2",
+		"node h1 at 192.0.2.1, userspace WireGuard",
+		"cluster c0ffee: this node leader, leader h1, voters h1, 2 servers, applied index 42",
 		"h2    192.0.2.2  dead   1m30s",
 		"network 10.60.0.0/16  link wgm0123  port 51820  mtu 1340  gateway -  blocks 10.60.1.0/24",
 		"h3    192.0.2.3:51820  10.60.2.0/24  alive  12s ago    2.0KiB  3.0MiB",

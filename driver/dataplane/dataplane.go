@@ -230,3 +230,36 @@ func MTUFor(underlayMTU int, underlayIPv6 bool) int {
 	}
 	return underlayMTU - OverheadIPv4
 }
+
+// NetworkError is Apply's failure to converge one network.
+type NetworkError struct {
+	ID  string
+	Err error
+}
+
+func (e *NetworkError) Error() string { return fmt.Sprintf("network %s: %v", shortID(e.ID), e.Err) }
+func (e *NetworkError) Unwrap() error { return e.Err }
+
+// NetworkErr returns the part of an Apply error that concerns network id:
+// its own NetworkError and any error tied to no network, but not other
+// networks' failures.
+func NetworkErr(err error, id string) error {
+	if err == nil {
+		return nil
+	}
+	var parts []error
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		parts = joined.Unwrap()
+	} else {
+		parts = []error{err}
+	}
+	var mine []error
+	for _, e := range parts {
+		var ne *NetworkError
+		if errors.As(e, &ne) && ne.ID != id {
+			continue
+		}
+		mine = append(mine, e)
+	}
+	return errors.Join(mine...)
+}

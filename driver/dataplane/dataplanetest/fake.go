@@ -53,11 +53,11 @@ func (f *Fake) Apply(_ context.Context, cfg *dataplane.Config) error {
 	var ok []dataplane.Network
 	for _, n := range cfg.Networks {
 		if err := n.Validate(); err != nil {
-			errs = append(errs, err)
+			errs = append(errs, &dataplane.NetworkError{ID: n.ID, Err: err})
 			continue
 		}
 		if err := f.FailApply[n.ID]; err != nil {
-			errs = append(errs, err)
+			errs = append(errs, &dataplane.NetworkError{ID: n.ID, Err: err})
 			continue
 		}
 		ok = append(ok, n)

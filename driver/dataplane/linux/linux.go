@@ -194,11 +194,11 @@ func (d *DataPlane) Apply(ctx context.Context, cfg *dataplane.Config) error {
 		n := &cfg.Networks[i]
 		want[n.ID] = true
 		if err := n.Validate(); err != nil {
-			errs = append(errs, err)
+			errs = append(errs, &dataplane.NetworkError{ID: n.ID, Err: err})
 			continue
 		}
 		if err := d.applyNetwork(ctx, cfg.PrivateKey, n); err != nil {
-			errs = append(errs, fmt.Errorf("network %s: %w", short(n.ID), err))
+			errs = append(errs, &dataplane.NetworkError{ID: n.ID, Err: err})
 		}
 	}
 	existing, err := d.existingNetworks()

@@ -27,11 +27,13 @@ package sim
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -43,6 +45,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
 
 // Config configures a simulation.
@@ -175,6 +178,10 @@ type Result struct {
 	// start at once, joining the first three) until every node's View
 	// lists all N members alive.
 	MembershipConverged time.Duration
+	// Registered runs from the same start until every node is a
+	// registered member of the cluster's consensus and sees all others
+	// registered.
+	Registered time.Duration
 	// PeersConverged runs from the start of the block claims until every
 	// node's View().Peers has, in every network, N-1 peers with exactly
 	// one AllowedIPs block each: the full WireGuard peer set.
@@ -381,8 +388,19 @@ func (s *sim) addNodes(count int) ([]*node, error) {
 	}
 	added := s.nodes[first:]
 	for i, n := range added {
+		seed := sha256.Sum256([]byte(n.name))
+		id, err := crypto.IdentityFromSeed(seed[:])
+		if err != nil {
+			return nil, err
+		}
+		raftL, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("%s: consensus port: %w", n.name, err)
+		}
 		c := mesh.DefaultConfig()
 		c.Name = n.name
+		c.Identity = id
+		c.RaftListener = raftL
 		c.BindAddr, c.AdvertiseAddr, c.BindPort = "127.0.0.1", "127.0.0.1", n.tr.port
 		c.Join = slices.DeleteFunc(slices.Clone(s.seeds), func(a string) bool { return a == n.tr.Addr() })
 		c.Keyring = s.keyring
@@ -393,6 +411,7 @@ func (s *sim) addNodes(count int) ([]*node, error) {
 		c.Logger = slog.New(s.nodeLog).With("node", n.name)
 		m, err := mesh.New(c)
 		if err != nil {
+			raftL.Close()
 			return nil, fmt.Errorf("creating %s: %w", n.name, err)
 		}
 		n.m = m
@@ -475,6 +494,17 @@ func (s *sim) run(ctx context.Context, res *Result) error {
 	}
 	res.MembershipConverged = at.Sub(s.started)
 	s.log.Info("membership converged", "nodes", n, "took", res.MembershipConverged)
+	at, err = s.waitAll(ctx, "registration", cluster, registered)
+	if err != nil {
+		return err
+	}
+	res.Registered = at.Sub(s.started)
+	s.log.Info("every node registered in the cluster", "nodes", n, "took", res.Registered)
+	for _, subnet := range s.subnets {
+		if _, err := cluster[0].m.EnsureNetwork(ctx, catalog.EnsureNetwork{Subnet: subnet, BlockBits: blockBits}); err != nil {
+			return fmt.Errorf("creating network %s: %w", subnet, err)
+		}
+	}
 
 	if err := s.claims(ctx, cluster, res); err != nil {
 		return err
@@ -558,10 +588,10 @@ func (s *sim) claims(ctx context.Context, cluster []*node, res *Result) error {
 func (s *sim) claimAll(ctx context.Context, n *node) error {
 	n.blocks = make([]netip.Prefix, len(s.subnets))
 	for k, subnet := range s.subnets {
-		if err := n.m.Attach(subnet, uint16(51820+k), nil); err != nil {
+		if err := n.m.Attach(subnet, uint16(51820+k)); err != nil {
 			return fmt.Errorf("%s attaching %s: %w", n.name, subnet, err)
 		}
-		b, err := n.m.ClaimBlock(ctx, mesh.BlockRequest{Subnet: subnet, Bits: blockBits})
+		b, err := n.m.ClaimBlock(ctx, mesh.BlockRequest{Subnet: subnet})
 		if err != nil {
 			return fmt.Errorf("%s claiming a block of %s: %w", n.name, subnet, err)
 		}
@@ -595,8 +625,12 @@ func (s *sim) checkBlocks(cluster []*node) error {
 				}
 			}
 		}
-		if c := v.Conflicts(); len(c) > 0 {
-			return fmt.Errorf("%s sees conflicting blocks: %+v", n.name, c)
+		for _, subnet := range s.subnets {
+			for b, o := range v.Network(subnet).Blocks {
+				if owner[b] != o {
+					return fmt.Errorf("%s's catalog gives %s to %s, which claimed %s", n.name, b, o, owner[b])
+				}
+			}
 		}
 	}
 	return nil
@@ -660,6 +694,21 @@ func (s *sim) join(ctx context.Context, cluster []*node, res *Result) error {
 }
 
 // membersAlive checks that a node sees want members, all alive.
+// registered checks that a node is a registered member of the cluster
+// and sees every other node registered too.
+func registered(n *node) error {
+	st := n.m.Consensus()
+	if !st.Registered || st.Leader == "" {
+		return fmt.Errorf("%s: consensus %s, problem %q", n.name, st.State, st.Problem)
+	}
+	for name, m := range n.m.View().Members {
+		if !m.Registered {
+			return fmt.Errorf("%s does not see %s registered yet", n.name, name)
+		}
+	}
+	return nil
+}
+
 func membersAlive(want int) func(*node) error {
 	return func(n *node) error {
 		v := n.m.View()
@@ -752,7 +801,7 @@ func (s *sim) sampleEntries(force bool) {
 		return
 	}
 	s.sampled = time.Now()
-	for _, entries := range s.nodes[0].m.View().Networks {
+	for _, entries := range s.nodes[0].m.View().Entries {
 		for _, e := range entries {
 			id := entryID{e.Node, e.Subnet}
 			if v, ok := s.seen[id]; ok && v == e.Version {

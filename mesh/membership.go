@@ -1,0 +1,176 @@
+package mesh
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
+)
+
+// membership is what consensus sees of gossip: the members with their
+// self-signed infos. Consensus makes its own trust decisions (the catalog,
+// TLS identities), so unregistered members are listed too: a joining node
+// finds the cluster through them.
+type membership struct{ m *Mesh }
+
+var _ consensus.Membership = membership{}
+
+func (ms membership) Members() []consensus.Member {
+	m := ms.m
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := []consensus.Member{m.consensusMember(m.self, true, true)}
+	for name, rec := range m.rep.infos {
+		l := m.live[name]
+		out = append(out, m.consensusMember(rec.info, l.state.Reachable(), false))
+	}
+	return out
+}
+
+func (m *Mesh) consensusMember(n NodeInfo, alive, self bool) consensus.Member {
+	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self}
+	if n.RaftPort != 0 {
+		mem.RaftAddr = net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.RaftPort)))
+	}
+	return mem
+}
+
+func (ms membership) Joined() bool {
+	m := ms.m
+	if len(m.cfg.Join) == 0 {
+		return true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.joined
+}
+
+// problems remembers what hosts should show in status for a while: name
+// conflicts seen by gossip.
+type problems struct {
+	mu    sync.Mutex
+	items map[string]problem
+}
+
+type problem struct {
+	text string
+	at   time.Time
+}
+
+// problemTTL is how long a problem stays in status after it was last seen.
+const problemTTL = 10 * time.Minute
+
+func (p *problems) add(key, text string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.items == nil {
+		p.items = map[string]problem{}
+	}
+	p.items[key] = problem{text, time.Now()}
+}
+
+func (p *problems) nameTaken(name, addr string, bound, other crypto.NodeID) {
+	p.add("taken/"+name+"/"+addr, fmt.Sprintf("a host at %s tried to join as node %s, a name the cluster binds to another identity (%s, not %s); "+
+		"it was refused: give that host another --node-name", addr, name, bound.Short(), other.Short()))
+}
+
+func (p *problems) conflict(name, addr, other string) {
+	a, b := min(addr, other), max(addr, other)
+	p.add("conflict/"+name+"/"+a+"/"+b, fmt.Sprintf("two hosts use node name %s: %s and %s; give each host a unique --node-name "+
+		"and a state directory of its own (a cloned VM keeps both)", name, a, b))
+}
+
+func (p *problems) list() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for k, pr := range p.items {
+		if time.Since(pr.at) > problemTTL {
+			delete(p.items, k)
+			continue
+		}
+		out = append(out, pr.text)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Problems lists what is wrong with the cluster as this node sees it:
+// consensus trouble, name conflicts, members the catalog does not vouch
+// for, records refused as forged, another cluster met by gossip, and a
+// legacy state that could not be upgraded.
+func (m *Mesh) Problems() []string {
+	out := m.problems.list()
+	cs := m.node.Status()
+	if cs.Problem != "" {
+		out = append(out, "consensus: "+cs.Problem)
+	} else if cs.Registered && cs.Leader == "" {
+		out = append(out, "consensus: no leader (most voters are down or unreachable): no network can be created and no address block claimed; "+
+			"if they are gone for good, see `wgmesh recover`")
+	}
+	v := m.View()
+	for _, name := range slices.Sorted(maps.Keys(v.Members)) {
+		mem := v.Members[name]
+		if mem.Self || mem.Registered || !mem.State.Reachable() {
+			continue
+		}
+		if mem.ClusterID != "" && v.ClusterID != "" && mem.ClusterID != v.ClusterID {
+			out = append(out, fmt.Sprintf("node %s (%s) belongs to another wgmesh cluster (%s, this one is %s): two clusters met through gossip; "+
+				"their seeds (--join) must not mix", name, mem.Addr, mem.ClusterID, v.ClusterID))
+			continue
+		}
+		if time.Since(mem.Since) > 30*time.Second {
+			out = append(out, fmt.Sprintf("node %s (%s) is not registered in the cluster; its records are not used", name, mem.Addr))
+		}
+	}
+	m.mu.Lock()
+	refused := maps.Clone(m.rep.refused)
+	legacyErr := ""
+	if m.legacy != nil && m.legacy.err != nil {
+		legacyErr = m.legacy.err.Error()
+	}
+	m.mu.Unlock()
+	for _, reason := range []string{"entry-forged", "info-wrong-identity"} {
+		if n := refused[reason]; n > 0 {
+			out = append(out, fmt.Sprintf("refused %d gossip records not signed by the identity of the node they name (%s): a member is forging records", n, reason))
+		}
+	}
+	if legacyErr != "" {
+		out = append(out, "upgrading this node's state from before consensus: "+legacyErr)
+	}
+	return out
+}
+
+// Stats are counters of the mesh since start.
+type Stats struct {
+	SentMessages, SentBytes, ReceivedMessages, ReceivedBytes uint64
+	// Refused counts gossip records refused, by reason.
+	Refused map[string]uint64
+}
+
+// Stats returns gossip counters.
+func (m *Mesh) Stats() Stats {
+	m.mu.Lock()
+	refused := maps.Clone(m.rep.refused)
+	m.mu.Unlock()
+	return Stats{
+		SentMessages: m.stats.sentMsgs.Load(), SentBytes: m.stats.sentBytes.Load(),
+		ReceivedMessages: m.stats.recvMsgs.Load(), ReceivedBytes: m.stats.recvBytes.Load(),
+		Refused: refused,
+	}
+}
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // only our own plain types are marshalled
+	}
+	return b
+}
