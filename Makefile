@@ -22,6 +22,10 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 30000x
 FUZZ_PKGS := ./crypto ./mesh ./driver
 
+# Docker engines make e2e runs the suite against: Debian's docker.io, and
+# Docker Engine 29 built by .ci/engine29.sh (cached after the first time).
+E2E_ENGINES ?= 20.10 29
+
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
@@ -63,8 +67,17 @@ fuzz: ## every fuzzer for FUZZTIME
 		done; \
 	done
 
-e2e: ## end-to-end suite against three real dockerd (root)
-	$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' 
+e2e: ## end-to-end suite against three real dockerd (root), once per engine in E2E_ENGINES
+	failed=; \
+	for engine in $(E2E_ENGINES); do \
+		dir=; \
+		if [ "$$engine" = 29 ]; then dir=$$(.ci/engine29.sh); fi; \
+		echo "e2e: engine $$engine"; \
+		WGMESH_E2E_ENGINE=$$engine WGMESH_E2E_ENGINE_DIR=$$dir \
+			$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' || \
+			failed="$$failed $$engine"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "e2e: failed on engine(s)$$failed"; exit 1; fi
 
 plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCKER_HOST
 	rm -rf bin/plugin && mkdir -p bin/plugin/rootfs

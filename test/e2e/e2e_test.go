@@ -366,6 +366,16 @@ func TestBadRequestsAreRefused(t *testing.T) {
 			t.Errorf("docker %v: err %v, output %q; want an error saying %q", tc.args, err, out, tc.want)
 		}
 	}
+	if theLab.Engine().Label != "20.10" {
+		// Since API 1.47 a network may have no IPv4: Docker then asks the
+		// IPAM driver for no pool and sends CreateNetwork with no IPv4Data
+		// and com.docker.network.enable_ipv4=false. The 20.10 CLI has no
+		// --ipv4.
+		args := []string{"network", "create", "-d", "wgmesh", "--ipam-driver", "wgmesh", "--ipv4=false", "nov4"}
+		if out, err := h.Docker(ctx, args...); err == nil || !strings.Contains(out, "IPv4 subnet") {
+			t.Errorf("docker %v: err %v, output %q; want an error about the IPv4 subnet", args, err, out)
+		}
+	}
 	network(t, "dup", "10.74.0.0/16", nil, h)
 	if out, err := h.Docker(ctx, "network", "create", "-d", "wgmesh", "--ipam-driver", "wgmesh", "--subnet", "10.74.128.0/17", "overlap"); err == nil || !strings.Contains(out, "overlaps") {
 		t.Errorf("overlapping subnet accepted: %v %s", err, out)
@@ -374,7 +384,7 @@ func TestBadRequestsAreRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"nosubnet", "defaultipam", "badmtu", "tiny", "overlap"} {
+	for _, name := range []string{"nosubnet", "defaultipam", "badmtu", "tiny", "overlap", "nov4"} {
 		if strings.Contains(out, name+"\n") {
 			t.Errorf("refused network %s exists anyway", name)
 		}

@@ -48,9 +48,14 @@ func runMain(m *testing.M) int {
 		fmt.Printf("e2e: building wgmesh: %v\n%s", err, out)
 		return 1
 	}
+	engine, err := engineFromEnv()
+	if err != nil {
+		fmt.Println("e2e:", err)
+		return 1
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	theLab, err = lab.New(ctx, lab.Config{Hosts: 3, Binary: binary, Docker: true, Dir: filepath.Join(dir, "lab"), Log: os.Stdout})
+	theLab, err = lab.New(ctx, lab.Config{Hosts: 3, Binary: binary, Docker: true, Engine: engine, Dir: filepath.Join(dir, "lab"), Log: os.Stdout})
 	if err != nil {
 		fmt.Println("e2e:", err)
 		return 1
@@ -65,6 +70,12 @@ func runMain(m *testing.M) int {
 			code = 1
 		}
 	}()
+	v, err := theLab.Hosts[0].EngineVersion(ctx)
+	if err != nil {
+		fmt.Println("e2e: wrong engine:", err)
+		return 1
+	}
+	fmt.Printf("e2e: engine %s: %s\n", engine.Label, v)
 	if err := theLab.StartAgents(ctx); err != nil {
 		fmt.Println("e2e:", err)
 		return 1
@@ -78,6 +89,24 @@ func runMain(m *testing.M) int {
 		}
 	}
 	return code
+}
+
+// engineFromEnv is the engine WGMESH_E2E_ENGINE names: "20.10" (the
+// default) is Debian's docker.io; "29" is Docker Engine 29 as
+// .ci/engine29.sh builds it, in WGMESH_E2E_ENGINE_DIR.
+func engineFromEnv() (lab.Engine, error) {
+	switch label := os.Getenv("WGMESH_E2E_ENGINE"); label {
+	case "", "20.10":
+		return lab.DebianEngine(), nil
+	case "29":
+		dir := os.Getenv("WGMESH_E2E_ENGINE_DIR")
+		if dir == "" {
+			return lab.Engine{}, fmt.Errorf("WGMESH_E2E_ENGINE=29 needs WGMESH_E2E_ENGINE_DIR, the directory .ci/engine29.sh prints")
+		}
+		return lab.DirEngine(label, dir), nil
+	default:
+		return lab.Engine{}, fmt.Errorf("WGMESH_E2E_ENGINE=%q: want 20.10 or 29", label)
+	}
 }
 
 // dumpLogs prints the tail of every agent's and dockerd's log, for a

@@ -26,7 +26,7 @@ func installPlugin(t *testing.T, h, seed *lab.Host) {
 	t.Helper()
 	ctx := testCtx(t)
 	make := exec.CommandContext(ctx, "make", "-C", "../..", "plugin",
-		"DOCKER=/usr/bin/docker -H unix://"+h.DockerSock(), "PLUGIN="+pluginName)
+		"DOCKER="+h.DockerCommand(), "PLUGIN="+pluginName)
 	if out, err := make.CombinedOutput(); err != nil {
 		t.Fatalf("make plugin on %s: %v\n%s", h.Name, err, out)
 	}

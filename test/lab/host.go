@@ -51,10 +51,17 @@ func (h *Host) StartDocker(ctx context.Context) error {
 	}
 	// Hiding /run/containerd makes dockerd start a containerd of its own
 	// even where a system one runs (docker.io starts one under systemd):
-	// hosts must not share containers' processes.
+	// hosts must not share containers' processes. That containerd, its
+	// shim and runc are the engine's: they are first on dockerd's PATH.
+	e := h.lab.cfg.Engine
+	args := []string{"--data-root", filepath.Join(h.Dir, "data"), "--exec-root", filepath.Join(h.Dir, "exec"),
+		"-H", "unix://" + h.DockerSock(), "--pidfile", filepath.Join(h.Dir, "docker.pid")}
+	if e.Proxy != "" {
+		args = append(args, "--userland-proxy-path", e.Proxy)
+	}
 	script := fmt.Sprintf("{ [ ! -d /run/containerd ] || mount -t tmpfs tmpfs /run/containerd; } && "+
-		"mount --bind %s /run/docker/plugins && exec dockerd --data-root %s --exec-root %s -H unix://%s --pidfile %s",
-		h.PluginDir(), filepath.Join(h.Dir, "data"), filepath.Join(h.Dir, "exec"), h.DockerSock(), filepath.Join(h.Dir, "docker.pid"))
+		"mount --bind %s /run/docker/plugins && export PATH=%s && exec %s %s",
+		shellQuote(h.PluginDir()), shellQuote(e.path()), shellQuote(e.Dockerd), shellJoin(args))
 	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "unshare", "-m", "--propagation", "slave", "sh", "-c", script}, h.DockerLog())
 	if err != nil {
 		return err
@@ -64,6 +71,12 @@ func (h *Host) StartDocker(ctx context.Context) error {
 		_, err := h.dockerLocked(ctx, "version")
 		return err
 	})
+}
+
+// DockerCommand is the docker CLI of the host's engine with the flag that
+// points it at the host, as one shell word list (for make's DOCKER).
+func (h *Host) DockerCommand() string {
+	return shellJoin([]string{h.lab.cfg.Engine.Docker, "-H", "unix://" + h.DockerSock()})
 }
 
 // InDockerMountNS runs a command in dockerd's mount namespace, where the
@@ -92,7 +105,7 @@ func (h *Host) LoadImage(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = runIn(ctx, buf, "docker", "-H", "unix://"+h.DockerSock(), "import", "-c", "CMD [\"/bin/sh\"]", "-", Image)
+	_, err = runIn(ctx, buf, h.lab.cfg.Engine.Docker, "-H", "unix://"+h.DockerSock(), "import", "-c", "CMD [\"/bin/sh\"]", "-", Image)
 	return err
 }
 
@@ -104,7 +117,7 @@ func (h *Host) Docker(ctx context.Context, args ...string) (string, error) {
 }
 
 func (h *Host) dockerLocked(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, "docker", append([]string{"-H", "unix://" + h.DockerSock()}, args...)...)
+	return run(ctx, h.lab.cfg.Engine.Docker, append([]string{"-H", "unix://" + h.DockerSock()}, args...)...)
 }
 
 // AgentArgs are the flags StartAgent gives this host's agent.
@@ -367,4 +380,17 @@ func (h *Host) RunContainer(ctx context.Context, name, network string, opts []st
 		return "", err
 	}
 	return h.ContainerIP(ctx, name, network)
+}
+
+// shellQuote quotes s for sh.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func shellJoin(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = shellQuote(a)
+	}
+	return strings.Join(q, " ")
 }

@@ -58,6 +58,9 @@ type Config struct {
 	Binary string
 	// Docker starts a dockerd on each host, and builds the busybox image.
 	Docker bool
+	// Engine is the Docker engine the hosts run; the zero Engine is
+	// DebianEngine.
+	Engine Engine
 	// DockerHosts limits dockerd to the first N hosts (0: all), for
 	// scale tests where most hosts only run an agent.
 	DockerHosts int
@@ -118,7 +121,10 @@ func New(ctx context.Context, cfg Config) (*Lab, error) {
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
-	if err := checkTools(cfg.Docker); err != nil {
+	if cfg.Engine == (Engine{}) {
+		cfg.Engine = DebianEngine()
+	}
+	if err := checkTools(cfg); err != nil {
 		return nil, err
 	}
 	b := make([]byte, 3)
@@ -144,16 +150,15 @@ func New(ctx context.Context, cfg Config) (*Lab, error) {
 	return l, nil
 }
 
-func checkTools(docker bool) error {
-	tools := []string{"ip", "nsenter", "unshare", "busybox"}
-	if docker {
-		tools = append(tools, "dockerd", "docker")
-	}
+func checkTools(cfg Config) error {
 	var missing []string
-	for _, t := range tools {
-		if _, err := exec.LookPath(dockerPath(t)); err != nil {
+	for _, t := range []string{"ip", "nsenter", "unshare", "busybox"} {
+		if _, err := exec.LookPath(t); err != nil {
 			missing = append(missing, t)
 		}
+	}
+	if cfg.Docker {
+		missing = append(missing, cfg.Engine.check()...)
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("lab: missing tools %v (run: make deps)", missing)
@@ -161,15 +166,8 @@ func checkTools(docker bool) error {
 	return nil
 }
 
-// dockerPath prefers Debian's docker client, which matches dockerd 20.10.
-func dockerPath(tool string) string {
-	if tool == "docker" {
-		if _, err := os.Stat("/usr/bin/docker"); err == nil {
-			return "/usr/bin/docker"
-		}
-	}
-	return tool
-}
+// Engine is the Docker engine the lab's hosts run.
+func (l *Lab) Engine() Engine { return l.cfg.Engine }
 
 func (l *Lab) logf(format string, args ...any) {
 	fmt.Fprintf(l.cfg.Log, "lab: "+format+"\n", args...)
@@ -338,7 +336,7 @@ func run(ctx context.Context, name string, args ...string) (string, error) {
 }
 
 func runIn(ctx context.Context, stdin io.Reader, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, dockerPath(name), args...)
+	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Stdin = stdin
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
