@@ -104,7 +104,7 @@ var bootModules = []string{
 func moduleOrder(ctx context.Context, k *Kernel, names []string) ([]string, error) {
 	base := filepath.Dir(filepath.Dir(filepath.Dir(k.ModulesDir))) // above lib/modules/RELEASE
 	args := append([]string{"-d", base, "-S", k.Release, "--show-depends", "-a"}, names...)
-	out, err := exec.CommandContext(ctx, "modprobe", args...).CombinedOutput()
+	out, err := exec.CommandContext(ctx, sbin("modprobe"), args...).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("modprobe --show-depends: %w\n%s", err, out)
 	}

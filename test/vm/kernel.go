@@ -169,7 +169,7 @@ func unpack(ctx context.Context, cacheDir, work, deb, pkg, version string, log i
 		return nil, fmt.Errorf("%s holds %d module trees, want one", pkg, len(releases))
 	}
 	release := releases[0].Name()
-	if out, err := exec.CommandContext(ctx, "depmod", "-b", root, release).CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, sbin("depmod"), "-b", root, release).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("depmod for %s: %w\n%s", release, err, out)
 	}
 	entry := filepath.Join(work, "entry")
@@ -196,6 +196,19 @@ func unpack(ctx context.Context, cacheDir, work, deb, pkg, version string, log i
 	}
 	fmt.Fprintf(log, "vm: cached %s in %s\n", release, dst)
 	return loadCached(dst)
+}
+
+// sbin finds a tool of kmod where a user's PATH may not look.
+func sbin(name string) string {
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if p := filepath.Join(dir, name); unix.Access(p, unix.X_OK) == nil {
+			return p
+		}
+	}
+	return name
 }
 
 // loadCached reads a complete cache entry; kernel.txt is written last.

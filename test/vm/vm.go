@@ -50,7 +50,8 @@ type Config struct {
 	// Accel is QEMU's accelerator: tcg (software emulation, the default),
 	// or kvm where /dev/kvm runs ordinary guests.
 	Accel string
-	// Timeout bounds the whole run; QEMU is killed when it passes.
+	// Timeout bounds the whole run, fetching the kernel included; QEMU is
+	// killed when it passes.
 	Timeout time.Duration
 	// Console receives the guest's console output as it comes (nil:
 	// discarded); so does LogFile, if set, in full.
@@ -122,6 +123,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
+	ctx, cancel := context.WithTimeoutCause(ctx, cfg.Timeout, fmt.Errorf("timed out after %s", cfg.Timeout))
+	defer cancel()
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
@@ -265,16 +268,12 @@ func boot(ctx context.Context, cfg Config, qemu string, k *Kernel, initrd string
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
 
-	timer := time.NewTimer(cfg.Timeout)
-	defer timer.Stop()
 	var why error
 	select {
 	case err := <-waited:
 		waited <- err
-	case <-timer.C:
-		why = fmt.Errorf("timed out after %s", cfg.Timeout)
 	case <-ctx.Done():
-		why = ctx.Err()
+		why = context.Cause(ctx)
 	}
 	if why != nil {
 		fmt.Fprintf(cfg.Log, "vm: %v: killing QEMU (pid %d)\n", why, pid)

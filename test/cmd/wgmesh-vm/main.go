@@ -2,10 +2,11 @@
 // Debian's stock kernel, for what the machine's own kernel lacks (kernel
 // WireGuard). See package test/vm.
 //
-//	wgmesh-vm [flags] [-C DIR] BINARY [ARG...] [--- [-C DIR] BINARY [ARG...]]...
+//	wgmesh-vm [flags] [--] [-C DIR] BINARY [ARG...] [--- [-C DIR] BINARY [ARG...]]...
 //
 // Each BINARY runs in the guest, in order, in DIR (default /), with the
-// host's file system as its root. Build it with CGO_ENABLED=0: the same
+// host's file system as its root ("--" ends the flags before a first
+// step that starts with -C). Build it with CGO_ENABLED=0: the same
 // binary is the guest's /init. It exits with the first failing step's
 // status, 0 if every step passed, and 125 if the VM itself failed (no
 // kernel, no QEMU, a guest that never reported, a timeout).
@@ -46,7 +47,7 @@ func run() int {
 	cfg := vm.DefaultConfig()
 	fs := flag.NewFlagSet("wgmesh-vm", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: wgmesh-vm [flags] [-C DIR] BINARY [ARG...] [--- [-C DIR] BINARY [ARG...]]...")
+		fmt.Fprintln(fs.Output(), "usage: wgmesh-vm [flags] [--] [-C DIR] BINARY [ARG...] [--- [-C DIR] BINARY [ARG...]]...")
 		fs.PrintDefaults()
 	}
 	var env envFlag
