@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -79,15 +80,20 @@ type console struct {
 	ready       bool
 	begun       map[int]string
 	ended       map[int]StepResult
-	done        bool
-	doneStatus  int
-	setupError  string
+	// running is the step begun and not yet ended, 0 if none; noTests
+	// marks steps that were Go test binaries whose -test.run matched
+	// nothing.
+	running    int
+	noTests    map[int]bool
+	done       bool
+	doneStatus int
+	setupError string
 }
 
 func newConsole(token string) *console {
 	return &console{
 		re:    regexp.MustCompile(markerWord + ` ` + regexp.QuoteMeta(token) + ` (READY|BEGIN|END|DONE|SETUP-FAILED)(?: (.*))?$`),
-		begun: map[int]string{}, ended: map[int]StepResult{},
+		begun: map[int]string{}, ended: map[int]StepResult{}, noTests: map[int]bool{},
 	}
 }
 
@@ -96,6 +102,9 @@ func newConsole(token string) *console {
 func (c *console) line(s string, elapsed time.Duration) bool {
 	m := c.re.FindStringSubmatch(s)
 	if m == nil {
+		if c.running != 0 && strings.Contains(s, "testing: warning: no tests to run") {
+			c.noTests[c.running] = true
+		}
 		return false
 	}
 	var f []string
@@ -112,6 +121,7 @@ func (c *console) line(s string, elapsed time.Duration) bool {
 		if len(f) == 2 {
 			if i, err := strconv.Atoi(f[0]); err == nil {
 				c.begun[i] = f[1]
+				c.running = i
 			}
 		}
 	case "END":
@@ -121,6 +131,7 @@ func (c *console) line(s string, elapsed time.Duration) bool {
 			secs, err3 := strconv.ParseFloat(f[3], 64)
 			if err1 == nil && err2 == nil && err3 == nil {
 				c.ended[i] = StepResult{Name: f[1], Status: status, Took: time.Duration(secs * float64(time.Second))}
+				c.running = 0
 			}
 		}
 	case "DONE":
@@ -183,6 +194,9 @@ func (c *console) verdict(plan *Plan, exitCode int) (*Result, error) {
 		end, ok := c.ended[i+1]
 		if !ok || end.Name != s.Name {
 			return r, fmt.Errorf("step %d (%s) started but never ended in the guest", i+1, s.Name)
+		}
+		if c.noTests[i+1] {
+			return r, fmt.Errorf("step %d (%s) ran no test: its -test.run matched nothing", i+1, s.Name)
 		}
 		r.Steps = append(r.Steps, end)
 	}

@@ -63,6 +63,7 @@ func TestVerdict(t *testing.T) {
 		{name: "powered off instead of debug exit", lines: good, exit: 0, wantErr: "not through the guest's isa-debug-exit"},
 		{name: "exit status disagrees", lines: good, exit: 3, wantErr: "status 0 on the console but 1"},
 		{name: "DONE disagrees with steps", lines: append(replace("integration.test 0 150.5", "integration.test 1 150.5")[:7], "WGMESH-VM t0k3n DONE 0"), exit: 1, wantErr: "steps say 1"},
+		{name: "a test binary that ran no test", lines: append(good[:3:3], append([]string{"testing: warning: no tests to run", "PASS"}, good[4:]...)...), exit: 1, wantErr: "step 1 (linux.test) ran no test"},
 		{name: "setup failed", lines: []string{"WGMESH-VM t0k3n SETUP-FAILED mounting 9p on /mnt/root: no such device", "WGMESH-VM t0k3n DONE 2"}, exit: 5, wantErr: "could not set up: mounting 9p"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
