@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -195,7 +196,26 @@ func unpack(ctx context.Context, cacheDir, work, deb, pkg, version string, log i
 		return nil, err
 	}
 	fmt.Fprintf(log, "vm: cached %s in %s\n", release, dst)
+	pruneKernels(filepath.Dir(dst), dst, log)
 	return loadCached(dst)
+}
+
+// pruneKernels removes the other kernels of the cache, once a newer one
+// is there: each takes some 450 MB. Ones unpacked less than a day ago
+// stay, in case a run that started with one still loads its modules.
+func pruneKernels(dir, keep string, log io.Writer) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		if p == keep {
+			continue
+		}
+		if st, err := os.Stat(filepath.Join(p, "kernel.txt")); err == nil && time.Since(st.ModTime()) < 24*time.Hour {
+			continue
+		}
+		fmt.Fprintf(log, "vm: removing the older kernel %s\n", e.Name())
+		_ = os.RemoveAll(p)
+	}
 }
 
 // sbin finds a tool of kmod where a user's PATH may not look.
