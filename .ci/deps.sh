@@ -2,6 +2,8 @@
 # Installs the Debian packages that wgmesh's tests, demo and benchmarks
 # use, if any is missing. Needs root only when something must be installed.
 set -euo pipefail
+# depmod and modprobe live in sbin, which a user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 # command -> package
 declare -A want=(
@@ -17,6 +19,13 @@ declare -A want=(
 	[unzip]=unzip
 	[git]=git
 	[gcc]=gcc
+	# make vmtest: QEMU, and for the kernel it boots: apt-get download,
+	# dpkg-deb, depmod and modprobe --show-depends, xz for the bzImage.
+	[qemu-system-x86_64]=qemu-system-x86
+	[depmod]=kmod
+	[modprobe]=kmod
+	[xz]=xz-utils
+	[dpkg-deb]=dpkg
 )
 missing=()
 for cmd in "${!want[@]}"; do
@@ -28,6 +37,9 @@ if ! busybox_path=$(command -v busybox) || ! file -L "$busybox_path" 2>/dev/null
 fi
 # cgo (for -race) needs the C library headers.
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
+
+# Two commands may name one package.
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | grep .)
 
 if ((${#missing[@]} == 0)); then
 	exit 0

@@ -30,9 +30,10 @@ type Config struct {
 	SimSizes []int
 	// SimQuick shortens the simulation's idle phases (smoke runs).
 	SimQuick bool
-	// NoData, NoControl and NoSim leave a part out.
-	NoData, NoControl, NoSim bool
-	Log                      io.Writer
+	// NoData, NoControl and NoSim leave a part out; NoVM leaves out the
+	// data-plane case of kernel WireGuard in a VM.
+	NoData, NoControl, NoSim, NoVM bool
+	Log                            io.Writer
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
@@ -119,6 +120,15 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 			return nil, err
 		}
 	}
+	if !b.cfg.NoData && !b.cfg.NoVM {
+		// After the other cases, not among them: the VM takes both cores.
+		b.logf("data plane: kernel WireGuard in a VM (emulated, without KVM)")
+		c, err := b.vmDataPlane(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("kernel WireGuard in a VM: %w", err)
+		}
+		r.DataPlane = append(r.DataPlane, c)
+	}
 	for _, n := range b.cfg.ClusterSizes {
 		if b.cfg.NoControl {
 			break
@@ -191,6 +201,12 @@ func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, error)
 	if err != nil {
 		return nil, err
 	}
+	return b.measureCases(ctx, cases)
+}
+
+// measureCases runs every case Runs times, round-robin, and returns the
+// medians.
+func (b *Bench) measureCases(ctx context.Context, cases []*dataCase) ([]CaseResult, error) {
 	results := make([]CaseResult, len(cases))
 	for i, c := range cases {
 		results[i] = CaseResult{Name: c.name, Note: c.note, Skipped: c.skip}
@@ -214,24 +230,28 @@ func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, error)
 		}
 	}
 	for i := range results {
-		r := &results[i]
-		pick := func(f func(Run) float64) float64 {
-			var vs []float64
-			for _, m := range r.Runs {
-				vs = append(vs, f(m))
-			}
-			return median(vs)
-		}
-		if len(r.Runs) == 0 {
-			continue
-		}
-		r.TCP1Gbps = pick(func(m Run) float64 { return m.TCP1Gbps })
-		r.TCP4Gbps = pick(func(m Run) float64 { return m.TCP4Gbps })
-		r.PingAvgMs = pick(func(m Run) float64 { return m.PingAvgMs })
-		r.PingP99Ms = pick(func(m Run) float64 { return m.PingP99Ms })
-		r.CPUSecPerGB = pick(func(m Run) float64 { return m.CPUSecPerGB })
+		results[i].summarize()
 	}
 	return results, nil
+}
+
+// summarize sets the case's figures to the medians of its runs.
+func (r *CaseResult) summarize() {
+	pick := func(f func(Run) float64) float64 {
+		var vs []float64
+		for _, m := range r.Runs {
+			vs = append(vs, f(m))
+		}
+		return median(vs)
+	}
+	if len(r.Runs) == 0 {
+		return
+	}
+	r.TCP1Gbps = pick(func(m Run) float64 { return m.TCP1Gbps })
+	r.TCP4Gbps = pick(func(m Run) float64 { return m.TCP4Gbps })
+	r.PingAvgMs = pick(func(m Run) float64 { return m.PingAvgMs })
+	r.PingP99Ms = pick(func(m Run) float64 { return m.PingP99Ms })
+	r.CPUSecPerGB = pick(func(m Run) float64 { return m.CPUSecPerGB })
 }
 
 func (r *Report) dataCase(name string) *CaseResult {

@@ -44,6 +44,9 @@ type CaseResult struct {
 	PingP99Ms   float64 `json:"ping_p99_ms"`
 	CPUSecPerGB float64 `json:"cpu_seconds_per_gb"`
 	Runs        []Run   `json:"runs"`
+	// Emulated is set for a case measured in a VM without KVM, whose
+	// figures compare only with that VM's own underlay.
+	Emulated bool `json:"emulated,omitempty"`
 }
 
 // Run is one measurement of a case.

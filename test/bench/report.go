@@ -112,7 +112,9 @@ func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
 			continue
 		}
 		vs := ""
-		if ref != nil {
+		if c.Emulated {
+			vs = "n/a: emulated"
+		} else if ref != nil {
 			vs = fmt.Sprintf("%.0f %% / %.0f %%", c.TCP1Gbps/ref.TCP1Gbps*100, c.TCP4Gbps/ref.TCP4Gbps*100)
 		}
 		p("| %s | %.2f Gbit/s | %.2f Gbit/s | %s | %.3f ms | %.3f ms | %.1f |", c.Name, c.TCP1Gbps, c.TCP4Gbps, vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)

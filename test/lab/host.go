@@ -26,6 +26,10 @@ func (h *Host) DockerSock() string { return filepath.Join(h.Dir, "docker.sock") 
 // ControlSock is the host's wgmesh control socket.
 func (h *Host) ControlSock() string { return filepath.Join(h.Dir, "run", "control.sock") }
 
+// RunDir is the agent's --run-dir: the pins of its networks' namespaces
+// are in RunDir/netns, one per network ID.
+func (h *Host) RunDir() string { return filepath.Join(h.Dir, "run") }
+
 // PluginDir is the host's /run/docker/plugins.
 func (h *Host) PluginDir() string { return filepath.Join(h.Dir, "plugins") }
 
@@ -128,7 +132,7 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--join", h.lab.Seeds(h),
 		"--cluster-key-file", h.lab.KeyFile,
 		"--state-dir", filepath.Join(h.Dir, "state"),
-		"--run-dir", filepath.Join(h.Dir, "run"),
+		"--run-dir", h.RunDir(),
 		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),
 		"--control-socket", h.ControlSock(),
 		"--docker-host", "unix://" + h.DockerSock(),

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -131,6 +132,30 @@ func (p *Plugin) Attach(ctx context.Context, n *PluginNetwork) (*PluginEndpoint,
 	return ep, nil
 }
 
+// Detach makes the calls of removing a container from a network: a
+// leave, the endpoint's deletion and the release of its address.
+func (p *Plugin) Detach(ctx context.Context, n *PluginNetwork, ep *PluginEndpoint) error {
+	if err := p.Call(ctx, "NetworkDriver.Leave", network.LeaveRequest{NetworkID: n.ID, EndpointID: ep.ID}, nil); err != nil {
+		return err
+	}
+	if err := p.Call(ctx, "NetworkDriver.DeleteEndpoint", network.DeleteEndpointRequest{NetworkID: n.ID, EndpointID: ep.ID}, nil); err != nil {
+		return err
+	}
+	return p.Call(ctx, "IpamDriver.ReleaseAddress", ipam.ReleaseAddressRequest{PoolID: n.PoolID, Address: strings.Split(ep.Address, "/")[0]}, nil)
+}
+
+// DeleteNetwork makes the calls of `docker network rm`: the network's
+// deletion, then the release of its gateway address and its pool.
+func (p *Plugin) DeleteNetwork(ctx context.Context, n *PluginNetwork) error {
+	if err := p.Call(ctx, "NetworkDriver.DeleteNetwork", network.DeleteNetworkRequest{NetworkID: n.ID}, nil); err != nil {
+		return err
+	}
+	if err := p.Call(ctx, "IpamDriver.ReleaseAddress", ipam.ReleaseAddressRequest{PoolID: n.PoolID, Address: strings.Split(n.Gateway, "/")[0]}, nil); err != nil {
+		return err
+	}
+	return p.Call(ctx, "IpamDriver.ReleasePool", ipam.ReleasePoolRequest{PoolID: n.PoolID}, nil)
+}
+
 // Container is a stand-in for a container: a network namespace holding
 // an endpoint's interface, as Docker would set it up.
 type Container struct {
@@ -161,6 +186,18 @@ func (h *Host) NewContainer(ctx context.Context, name string, ep *PluginEndpoint
 	h.containers = append(h.containers, ns)
 	h.mu.Unlock()
 	return c, nil
+}
+
+// RemoveContainer deletes a stand-in container's namespace, and with it
+// the container end of its veth pair, as removing a container does.
+func (h *Host) RemoveContainer(ctx context.Context, c *Container) error {
+	if _, err := run(ctx, "ip", "netns", "del", c.Name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.containers = slices.DeleteFunc(h.containers, func(ns string) bool { return ns == c.Name })
+	return nil
 }
 
 // Exec runs a command inside the stand-in container.

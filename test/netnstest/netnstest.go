@@ -93,6 +93,28 @@ func SkipUnlessRoot(t testing.TB) {
 	}
 }
 
+// EnvRequireKernelWG, set to 1, turns SkipUnlessKernelWireGuard's skip
+// into a failure: where kernel WireGuard must exist (the VM of make
+// vmtest), a test that silently skipped would prove nothing.
+const EnvRequireKernelWG = "WGMESH_REQUIRE_KERNEL_WG"
+
+// SkipUnlessKernelWireGuard skips a test unless this kernel can create
+// WireGuard links, or fails it if EnvRequireKernelWG is 1. Call it after
+// SkipUnlessRoot.
+func SkipUnlessKernelWireGuard(t testing.TB) {
+	t.Helper()
+	probe := &netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: "wgprobe0"}}
+	err := netlink.LinkAdd(probe)
+	if err == nil {
+		_ = netlink.LinkDel(probe)
+		return
+	}
+	if os.Getenv(EnvRequireKernelWG) == "1" {
+		t.Fatalf("no kernel WireGuard here, but %s=1 requires it: %v", EnvRequireKernelWG, err)
+	}
+	t.Skipf("no kernel WireGuard here: %v", err)
+}
+
 // NS is a named network namespace for a test: a bind mount in the test's
 // temporary directory that nsenter can enter.
 type NS struct {
@@ -127,7 +149,9 @@ func NewNS(t testing.TB, name string) *NS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nl, err := netlink.NewHandleAt(h)
+	// Routing only: the other families need modules a minimal kernel
+	// may not have loaded.
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -82,6 +82,12 @@ type nlh interface {
 
 var _ nlh = (*netlink.Handle)(nil)
 
+// newHandle opens a netlink handle in the current namespace for routing
+// only. Without a protocol list the netlink package also opens XFRM and
+// netfilter sockets, which fail on a kernel without xfrm_user or
+// nfnetlink loaded, and the data plane uses neither.
+func newHandle() (*netlink.Handle, error) { return netlink.NewHandle(unix.NETLINK_ROUTE) }
+
 // wgClient is the part of *wgctrl.Client the data plane uses.
 type wgClient interface {
 	Device(string) (*wgtypes.Device, error)
@@ -132,7 +138,7 @@ func New(cfg Config) (*DataPlane, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	log := cfg.Logger.With("component", "dataplane")
-	host, err := netlink.NewHandle()
+	host, err := newHandle()
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
@@ -255,7 +261,7 @@ func (d *DataPlane) open(id string, create bool) (*network, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("netlink in namespace %s: %w", path, err)
@@ -749,7 +755,7 @@ func short(id string) string {
 // when addr is not local (an address advertised through NAT), of the
 // interface of the default route.
 func UnderlayMTU(addr netip.Addr) (int, error) {
-	h, err := netlink.NewHandle()
+	h, err := newHandle()
 	if err != nil {
 		return 0, err
 	}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
@@ -127,14 +129,11 @@ func TestTwoHostsUserspace(t *testing.T) {
 	testTwoHosts(t, dataplane.ModeUserspace)
 }
 
-// TestTwoHostsKernel is the same over kernel WireGuard where it exists.
+// TestTwoHostsKernel is the same over kernel WireGuard where it exists
+// (make vmtest runs it in a VM that has it).
 func TestTwoHostsKernel(t *testing.T) {
 	netnstest.SkipUnlessRoot(t)
-	probe := &netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: "wgprobe0"}}
-	if err := netlink.LinkAdd(probe); err != nil {
-		t.Skipf("no kernel WireGuard here: %v", err)
-	}
-	_ = netlink.LinkDel(probe)
+	netnstest.SkipUnlessKernelWireGuard(t)
 	testTwoHosts(t, dataplane.ModeKernel)
 }
 
@@ -246,7 +245,19 @@ func testTwoHosts(t *testing.T, mode string) {
 // over existing namespaces and veths, and traffic flows again.
 func TestRestartKeepsContainers(t *testing.T) {
 	netnstest.SkipUnlessRoot(t)
-	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	testRestart(t, dataplane.ModeUserspace)
+}
+
+// TestRestartKeepsKernelLink: with kernel WireGuard, traffic does not even
+// stop while no data plane runs, and the new one adopts the same link.
+func TestRestartKeepsKernelLink(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	netnstest.SkipUnlessKernelWireGuard(t)
+	testRestart(t, dataplane.ModeKernel)
+}
+
+func testRestart(t *testing.T, mode string) {
+	a, b := newTestHost(t, mode), newTestHost(t, mode)
 	ids := []string{randomID(), randomID()}
 	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51911, "10.60.1.0/24")}
 	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51912, "10.60.2.0/24")}
@@ -258,17 +269,44 @@ func TestRestartKeepsContainers(t *testing.T) {
 	b.attach(t, 0, "10.60.2.7/16")
 	ctrA.Ping(t, "10.60.2.7")
 
+	wgIndex := func() int {
+		t.Helper()
+		ns, err := netns.GetFromPath(filepath.Join(a.dir, "netns", ids[0]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ns.Close()
+		h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		l, err := h.LinkByName(dataplane.WireGuardName(ids[0]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.Attrs().Index
+	}
+	before := wgIndex()
 	if err := a.dp.Close(); err != nil {
 		t.Fatal(err)
 	}
-	ctrA.NoPing(t, "10.60.2.7")
-	dp, err := New(Config{RunDir: a.dir, Mode: dataplane.ModeUserspace})
+	if mode == dataplane.ModeKernel {
+		// The kernel carries on without any process.
+		ctrA.Ping(t, "10.60.2.7")
+	} else {
+		ctrA.NoPing(t, "10.60.2.7")
+	}
+	dp, err := New(Config{RunDir: a.dir, Mode: mode})
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.dp = dp
 	a.apply(t)
 	ctrA.Ping(t, "10.60.2.7")
+	if after := wgIndex(); mode == dataplane.ModeKernel && after != before {
+		t.Fatalf("the restarted data plane replaced the kernel link: ifindex %d, then %d", before, after)
+	}
 
 	a.cfg.Networks, b.cfg.Networks = nil, nil
 	a.apply(t)

@@ -6,7 +6,6 @@ import (
 	"os"
 	"runtime"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -143,7 +142,7 @@ func releaseSharedMount(dir string) error {
 // setupNetworkNS prepares a fresh network namespace: loopback up.
 // Forwarding is switched on per interface (setRoutingConf).
 func setupNetworkNS() error {
-	h, err := netlink.NewHandle()
+	h, err := newHandle()
 	if err != nil {
 		return err
 	}

@@ -21,14 +21,22 @@ import (
 
 	"github.com/wgmesh/wgmesh/test/bench"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/vm"
 )
 
 func main() {
+	// The benchmark boots a VM whose init is this binary.
+	if vm.IsGuest() {
+		vm.GuestMain()
+	}
+	if len(os.Args) >= 2 && os.Args[1] == bench.GuestCommand {
+		os.Exit(benchGuestMain(os.Args[2:]))
+	}
 	if len(os.Args) >= 2 && os.Args[1] == "bench" {
 		os.Exit(benchMain(os.Args[2:]))
 	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,sim] [-clusters N,...] [-sim-sizes N,...]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,sim] [-vm=false] [-clusters N,...] [-sim-sizes N,...]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -148,6 +156,7 @@ func benchMain(args []string) int {
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
+	withVM := fs.Bool("vm", true, "measure kernel WireGuard in a VM (emulated; part of the data plane)")
 	_ = fs.Parse(args)
 	if *render != "" {
 		path, err := bench.Rerender(*render)
@@ -170,6 +179,7 @@ func benchMain(args []string) int {
 		cfg, name = bench.Smoke(), "smoke"
 	}
 	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
+	cfg.NoVM = !*withVM
 	if *runs > 0 {
 		cfg.Runs = *runs
 	}
@@ -206,6 +216,23 @@ func benchMain(args []string) int {
 	}
 	fmt.Print("\n" + r.Markdown())
 	fmt.Println("\nreport:", path)
+	return 0
+}
+
+// benchGuestMain is the benchmark's part inside the VM.
+func benchGuestMain(args []string) int {
+	fs := flag.NewFlagSet(bench.GuestCommand, flag.ExitOnError)
+	cfg := bench.Smoke()
+	fs.StringVar(&cfg.Binary, "binary", "bin/wgmesh", "wgmesh binary (for the lab's cluster key)")
+	fs.IntVar(&cfg.Runs, "runs", cfg.Runs, "runs per case")
+	fs.DurationVar(&cfg.Duration, "duration", cfg.Duration, "length of each iperf3 test")
+	fs.IntVar(&cfg.Pings, "pings", cfg.Pings, "pings per latency test")
+	_ = fs.Parse(args)
+	cfg.Log = os.Stdout
+	if err := bench.GuestDataPlane(context.Background(), cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench in the VM:", err)
+		return 1
+	}
 	return 0
 }
 
