@@ -338,6 +338,9 @@ func meshError(what string, err error) error {
 		return forbidden("%s: %v", what, err)
 	case errors.Is(err, catalog.ErrInvalid):
 		return invalidParam("%s: %v", what, err)
+	case errors.Is(err, mesh.ErrNoLeader):
+		return &Error{KindSystem, fmt.Errorf("%s: no quorum: the cluster's leader cannot be reached, because most of its voters are down "+
+			"or cut off from this host (see `wgmesh status`); networks already here keep working: %w", what, err)}
 	case errors.Is(err, mesh.ErrNotMember):
 		return &Error{KindSystem, fmt.Errorf("%s: this host is not a member of the wgmesh cluster yet (see `wgmesh status`): %w", what, err)}
 	}

@@ -21,6 +21,7 @@ var (
 	ErrNoNetwork       = catalog.ErrNoNetwork
 	ErrNetworkConflict = catalog.ErrNetworkConflict
 	ErrNotMember       = consensus.ErrNotMember
+	ErrNoLeader        = consensus.ErrNoLeader
 	// ErrInUse refuses removing a network that containers use.
 	ErrInUse = errors.New("network in use")
 	// ErrAlive refuses forgetting a node that gossip sees.

@@ -41,6 +41,10 @@ import (
 // registered member of a cluster.
 var ErrNotMember = errors.New("this node is not a member of the cluster yet")
 
+// ErrNoLeader is returned when no leader of the cluster can be reached:
+// most voters are down, or cut off from this node.
+var ErrNoLeader = errors.New("no leader of the cluster can be reached")
+
 func lower(a, b Member) bool {
 	return cmp.Or(cmp.Compare(a.Name, b.Name), strings.Compare(a.ID.String(), b.ID.String())) < 0
 }
@@ -355,7 +359,7 @@ func (n *Node) send(ctx context.Context, entry []byte) (catalog.Result, uint64, 
 		}
 		last = errors.Join(err, errString(resp.Err))
 	}
-	return catalog.Result{}, 0, fmt.Errorf("no leader could be reached: %w", last)
+	return catalog.Result{}, 0, fmt.Errorf("%w: %w", ErrNoLeader, last)
 }
 
 func errString(s string) error {

@@ -6,6 +6,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,8 +47,8 @@ type inspected struct {
 		Driver  string
 		Options map[string]string
 		Config  []struct {
-			Subnet, IPRange    string
-			AuxiliaryAddresses map[string]string
+			Subnet, IPRange, Gateway string
+			AuxiliaryAddresses       map[string]string
 		}
 	}
 }
@@ -64,9 +66,10 @@ func inspectNetwork(ctx context.Context, h *lab.Host, name string) (*inspected, 
 }
 
 // TestNetworkSync: a network created on one host appears on the others
-// with the same name, subnet and options; a host can opt out; removal
-// follows the same path but never takes a network from under containers,
-// and says where they are.
+// with the same name, subnet and options; a host can opt out. A prune or
+// `docker network rm` on one host removes that host's copy only, and the
+// agent puts it back. `wgmesh network rm` removes it everywhere, but
+// never from under containers, and says where they are.
 func TestNetworkSync(t *testing.T) {
 	ctx := testCtx(t)
 	h1, h2, h3 := theLab.Hosts[0], theLab.Hosts[1], theLab.Hosts[2]
@@ -80,8 +83,8 @@ func TestNetworkSync(t *testing.T) {
 	t.Cleanup(func() {
 		for _, h := range theLab.Hosts {
 			_, _ = h.Docker(context.Background(), "rm", "-f", "sync1", "sync2")
-			_, _ = h.Docker(context.Background(), "network", "rm", "synced")
 		}
+		_, _ = h1.Wgmesh(context.Background(), "network", "rm", "synced")
 	})
 	start := time.Now()
 	var copied *inspected
@@ -99,7 +102,8 @@ func TestNetworkSync(t *testing.T) {
 		copied.Options["com.docker.network.driver.mtu"] != "1300" || copied.Labels["team"] != "blue" ||
 		copied.IPAM.Options["wgmesh.block-size"] != "26" || len(copied.IPAM.Config) != 1 ||
 		copied.IPAM.Config[0].Subnet != "10.90.0.0/16" || copied.IPAM.Config[0].IPRange != "10.90.128.0/17" ||
-		copied.IPAM.Config[0].AuxiliaryAddresses["router"] != "10.90.0.2" {
+		!slices.Contains(slices.Collect(maps.Values(copied.IPAM.Config[0].AuxiliaryAddresses)), "10.90.0.2") ||
+		copied.IPAM.Config[0].Gateway != orig.IPAM.Config[0].Gateway {
 		t.Fatalf("copy differs:\n h1 %+v\n h2 %+v", orig, copied)
 	}
 	ip1 := container(t, h1, "sync1", "synced", nil)
@@ -112,36 +116,52 @@ func TestNetworkSync(t *testing.T) {
 		t.Fatal("the network appeared on h3, which runs with --sync-networks=false")
 	}
 
-	// Removing it on h1 does not take it from h2, where a container uses
-	// it; both hosts say so.
+	// A prune on h1 (as cron runs it) takes h1's copy, not h2's; h1's
+	// agent puts it back, and containers start on it again.
 	if _, err := h1.Docker(ctx, "rm", "-f", "sync1"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h1.Docker(ctx, "network", "rm", "synced"); err != nil {
-		t.Fatal(err)
+	if out, err := h1.Docker(ctx, "network", "prune", "-f"); err != nil || !strings.Contains(out, "synced") {
+		t.Fatalf("prune: %v\n%s", err, out)
+	}
+	pruned := time.Now()
+	eventually(t, 30*time.Second, func() error {
+		_, err := inspectNetwork(ctx, h1, "synced")
+		return err
+	})
+	t.Logf("a network pruned on h1 was back %s later", time.Since(pruned).Round(time.Millisecond))
+	if _, err := inspectNetwork(ctx, h2, "synced"); err != nil {
+		t.Fatalf("a prune on h1 took the network from h2: %v", err)
+	}
+	ip1 = container(t, h1, "sync1", "synced", nil)
+	ping(t, h2, "sync2", ip1)
+
+	// Removing it from the cluster is refused while containers use it,
+	// naming the hosts.
+	out, err := h1.Wgmesh(ctx, "network", "rm", "synced")
+	if err == nil || !strings.Contains(out, "h1 (1)") || !strings.Contains(out, "h2 (1)") {
+		t.Fatalf("network rm while in use: %v\n%s", err, out)
+	}
+	for _, h := range []*lab.Host{h1, h2} {
+		if _, err := h.Docker(ctx, "rm", "-f", "sync1", "sync2"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	eventually(t, 30*time.Second, func() error {
-		if !hasProblem(status(t, h1), "still use it on h2") {
-			return fmt.Errorf("h1 does not say where the network is still used: %v", status(t, h1).Problems)
-		}
-		if !hasProblem(status(t, h2), "containers here still use it: sync2") {
-			return fmt.Errorf("h2 does not report its containers: %v", status(t, h2).Problems)
+		out, err := h1.Wgmesh(ctx, "network", "rm", "synced")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
 		}
 		return nil
 	})
-	if _, err := h2.Docker(ctx, "network", "inspect", "synced"); err != nil {
-		t.Fatal("the network was removed from under a container on h2")
+	for _, h := range []*lab.Host{h1, h2} {
+		eventually(t, 30*time.Second, func() error {
+			if _, err := h.Docker(ctx, "network", "inspect", "synced"); err == nil {
+				return fmt.Errorf("network still on %s", h.Name)
+			}
+			return nil
+		})
 	}
-	// Once the container is gone, so is the network.
-	if _, err := h2.Docker(ctx, "rm", "-f", "sync2"); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 30*time.Second, func() error {
-		if _, err := h2.Docker(ctx, "network", "inspect", "synced"); err == nil {
-			return fmt.Errorf("network still on h2")
-		}
-		return nil
-	})
 }
 
 func hasProblem(st *driver.Status, want string) bool {

@@ -374,8 +374,10 @@ func TestForgetDeadHost(t *testing.T) {
 func replaceHost(t *testing.T, h *lab.Host) {
 	t.Helper()
 	ctx := testCtx(t)
-	if b, err := os.ReadFile(filepath.Join(h.Dir, "state", "private.key")); err == nil {
-		retiredSecrets = append(retiredSecrets, strings.TrimSpace(string(b)))
+	for _, f := range []string{"private.key", "identity.key"} {
+		if b, err := os.ReadFile(filepath.Join(h.Dir, "state", f)); err == nil {
+			retiredSecrets = append(retiredSecrets, strings.TrimSpace(string(b)))
+		}
 	}
 	for _, d := range []string{"state", "data", "exec"} {
 		if err := os.RemoveAll(filepath.Join(h.Dir, d)); err != nil {
@@ -396,9 +398,9 @@ func replaceHost(t *testing.T, h *lab.Host) {
 	}
 }
 
-// TestSecretsNeverLeak: no private key and no cluster key (current or
-// retired) appears in any log, status output or error of the whole run;
-// key files and the control socket are private.
+// TestSecretsNeverLeak: no private key, identity key or cluster key
+// (current or retired) appears in any log, status output or error of the
+// whole run; key files and the control socket are private.
 func TestSecretsNeverLeak(t *testing.T) {
 	ctx := testCtx(t)
 	var secrets []string
@@ -411,12 +413,15 @@ func TestSecretsNeverLeak(t *testing.T) {
 	var outputs []string
 	for _, h := range theLab.Hosts {
 		key := filepath.Join(h.Dir, "state", "private.key")
-		b, err := os.ReadFile(key)
-		if err != nil {
-			t.Fatal(err)
+		identity := filepath.Join(h.Dir, "state", "identity.key")
+		for _, f := range []string{key, identity} {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			secrets = append(secrets, strings.TrimSpace(string(b)))
 		}
-		secrets = append(secrets, strings.TrimSpace(string(b)))
-		for path, want := range map[string]os.FileMode{key: 0o600, h.ControlSock(): 0o600, filepath.Join(h.Dir, "state"): 0o700} {
+		for path, want := range map[string]os.FileMode{key: 0o600, identity: 0o600, h.ControlSock(): 0o600, filepath.Join(h.Dir, "state"): 0o700} {
 			st, err := os.Stat(path)
 			if err != nil {
 				t.Fatal(err)

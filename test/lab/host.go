@@ -361,15 +361,24 @@ func (l *Lab) CreateNetwork(ctx context.Context, name, subnet string, extra []st
 	})
 }
 
-// RemoveNetwork removes a network from each of hosts (all if none given).
+// RemoveNetwork removes a network from each of hosts (all if none given),
+// then from the cluster with `wgmesh network rm`, so that its subnet is
+// free for another network and no agent puts it back.
 func (l *Lab) RemoveNetwork(ctx context.Context, name string, hosts ...*Host) error {
 	if len(hosts) == 0 {
 		hosts = l.Hosts
 	}
-	return l.parallel(ctx, hosts, func(ctx context.Context, h *Host) error {
+	err := l.parallel(ctx, hosts, func(ctx context.Context, h *Host) error {
 		_, err := h.Docker(ctx, "network", "rm", name)
 		return err
 	})
+	if err != nil {
+		return err
+	}
+	if out, err := hosts[0].Wgmesh(ctx, "network", "rm", name); err != nil && !strings.Contains(out, "no network") {
+		return fmt.Errorf("removing network %s from the cluster: %w: %s", name, err, out)
+	}
+	return nil
 }
 
 // RunContainer starts a detached container of the lab image on network
