@@ -124,8 +124,13 @@ func specOf(l DockerNetwork) catalog.Spec {
 // dockerNetworkOf is what to create for a network of the catalog.
 func dockerNetworkOf(n *catalog.Network) DockerNetwork {
 	s := n.Spec
-	dn := DockerNetwork{Name: s.Name, Subnet: n.Subnet, IPRange: s.IPRange, Gateway: n.Gateway,
+	dn := DockerNetwork{Name: s.Name, Subnet: n.Subnet, IPRange: s.IPRange,
 		Options: maps.Clone(s.Options), IPAMOptions: maps.Clone(s.IPAMOptions), Labels: maps.Clone(s.Labels), Internal: s.Internal}
+	if n.Gateway != n.Subnet.Addr().Next() {
+		// Given with --gateway where it was created; the default needs no
+		// asking, so the copy looks like the original in Docker.
+		dn.Gateway = n.Gateway
+	}
 	if len(n.Aux) > 0 {
 		dn.Aux = map[string]netip.Addr{}
 		for i, a := range n.Aux {

@@ -38,6 +38,43 @@ type network struct {
 	side  map[string]int    // node name -> side; absent means 0
 	owner map[string]string // "host:port" -> node name
 	down  map[string]bool
+	// conns are open consensus connections, which a partition or a
+	// crash breaks as a real one would.
+	conns []netConn
+}
+
+type netConn struct {
+	from, to string
+	c        net.Conn
+}
+
+// breakLocked closes the connections that may no longer exist.
+func (n *network) breakLocked() {
+	keep := n.conns[:0]
+	for _, nc := range n.conns {
+		if n.down[nc.from] || n.down[nc.to] || n.side[nc.from] != n.side[nc.to] {
+			nc.c.Close()
+			continue
+		}
+		keep = append(keep, nc)
+	}
+	n.conns = keep
+}
+
+// dial opens a consensus connection from node from, unless it is cut.
+func (n *network) dial(ctx context.Context, from, addr string) (net.Conn, error) {
+	if n.cut(from, addr) {
+		return nil, errCut
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
+	n.conns = append(n.conns, netConn{from, n.owner[addr], c})
+	n.mu.Unlock()
+	return c, nil
 }
 
 func newNetwork() *network {
@@ -55,6 +92,7 @@ func (n *network) setSide(name string, side int) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.side[name] = side
+	n.breakLocked()
 }
 
 func (n *network) heal() {
@@ -238,13 +276,7 @@ func (n *testNode) start() *testNode {
 	cfg.Memberlist = fastMemberlist()
 	cfg.Transport = &cutTransport{NodeAwareTransport: tr, self: n.name, net: c.net}
 	cfg.RaftListener = l
-	cfg.RaftDial = func(ctx context.Context, addr string) (net.Conn, error) {
-		if c.net.cut(n.name, addr) {
-			return nil, errCut
-		}
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", addr)
-	}
+	cfg.RaftDial = func(ctx context.Context, addr string) (net.Conn, error) { return c.net.dial(ctx, n.name, addr) }
 	cfg.Consensus = ConsensusTiming{Raft: fastRaft(), StableWait: 300 * time.Millisecond, DeadVoterTimeout: 2 * time.Second,
 		DeadNonvoterTimeout: 5 * time.Second, Tick: 50 * time.Millisecond}
 	cfg.ReconnectInterval = 200 * time.Millisecond
@@ -286,6 +318,7 @@ func (n *testNode) stop() {
 func (n *testNode) crash() {
 	n.c.net.mu.Lock()
 	n.c.net.down[n.name] = true
+	n.c.net.breakLocked()
 	n.c.net.mu.Unlock()
 	n.stop()
 }

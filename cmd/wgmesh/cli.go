@@ -208,18 +208,24 @@ func runRotateKeys(ctx context.Context, args []string, stdout, stderr io.Writer)
 }
 
 func runNetwork(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] != "rm" {
-		fmt.Fprintln(stderr, "usage: wgmesh network rm [--control-socket PATH] NAME|SUBNET")
-		return errUsage
-	}
-	fs := newFlagSet("network rm", stderr)
+	const use = "usage: wgmesh network [--control-socket PATH] rm NAME|SUBNET"
+	fs := newFlagSet("network", stderr)
 	var socket string
 	controlFlag(fs, &socket)
-	if err := parseFlags(fs, args[1:]); err != nil {
+	// Flags may come before or after "rm".
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	rest := fs.Args()
+	if len(rest) == 0 || rest[0] != "rm" {
+		fmt.Fprintln(stderr, use)
+		return errUsage
+	}
+	if err := parseFlags(fs, rest[1:]); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: wgmesh network rm [--control-socket PATH] NAME|SUBNET")
+		fmt.Fprintln(stderr, use)
 		return errUsage
 	}
 	subnet, err := driver.NewControlClient(socket).RemoveNetwork(ctx, fs.Arg(0))

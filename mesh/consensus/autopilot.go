@@ -7,14 +7,15 @@ package consensus
 //
 //  1. servers whose node is no longer registered (forgotten) go;
 //  2. registered nodes that gossip sees alive join as non-voters;
-//  3. while fewer voters are alive than the target (1 below 3 eligible
-//     nodes, 3 below 5, then 5), the longest-alive caught-up non-voter
-//     becomes a voter;
+//  3. while fewer voters are alive than the target (1 below 3 servers,
+//     3 below 5, then 5; servers dead past their timeout not counted),
+//     the longest-alive caught-up non-voter becomes a voter;
 //  4. a voter dead for DeadVoterTimeout is removed, once a replacement
 //     was promoted (or none is available);
 //  5. a non-voter dead for DeadNonvoterTimeout is removed (it is added
 //     again when it returns);
-//  6. voters beyond the target are demoted.
+//  6. voters beyond the target are demoted (never for a partition: a
+//     server only stops counting once it is dead past its timeout).
 //
 // A change needs a quorum of the current voters, so none of this helps a
 // cluster that lost most of its voters for good: that takes `wgmesh
@@ -136,20 +137,27 @@ func (n *Node) autopilot(ctx context.Context) {
 		change("adding a non-voter", raft.ServerID(node.ID.String()), r.AddNonvoter(raft.ServerID(node.ID.String()), raft.ServerAddress(m.RaftAddr), 0, timeout))
 		return
 	}
-	// 3. and 4. Voters.
-	eligible, aliveVoters := 0, 0
+	// 3. and 4. Voters. The target counts every server not yet given up
+	// on, dead or not: a partition must not shrink the voter set, or the
+	// side that keeps the leader could lose its quorum to a demotion.
+	counted, aliveVoters := 0, 0
 	var deadVoter *serverInfo
 	for i, s := range servers {
-		if s.alive {
-			eligible++
-			if s.Suffrage == raft.Voter {
-				aliveVoters++
-			}
-		} else if s.Suffrage == raft.Voter && s.deadFor >= n.cfg.DeadVoterTimeout && deadVoter == nil {
+		timeout := n.cfg.DeadNonvoterTimeout
+		if s.Suffrage == raft.Voter {
+			timeout = n.cfg.DeadVoterTimeout
+		}
+		if s.alive || s.deadFor < timeout {
+			counted++
+		}
+		if s.alive && s.Suffrage == raft.Voter {
+			aliveVoters++
+		}
+		if !s.alive && s.Suffrage == raft.Voter && s.deadFor >= n.cfg.DeadVoterTimeout && deadVoter == nil {
 			deadVoter = &servers[i]
 		}
 	}
-	target := targetVoters(eligible, n.cfg.MaxVoters)
+	target := targetVoters(counted, n.cfg.MaxVoters)
 	if aliveVoters < target {
 		if s, ok := n.promotable(ctx, r, servers); ok {
 			change("promoting a non-voter to voter", s.ID, r.AddVoter(s.ID, s.Address, 0, timeout))
@@ -167,8 +175,16 @@ func (n *Node) autopilot(ctx context.Context) {
 			return
 		}
 	}
-	// 6. Too many voters (the cluster shrank): demote one that is not us.
-	if aliveVoters > target {
+	// 6. Too many voters (servers were removed): demote one that is not
+	// us. Only voters dead long enough to be removed are not counted, so
+	// this never happens because of a partition.
+	voters := 0
+	for _, s := range servers {
+		if s.Suffrage == raft.Voter {
+			voters++
+		}
+	}
+	if voters > target && deadVoter == nil {
 		for _, s := range slices.Backward(servers) {
 			if s.alive && s.Suffrage == raft.Voter && s.id != n.id {
 				change("demoting a voter beyond the target", s.ID, r.DemoteVoter(s.ID, 0, timeout))

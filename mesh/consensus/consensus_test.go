@@ -40,6 +40,31 @@ type cluster struct {
 	// side puts nodes into partitions; nodes on different sides neither
 	// see nor reach each other.
 	side map[string]int
+	// conns are the open connections, by the nodes at their two ends, so
+	// that a partition breaks them as a real one would.
+	conns []tconn
+}
+
+type tconn struct {
+	from, to string
+	c        net.Conn
+}
+
+// partition moves node to a side and breaks the connections that now
+// cross sides.
+func (c *cluster) partition(node string, side int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.side[node] = side
+	keep := c.conns[:0]
+	for _, tc := range c.conns {
+		if c.side[tc.from] != c.side[tc.to] {
+			tc.c.Close()
+			continue
+		}
+		keep = append(keep, tc)
+	}
+	c.conns = keep
 }
 
 type tnode struct {
@@ -122,18 +147,25 @@ func (c *cluster) add(name string, seeds bool) *tnode {
 func (c *cluster) dial(from string) DialFunc {
 	return func(ctx context.Context, addr string) (net.Conn, error) {
 		c.mu.Lock()
-		blocked := false
+		to := ""
 		for name, n := range c.nodes {
-			if n.addr == addr && c.side[name] != c.side[from] {
-				blocked = true
+			if n.addr == addr {
+				to = name
 			}
 		}
+		blocked := to != "" && c.side[to] != c.side[from]
 		c.mu.Unlock()
 		if blocked {
 			return nil, errors.New("partitioned")
 		}
 		var d net.Dialer
-		return d.DialContext(ctx, "tcp", addr)
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil && to != "" {
+			c.mu.Lock()
+			c.conns = append(c.conns, tconn{from, to, conn})
+			c.mu.Unlock()
+		}
+		return conn, err
 	}
 }
 
@@ -543,5 +575,45 @@ func TestRecover(t *testing.T) {
 	c.waitVoters(1, "c", "d")
 	if _, err := claim(ctx, d, "10.60.0.0/16"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestPartitionKeepsVoters: a voter cut off (the leader among them) does
+// not shrink the voter set while it may come back, and the side with a
+// majority of voters keeps claiming.
+func TestPartitionKeepsVoters(t *testing.T) {
+	c := newCluster(t)
+	names := []string{"a", "b", "c"}
+	for _, name := range names {
+		c.add(name, name != "a").start()
+	}
+	c.waitVoters(3, names...)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ensure(ctx, c.nodes["a"], "10.60.0.0/16"); err != nil {
+		t.Fatal(err)
+	}
+	leader := c.nodes["a"].status().Leader
+	var others []string
+	for _, name := range names {
+		if name != leader {
+			others = append(others, name)
+		}
+	}
+	c.partition(leader, 1)
+	// Within the dead-voter timeout, the majority elects a leader and
+	// claims, and nobody demotes a voter.
+	if _, err := claim(ctx, c.nodes[others[0]], "10.60.0.0/16"); err != nil {
+		t.Fatalf("majority claim with the old leader cut off: %v", err)
+	}
+	for _, s := range c.nodes[others[0]].status().Servers {
+		if !s.Voter {
+			t.Fatalf("voter %s demoted during a partition", s.Name)
+		}
+	}
+	c.partition(leader, 0)
+	c.waitVoters(3, names...)
+	if _, err := claim(ctx, c.nodes[leader], "10.60.0.0/16"); err != nil {
+		t.Fatalf("claim of the old leader after the heal: %v", err)
 	}
 }

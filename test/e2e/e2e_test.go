@@ -272,6 +272,9 @@ func TestUnderlayIsEncrypted(t *testing.T) {
 			// The lab hosts' own IPv6 neighbour discovery on the underlay.
 		case strings.Contains(line, ".7946"):
 			// Gossip: encrypted with the cluster key (checked in mesh tests).
+		case strings.Contains(line, ".7947"):
+			// Consensus: mutual TLS with keys from the cluster key
+			// (crypto tests); the marker check above covers its bytes too.
 		case len(f) > 4 && f[1] == "IP" && wgPorts[f[2]] && wgPorts[strings.TrimSuffix(f[4], ":")] && strings.Contains(line, ": UDP"):
 			wgPackets++
 		default:

@@ -40,7 +40,11 @@ func runMain(m *testing.M) int {
 		fmt.Println(err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
+	if os.Getenv("WGMESH_E2E_KEEP") == "" {
+		defer os.RemoveAll(dir)
+	} else {
+		fmt.Println("e2e: keeping", dir)
+	}
 	binary = filepath.Join(dir, "wgmesh")
 	build := exec.Command("go", "build", "-trimpath", "-o", binary, "github.com/wgmesh/wgmesh/cmd/wgmesh")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -195,7 +195,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		`wgmesh_peers{network="10.91.0.0/16"} 1`,
 		`wgmesh_peer_receive_bytes_total{network="10.91.0.0/16",peer="h2"}`,
 		`wgmesh_peer_last_handshake_age_seconds{network="10.91.0.0/16",peer="h2"}`,
-		`wgmesh_ipam_addresses{network="10.91.0.0/16",state="used"} 2`,
+		`wgmesh_ipam_addresses{network="10.91.0.0/16",state="used"} 1`,
 		`wgmesh_plugin_requests_total{call="NetworkDriver.Join",result="ok"} 1`,
 		"go_goroutines",
 		"process_resident_memory_bytes",
