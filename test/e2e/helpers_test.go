@@ -55,11 +55,20 @@ func container(t *testing.T, h *lab.Host, name, net string, opts []string, cmd .
 	return ip
 }
 
-// ping asserts that a container reaches dst, allowing a moment for a
-// first handshake.
+// ping asserts that a container reaches dst steadily, allowing a few
+// seconds for a first handshake (TestFirstPing measures how long that
+// takes): one answer first, then three in a row with none lost.
 func ping(t *testing.T, h *lab.Host, ctr, dst string) {
 	t.Helper()
-	out, err := h.Docker(testCtx(t), "exec", ctr, "ping", "-c", "3", "-W", "3", dst)
+	ctx := testCtx(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := h.Docker(ctx, "exec", ctr, "ping", "-c", "1", "-W", "1", dst)
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	out, err := h.Docker(ctx, "exec", ctr, "ping", "-c", "3", "-W", "3", dst)
 	if err != nil || !strings.Contains(out, " 0% packet loss") {
 		t.Fatalf("%s on %s cannot ping %s: %v\n%s", ctr, h.Name, dst, err, out)
 	}
