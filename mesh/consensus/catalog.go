@@ -84,8 +84,14 @@ func (n *Node) writeCatalog(b []byte, index uint64) {
 		return
 	}
 	if err := durable.WriteFile(n.catalogPath(), b, 0o600); err != nil {
-		n.log.Error("saving this node's copy of the catalog", "err", err)
+		n.log.Error("saving this node's copy of the catalog; this node claims nothing until its disk works", "err", err)
+		n.mu.Lock()
+		n.diskErr = err
+		n.mu.Unlock()
 		return
 	}
 	n.savedIndex.Store(index)
+	n.mu.Lock()
+	n.diskErr = nil
+	n.mu.Unlock()
 }

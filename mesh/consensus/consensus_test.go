@@ -617,3 +617,46 @@ func TestPartitionKeepsVoters(t *testing.T) {
 		t.Fatalf("claim of the old leader after the heal: %v", err)
 	}
 }
+
+// TestFailingDisk: a node that cannot write its state directory stops
+// claiming and says why, and claims again once the disk works.
+func TestFailingDisk(t *testing.T) {
+	c := newCluster(t)
+	a := c.add("a", false)
+	a.start()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := ensure(ctx, a, "10.60.0.0/16"); err != nil {
+		t.Fatal(err)
+	}
+	// The copy of the catalog cannot be replaced: its path becomes a
+	// non-empty directory (root writes through file permissions).
+	path := a.node.catalogPath()
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(path+"/blocked", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := claim(ctx, a, "10.60.0.0/16"); err != nil {
+		t.Fatal(err) // this one commits; then saving the copy fails
+	}
+	eventually(t, 10*time.Second, "disk failure noticed", func() error {
+		if st := a.status(); !strings.Contains(st.Problem, "cannot be written") {
+			return fmt.Errorf("%+v", st)
+		}
+		return nil
+	})
+	short, cancelShort := context.WithTimeout(context.Background(), time.Second)
+	defer cancelShort()
+	if _, err := claim(short, a, "10.60.0.0/16"); !errors.Is(err, ErrDisk) {
+		t.Fatalf("claim with a failing disk: %v", err)
+	}
+	if err := os.RemoveAll(path); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "disk works again", func() error {
+		_, err := claim(ctx, a, "10.60.0.0/16")
+		return err
+	})
+}

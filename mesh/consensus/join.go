@@ -41,6 +41,10 @@ import (
 // registered member of a cluster.
 var ErrNotMember = errors.New("this node is not a member of the cluster yet")
 
+// ErrDisk refuses commands of a node whose state directory cannot be
+// written.
+var ErrDisk = errors.New("this node cannot write its state directory")
+
 // ErrNoLeader is returned when no leader of the cluster can be reached:
 // most voters are down, or cut off from this node.
 var ErrNoLeader = errors.New("no leader of the cluster can be reached")
@@ -409,11 +413,13 @@ func (n *Node) Propose(ctx context.Context, c *catalog.Command) (catalog.Result,
 func (n *Node) waitRegistered(ctx context.Context) error {
 	for {
 		n.mu.Lock()
-		ok, fatal, joinErr, shutdown := n.registered, n.fatal, n.joinErr, n.shutdown
+		ok, fatal, joinErr, shutdown, diskErr := n.registered, n.fatal, n.joinErr, n.shutdown, n.diskErr
 		n.mu.Unlock()
 		switch {
 		case fatal != nil:
 			return fatal
+		case diskErr != nil:
+			return fmt.Errorf("%w: %w", ErrDisk, diskErr)
 		case shutdown:
 			return errClosed
 		case ok:

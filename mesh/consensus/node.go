@@ -204,6 +204,9 @@ type Node struct {
 	aliveSince map[crypto.NodeID]time.Time
 	joinErr    error
 	shutdown   bool
+	// diskErr is the last failure to write the state directory: a node
+	// that cannot keep what it was told claims nothing rather than guess.
+	diskErr error
 }
 
 // New prepares a node: it reads and advances its generation counter, so

@@ -37,7 +37,7 @@ type ServerStatus struct {
 // Status reports this node's consensus state.
 func (n *Node) Status() Status {
 	n.mu.Lock()
-	r, registered, fatal, joinErr, shutdown := n.raft, n.registered, n.fatal, n.joinErr, n.shutdown
+	r, registered, fatal, joinErr, shutdown, diskErr := n.raft, n.registered, n.fatal, n.joinErr, n.shutdown, n.diskErr
 	n.mu.Unlock()
 	st := Status{Registered: registered, Generation: n.gen, Stats: n.metrics.stats()}
 	var state *catalog.State
@@ -80,6 +80,9 @@ func (n *Node) Status() Status {
 	}
 	if joinErr != nil && st.Problem == "" && (!registered || st.State == "joining") {
 		st.Problem = joinErr.Error()
+	}
+	if diskErr != nil && st.Problem == "" {
+		st.Problem = "the state directory cannot be written, so this node claims nothing: " + diskErr.Error()
 	}
 	return st
 }
