@@ -44,6 +44,14 @@ var (
 	descGossipM = prometheus.NewDesc("wgmesh_gossip_messages_total", "wgmesh gossip messages (not memberlist's probes).", []string{"direction"}, nil)
 	descGossipB = prometheus.NewDesc("wgmesh_gossip_bytes_total", "wgmesh gossip payload bytes.", []string{"direction"}, nil)
 	descProbs   = prometheus.NewDesc("wgmesh_problems", "Problems wgmesh status reports; 0 when healthy.", nil, nil)
+
+	descLeader    = prometheus.NewDesc("wgmesh_consensus_leader", "1 while this node leads the cluster's Raft.", nil, nil)
+	descServers   = prometheus.NewDesc("wgmesh_consensus_servers", "Servers of the Raft configuration, by suffrage.", []string{"suffrage"}, nil)
+	descApplied   = prometheus.NewDesc("wgmesh_consensus_applied_index", "Index of the last catalog entry applied on this node.", nil, nil)
+	descCRefused  = prometheus.NewDesc("wgmesh_consensus_refused_total", "Consensus connections and commands refused, by reason (forged signatures, non-voters sending Raft, ...).", []string{"reason"}, nil)
+	descGRefused  = prometheus.NewDesc("wgmesh_gossip_refused_total", "Gossip records refused, by reason (entry-forged: signed by another identity than its node's).", []string{"reason"}, nil)
+	descProposals = prometheus.NewDesc("wgmesh_consensus_proposal_seconds", "Time for this node's commands (claims, ...) to commit and apply here, by operation.", []string{"op"}, nil)
+	descLeaders   = prometheus.NewDesc("wgmesh_consensus_leader_changes_total", "Leader changes this node saw.", nil, nil)
 )
 
 // collector exports the driver to Prometheus.
@@ -54,7 +62,8 @@ func (d *Driver) Collector() prometheus.Collector { return collector{d} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMembers, descMember, descNets, descEPs, descPeers, descHSAge, descRx, descTx,
-		descBlocks, descAddrs, descGossipM, descGossipB, descProbs} {
+		descBlocks, descAddrs, descGossipM, descGossipB, descProbs,
+		descLeader, descServers, descApplied, descCRefused, descGRefused, descProposals, descLeaders} {
 		ch <- d
 	}
 	c.d.metrics.reconcileErrors.Describe(ch)
@@ -108,6 +117,34 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descGossipB, float64(st.Gossip.SentBytes), "sent")
 	counter(descGossipB, float64(st.Gossip.ReceivedBytes), "received")
 	gauge(descProbs, float64(len(st.Problems)))
+
+	cs := st.Consensus
+	leader := 0.0
+	if cs.State == "leader" {
+		leader = 1
+	}
+	gauge(descLeader, leader)
+	voters, nonvoters := 0, 0
+	for _, s := range cs.Servers {
+		if s.Voter {
+			voters++
+		} else {
+			nonvoters++
+		}
+	}
+	gauge(descServers, float64(voters), "voter")
+	gauge(descServers, float64(nonvoters), "nonvoter")
+	gauge(descApplied, float64(cs.AppliedIndex))
+	counter(descLeaders, float64(cs.Stats.LeaderChanges))
+	for reason, n := range cs.Stats.Refused {
+		counter(descCRefused, float64(n), reason)
+	}
+	for reason, n := range st.Gossip.Refused {
+		counter(descGRefused, float64(n), reason)
+	}
+	for op, p := range cs.Stats.Proposals {
+		ch <- prometheus.MustNewConstSummary(descProposals, p.Count, p.Total.Seconds(), nil, string(op))
+	}
 }
 
 // addressUsage counts the addresses of a network's own blocks that are

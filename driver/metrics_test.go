@@ -53,6 +53,9 @@ func TestMetrics(t *testing.T) {
 		`wgmesh_plugin_requests_total{call="NetworkDriver.CreateEndpoint",result="not found"} 1`,
 		"wgmesh_reconcile_errors_total 0",
 		"wgmesh_problems 0",
+		"wgmesh_consensus_leader 1",
+		`wgmesh_consensus_servers{suffrage="voter"} 1`,
+		`wgmesh_consensus_proposal_seconds_count{op="claim"} 1`,
 		`wgmesh_gossip_messages_total{direction="sent"}`,
 	} {
 		if !strings.Contains(body, want) {

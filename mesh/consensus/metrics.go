@@ -16,10 +16,11 @@ type metrics struct {
 	mu        sync.Mutex
 	refusals  map[string]uint64
 	applies   map[string]uint64 // by op and code
-	proposals map[catalog.Op]durations
+	proposals map[catalog.Op]Durations
 }
 
-type durations struct {
+// Durations sums how long operations took.
+type Durations struct {
 	Count uint64        `json:"count"`
 	Total time.Duration `json:"total_ns"`
 	Max   time.Duration `json:"max_ns"`
@@ -31,11 +32,11 @@ type Stats struct {
 	ConfigChanges uint64                   `json:"config_changes"`
 	Refused       map[string]uint64        `json:"refused,omitempty"`
 	Applied       map[string]uint64        `json:"applied,omitempty"`
-	Proposals     map[catalog.Op]durations `json:"proposals,omitempty"`
+	Proposals     map[catalog.Op]Durations `json:"proposals,omitempty"`
 }
 
 func newMetrics() *metrics {
-	return &metrics{refusals: map[string]uint64{}, applies: map[string]uint64{}, proposals: map[catalog.Op]durations{}}
+	return &metrics{refusals: map[string]uint64{}, applies: map[string]uint64{}, proposals: map[catalog.Op]Durations{}}
 }
 
 func (m *metrics) refused(reason string) {
@@ -68,7 +69,7 @@ func (m *metrics) stats() Stats {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := Stats{LeaderChanges: m.leaderChanges.Load(), ConfigChanges: m.configChanges.Load(),
-		Refused: map[string]uint64{}, Applied: map[string]uint64{}, Proposals: map[catalog.Op]durations{}}
+		Refused: map[string]uint64{}, Applied: map[string]uint64{}, Proposals: map[catalog.Op]Durations{}}
 	for k, v := range m.refusals {
 		s.Refused[k] = v
 	}
