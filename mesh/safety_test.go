@@ -72,6 +72,17 @@ func (s *safety) running() []*simNode {
 	return out
 }
 
+// down lists the nodes that crashed or left and may come back.
+func (s *safety) down() []*simNode {
+	var out []*simNode
+	for _, n := range s.nodes {
+		if n.gone && !n.forgotten && n != s.evil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 func (s *safety) pick(ns []*simNode) *simNode {
 	if len(ns) == 0 {
 		return nil
@@ -239,13 +250,7 @@ func (s *safety) step() string {
 		return "leave " + n.name
 	case r < 75:
 		// A node that crashed or left comes back with its state.
-		var down []*simNode
-		for _, n := range s.nodes {
-			if n.gone && !n.forgotten && n != s.evil {
-				down = append(down, n)
-			}
-		}
-		n := s.pick(down)
+		n := s.pick(s.down())
 		if n == nil {
 			return "nothing to restart"
 		}
@@ -258,13 +263,7 @@ func (s *safety) step() string {
 		// A crashed node lost its disk: it comes back as a new identity
 		// under the same name. The cluster refuses it until an operator
 		// forgets the old one, after which it joins afresh.
-		var down []*simNode
-		for _, n := range s.nodes {
-			if n.gone && !n.forgotten && n != s.evil {
-				down = append(down, n)
-			}
-		}
-		n := s.pick(down)
+		n := s.pick(s.down())
 		if n == nil {
 			return "nothing lost its disk"
 		}
