@@ -1,0 +1,167 @@
+package mesh
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/wgmesh/wgmesh/crypto"
+)
+
+func testIdentity(t testing.TB, name string) crypto.Identity {
+	t.Helper()
+	seed := make([]byte, 32)
+	copy(seed, name)
+	id, err := crypto.IdentityFromSeed(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func sampleInfo(t testing.TB) (NodeInfo, crypto.Identity) {
+	id := testIdentity(t, "host-1")
+	wg, _ := crypto.GeneratePrivateKey()
+	return NodeInfo{Name: "host-1", ID: id.ID(), Version: 3<<32 | 1, PublicKey: wg.Public(), Addr: netip.MustParseAddr("192.0.2.10"),
+		GossipPort: 7946, RaftPort: 7947, WGMode: "userspace", ClusterID: "0123456789abcdef"}, id
+}
+
+func TestMetaFitsMemberlistLimit(t *testing.T) {
+	n, id := sampleInfo(t)
+	n.Name = strings.Repeat("x", 64)
+	n.Addr = netip.MustParseAddr("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff")
+	n.Version = 1<<62 - 1
+	n.WGMode = strings.Repeat("m", maxModeLen)
+	if b := encodeMeta(sign(id, purposeInfo, n)); len(b) > 512 {
+		t.Fatalf("largest metadata is %d bytes, memberlist allows 512", len(b))
+	}
+}
+
+func TestMetaSignature(t *testing.T) {
+	n, id := sampleInfo(t)
+	good := encodeMeta(sign(id, purposeInfo, n))
+	if got, _, err := decodeMeta(good); err != nil || got != n {
+		t.Fatalf("round trip: %+v %v", got, err)
+	}
+	other := testIdentity(t, "host-2")
+	if _, _, err := decodeMeta(encodeMeta(sign(other, purposeInfo, n))); !errors.Is(err, ErrInvalid) {
+		t.Errorf("info signed by another identity: %v", err)
+	}
+	if _, _, err := decodeMeta(encodeMeta(sign(id, purposeEntry, n))); !errors.Is(err, ErrInvalid) {
+		t.Errorf("info signed for another purpose: %v", err)
+	}
+	tampered := bytes.Replace(good, []byte("userspace"), []byte("kernel\\u0000\\u0000\\u0000"), 1)
+	if _, _, err := decodeMeta(tampered); err == nil {
+		t.Error("tampered info accepted")
+	}
+	if _, _, err := decodeMeta([]byte(`{"p":1,"d":{},"s":""}`)); err == nil || !strings.Contains(err.Error(), "protocol") {
+		t.Errorf("old protocol: %v", err)
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	_, id := sampleInfo(t)
+	entry := func(e NetworkEntry) []byte { return encodeEntryMsg(sign(id, purposeEntry, e)) }
+	good := NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 1, Port: 51820}
+	if _, err := decodeMessage(entry(good)); err != nil {
+		t.Fatalf("good entry: %v", err)
+	}
+	cases := map[string][]byte{
+		"empty":         nil,
+		"unknown kind":  []byte("Z{}"),
+		"not json":      []byte("E{"),
+		"no name":       entry(NetworkEntry{Subnet: good.Subnet, Version: 1}),
+		"space in name": entry(NetworkEntry{Node: "a b", Subnet: good.Subnet, Version: 1}),
+		"zero version":  entry(NetworkEntry{Node: "a", Subnet: good.Subnet}),
+		"huge version":  entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1<<62 + 1}),
+		"host bits":     entry(NetworkEntry{Node: "a", Subnet: netip.MustParsePrefix("10.60.0.1/16"), Version: 1}),
+		"endpoints":     entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1, Endpoints: -1}),
+		"too long":      append([]byte("E"), bytes.Repeat([]byte(" "), maxRecordBytes)...),
+	}
+	for name, b := range cases {
+		if _, err := decodeMessage(b); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: err = %v, want ErrInvalid", name, err)
+		}
+	}
+}
+
+// The fuzzers below check the decoders of everything peers send: no input
+// may panic them, and whatever they accept must survive a round trip.
+
+func FuzzDecodeMessage(f *testing.F) {
+	_, id := sampleInfo(f)
+	f.Add(encodeEntryMsg(sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 9, Port: 51821, Endpoints: 3})))
+	f.Add([]byte(`E{"d":{"n":"a","s":"::/0","v":1},"s":""}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := decodeMessage(b)
+		if err != nil {
+			return
+		}
+		e, err := decodeEntry(s)
+		if err != nil {
+			t.Fatalf("accepted a message whose entry does not decode: %v", err)
+		}
+		again, err := decodeMessage(encodeEntryMsg(s))
+		if err != nil {
+			t.Fatalf("round trip: %v", err)
+		}
+		e2, _ := decodeEntry(again)
+		if e != e2 {
+			t.Fatalf("round trip changed %+v to %+v", e, e2)
+		}
+	})
+}
+
+func FuzzDecodeMeta(f *testing.F) {
+	n, id := sampleInfo(f)
+	f.Add(encodeMeta(sign(id, purposeInfo, n)))
+	f.Add([]byte(`{"p":2,"d":{"n":"a"},"s":"AAAA"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		info, s, err := decodeMeta(b)
+		if err != nil {
+			return
+		}
+		if !info.ID.Verify(purposeInfo, s.Data, s.Sig) {
+			t.Fatal("accepted info whose signature does not verify")
+		}
+		again, _, err := decodeMeta(encodeMeta(s))
+		if err != nil || again != info {
+			t.Fatalf("round trip: %+v %v", again, err)
+		}
+	})
+}
+
+func FuzzDecodeState(f *testing.F) {
+	n, id := sampleInfo(f)
+	st := stateMsg{V: protocol, Infos: []signed{sign(id, purposeInfo, n)},
+		Entries: []signed{sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 4})}}
+	b, _ := json.Marshal(st)
+	f.Add(b)
+	f.Add([]byte(`{"v":2,"entries":[{"d":null,"s":null}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := decodeStateMsg(b)
+		if err != nil {
+			return
+		}
+		// Merging whatever it holds must not panic, and must keep only
+		// entries signed by their node.
+		r := newReplica("self")
+		for _, si := range s.Infos {
+			if info, err := decodeInfo(si); err == nil {
+				r.mergeInfo(info, si, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+			}
+		}
+		for _, e := range s.Entries {
+			r.mergeEntry(e, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+		}
+		for k, e := range r.entries {
+			id, ok := r.identityOf(k.node, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+			if !ok || !id.Verify(purposeEntry, e.s.Data, e.s.Sig) {
+				t.Fatalf("kept an entry of %s not signed by its identity", k.node)
+			}
+		}
+	})
+}
