@@ -148,11 +148,18 @@ func (s *safety) check(step string) {
 	}
 	bySubnet := map[netip.Prefix][]owned{}
 	addrs := map[netip.Prefix]map[netip.Addr]string{}
+	clusters := map[string]string{}
 	for _, n := range s.nodes {
 		if n.gone {
 			continue
 		}
 		v := n.m.View()
+		if v.ClusterID != "" {
+			clusters[v.ClusterID] = n.name
+			if len(clusters) > 1 {
+				s.t.Fatalf("after %s: two clusters: %v", step, clusters)
+			}
+		}
 		for _, subnet := range safetySubnets {
 			own := v.OwnBlocks(subnet)
 			for _, b := range own {
@@ -388,6 +395,9 @@ func (s *safety) duplicateName(run []*simNode) string {
 		// Cut off from any leader, it could not even register.
 		if st := tn.m.Consensus(); st.Registered {
 			s.t.Fatalf("a second host named %s registered: %+v", victim.name, st)
+		}
+		if id := tn.m.Consensus().ClusterID; id != "" && id != s.nodes[0].m.Consensus().ClusterID {
+			s.t.Fatalf("a second host named %s started a cluster of its own", victim.name)
 		}
 		return "a second host named " + victim.name + " never registered"
 	}

@@ -78,13 +78,7 @@ func (n *Node) setJoinErr(err error) {
 // joinOrBootstrap runs while this node has no Raft state.
 func (n *Node) joinOrBootstrap(ctx context.Context) {
 	members := n.cfg.Membership.Members()
-	var cluster []Member
-	for _, m := range members {
-		if !m.Self && m.Alive && m.ClusterID != "" && m.RaftAddr != "" {
-			cluster = append(cluster, m)
-		}
-	}
-	if len(cluster) > 0 {
+	if cluster := n.clusterMembers(); len(cluster) > 0 {
 		n.join(ctx, cluster)
 		return
 	}
@@ -313,13 +307,30 @@ func (n *Node) askAdmission(ctx context.Context) {
 	}
 }
 
-// clusterMembers lists the alive members with a consensus address, the
-// known leader first.
+// clusterMembers lists the alive members of this node's cluster with a
+// consensus address, the known leader first. A node without a cluster yet
+// takes the one most members it sees belong to: should two clusters ever
+// meet by gossip, nobody joins both.
 func (n *Node) clusterMembers() []Member {
 	_, leaderID := n.leader()
+	members := n.cfg.Membership.Members()
+	own := n.ClusterID()
+	if own == "" {
+		count := map[string]int{}
+		for _, m := range members {
+			if !m.Self && m.Alive && m.ClusterID != "" {
+				count[m.ClusterID]++
+			}
+		}
+		for id, c := range count {
+			if own == "" || c > count[own] || c == count[own] && id < own {
+				own = id
+			}
+		}
+	}
 	var out []Member
-	for _, m := range n.cfg.Membership.Members() {
-		if !m.Self && m.Alive && m.RaftAddr != "" && m.ClusterID != "" {
+	for _, m := range members {
+		if !m.Self && m.Alive && m.RaftAddr != "" && m.ClusterID != "" && m.ClusterID == own {
 			out = append(out, m)
 		}
 	}

@@ -302,14 +302,11 @@ func (n *Node) onApply(c *catalog.Command, r catalog.Result) {
 	n.notify()
 }
 
-// ClusterID is the cluster this node belongs to, once it knows.
+// ClusterID is the cluster this node belongs to, as its catalog says. A
+// node restarted with its state knows it at once, before it registers
+// this run: it must advertise it then too, or a fresh node that sees only
+// restarting nodes would think no cluster exists and start another.
 func (n *Node) ClusterID() string {
-	n.mu.Lock()
-	registered := n.registered
-	n.mu.Unlock()
-	if !registered {
-		return ""
-	}
 	var id string
 	n.fsm.Read(func(s *catalog.State) { id = s.ClusterID })
 	return id
