@@ -20,10 +20,11 @@ type Client struct{ c *client.Client }
 var _ driver.DockerAPI = (*Client)(nil)
 
 // New returns a client of the engine at host (for example
-// unix:///var/run/docker.sock). It negotiates the API version, so engines
-// from 20.10 on work; it connects lazily.
+// unix:///var/run/docker.sock). The client negotiates the API version
+// (the library's default; WithAPIVersionNegotiation is a deprecated
+// no-op), so engines from 20.10 on work; it connects lazily.
 func New(host string) (*Client, error) {
-	c, err := client.New(client.WithHost(host), client.WithAPIVersionNegotiation())
+	c, err := client.New(client.WithHost(host))
 	if err != nil {
 		return nil, fmt.Errorf("docker client for %s: %w", host, err)
 	}
