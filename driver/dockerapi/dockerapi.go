@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 
+	cerrdefs "github.com/containerd/errdefs"
 	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/client"
 
@@ -82,4 +83,32 @@ func (c *Client) CreateNetwork(ctx context.Context, driverName string, n driver.
 func (c *Client) RemoveNetwork(ctx context.Context, id string) error {
 	_, err := c.c.NetworkRemove(ctx, id, client.NetworkRemoveOptions{})
 	return err
+}
+
+// EndpointPID implements driver.DockerAPI.
+func (c *Client) EndpointPID(ctx context.Context, netID, endpointID string) (int, error) {
+	res, err := c.c.NetworkInspect(ctx, netID, client.NetworkInspectOptions{})
+	if cerrdefs.IsNotFound(err) {
+		return 0, driver.ErrEndpointGone
+	}
+	if err != nil {
+		return 0, err
+	}
+	for id, ep := range res.Network.Containers {
+		if ep.EndpointID != endpointID {
+			continue
+		}
+		ctr, err := c.c.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
+		if cerrdefs.IsNotFound(err) {
+			return 0, driver.ErrEndpointGone
+		}
+		if err != nil {
+			return 0, err
+		}
+		if st := ctr.Container.State; st == nil || !st.Running || st.Pid == 0 {
+			return 0, driver.ErrEndpointGone
+		}
+		return ctr.Container.State.Pid, nil
+	}
+	return 0, driver.ErrEndpointGone
 }
