@@ -62,7 +62,8 @@ func hostMountNS(path string) (mountNS, error) {
 	}
 	var host, self unix.Stat_t
 	if err := unix.Stat(path, &host); err != nil {
-		return mountNS{}, fmt.Errorf("host mount namespace %s: %w (the agent needs CAP_SYS_PTRACE to reach another process's namespaces)", path, err)
+		return mountNS{}, fmt.Errorf("host mount namespace %s: %w (reaching another process's namespaces takes CAP_SYS_PTRACE; "+
+			"an agent that runs in the host's mount namespace may be given its own with --host-mount-ns self)", path, err)
 	}
 	if err := unix.Stat("/proc/self/ns/mnt", &self); err != nil {
 		return mountNS{}, fmt.Errorf("own mount namespace: %w", err)
