@@ -134,7 +134,8 @@ type network struct {
 	wg     wgClient // kernel: a client inside the namespace; userspace: DataPlane.user
 	ownWG  bool     // wg belongs to this network and closes with it
 	dev    *userDevice
-	// have is what the WireGuard device runs; nil until known.
+	// have is what was last written to the WireGuard device; nil until
+	// known.
 	have *wgState
 }
 
@@ -450,23 +451,39 @@ func (d *DataPlane) syncAddrs(st *network, link netlink.Link, gw netip.Addr) err
 	return nil
 }
 
+// configureWireGuard makes the network's WireGuard device run n. It
+// diffs with the device itself, read each time, so that a change made by
+// hand (a peer removed with `wg set`) is undone; st.have, what was last
+// written, only decides whether that was drift, and keeps each peer's
+// endpoint as it was set: WireGuard moves a peer's endpoint to where its
+// packets come from (roaming), and that is no drift to undo.
 func (d *DataPlane) configureWireGuard(st *network, key crypto.PrivateKey, n *dataplane.Network) error {
 	name := dataplane.WireGuardName(n.ID)
-	if st.have == nil {
-		dev, err := st.wg.Device(name)
-		if err != nil {
-			return fmt.Errorf("reading WireGuard device %s: %w", name, err)
+	dev, err := st.wg.Device(name)
+	if err != nil {
+		return fmt.Errorf("reading WireGuard device %s: %w", name, err)
+	}
+	have := observedWG(dev)
+	if st.have != nil {
+		for pub, p := range have.peers {
+			if set, ok := st.have.peers[pub]; ok {
+				p.endpoint = set.endpoint
+				have.peers[pub] = p
+			}
 		}
-		have := observedWG(dev)
-		st.have = &have
 	}
 	want := desiredWG(key, n)
-	cfg, changed := wgDiff(*st.have, want, key)
+	cfg, changed := wgDiff(have, want, key)
 	if !changed {
+		st.have = &want
 		return nil
 	}
+	if st.have != nil {
+		if _, meant := wgDiff(*st.have, want, key); !meant {
+			d.log.Warn("WireGuard device drifted from its configuration; repairing", "network", short(n.ID), "iface", name, "peer_changes", len(cfg.Peers))
+		}
+	}
 	if err := st.wg.ConfigureDevice(name, cfg); err != nil {
-		// What the device runs is unknown now; read it back next time.
 		st.have = nil
 		return fmt.Errorf("configuring WireGuard device %s: %w", name, err)
 	}

@@ -19,6 +19,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
@@ -531,6 +533,51 @@ func TestRepairEndpoint(t *testing.T) {
 	}
 	a.apply(t)
 	ctr.Ping(t, "10.60.2.7")
+
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	a.dp.Close()
+	b.dp.Close()
+	assertClean(t, ids, a, b)
+}
+
+// TestWireGuardDriftRepaired: a peer removed from the device by hand
+// (wg set IF peer KEY remove) is back after the next Apply, which
+// compares with the device, not with what it last wrote.
+func TestWireGuardDriftRepaired(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	ids := []string{randomID(), randomID()}
+	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51941, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51942, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51942, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51941, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	ctrA, _ := a.attach(t, 0, "10.60.1.5/16")
+	b.attach(t, 0, "10.60.2.7/16")
+	ctrA.Ping(t, "10.60.2.7")
+
+	wg, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wg.Close()
+	iface := dataplane.WireGuardName(ids[0])
+	if err := wg.ConfigureDevice(iface, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: wgtypes.Key(b.key.Public()), Remove: true}}}); err != nil {
+		t.Fatal(err)
+	}
+	if dev, err := wg.Device(iface); err != nil || len(dev.Peers) != 0 {
+		t.Fatalf("peer not removed by hand: %v", err)
+	}
+	ctrA.NoPing(t, "10.60.2.7")
+	a.apply(t)
+	dev, err := wg.Device(iface)
+	if err != nil || len(dev.Peers) != 1 || dev.Peers[0].PublicKey != wgtypes.Key(b.key.Public()) || len(dev.Peers[0].AllowedIPs) != 1 {
+		t.Fatalf("after apply: %+v, %v", dev, err)
+	}
+	ctrA.Ping(t, "10.60.2.7")
 
 	a.cfg.Networks, b.cfg.Networks = nil, nil
 	a.apply(t)
