@@ -131,20 +131,6 @@ func (s *State) save(path string) error {
 	return nil
 }
 
-// clone returns a deep copy, so a failed operation can be undone by
-// restoring it.
-func (s *State) clone() *State {
-	b, _ := json.Marshal(s)
-	c := newState()
-	_ = json.Unmarshal(b, c)
-	for _, p := range c.Pools {
-		if p.Allocated == nil {
-			p.Allocated = map[netip.Addr]Allocation{}
-		}
-	}
-	return c
-}
-
 // networkBySubnet finds the local network of a subnet.
 func (s *State) networkBySubnet(subnet netip.Prefix) *Network {
 	for _, n := range s.Networks {
