@@ -388,12 +388,19 @@ func watchKeyring(ctx context.Context, path string, current crypto.Keyring, m *m
 	defer signal.Stop(hup)
 	poll := time.NewTicker(2 * time.Second)
 	defer poll.Stop()
+	// Polling reads the file only when its metadata changed.
+	last, _ := os.Stat(path)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-hup:
 		case <-poll.C:
+			fi, err := os.Stat(path)
+			if err == nil && last != nil && sameFile(fi, last) {
+				continue
+			}
+			last = fi
 		}
 		ring, err := crypto.LoadKeyring(path)
 		if err != nil {
@@ -409,6 +416,13 @@ func watchKeyring(ctx context.Context, path string, current crypto.Keyring, m *m
 		}
 		current = ring
 	}
+}
+
+// sameFile reports whether two stats of a path show the same file,
+// unchanged: the same inode (an atomic rename makes a new one), size and
+// modification time.
+func sameFile(a, b os.FileInfo) bool {
+	return os.SameFile(a, b) && a.Size() == b.Size() && a.ModTime().Equal(b.ModTime())
 }
 
 // derivedMTU is the underlay MTU of the interface holding addr (or of the
