@@ -347,12 +347,19 @@ func (d *Driver) checkEndpoints(ctx context.Context) {
 
 	broken := map[string]string{}
 	for _, e := range missing {
-		sandbox, err := d.sandboxOf(ctx, e)
+		sandbox, running, err := d.sandboxOf(ctx, e)
 		if err == nil {
 			err = d.repair(ctx, e, sandbox)
 		}
 		switch {
 		case err == nil:
+		case errors.Is(err, dataplane.ErrNoSandbox) && running:
+			// Docker says it runs, yet its /proc entry is not there:
+			// it just ended, or this agent has a PID namespace of its
+			// own (a managed plugin). Docker will say which.
+			d.log.Warn("the container of an endpoint that lost its interface runs, but its network namespace is out of reach",
+				"endpoint", short(e.ID), "network", short(e.NetworkID), "err", err)
+			broken[e.ID] = fmt.Sprintf("%v (does the agent share the host's PID namespace?)", err)
 		case errors.Is(err, ErrEndpointGone) || errors.Is(err, dataplane.ErrNoSandbox):
 			d.forget(e)
 		default:
@@ -361,7 +368,7 @@ func (d *Driver) checkEndpoints(ctx context.Context) {
 		}
 	}
 	for _, e := range unnamed {
-		if sandbox, err := d.sandboxOf(ctx, e); err == nil {
+		if sandbox, _, err := d.sandboxOf(ctx, e); err == nil {
 			d.learnIfName(ctx, e, sandbox)
 		}
 	}
@@ -381,23 +388,24 @@ func (d *Driver) kickCheck() {
 // sandboxOf finds the network namespace of an endpoint's container: from
 // Docker's API, /proc/PID/ns/net of the running container; without an
 // answer from Docker, the sandbox key it gave at Join. It returns
-// ErrEndpointGone if Docker says the container is not running.
-func (d *Driver) sandboxOf(ctx context.Context, e Endpoint) (string, error) {
+// ErrEndpointGone if Docker says the container is not running; running
+// says Docker said it is.
+func (d *Driver) sandboxOf(ctx context.Context, e Endpoint) (sandbox string, running bool, err error) {
 	var dockerErr error
 	if d.cfg.Docker != nil {
 		pid, err := d.cfg.Docker.EndpointPID(ctx, e.NetworkID, e.ID)
 		if err == nil {
-			return fmt.Sprintf("/proc/%d/ns/net", pid), nil
+			return fmt.Sprintf("/proc/%d/ns/net", pid), true, nil
 		}
 		if errors.Is(err, ErrEndpointGone) {
-			return "", err
+			return "", false, err
 		}
 		dockerErr = fmt.Errorf("asking Docker for the container: %w", err)
 	}
 	if e.SandboxKey != "" {
-		return e.SandboxKey, nil
+		return e.SandboxKey, false, nil
 	}
-	return "", errors.Join(errors.New("cannot find the endpoint's container"), dockerErr)
+	return "", false, errors.Join(errors.New("cannot find the endpoint's container"), dockerErr)
 }
 
 // repair recreates the interface of an endpoint's container in sandbox.

@@ -170,6 +170,15 @@ func TestCheckEndpointsAsksDocker(t *testing.T) {
 	h.fake.Kill(stopped)
 	h.fake.Kill(running)
 
+	// Docker says a third runs, but its /proc namespace is out of reach
+	// (an agent in a PID namespace of its own): reported, not forgotten.
+	unreachable := dockerID("ep unreachable")
+	h.run(n, unreachable, "02:42:0a:3c:00:04")
+	docker.mu.Lock()
+	docker.pids[unreachable] = 4343
+	docker.mu.Unlock()
+	h.fake.Kill(unreachable)
+
 	h.d.checkEndpoints(ctx)
 	s := h.state()
 	if s.Endpoints[stopped] != nil {
@@ -178,6 +187,16 @@ func TestCheckEndpointsAsksDocker(t *testing.T) {
 	if s.Endpoints[running] == nil || s.Endpoints[running].CtrIfName != "eth0" || h.fake.Repairs != 1 {
 		t.Errorf("the running container was not repaired in its /proc namespace: %+v, %d repairs", s.Endpoints[running], h.fake.Repairs)
 	}
+	if s.Endpoints[unreachable] == nil {
+		t.Error("the endpoint of a container Docker says runs was forgotten")
+	}
+	if st, _ := h.d.Status(ctx); !hasProblemWith(st, "PID namespace") {
+		t.Errorf("problems %q; want the unreachable container reported", st.Problems)
+	}
+}
+
+func hasProblemWith(st *Status, s string) bool {
+	return slices.ContainsFunc(st.Problems, func(p string) bool { return strings.Contains(p, s) })
 }
 
 // TestCheckEndpointsReportsBroken: a container whose interface cannot be
