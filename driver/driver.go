@@ -118,8 +118,11 @@ type Driver struct {
 	// broken are endpoints whose container lost its interface and that
 	// the last check could not repair: the reason, by endpoint ID.
 	broken map[string]string
-	// checkKick asks the loop to check endpoints (checkEndpoints).
+	// checkKick asks the loop to check endpoints (checkEndpoints);
+	// nameTries counts its attempts to learn each endpoint's interface
+	// name, which it gives up after maxNameTries.
 	checkKick chan struct{}
+	nameTries map[string]int
 
 	// Network sync (sync.go): copying names the networks the loop is
 	// creating through Docker right now.
@@ -142,6 +145,7 @@ func New(cfg Config) (*Driver, error) {
 		statePath: filepath.Join(cfg.StateDir, "driver.json"),
 		kick:      make(chan struct{}, 1),
 		checkKick: make(chan struct{}, 1),
+		nameTries: map[string]int{},
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
 		metrics:   newMetrics(),
@@ -339,15 +343,22 @@ func (d *Driver) checkEndpoints(ctx context.Context) {
 		case !e.Joined || !e.JoinedAt.Before(since) || !known[e.NetworkID]:
 		case !present[e.ID]:
 			missing = append(missing, *e)
-		case e.containerIfName() == "":
+		case e.containerIfName() == "" && d.nameTries[e.ID] < maxNameTries:
+			d.nameTries[e.ID]++
 			unnamed = append(unnamed, *e)
+		}
+	}
+	for id := range d.nameTries {
+		if d.state.Endpoints[id] == nil {
+			delete(d.nameTries, id)
 		}
 	}
 	d.mu.Unlock()
 
 	broken := map[string]string{}
+	docker := &dockerAsker{api: d.cfg.Docker}
 	for _, e := range missing {
-		sandbox, running, err := d.sandboxOf(ctx, e)
+		sandbox, running, err := docker.sandboxOf(ctx, e)
 		if err == nil {
 			err = d.repair(ctx, e, sandbox)
 		}
@@ -368,7 +379,7 @@ func (d *Driver) checkEndpoints(ctx context.Context) {
 		}
 	}
 	for _, e := range unnamed {
-		if sandbox, _, err := d.sandboxOf(ctx, e); err == nil {
+		if sandbox, _, err := docker.sandboxOf(ctx, e); err == nil {
 			d.learnIfName(ctx, e, sandbox)
 		}
 	}
@@ -376,6 +387,12 @@ func (d *Driver) checkEndpoints(ctx context.Context) {
 	d.broken = broken
 	d.mu.Unlock()
 }
+
+// maxNameTries bounds the attempts to learn an endpoint's interface name
+// in one agent's life: where it cannot be read (a container out of
+// reach), asking Docker every resync would be all that is left of it. A
+// repair without the name takes the first free eth<N>.
+const maxNameTries = 3
 
 // kickCheck asks Run to check endpoints without waiting for it.
 func (d *Driver) kickCheck() {
@@ -385,23 +402,36 @@ func (d *Driver) kickCheck() {
 	}
 }
 
+// dockerAsker asks Docker about endpoints for one check, and stops asking
+// once Docker fails to answer: a hung engine must not hold up the loop
+// for every endpoint.
+type dockerAsker struct {
+	api  DockerAPI
+	down error
+}
+
+// dockerTimeout bounds one question to Docker.
+const dockerTimeout = 5 * time.Second
+
 // sandboxOf finds the network namespace of an endpoint's container: from
 // Docker's API, /proc/PID/ns/net of the running container; without an
 // answer from Docker, the sandbox key it gave at Join. It returns
 // ErrEndpointGone if Docker says the container is not running; running
 // says Docker said it is.
-func (d *Driver) sandboxOf(ctx context.Context, e Endpoint) (sandbox string, running bool, err error) {
-	var dockerErr error
-	if d.cfg.Docker != nil {
-		pid, err := d.cfg.Docker.EndpointPID(ctx, e.NetworkID, e.ID)
+func (a *dockerAsker) sandboxOf(ctx context.Context, e Endpoint) (sandbox string, running bool, err error) {
+	if a.api != nil && a.down == nil {
+		ctx, cancel := context.WithTimeout(ctx, dockerTimeout)
+		pid, err := a.api.EndpointPID(ctx, e.NetworkID, e.ID)
+		cancel()
 		if err == nil {
 			return fmt.Sprintf("/proc/%d/ns/net", pid), true, nil
 		}
 		if errors.Is(err, ErrEndpointGone) {
 			return "", false, err
 		}
-		dockerErr = fmt.Errorf("asking Docker for the container: %w", err)
+		a.down = fmt.Errorf("asking Docker for the container: %w", err)
 	}
+	dockerErr := a.down
 	if e.SandboxKey != "" {
 		return e.SandboxKey, false, nil
 	}
