@@ -26,6 +26,8 @@ declare -A want=(
 	[modprobe]=kmod
 	[xz]=xz-utils
 	[dpkg-deb]=dpkg
+	# The systemd unit's test: systemd-analyze verify docs/wgmesh.service.
+	[systemd-analyze]=systemd
 )
 missing=()
 for cmd in "${!want[@]}"; do

@@ -51,11 +51,14 @@ type Config struct {
 	// ResyncInterval is how often the loop re-applies everything, which
 	// repairs drift nobody told us about.
 	ResyncInterval time.Duration
-	// Docker is the local engine's API, for network sync (RunSync); nil
-	// turns sync off. DriverName is this plugin's name in that engine.
-	Docker     DockerAPI
-	DriverName string
-	Logger     *slog.Logger
+	// Docker is the local engine's API: network sync (RunSync) uses it
+	// when SyncNetworks is set, and the loop asks it whether the
+	// container of an endpoint that lost its veth pair still runs. nil
+	// turns both off. DriverName is this plugin's name in that engine.
+	Docker       DockerAPI
+	SyncNetworks bool
+	DriverName   string
+	Logger       *slog.Logger
 }
 
 // DefaultConfig returns the defaults.
@@ -67,6 +70,7 @@ func DefaultConfig() Config {
 		RequestTimeout: 60 * time.Second,
 		ClaimTimeout:   20 * time.Second,
 		ResyncInterval: 30 * time.Second,
+		SyncNetworks:   true,
 		DriverName:     "wgmesh",
 	}
 }
@@ -111,6 +115,15 @@ type Driver struct {
 	recheck  *time.Timer
 	metrics  *metrics
 
+	// broken are endpoints whose container lost its interface and that
+	// the last check could not repair: the reason, by endpoint ID.
+	broken map[string]string
+	// checkKick asks the loop to check endpoints (checkEndpoints);
+	// nameTries counts its attempts to learn each endpoint's interface
+	// name, which it gives up after maxNameTries.
+	checkKick chan struct{}
+	nameTries map[string]int
+
 	// Network sync (sync.go): copying names the networks the loop is
 	// creating through Docker right now.
 	syncKick     chan struct{}
@@ -131,6 +144,8 @@ func New(cfg Config) (*Driver, error) {
 		log:       cfg.Logger.With("component", "driver"),
 		statePath: filepath.Join(cfg.StateDir, "driver.json"),
 		kick:      make(chan struct{}, 1),
+		checkKick: make(chan struct{}, 1),
+		nameTries: map[string]int{},
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
 		metrics:   newMetrics(),
@@ -179,11 +194,16 @@ func (d *Driver) Restore(ctx context.Context) error {
 
 // Run is the reconcile loop: it re-applies the data plane whenever the
 // mesh changes, when kicked, and every ResyncInterval, until ctx is done.
+// It checks endpoints (checkEndpoints) when it starts, every
+// ResyncInterval, and after a join.
 func (d *Driver) Run(ctx context.Context) error {
 	resync := time.NewTicker(d.cfg.ResyncInterval)
 	defer resync.Stop()
 	retry := time.NewTimer(0)
 	<-retry.C
+	// An agent restart is when network namespaces may have been lost
+	// (see linux.Config.HostMountNS): repair containers at once.
+	d.checkEndpoints(ctx)
 	for {
 		select {
 		case <-ctx.Done():
@@ -192,7 +212,9 @@ func (d *Driver) Run(ctx context.Context) error {
 			d.kickSync()
 		case <-d.kick:
 		case <-resync.C:
-			d.collectGone(ctx)
+			d.checkEndpoints(ctx)
+		case <-d.checkKick:
+			d.checkEndpoints(ctx)
 		case <-retry.C:
 		}
 		d.mu.Lock()
@@ -285,14 +307,26 @@ func (d *Driver) saveLocked() error {
 	return nil
 }
 
-// collectGone forgets joined endpoints whose veth pair has vanished: their
-// container died (or Docker restarted and will not tell us), and the dead
-// endpoint must not keep a route. Addresses are left to Docker, which
+// checkEndpoints looks at every joined endpoint whose veth pair is gone.
+// Its container died (or Docker restarted and will not tell us), and the
+// endpoint is forgotten, so that it keeps no route; or its container runs
+// on without its interface, because the network's namespace was
+// destroyed under it, and the interface is recreated as Docker had made
+// it. What can be neither is reported (Status, wgmesh_endpoints_broken)
+// and tried again at the next check. Addresses are left to Docker, which
 // releases them when it cleans up the endpoint.
-func (d *Driver) collectGone(ctx context.Context) {
+//
+// It also learns the name Docker gave the container end of each new
+// endpoint, which a repair needs.
+func (d *Driver) checkEndpoints(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	// Endpoints joined after the snapshot is taken are not in it.
+	since := time.Now()
 	st, err := d.cfg.DataPlane.Status(ctx)
 	if err != nil {
-		d.log.Warn("reading data plane status", "err", err)
+		d.log.Warn("reading data plane status; endpoints not checked", "err", err)
+		return
 	}
 	present := map[string]bool{}
 	known := map[string]bool{}
@@ -302,21 +336,168 @@ func (d *Driver) collectGone(ctx context.Context) {
 			present[id] = true
 		}
 	}
+	var missing, unnamed []Endpoint
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	changed := false
-	for id, e := range d.state.Endpoints {
-		if e.Joined && known[e.NetworkID] && !present[id] {
-			d.log.Info("endpoint's veth is gone; forgetting it", "endpoint", short(id), "network", short(e.NetworkID))
-			delete(d.state.Endpoints, id)
-			d.publishEndpointsLocked(e.NetworkID)
-			changed = true
+	for _, e := range d.state.Endpoints {
+		switch {
+		case !e.Joined || !e.JoinedAt.Before(since) || !known[e.NetworkID]:
+		case !present[e.ID]:
+			missing = append(missing, *e)
+		case e.containerIfName() == "" && d.nameTries[e.ID] < maxNameTries:
+			d.nameTries[e.ID]++
+			unnamed = append(unnamed, *e)
 		}
 	}
-	if changed {
+	for id := range d.nameTries {
+		if d.state.Endpoints[id] == nil {
+			delete(d.nameTries, id)
+		}
+	}
+	d.mu.Unlock()
+
+	broken := map[string]string{}
+	docker := &dockerAsker{api: d.cfg.Docker}
+	for _, e := range missing {
+		sandbox, running, err := docker.sandboxOf(ctx, e)
+		if err == nil {
+			err = d.repair(ctx, e, sandbox)
+		}
+		switch {
+		case err == nil:
+		case errors.Is(err, dataplane.ErrNoSandbox) && running:
+			// Docker says it runs, yet its /proc entry is not there:
+			// it just ended, or this agent has a PID namespace of its
+			// own (a managed plugin). Docker will say which.
+			d.log.Warn("the container of an endpoint that lost its interface runs, but its network namespace is out of reach",
+				"endpoint", short(e.ID), "network", short(e.NetworkID), "err", err)
+			broken[e.ID] = fmt.Sprintf("%v (does the agent share the host's PID namespace?)", err)
+		case errors.Is(err, ErrEndpointGone) || errors.Is(err, dataplane.ErrNoSandbox):
+			d.forget(e)
+		default:
+			d.log.Error("a container lost its interface and it cannot be repaired; retrying", "endpoint", short(e.ID), "network", short(e.NetworkID), "err", err)
+			broken[e.ID] = err.Error()
+		}
+	}
+	for _, e := range unnamed {
+		if sandbox, _, err := docker.sandboxOf(ctx, e); err == nil {
+			d.learnIfName(ctx, e, sandbox)
+		}
+	}
+	d.mu.Lock()
+	d.broken = broken
+	d.mu.Unlock()
+}
+
+// maxNameTries bounds the attempts to learn an endpoint's interface name
+// in one agent's life: where it cannot be read (a container out of
+// reach), asking Docker every resync would be all that is left of it. A
+// repair without the name takes the first free eth<N>.
+const maxNameTries = 3
+
+// kickCheck asks Run to check endpoints without waiting for it.
+func (d *Driver) kickCheck() {
+	select {
+	case d.checkKick <- struct{}{}:
+	default:
+	}
+}
+
+// dockerAsker asks Docker about endpoints for one check, and stops asking
+// once Docker fails to answer: a hung engine must not hold up the loop
+// for every endpoint.
+type dockerAsker struct {
+	api  DockerAPI
+	down error
+}
+
+// dockerTimeout bounds one question to Docker.
+const dockerTimeout = 5 * time.Second
+
+// sandboxOf finds the network namespace of an endpoint's container: from
+// Docker's API, /proc/PID/ns/net of the running container; without an
+// answer from Docker, the sandbox key it gave at Join. It returns
+// ErrEndpointGone if Docker says the container is not running; running
+// says Docker said it is.
+func (a *dockerAsker) sandboxOf(ctx context.Context, e Endpoint) (sandbox string, running bool, err error) {
+	if a.api != nil && a.down == nil {
+		ctx, cancel := context.WithTimeout(ctx, dockerTimeout)
+		pid, err := a.api.EndpointPID(ctx, e.NetworkID, e.ID)
+		cancel()
+		if err == nil {
+			return fmt.Sprintf("/proc/%d/ns/net", pid), true, nil
+		}
+		if errors.Is(err, ErrEndpointGone) {
+			return "", false, err
+		}
+		a.down = fmt.Errorf("asking Docker for the container: %w", err)
+	}
+	dockerErr := a.down
+	if e.SandboxKey != "" {
+		return e.SandboxKey, false, nil
+	}
+	return "", false, errors.Join(errors.New("cannot find the endpoint's container"), dockerErr)
+}
+
+// repair recreates the interface of an endpoint's container in sandbox.
+func (d *Driver) repair(ctx context.Context, e Endpoint, sandbox string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur, ok := d.state.Endpoints[e.ID]
+	n := d.state.Networks[e.NetworkID]
+	if !ok || n == nil || !cur.Joined || !cur.JoinedAt.Equal(e.JoinedAt) {
+		return nil // left or joined again meanwhile
+	}
+	want := cur.containerIfName()
+	name, err := d.cfg.DataPlane.RepairEndpoint(ctx, n.ID, dataplane.Endpoint{ID: cur.ID, Addr: cur.Addr, MAC: parseMAC(cur.MAC)}, n.MTU, sandbox, want)
+	if err != nil {
+		return fmt.Errorf("repairing the interface: %w", err)
+	}
+	d.metrics.repairs.Inc()
+	d.log.Warn("a running container had lost its interface; repaired", "endpoint", short(e.ID), "network", short(e.NetworkID),
+		"iface", name, "name_known", want != "", "addr", cur.Addr)
+	if cur.CtrIfName != name {
+		cur.CtrIfName = name
 		if err := d.saveLocked(); err != nil {
 			d.log.Error("saving state", "err", err)
 		}
+	}
+	return nil
+}
+
+// forget drops an endpoint whose container is gone.
+func (d *Driver) forget(e Endpoint) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur, ok := d.state.Endpoints[e.ID]
+	if !ok || !cur.JoinedAt.Equal(e.JoinedAt) {
+		return
+	}
+	d.log.Info("endpoint's veth and container are gone; forgetting it", "endpoint", short(e.ID), "network", short(e.NetworkID))
+	delete(d.state.Endpoints, e.ID)
+	d.publishEndpointsLocked(e.NetworkID)
+	if err := d.saveLocked(); err != nil {
+		d.log.Error("saving state", "err", err)
+	}
+	d.kickLoop()
+}
+
+// learnIfName records the name of an endpoint's interface in its
+// container, once Docker has moved it there.
+func (d *Driver) learnIfName(ctx context.Context, e Endpoint, sandbox string) {
+	name, err := d.cfg.DataPlane.ContainerInterface(ctx, e.NetworkID, e.ID, sandbox)
+	if err != nil || name == "" {
+		d.log.Debug("container interface not found (yet)", "endpoint", short(e.ID), "sandbox", sandbox, "err", err)
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur, ok := d.state.Endpoints[e.ID]
+	if !ok || !cur.JoinedAt.Equal(e.JoinedAt) || cur.CtrIfName == name {
+		return
+	}
+	cur.CtrIfName = name
+	if err := d.saveLocked(); err != nil {
+		d.log.Error("saving state", "err", err)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 // scrape time, so that per-peer series come and go with the peers.
 type metrics struct {
 	reconcileErrors prometheus.Counter
+	repairs         prometheus.Counter
 	pluginCalls     *prometheus.CounterVec
 }
 
@@ -22,6 +23,10 @@ func newMetrics() *metrics {
 		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "wgmesh_reconcile_errors_total",
 			Help: "Data-plane reconcile passes that failed and will be retried.",
+		}),
+		repairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "wgmesh_endpoint_repairs_total",
+			Help: "Interfaces recreated in running containers that had lost them.",
 		}),
 		pluginCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wgmesh_plugin_requests_total",
@@ -35,6 +40,7 @@ var (
 	descMember  = prometheus.NewDesc("wgmesh_member_info", "One series per member, labelled with its state.", []string{"node", "state", "wg_mode"}, nil)
 	descNets    = prometheus.NewDesc("wgmesh_networks", "wgmesh networks on this host.", nil, nil)
 	descEPs     = prometheus.NewDesc("wgmesh_endpoints", "Container endpoints on this host.", []string{"network"}, nil)
+	descBroken  = prometheus.NewDesc("wgmesh_endpoints_broken", "Endpoints whose running container lost its interface and could not be repaired.", []string{"network"}, nil)
 	descPeers   = prometheus.NewDesc("wgmesh_peers", "WireGuard peers of a network.", []string{"network"}, nil)
 	descHSAge   = prometheus.NewDesc("wgmesh_peer_last_handshake_age_seconds", "Time since the last WireGuard handshake with a peer (absent before the first).", []string{"network", "peer"}, nil)
 	descRx      = prometheus.NewDesc("wgmesh_peer_receive_bytes_total", "Bytes received from a WireGuard peer.", []string{"network", "peer"}, nil)
@@ -61,17 +67,19 @@ type collector struct{ d *Driver }
 func (d *Driver) Collector() prometheus.Collector { return collector{d} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMembers, descMember, descNets, descEPs, descPeers, descHSAge, descRx, descTx,
+	for _, d := range []*prometheus.Desc{descMembers, descMember, descNets, descEPs, descBroken, descPeers, descHSAge, descRx, descTx,
 		descBlocks, descAddrs, descGossipM, descGossipB, descProbs,
 		descLeader, descServers, descApplied, descCRefused, descGRefused, descProposals, descLeaders} {
 		ch <- d
 	}
 	c.d.metrics.reconcileErrors.Describe(ch)
+	c.d.metrics.repairs.Describe(ch)
 	c.d.metrics.pluginCalls.Describe(ch)
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	c.d.metrics.reconcileErrors.Collect(ch)
+	c.d.metrics.repairs.Collect(ch)
 	c.d.metrics.pluginCalls.Collect(ch)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -99,6 +107,13 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, n := range st.Networks {
 		net := n.Subnet.String()
 		gauge(descEPs, float64(len(n.Endpoints)), net)
+		broken := 0
+		for _, e := range n.Endpoints {
+			if e.Broken != "" {
+				broken++
+			}
+		}
+		gauge(descBroken, float64(broken), net)
 		gauge(descPeers, float64(len(n.Peers)), net)
 		gauge(descBlocks, float64(len(n.Blocks)), net)
 		for _, p := range n.Peers {

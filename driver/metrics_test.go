@@ -46,6 +46,8 @@ func TestMetrics(t *testing.T) {
 		`wgmesh_member_info{node="node-a",state="alive",wg_mode="userspace"} 1`,
 		"wgmesh_networks 1",
 		`wgmesh_endpoints{network="10.60.0.0/16"} 1`,
+		`wgmesh_endpoints_broken{network="10.60.0.0/16"} 0`,
+		"wgmesh_endpoint_repairs_total 0",
 		`wgmesh_ipam_blocks{network="10.60.0.0/16"} 1`,
 		`wgmesh_ipam_addresses{network="10.60.0.0/16",state="used"} 1`,
 		fmt.Sprintf(`wgmesh_ipam_addresses{network="10.60.0.0/16",state="free"} %d`, free),

@@ -327,9 +327,13 @@ func (d *Driver) Join(ctx context.Context, req *network.JoinRequest) (*joinRespo
 		return nil, &Error{KindSystem, fmt.Errorf("creating the container's interface: %w", err)}
 	}
 	e.Joined, e.JoinedAt = true, time.Now()
+	e.SandboxKey, e.CtrIfName = req.SandboxKey, ""
 	if err := d.saveLocked(); err != nil {
 		return nil, err
 	}
+	// Docker names the interface once it has moved it into the
+	// container, after this answer; learn the name soon after.
+	time.AfterFunc(2*time.Second, d.kickCheck)
 	if err := d.applyLocked(ctx); err != nil {
 		// The endpoint is set up; other networks' trouble must not fail it.
 		d.log.Warn("applying after join", "err", err)

@@ -74,6 +74,22 @@ type Endpoint struct {
 	// Joined is set once its veth pair exists; JoinedAt is when.
 	Joined   bool      `json:"joined,omitempty"`
 	JoinedAt time.Time `json:"joined_at,omitzero"`
+	// SandboxKey is the container's network namespace as Docker named
+	// it at Join: a path in dockerd's mount namespace, which may not be
+	// the agent's.
+	SandboxKey string `json:"sandbox_key,omitempty"`
+	// CtrIfName is the name Docker gave the container end of the veth
+	// pair inside the container, learnt after Join; a repair reuses it.
+	CtrIfName string `json:"container_ifname,omitempty"`
+}
+
+// containerIfName is the name of the endpoint's interface in its
+// container, "" if not known.
+func (e *Endpoint) containerIfName() string {
+	if e.CtrIfName != "" {
+		return e.CtrIfName
+	}
+	return e.IfName
 }
 
 func newState() *State {
@@ -113,20 +129,6 @@ func (s *State) save(path string) error {
 		return fmt.Errorf("writing driver state: %w", err)
 	}
 	return nil
-}
-
-// clone returns a deep copy, so a failed operation can be undone by
-// restoring it.
-func (s *State) clone() *State {
-	b, _ := json.Marshal(s)
-	c := newState()
-	_ = json.Unmarshal(b, c)
-	for _, p := range c.Pools {
-		if p.Allocated == nil {
-			p.Allocated = map[netip.Addr]Allocation{}
-		}
-	}
-	return c
 }
 
 // networkBySubnet finds the local network of a subnet.

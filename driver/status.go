@@ -66,6 +66,11 @@ type EndpointStatus struct {
 	Addr   netip.Prefix `json:"addr"`
 	MAC    string       `json:"mac"`
 	Joined bool         `json:"joined"`
+	// Interface is its name inside the container, once known.
+	Interface string `json:"interface,omitempty"`
+	// Broken says why its container, which lost its interface, could
+	// not get it back.
+	Broken string `json:"broken,omitempty"`
 }
 
 // PeerStatus describes a WireGuard peer of a network.
@@ -129,7 +134,12 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 	for _, n := range d.state.Networks {
 		ns := NetworkStatus{ID: n.ID, Subnet: n.Subnet, Port: n.Port, MTU: n.MTU, Gateway: n.Gateway, Blocks: v.OwnBlocks(n.Subnet)}
 		for _, e := range d.state.endpointsOf(n.ID) {
-			ns.Endpoints = append(ns.Endpoints, EndpointStatus{ID: e.ID, Addr: e.Addr, MAC: e.MAC, Joined: e.Joined})
+			es := EndpointStatus{ID: e.ID, Addr: e.Addr, MAC: e.MAC, Joined: e.Joined, Interface: e.containerIfName(), Broken: d.broken[e.ID]}
+			if es.Broken != "" {
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: the container of endpoint %s (%s) lost its interface and it could not be repaired: %s",
+					n.Subnet, short(e.ID), e.Addr, es.Broken))
+			}
+			ns.Endpoints = append(ns.Endpoints, es)
 		}
 		i, applied := byID[n.ID]
 		if !applied {

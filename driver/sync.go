@@ -58,7 +58,16 @@ type DockerAPI interface {
 	CreateNetwork(ctx context.Context, driver string, n DockerNetwork) error
 	// RemoveNetwork removes a network by ID.
 	RemoveNetwork(ctx context.Context, id string) error
+	// EndpointPID returns the process ID of the running container that
+	// holds endpoint endpointID of network netID (Docker's IDs), whose
+	// /proc/PID/ns/net is the container's network namespace wherever
+	// dockerd keeps its sandbox keys. It returns ErrEndpointGone when
+	// Docker knows no such endpoint or its container is not running.
+	EndpointPID(ctx context.Context, netID, endpointID string) (int, error)
 }
+
+// ErrEndpointGone says Docker has no running container on an endpoint.
+var ErrEndpointGone = errors.New("no running container has the endpoint")
 
 // syncAction is one step of a sync plan.
 type syncAction struct {
@@ -145,9 +154,10 @@ func dockerNetworkOf(n *catalog.Network) DockerNetwork {
 const syncInterval = 30 * time.Second
 
 // RunSync keeps this host's Docker networks in step with the catalog
-// until ctx is done. It does nothing without a Docker API.
+// until ctx is done. It does nothing without a Docker API or with
+// SyncNetworks off.
 func (d *Driver) RunSync(ctx context.Context) error {
-	if d.cfg.Docker == nil {
+	if d.cfg.Docker == nil || !d.cfg.SyncNetworks {
 		return nil
 	}
 	t := time.NewTicker(syncInterval)

@@ -124,6 +124,17 @@ type fakeDocker struct {
 	h    *harness
 	mu   sync.Mutex
 	nets map[string]DockerNetwork
+	// pids are the running containers' process IDs, by endpoint ID.
+	pids map[string]int
+}
+
+func (f *fakeDocker) EndpointPID(_ context.Context, _, endpointID string) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if pid, ok := f.pids[endpointID]; ok {
+		return pid, nil
+	}
+	return 0, ErrEndpointGone
 }
 
 func (f *fakeDocker) Networks(context.Context, string) ([]DockerNetwork, error) {

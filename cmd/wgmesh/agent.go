@@ -42,6 +42,7 @@ type agentFlags struct {
 	insecure        bool
 	stateDir        string
 	runDir          string
+	hostMountNS     string
 	pluginSocket    string
 	controlSocket   string
 	wgPort          int
@@ -70,6 +71,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.insecure, "insecure", false, "gossip without encryption (never on an untrusted network)")
 	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/wgmesh", "directory for keys and state")
 	fs.StringVar(&f.runDir, "run-dir", "/run/wgmesh", "directory for runtime files (network namespaces)")
+	fs.StringVar(&f.hostMountNS, "host-mount-ns", "/proc/1/ns/mnt", "mount namespace in which network namespaces are pinned, so that they outlive the agent whatever mount namespace it runs in; 'self' for the agent's own (a managed plugin's)")
 	fs.StringVar(&f.pluginSocket, "plugin-socket", "/run/docker/plugins/wgmesh.sock", "Docker plugin socket")
 	fs.StringVar(&f.controlSocket, "control-socket", "", "control socket for 'wgmesh status' (default RUN-DIR/control.sock)")
 	fs.IntVar(&f.wgPort, "wg-port", 51820, "first WireGuard UDP port; each network on a host takes the next free one")
@@ -79,12 +81,15 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
 	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
 	fs.BoolVar(&f.syncNetworks, "sync-networks", true, "create here the wgmesh networks created on other hosts, and remove them likewise, through the local Docker API")
-	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks")
+	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks and to find containers that lost their interface")
 	fs.StringVar(&f.driverName, "driver-name", "wgmesh", "this plugin's name in Docker (a managed plugin's is wgmesh:latest)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off when empty)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 }
+
+// hostMountNSSelf is --host-mount-ns for the agent's own mount namespace.
+const hostMountNSSelf = "self"
 
 func (f *agentFlags) validate() error {
 	if f.controlSocket == "" {
@@ -94,6 +99,9 @@ func (f *agentFlags) validate() error {
 		if !filepath.IsAbs(p) {
 			return fmt.Errorf("%s %q must be an absolute path", name, p)
 		}
+	}
+	if f.hostMountNS != hostMountNSSelf && !filepath.IsAbs(f.hostMountNS) {
+		return fmt.Errorf("--host-mount-ns %q must be an absolute path or %q", f.hostMountNS, hostMountNSSelf)
 	}
 	if f.clusterKeyFile == "" && !f.insecure {
 		return errors.New("gossip must be encrypted: pass --cluster-key-file (make one with: " +
@@ -195,7 +203,11 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		log.Warn("gossip is NOT encrypted (--insecure): anyone on the network can read and forge cluster state")
 	}
 
-	dp, err := linux.New(linux.Config{RunDir: f.runDir, Mode: f.wgMode, Logger: log})
+	mountNS := f.hostMountNS
+	if mountNS == hostMountNSSelf {
+		mountNS = ""
+	}
+	dp, err := linux.New(linux.Config{RunDir: f.runDir, HostMountNS: mountNS, Mode: f.wgMode, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
@@ -234,14 +246,15 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	dcfg.Keepalive = f.wgKeepalive
 	dcfg.DriverName = f.driverName
 	dcfg.Logger = log
-	if f.syncNetworks {
-		docker, err := dockerapi.New(f.dockerHost)
-		if err != nil {
-			return err
-		}
-		defer docker.Close()
-		dcfg.Docker = docker
+	// Docker's API serves network sync, and tells whether the container
+	// of an endpoint that lost its veth pair still runs.
+	docker, err := dockerapi.New(f.dockerHost)
+	if err != nil {
+		return err
 	}
+	defer docker.Close()
+	dcfg.Docker = docker
+	dcfg.SyncNetworks = f.syncNetworks
 	d, err := driver.New(dcfg)
 	if err != nil {
 		return fmt.Errorf("driver: %w", err)
@@ -375,12 +388,19 @@ func watchKeyring(ctx context.Context, path string, current crypto.Keyring, m *m
 	defer signal.Stop(hup)
 	poll := time.NewTicker(2 * time.Second)
 	defer poll.Stop()
+	// Polling reads the file only when its metadata changed.
+	last, _ := os.Stat(path)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-hup:
 		case <-poll.C:
+			fi, err := os.Stat(path)
+			if err == nil && last != nil && sameFile(fi, last) {
+				continue
+			}
+			last = fi
 		}
 		ring, err := crypto.LoadKeyring(path)
 		if err != nil {
@@ -396,6 +416,13 @@ func watchKeyring(ctx context.Context, path string, current crypto.Keyring, m *m
 		}
 		current = ring
 	}
+}
+
+// sameFile reports whether two stats of a path show the same file,
+// unchanged: the same inode (an atomic rename makes a new one), size and
+// modification time.
+func sameFile(a, b os.FileInfo) bool {
+	return os.SameFile(a, b) && a.Size() == b.Size() && a.ModTime().Equal(b.ModTime())
 }
 
 // derivedMTU is the underlay MTU of the interface holding addr (or of the

@@ -104,6 +104,24 @@ type DataPlane interface {
 	// does not exist succeeds.
 	DeleteEndpoint(ctx context.Context, netID, endpointID string) error
 
+	// RepairEndpoint recreates the veth pair of an endpoint whose
+	// container lost its interface (the network's namespace was
+	// destroyed under it, say), while the container lives on. The host
+	// end is made as CreateEndpoint makes it; the container end goes
+	// straight into the container's network namespace, sandbox (a path
+	// such as /proc/PID/ns/net), as Docker had set it up: named ifName,
+	// with ep's MAC and address, mtu, and up. Apply must have created the
+	// network. A veth pair of the endpoint that still exists is replaced.
+	// An empty ifName takes the first free eth<N>; the name used is
+	// returned. It returns ErrNoSandbox if sandbox does not exist.
+	RepairEndpoint(ctx context.Context, netID string, ep Endpoint, mtu int, sandbox, ifName string) (string, error)
+
+	// ContainerInterface returns the name the container end of an
+	// endpoint's veth pair has inside the container's network namespace,
+	// sandbox, once Docker has moved it there; "" until then. It returns
+	// ErrNoSandbox if sandbox does not exist.
+	ContainerInterface(ctx context.Context, netID, endpointID, sandbox string) (string, error)
+
 	// Status reports each network's WireGuard peers and which endpoints
 	// still have their veth pair (a container that died took its end of
 	// the pair with it).
@@ -162,6 +180,10 @@ func HostVethName(epID string) string { return "wgh" + shortID(epID) }
 // ContainerVethName is the container end of an endpoint's veth pair, as
 // named in the host namespace before Docker moves it.
 func ContainerVethName(epID string) string { return "wgc" + shortID(epID) }
+
+// ErrNoSandbox says a container's network namespace does not exist: the
+// container is gone.
+var ErrNoSandbox = errors.New("container network namespace does not exist")
 
 // ErrInvalidID is returned for IDs that cannot name links.
 var ErrInvalidID = errors.New("invalid ID")

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 
+	cerrdefs "github.com/containerd/errdefs"
 	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/client"
 
@@ -20,10 +21,11 @@ type Client struct{ c *client.Client }
 var _ driver.DockerAPI = (*Client)(nil)
 
 // New returns a client of the engine at host (for example
-// unix:///var/run/docker.sock). It negotiates the API version, so engines
-// from 20.10 on work; it connects lazily.
+// unix:///var/run/docker.sock). The client negotiates the API version
+// (the library's default; WithAPIVersionNegotiation is a deprecated
+// no-op), so engines from 20.10 on work; it connects lazily.
 func New(host string) (*Client, error) {
-	c, err := client.New(client.WithHost(host), client.WithAPIVersionNegotiation())
+	c, err := client.New(client.WithHost(host))
 	if err != nil {
 		return nil, fmt.Errorf("docker client for %s: %w", host, err)
 	}
@@ -81,4 +83,32 @@ func (c *Client) CreateNetwork(ctx context.Context, driverName string, n driver.
 func (c *Client) RemoveNetwork(ctx context.Context, id string) error {
 	_, err := c.c.NetworkRemove(ctx, id, client.NetworkRemoveOptions{})
 	return err
+}
+
+// EndpointPID implements driver.DockerAPI.
+func (c *Client) EndpointPID(ctx context.Context, netID, endpointID string) (int, error) {
+	res, err := c.c.NetworkInspect(ctx, netID, client.NetworkInspectOptions{})
+	if cerrdefs.IsNotFound(err) {
+		return 0, driver.ErrEndpointGone
+	}
+	if err != nil {
+		return 0, err
+	}
+	for id, ep := range res.Network.Containers {
+		if ep.EndpointID != endpointID {
+			continue
+		}
+		ctr, err := c.c.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
+		if cerrdefs.IsNotFound(err) {
+			return 0, driver.ErrEndpointGone
+		}
+		if err != nil {
+			return 0, err
+		}
+		if st := ctr.Container.State; st == nil || !st.Running || st.Pid == 0 {
+			return 0, driver.ErrEndpointGone
+		}
+		return ctr.Container.State.Pid, nil
+	}
+	return 0, driver.ErrEndpointGone
 }

@@ -29,16 +29,22 @@ type pair struct {
 
 func newPair(ctx context.Context, t *testing.T, l *lab.Lab, subnet string) *pair {
 	t.Helper()
+	return newPairNamed(ctx, t, l, subnet, "c")
+}
+
+// newPairNamed is newPair with stand-in containers named ctr.
+func newPairNamed(ctx context.Context, t *testing.T, l *lab.Lab, subnet, ctr string) *pair {
+	t.Helper()
 	p := &pair{l: l}
 	for i, h := range l.Hosts[:2] {
 		var err error
 		if p.nets[i], err = h.Plugin().CreateNetwork(ctx, subnet); err != nil {
 			t.Fatal(err)
 		}
-		if p.eps[i], err = h.Plugin().Attach(ctx, p.nets[i]); err != nil {
+		if p.eps[i], err = h.Plugin().AttachTo(ctx, p.nets[i], h.ContainerNS(ctr)); err != nil {
 			t.Fatal(err)
 		}
-		if p.ctrs[i], err = h.NewContainer(ctx, "c", p.eps[i]); err != nil {
+		if p.ctrs[i], err = h.NewContainer(ctx, ctr, p.eps[i]); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -136,6 +136,9 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),
 		"--control-socket", h.ControlSock(),
 		"--docker-host", "unix://" + h.DockerSock(),
+		// The machine's mount namespace is the lab hosts' host mount
+		// namespace: the lab runs in it (PID 1's may be out of reach).
+		"--host-mount-ns", fmt.Sprintf("/proc/%d/ns/mnt", os.Getpid()),
 		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
 		"--log-level", "debug",
 	}
@@ -143,15 +146,57 @@ func (h *Host) AgentArgs(extra ...string) []string {
 	return append(args, extra...)
 }
 
+// Sandbox is how an agent is confined, as a service manager would run it.
+// The zero Sandbox runs it in the machine's mount namespace with every
+// capability.
+type Sandbox struct {
+	// PrivateMountNS runs the agent in a mount namespace of its own, a
+	// slave of the machine's, with /usr, /boot and /etc read-only: what
+	// systemd makes of ProtectSystem=full and ReadWritePaths=. Mounts the
+	// agent makes there do not reach the machine, and go when it stops.
+	PrivateMountNS bool
+	// Capabilities, if set, is the agent's capability bounding set, as
+	// CapabilityBoundingSet= sets it: names such as CAP_NET_ADMIN.
+	Capabilities []string
+}
+
+// command wraps an agent command line in the sandbox: every wrapper execs
+// the next, so the agent keeps the PID the lab started.
+func (sb Sandbox) command(argv []string) []string {
+	if len(sb.Capabilities) > 0 {
+		set := []string{"-all"}
+		for _, c := range sb.Capabilities {
+			set = append(set, "+"+strings.TrimPrefix(strings.ToLower(c), "cap_"))
+		}
+		argv = append([]string{"setpriv", "--bounding-set", strings.Join(set, ","), "--inh-caps", "-all", "--"}, argv...)
+	}
+	if sb.PrivateMountNS {
+		var ro []string
+		for _, d := range []string{"/usr", "/boot", "/etc"} {
+			ro = append(ro, fmt.Sprintf("{ [ ! -d %[1]s ] || { mount --bind %[1]s %[1]s && mount -o remount,bind,ro %[1]s; }; }", d))
+		}
+		script := strings.Join(ro, " && ") + ` && exec "$@"`
+		argv = append([]string{"unshare", "-m", "--propagation", "slave", "sh", "-c", script, "sh"}, argv...)
+	}
+	return argv
+}
+
 // StartAgent starts the host's wgmesh agent and waits until its control
 // socket answers.
 func (h *Host) StartAgent(ctx context.Context, extra ...string) error {
+	return h.StartAgentIn(ctx, Sandbox{}, extra...)
+}
+
+// StartAgentIn starts the host's agent confined by sb and waits until its
+// control socket answers.
+func (h *Host) StartAgentIn(ctx context.Context, sb Sandbox, extra ...string) error {
 	h.mu.Lock()
 	if h.agent != nil && !h.agent.exited() {
 		h.mu.Unlock()
 		return errors.New("agent already running")
 	}
-	p, err := start("nsenter", append([]string{"--net=" + h.NSPath(), h.lab.cfg.Binary}, h.AgentArgs(extra...)...), h.AgentLog())
+	argv := sb.command(append([]string{h.lab.cfg.Binary}, h.AgentArgs(extra...)...))
+	p, err := start("nsenter", append([]string{"--net=" + h.NSPath()}, argv...), h.AgentLog())
 	if err != nil {
 		h.mu.Unlock()
 		return err

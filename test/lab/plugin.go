@@ -113,6 +113,12 @@ type PluginEndpoint struct {
 // Attach makes the calls of `docker run --network`: an address, an
 // endpoint and a join. The caller moves IfName into a container.
 func (p *Plugin) Attach(ctx context.Context, n *PluginNetwork) (*PluginEndpoint, error) {
+	return p.AttachTo(ctx, n, "/var/run/docker/netns/test")
+}
+
+// AttachTo is Attach with the sandbox key Docker would give for the
+// container's network namespace (see Host.ContainerNS).
+func (p *Plugin) AttachTo(ctx context.Context, n *PluginNetwork, sandboxKey string) (*PluginEndpoint, error) {
 	mac := "02:42:" + strings.Join([]string{randomID()[:2], randomID()[:2], randomID()[:2], randomID()[:2]}, ":")
 	var addr ipam.RequestAddressResponse
 	if err := p.Call(ctx, "IpamDriver.RequestAddress", ipam.RequestAddressRequest{PoolID: n.PoolID,
@@ -125,7 +131,7 @@ func (p *Plugin) Attach(ctx context.Context, n *PluginNetwork) (*PluginEndpoint,
 		return nil, err
 	}
 	var join network.JoinResponse
-	if err := p.Call(ctx, "NetworkDriver.Join", network.JoinRequest{NetworkID: n.ID, EndpointID: ep.ID, SandboxKey: "/var/run/docker/netns/test"}, &join); err != nil {
+	if err := p.Call(ctx, "NetworkDriver.Join", network.JoinRequest{NetworkID: n.ID, EndpointID: ep.ID, SandboxKey: sandboxKey}, &join); err != nil {
 		return nil, err
 	}
 	ep.IfName = join.InterfaceName.SrcName
@@ -164,11 +170,17 @@ type Container struct {
 	IP   string
 }
 
+// ContainerNS is the network namespace NewContainer makes for a stand-in
+// container of that name: its sandbox key.
+func (h *Host) ContainerNS(name string) string { return "/run/netns/" + h.containerNSName(name) }
+
+func (h *Host) containerNSName(name string) string { return h.lab.Prefix + "-" + h.Name + "-" + name }
+
 // NewContainer moves an endpoint's interface from the host into a new
 // namespace, names it eth0, and configures its address, like Docker.
 func (h *Host) NewContainer(ctx context.Context, name string, ep *PluginEndpoint) (*Container, error) {
-	ns := h.lab.Prefix + "-" + h.Name + "-" + name
-	c := &Container{Name: ns, Path: "/run/netns/" + ns, IP: strings.Split(ep.Address, "/")[0]}
+	ns := h.containerNSName(name)
+	c := &Container{Name: ns, Path: h.ContainerNS(name), IP: strings.Split(ep.Address, "/")[0]}
 	steps := [][]string{
 		{"ip", "netns", "add", ns},
 		{"ip", "-n", h.NetNS, "link", "set", ep.IfName, "netns", ns},

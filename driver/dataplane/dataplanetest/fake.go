@@ -26,20 +26,34 @@ type Fake struct {
 	FailApply map[string]error
 	// Applies counts Apply calls.
 	Applies int
+	// sandboxes are the containers' network namespaces that exist, by
+	// path, with the interface names in them (Sandbox, Move).
+	sandboxes map[string]map[string]string // path -> ifName -> endpoint ID
+	// FailRepair makes RepairEndpoint fail for these endpoint IDs.
+	FailRepair map[string]error
+	// Repairs counts successful RepairEndpoint calls.
+	Repairs int
+	// AfterStatus, if set, runs after each Status has taken its snapshot,
+	// outside the fake's lock.
+	AfterStatus func()
 }
 
 type fakeEndpoint struct {
 	netID string
 	ep    dataplane.Endpoint
 	mtu   int
-	// gone simulates a container that died and took its veth with it.
+	// gone simulates a veth pair that vanished: its container died, or
+	// the network's namespace was destroyed under it.
 	gone bool
 }
 
 var _ dataplane.DataPlane = (*Fake)(nil)
 
 // New returns an empty fake.
-func New() *Fake { return &Fake{endpoints: map[string]fakeEndpoint{}, FailApply: map[string]error{}} }
+func New() *Fake {
+	return &Fake{endpoints: map[string]fakeEndpoint{}, FailApply: map[string]error{},
+		sandboxes: map[string]map[string]string{}, FailRepair: map[string]error{}}
+}
 
 // Apply implements dataplane.DataPlane.
 func (f *Fake) Apply(_ context.Context, cfg *dataplane.Config) error {
@@ -104,7 +118,8 @@ func (f *Fake) DeleteEndpoint(_ context.Context, netID, epID string) error {
 	return nil
 }
 
-// Kill simulates the container of an endpoint dying: its veth vanishes.
+// Kill makes an endpoint's veth pair vanish, both ends, as when its
+// container dies or the network's namespace is destroyed.
 func (f *Fake) Kill(epID string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -112,10 +127,112 @@ func (f *Fake) Kill(epID string) {
 		e.gone = true
 		f.endpoints[epID] = e
 	}
+	for _, ifs := range f.sandboxes {
+		for name, id := range ifs {
+			if id == epID {
+				delete(ifs, name)
+			}
+		}
+	}
+}
+
+// Sandbox makes a container's network namespace exist at path, or,
+// with exists false, vanish with everything in it (its container died).
+func (f *Fake) Sandbox(path string, exists bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !exists {
+		for _, epID := range f.sandboxes[path] {
+			if e, ok := f.endpoints[epID]; ok {
+				e.gone = true
+				f.endpoints[epID] = e
+			}
+		}
+		delete(f.sandboxes, path)
+		return
+	}
+	if f.sandboxes[path] == nil {
+		f.sandboxes[path] = map[string]string{}
+	}
+}
+
+// Move does what Docker does after Join: it moves an endpoint's
+// container end into the sandbox at path and names it ifName.
+func (f *Fake) Move(epID, path, ifName string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.sandboxes[path] == nil {
+		f.sandboxes[path] = map[string]string{}
+	}
+	f.sandboxes[path][ifName] = epID
+}
+
+// ContainerInterface implements dataplane.DataPlane.
+func (f *Fake) ContainerInterface(_ context.Context, netID, epID, sandbox string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return "", errors.New("fake: container interface after close")
+	}
+	ifs, ok := f.sandboxes[sandbox]
+	if !ok {
+		return "", dataplane.ErrNoSandbox
+	}
+	if e, ok := f.endpoints[epID]; !ok || e.gone || e.netID != netID {
+		return "", nil
+	}
+	for name, id := range ifs {
+		if id == epID {
+			return name, nil
+		}
+	}
+	return "", nil
+}
+
+// RepairEndpoint implements dataplane.DataPlane.
+func (f *Fake) RepairEndpoint(_ context.Context, netID string, ep dataplane.Endpoint, mtu int, sandbox, ifName string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return "", errors.New("fake: repair after close")
+	}
+	if !f.hasNetworkLocked(netID) {
+		return "", fmt.Errorf("fake: repair in network %s that was never applied", netID)
+	}
+	ifs, ok := f.sandboxes[sandbox]
+	if !ok {
+		return "", dataplane.ErrNoSandbox
+	}
+	if err := f.FailRepair[ep.ID]; err != nil {
+		return "", err
+	}
+	for i := 0; ifName == ""; i++ {
+		if _, taken := ifs[fmt.Sprintf("eth%d", i)]; !taken {
+			ifName = fmt.Sprintf("eth%d", i)
+		}
+	}
+	if id, taken := ifs[ifName]; taken && id != ep.ID {
+		return "", fmt.Errorf("fake: the container has another interface named %s", ifName)
+	}
+	f.endpoints[ep.ID] = fakeEndpoint{netID: netID, ep: ep, mtu: mtu}
+	ifs[ifName] = ep.ID
+	f.Repairs++
+	return ifName, nil
 }
 
 // Status implements dataplane.DataPlane.
 func (f *Fake) Status(context.Context) ([]dataplane.NetworkStatus, error) {
+	out := f.status()
+	f.mu.Lock()
+	after := f.AfterStatus
+	f.mu.Unlock()
+	if after != nil {
+		after()
+	}
+	return out, nil
+}
+
+func (f *Fake) status() []dataplane.NetworkStatus {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var out []dataplane.NetworkStatus
@@ -131,7 +248,7 @@ func (f *Fake) Status(context.Context) ([]dataplane.NetworkStatus, error) {
 		}
 		out = append(out, st)
 	}
-	return out, nil
+	return out
 }
 
 // Mode implements dataplane.DataPlane.

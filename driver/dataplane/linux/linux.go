@@ -5,6 +5,7 @@
 package linux
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -35,6 +36,11 @@ type Config struct {
 	// RunDir holds the bind mounts that keep network namespaces alive,
 	// in RunDir/netns. It must be unique per host.
 	RunDir string
+	// HostMountNS is the mount namespace in which network namespaces
+	// are pinned: a path such as /proc/1/ns/mnt, the host's. Empty means
+	// the process's own, which is right only where its mounts are the
+	// host's (see mountNS).
+	HostMountNS string
 	// Mode is dataplane.ModeAuto, ModeKernel or ModeUserspace.
 	Mode   string
 	Logger *slog.Logger
@@ -44,6 +50,9 @@ type Config struct {
 func (c *Config) Validate() error {
 	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {
 		return fmt.Errorf("run directory %q must be an absolute path", c.RunDir)
+	}
+	if c.HostMountNS != "" && !filepath.IsAbs(c.HostMountNS) {
+		return fmt.Errorf("host mount namespace %q must be an absolute path", c.HostMountNS)
 	}
 	switch c.Mode {
 	case dataplane.ModeAuto, dataplane.ModeKernel, dataplane.ModeUserspace:
@@ -103,6 +112,8 @@ type DataPlane struct {
 	log  *slog.Logger
 	mode string
 	host nlh
+	// mounts is where namespaces are pinned.
+	mounts mountNS
 	// user configures userspace devices, found by their UAPI sockets
 	// wherever their TUN lives.
 	user wgClient
@@ -123,7 +134,8 @@ type network struct {
 	wg     wgClient // kernel: a client inside the namespace; userspace: DataPlane.user
 	ownWG  bool     // wg belongs to this network and closes with it
 	dev    *userDevice
-	// have is what the WireGuard device runs; nil until known.
+	// have is what was last written to the WireGuard device; nil until
+	// known.
 	have *wgState
 }
 
@@ -143,6 +155,13 @@ func New(cfg Config) (*DataPlane, error) {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
 	d := &DataPlane{cfg: cfg, log: log, host: host, nets: map[string]*network{}}
+	if d.mounts, err = hostMountNS(cfg.HostMountNS); err != nil {
+		host.Close()
+		return nil, err
+	}
+	if !d.mounts.own() {
+		log.Info("pinning network namespaces in the host's mount namespace", "mount_ns", cfg.HostMountNS)
+	}
 	d.mode, err = d.chooseMode(cfg.Mode)
 	if err != nil {
 		host.Close()
@@ -154,7 +173,7 @@ func New(cfg Config) (*DataPlane, error) {
 			return nil, fmt.Errorf("opening WireGuard control: %w", err)
 		}
 	}
-	if err := ensureSharedMount(d.nsDir()); err != nil {
+	if err := d.mounts.ensureSharedMount(d.nsDir()); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -242,18 +261,17 @@ func (d *DataPlane) open(id string, create bool) (*network, error) {
 		return st, nil
 	}
 	path := filepath.Join(d.nsDir(), id)
-	var ns netns.NsHandle
-	var err error
+	ns, err := d.mounts.openNS(path)
 	switch {
-	case isNSMount(path):
-		ns, err = netns.GetFromPath(path)
+	case err == nil:
+	case !errors.Is(err, errNotPinned):
 	case !create:
 		return nil, fmt.Errorf("network %s has no namespace on this host", short(id))
 	default:
 		// A file that is not a mounted namespace is a leftover of an
 		// interrupted creation.
-		_ = os.Remove(path)
-		ns, err = createNS(path, setupNetworkNS)
+		_ = d.mounts.removeNS(path)
+		ns, err = d.mounts.createNS(path, setupNetworkNS)
 		if err == nil {
 			d.log.Info("network namespace created", "network", short(id), "path", path)
 		}
@@ -433,23 +451,39 @@ func (d *DataPlane) syncAddrs(st *network, link netlink.Link, gw netip.Addr) err
 	return nil
 }
 
+// configureWireGuard makes the network's WireGuard device run n. It
+// diffs with the device itself, read each time, so that a change made by
+// hand (a peer removed with `wg set`) is undone; st.have, what was last
+// written, only decides whether that was drift, and keeps each peer's
+// endpoint as it was set: WireGuard moves a peer's endpoint to where its
+// packets come from (roaming), and that is no drift to undo.
 func (d *DataPlane) configureWireGuard(st *network, key crypto.PrivateKey, n *dataplane.Network) error {
 	name := dataplane.WireGuardName(n.ID)
-	if st.have == nil {
-		dev, err := st.wg.Device(name)
-		if err != nil {
-			return fmt.Errorf("reading WireGuard device %s: %w", name, err)
+	dev, err := st.wg.Device(name)
+	if err != nil {
+		return fmt.Errorf("reading WireGuard device %s: %w", name, err)
+	}
+	have := observedWG(dev)
+	if st.have != nil {
+		for pub, p := range have.peers {
+			if set, ok := st.have.peers[pub]; ok {
+				p.endpoint = set.endpoint
+				have.peers[pub] = p
+			}
 		}
-		have := observedWG(dev)
-		st.have = &have
 	}
 	want := desiredWG(key, n)
-	cfg, changed := wgDiff(*st.have, want, key)
+	cfg, changed := wgDiff(have, want, key)
 	if !changed {
+		st.have = &want
 		return nil
 	}
+	if st.have != nil {
+		if _, meant := wgDiff(*st.have, want, key); !meant {
+			d.log.Warn("WireGuard device drifted from its configuration; repairing", "network", short(n.ID), "iface", name, "peer_changes", len(cfg.Peers))
+		}
+	}
 	if err := st.wg.ConfigureDevice(name, cfg); err != nil {
-		// What the device runs is unknown now; read it back next time.
 		st.have = nil
 		return fmt.Errorf("configuring WireGuard device %s: %w", name, err)
 	}
@@ -579,21 +613,190 @@ func (d *DataPlane) CreateEndpoint(ctx context.Context, netID string, ep datapla
 			return "", fmt.Errorf("looking up new %s: %w", hostName, err)
 		}
 	}
-	if err := st.nl.LinkSetAlias(link, endpointAlias+ep.ID); err != nil {
-		return "", fmt.Errorf("labelling %s: %w", hostName, err)
-	}
-	if err := setRoutingConf(st.ns, link.Attrs().Index, true); err != nil {
+	if err := d.setupHostEnd(st, link, ep); err != nil {
 		return "", err
 	}
+	return ctrName, nil
+}
+
+// setupHostEnd labels the host end of an endpoint's veth pair with the
+// endpoint's ID, makes it route with proxy ARP, brings it up and routes
+// the endpoint's address to it.
+func (d *DataPlane) setupHostEnd(st *network, link netlink.Link, ep dataplane.Endpoint) error {
+	name := link.Attrs().Name
+	if err := st.nl.LinkSetAlias(link, endpointAlias+ep.ID); err != nil {
+		return fmt.Errorf("labelling %s: %w", name, err)
+	}
+	if err := setRoutingConf(st.ns, link.Attrs().Index, true); err != nil {
+		return err
+	}
 	if err := st.nl.LinkSetUp(link); err != nil {
-		return "", fmt.Errorf("bringing up %s: %w", hostName, err)
+		return fmt.Errorf("bringing up %s: %w", name, err)
 	}
 	host := netip.PrefixFrom(ep.Addr.Addr(), ep.Addr.Addr().BitLen())
 	route := netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(host), Scope: netlink.SCOPE_LINK, Protocol: routeProtocol}
 	if err := st.nl.RouteReplace(&route); err != nil {
-		return "", fmt.Errorf("adding route to %s: %w", host, err)
+		return fmt.Errorf("adding route to %s: %w", host, err)
 	}
-	return ctrName, nil
+	return nil
+}
+
+// openSandbox opens a container's network namespace. path is looked up
+// in the process's own mount namespace, then in the host's: a sandbox key
+// is a mount of dockerd's, which need not reach the agent's.
+func (d *DataPlane) openSandbox(path string) (netns.NsHandle, error) {
+	ns, err := netns.GetFromPath(path)
+	if errors.Is(err, unix.ENOENT) && !d.mounts.own() {
+		err = d.mounts.do(func() (err error) {
+			ns, err = netns.GetFromPath(path)
+			return err
+		})
+	}
+	switch {
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH):
+		return netns.None(), fmt.Errorf("%w: %s", dataplane.ErrNoSandbox, path)
+	case err != nil:
+		return netns.None(), fmt.Errorf("opening container network namespace %s: %w", path, err)
+	}
+	// A sandbox key whose mount is gone is a plain file.
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(int(ns), &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
+		ns.Close()
+		return netns.None(), fmt.Errorf("%w: %s is no namespace", dataplane.ErrNoSandbox, path)
+	}
+	return ns, nil
+}
+
+// ContainerInterface implements dataplane.DataPlane. The container end
+// is the host end's peer: the link of the host end's peer index in the
+// container's namespace, if it is a veth.
+func (d *DataPlane) ContainerInterface(ctx context.Context, netID, epID, sandbox string) (string, error) {
+	if err := dataplane.ValidID(epID); err != nil {
+		return "", err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st, err := d.open(netID, false)
+	if err != nil {
+		return "", err
+	}
+	host, err := st.nl.LinkByName(dataplane.HostVethName(epID))
+	if err != nil {
+		if isNotFound(err) {
+			return "", nil
+		}
+		return "", err
+	}
+	ns, err := d.openSandbox(sandbox)
+	if err != nil {
+		return "", err
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return "", fmt.Errorf("netlink in %s: %w", sandbox, err)
+	}
+	defer h.Close()
+	peer, err := h.LinkByIndex(host.Attrs().ParentIndex)
+	if err != nil {
+		if isNotFound(err) {
+			return "", nil
+		}
+		return "", err
+	}
+	if peer.Type() != "veth" {
+		return "", nil
+	}
+	return peer.Attrs().Name, nil
+}
+
+// RepairEndpoint implements dataplane.DataPlane.
+func (d *DataPlane) RepairEndpoint(ctx context.Context, netID string, ep dataplane.Endpoint, mtu int, sandbox, ifName string) (string, error) {
+	if err := dataplane.ValidID(ep.ID); err != nil {
+		return "", err
+	}
+	if len(ifName) > 15 || strings.ContainsAny(ifName, "/ \x00") {
+		return "", fmt.Errorf("container interface name %q", ifName)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st, err := d.open(netID, false)
+	if err != nil {
+		return "", err
+	}
+	ns, err := d.openSandbox(sandbox)
+	if err != nil {
+		return "", err
+	}
+	defer ns.Close()
+	ctr, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return "", fmt.Errorf("netlink in %s: %w", sandbox, err)
+	}
+	defer ctr.Close()
+
+	if ifName == "" {
+		if ifName, err = freeEthName(ctr); err != nil {
+			return "", err
+		}
+	}
+	// Whatever is left of the pair goes: one end alone is of no use.
+	hostName, tmpName := dataplane.HostVethName(ep.ID), dataplane.ContainerVethName(ep.ID)
+	if l, err := st.nl.LinkByName(hostName); err == nil {
+		_ = st.nl.LinkDel(l)
+	}
+	if l, err := d.host.LinkByName(tmpName); err == nil {
+		_ = d.host.LinkDel(l)
+	}
+	if l, err := ctr.LinkByName(ifName); err == nil {
+		if l.Type() != "veth" || !bytes.Equal(l.Attrs().HardwareAddr, ep.MAC) {
+			return "", fmt.Errorf("the container has another interface named %s", ifName)
+		}
+		_ = ctr.LinkDel(l)
+	}
+	veth := &netlink.Veth{
+		LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Namespace: netlink.NsFd(st.ns)},
+		PeerName:         ifName,
+		PeerHardwareAddr: ep.MAC,
+		PeerMTU:          uint32(mtu),
+		PeerNamespace:    netlink.NsFd(ns),
+	}
+	if err := d.host.LinkAdd(veth); err != nil {
+		return "", fmt.Errorf("creating veth pair %s/%s: %w", hostName, ifName, err)
+	}
+	link, err := st.nl.LinkByName(hostName)
+	if err != nil {
+		return "", fmt.Errorf("looking up new %s: %w", hostName, err)
+	}
+	if err := d.setupHostEnd(st, link, ep); err != nil {
+		return "", err
+	}
+	in, err := ctr.LinkByName(ifName)
+	if err != nil {
+		return "", fmt.Errorf("looking up %s in the container: %w", ifName, err)
+	}
+	if err := ctr.AddrReplace(in, &netlink.Addr{IPNet: ipNet(ep.Addr)}); err != nil {
+		return "", fmt.Errorf("adding address %s to %s in the container: %w", ep.Addr, ifName, err)
+	}
+	if err := ctr.LinkSetUp(in); err != nil {
+		return "", fmt.Errorf("bringing up %s in the container: %w", ifName, err)
+	}
+	return ifName, nil
+}
+
+// freeEthName is the first eth<N> the namespace of h does not have.
+func freeEthName(h *netlink.Handle) (string, error) {
+	links, err := retryDump(h.LinkList)
+	if err != nil {
+		return "", fmt.Errorf("listing the container's links: %w", err)
+	}
+	for i := range 100 {
+		name := fmt.Sprintf("eth%d", i)
+		if !slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == name }) {
+			return name, nil
+		}
+	}
+	return "", errors.New("the container has eth0 to eth99")
 }
 
 // DeleteEndpoint implements dataplane.DataPlane.
@@ -626,7 +829,7 @@ func (d *DataPlane) removeNetwork(id string) error {
 	if err != nil {
 		// Nothing usable to clean inside; just unpin it.
 		removeStaleUAPISocket(dataplane.WireGuardName(id))
-		return removeNS(filepath.Join(d.nsDir(), id))
+		return d.mounts.removeNS(filepath.Join(d.nsDir(), id))
 	}
 	if l, err := st.nl.LinkByName(dataplane.WireGuardName(id)); err == nil {
 		// Deleting the namespace would destroy the link too, but only
@@ -636,7 +839,7 @@ func (d *DataPlane) removeNetwork(id string) error {
 	st.close()
 	delete(d.nets, id)
 	removeStaleUAPISocket(dataplane.WireGuardName(id))
-	if err := removeNS(st.nsPath); err != nil {
+	if err := d.mounts.removeNS(st.nsPath); err != nil {
 		return err
 	}
 	d.log.Info("network removed", "network", short(id))
@@ -718,7 +921,7 @@ func (d *DataPlane) Close() error {
 		d.user.Close()
 	}
 	d.host.Close()
-	return releaseSharedMount(d.nsDir())
+	return d.mounts.releaseSharedMount(d.nsDir())
 }
 
 func isNotFound(err error) bool {

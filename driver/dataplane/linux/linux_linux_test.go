@@ -4,10 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,6 +19,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
@@ -40,10 +45,14 @@ type testHost struct {
 	dir string
 }
 
-func newTestHost(t *testing.T, mode string) *testHost {
+func newTestHost(t *testing.T, mode string) *testHost { return newTestHostIn(t, mode, "") }
+
+// newTestHostIn makes a host whose data plane pins namespaces in the
+// mount namespace hostMountNS ("" for the test's own).
+func newTestHostIn(t *testing.T, mode, hostMountNS string) *testHost {
 	t.Helper()
 	dir := t.TempDir()
-	dp, err := New(Config{RunDir: dir, Mode: mode, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	dp, err := New(testConfig(dir, mode, hostMountNS))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,6 +67,11 @@ func newTestHost(t *testing.T, mode string) *testHost {
 		_ = h.dp.Close()
 	})
 	return h
+}
+
+func testConfig(dir, mode, hostMountNS string) Config {
+	return Config{RunDir: dir, Mode: mode, HostMountNS: hostMountNS,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 }
 
 func (h *testHost) apply(t *testing.T) {
@@ -343,4 +357,232 @@ func assertClean(t *testing.T, netIDs []string, hosts ...*testHost) {
 			t.Errorf("mounts under %s left behind", h.dir)
 		}
 	}
+}
+
+// otherMountNS starts a process in a mount namespace of its own, a copy
+// of the test's, and returns the path of that namespace; the process
+// ends with the test, after the cleanups registered later.
+func otherMountNS(t *testing.T) string {
+	t.Helper()
+	cmd := exec.Command("unshare", "-m", "--propagation", "private", "sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	path := fmt.Sprintf("/proc/%d/ns/mnt", cmd.Process.Pid)
+	own, _ := os.Readlink("/proc/self/ns/mnt")
+	for range 100 {
+		if other, err := os.Readlink(path); err == nil && other != own {
+			return path
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s never left the test's mount namespace", path)
+	return ""
+}
+
+// mountsOf reports whether the mount table of a mount namespace (that of
+// the process whose ns/mnt is nsPath) has a mount at or under dir.
+func mountsUnder(t *testing.T, nsPath, dir string) bool {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(nsPath)), "mountinfo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), " "+dir+"/") || strings.Contains(string(b), " "+dir+" ")
+}
+
+// TestPinsInHostMountNS: a data plane given another mount namespace as
+// the host's pins network namespaces there, not in its own, where an
+// agent under systemd's ProtectSystem= would lose them when it stops. A
+// new data plane finds them there, and the container's interface has
+// lived on.
+func TestPinsInHostMountNS(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	host := otherMountNS(t)
+	a, b := newTestHostIn(t, dataplane.ModeUserspace, host), newTestHost(t, dataplane.ModeUserspace)
+	ids := []string{randomID(), randomID()}
+	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51921, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51922, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51922, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51921, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	ctrA, _ := a.attach(t, 0, "10.60.1.5/16")
+	b.attach(t, 0, "10.60.2.7/16")
+	ctrA.Ping(t, "10.60.2.7")
+
+	pin := filepath.Join(a.dir, "netns", ids[0])
+	if mountsUnder(t, "/proc/self/ns/mnt", pin) || !mountsUnder(t, host, pin) {
+		t.Fatalf("pin %s: in the own mount namespace %v, in the host's %v; want only the host's",
+			pin, mountsUnder(t, "/proc/self/ns/mnt", pin), mountsUnder(t, host, pin))
+	}
+	if err := a.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dp, err := New(testConfig(a.dir, dataplane.ModeUserspace, host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp = dp
+	a.apply(t)
+	ctrA.Ping(t, "10.60.2.7")
+
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	a.dp.Close()
+	b.dp.Close()
+	if mountsUnder(t, host, filepath.Join(a.dir, "netns")) {
+		t.Error("mounts left in the host's mount namespace")
+	}
+	assertClean(t, ids, a, b)
+}
+
+// TestRepairEndpoint: the network's namespace is destroyed under a
+// running container (the pin went with an agent's private mount
+// namespace, say), taking the container's interface with it. Once the
+// namespace is back, RepairEndpoint gives the container its interface
+// again, as Docker had set it up, and traffic flows.
+func TestRepairEndpoint(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	ctx := context.Background()
+	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	ids := []string{randomID(), randomID()}
+	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51931, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51932, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51932, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51931, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	b.attach(t, 0, "10.60.2.7/16")
+	ctr, ep := a.attach(t, 0, "10.60.1.5/16")
+	// Docker names the container end in the container.
+	l, err := ctr.NL.LinkByName(dataplane.ContainerVethName(ep.ID))
+	if err == nil {
+		err = ctr.NL.LinkSetDown(l)
+	}
+	if err == nil {
+		err = ctr.NL.LinkSetName(l, "eth3")
+	}
+	if err == nil {
+		err = ctr.NL.LinkSetUp(l)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, err := a.dp.ContainerInterface(ctx, ids[0], ep.ID, ctr.Path); err != nil || name != "eth3" {
+		t.Fatalf("container interface %q (%v), want eth3", name, err)
+	}
+	ctr.Ping(t, "10.60.2.7")
+
+	// The namespace goes: nothing holds it once the data plane is closed
+	// and its pin is gone.
+	if err := a.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pin := filepath.Join(a.dir, "netns", ids[0])
+	if err := unix.Unmount(pin, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		if _, err := ctr.NL.LinkByName("eth3"); err != nil {
+			break
+		}
+		if i == 100 {
+			t.Fatal("the container's interface outlived its network's namespace")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	dp, err := New(testConfig(a.dir, dataplane.ModeUserspace, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp = dp
+	a.apply(t)
+	if st, err := a.dp.Status(ctx); err != nil || len(st) != 1 || len(st[0].Endpoints) != 0 {
+		t.Fatalf("status before the repair: %+v, %v", st, err)
+	}
+	if _, err := a.dp.RepairEndpoint(ctx, ids[0], ep, 1340, filepath.Join(t.TempDir(), "gone"), "eth3"); !errors.Is(err, dataplane.ErrNoSandbox) {
+		t.Fatalf("repair in a container that is gone: %v, want ErrNoSandbox", err)
+	}
+	name, err := a.dp.RepairEndpoint(ctx, ids[0], ep, 1340, ctr.Path, "eth3")
+	if err != nil || name != "eth3" {
+		t.Fatalf("repair: %q, %v", name, err)
+	}
+	l, err = ctr.NL.LinkByName("eth3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, _ := ctr.NL.AddrList(l, netlink.FAMILY_V4)
+	if l.Attrs().MTU != 1340 || l.Attrs().HardwareAddr.String() != ep.MAC.String() || l.Attrs().Flags&net.FlagUp == 0 ||
+		len(addrs) != 1 || addrs[0].IPNet.String() != "10.60.1.5/16" {
+		t.Fatalf("repaired interface: MTU %d MAC %s flags %v addrs %v", l.Attrs().MTU, l.Attrs().HardwareAddr, l.Attrs().Flags, addrs)
+	}
+	a.apply(t)
+	ctr.Ping(t, "10.60.2.7")
+	if st, err := a.dp.Status(ctx); err != nil || len(st[0].Endpoints) != 1 || st[0].Endpoints[0] != ep.ID {
+		t.Fatalf("status after the repair: %+v, %v", st, err)
+	}
+	// Repairing what works replaces it, under the same name.
+	if name, err := a.dp.RepairEndpoint(ctx, ids[0], ep, 1340, ctr.Path, "eth3"); err != nil || name != "eth3" {
+		t.Fatalf("second repair: %q, %v", name, err)
+	}
+	a.apply(t)
+	ctr.Ping(t, "10.60.2.7")
+
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	a.dp.Close()
+	b.dp.Close()
+	assertClean(t, ids, a, b)
+}
+
+// TestWireGuardDriftRepaired: a peer removed from the device by hand
+// (wg set IF peer KEY remove) is back after the next Apply, which
+// compares with the device, not with what it last wrote.
+func TestWireGuardDriftRepaired(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	ids := []string{randomID(), randomID()}
+	a.cfg.Networks = []dataplane.Network{testNetwork(ids[0], "10.60.0.0/16", "10.60.1.1", 51941, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(ids[1], "10.60.0.0/16", "10.60.2.1", 51942, "10.60.2.0/24")}
+	a.cfg.Networks[0].Peers = []dataplane.Peer{peer(b, 51942, "10.60.2.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51941, "10.60.1.0/24")}
+	a.apply(t)
+	b.apply(t)
+	ctrA, _ := a.attach(t, 0, "10.60.1.5/16")
+	b.attach(t, 0, "10.60.2.7/16")
+	ctrA.Ping(t, "10.60.2.7")
+
+	wg, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wg.Close()
+	iface := dataplane.WireGuardName(ids[0])
+	if err := wg.ConfigureDevice(iface, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: wgtypes.Key(b.key.Public()), Remove: true}}}); err != nil {
+		t.Fatal(err)
+	}
+	if dev, err := wg.Device(iface); err != nil || len(dev.Peers) != 0 {
+		t.Fatalf("peer not removed by hand: %v", err)
+	}
+	ctrA.NoPing(t, "10.60.2.7")
+	a.apply(t)
+	dev, err := wg.Device(iface)
+	if err != nil || len(dev.Peers) != 1 || dev.Peers[0].PublicKey != wgtypes.Key(b.key.Public()) || len(dev.Peers[0].AllowedIPs) != 1 {
+		t.Fatalf("after apply: %+v, %v", dev, err)
+	}
+	ctrA.Ping(t, "10.60.2.7")
+
+	a.cfg.Networks, b.cfg.Networks = nil, nil
+	a.apply(t)
+	b.apply(t)
+	a.dp.Close()
+	b.dp.Close()
+	assertClean(t, ids, a, b)
 }
