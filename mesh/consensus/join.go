@@ -268,7 +268,13 @@ func (n *Node) register(ctx context.Context) {
 // own copy of the Raft configuration.
 func (n *Node) ensureAdmitted(ctx context.Context) {
 	r := n.raftServer()
-	if r == nil || r.State() == raft.Leader {
+	if r == nil {
+		return
+	}
+	if r.State() == raft.Leader {
+		n.mu.Lock()
+		n.admitted = true
+		n.mu.Unlock()
 		return
 	}
 	f := r.GetConfiguration()
@@ -277,9 +283,15 @@ func (n *Node) ensureAdmitted(ctx context.Context) {
 	}
 	for _, s := range f.Configuration().Servers {
 		if s.ID == raft.ServerID(n.id.String()) {
+			n.mu.Lock()
+			n.admitted = true
+			n.mu.Unlock()
 			return
 		}
 	}
+	n.mu.Lock()
+	n.admitted = false
+	n.mu.Unlock()
 	n.askAdmission(ctx)
 }
 

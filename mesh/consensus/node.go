@@ -105,9 +105,12 @@ type Config struct {
 // hundred milliseconds while still electing a new leader in seconds.
 func DefaultRaftConfig() *raft.Config {
 	c := raft.DefaultConfig()
-	c.HeartbeatTimeout = 1500 * time.Millisecond
-	c.ElectionTimeout = 1500 * time.Millisecond
-	c.LeaderLeaseTimeout = 750 * time.Millisecond
+	// Raft heartbeats every follower at a tenth of HeartbeatTimeout: at
+	// 3 s, idle hosts exchange a few small messages a second, and a
+	// failed leader is replaced within seconds (claims wait that long).
+	c.HeartbeatTimeout = 3 * time.Second
+	c.ElectionTimeout = 3 * time.Second
+	c.LeaderLeaseTimeout = 1500 * time.Millisecond
 	c.CommitTimeout = 20 * time.Millisecond
 	c.SnapshotThreshold = 1024
 	c.TrailingLogs = 1024
@@ -204,6 +207,8 @@ type Node struct {
 	aliveSince map[crypto.NodeID]time.Time
 	joinErr    error
 	shutdown   bool
+	// admitted is set once this node found itself in its configuration.
+	admitted bool
 	// diskErr is the last failure to write the state directory: a node
 	// that cannot keep what it was told claims nothing rather than guess.
 	diskErr error
@@ -327,11 +332,15 @@ func (n *Node) Run(ctx context.Context) error {
 			return err
 		}
 	}
-	t := time.NewTicker(n.cfg.Tick)
-	defer t.Stop()
+	// A node that is a settled member has little to do: it wakes every
+	// few ticks (the leader's autopilot runs once a second), and at once
+	// when the catalog changes, to save its copy.
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	lastPilot, lastSave := time.Time{}, time.Time{}
 	defer n.saveCatalog()
 	for {
+		changed := n.fsm.Changed()
 		n.step(ctx)
 		if time.Since(lastSave) >= saveCatalogEvery {
 			lastSave = time.Now()
@@ -341,12 +350,34 @@ func (n *Node) Run(ctx context.Context) error {
 			lastPilot = time.Now()
 			n.autopilot(ctx)
 		}
+		next := n.cfg.Tick
+		if n.settled() {
+			next = 4 * n.cfg.Tick
+		}
+		timer.Reset(next)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-timer.C:
+		case <-changed:
+			// Let a burst of entries pass before saving.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-timer.C:
+			case <-time.After(saveCatalogEvery):
+				timer.Stop()
+			}
 		}
 	}
+}
+
+// settled reports whether this node is a registered member in its own
+// copy of the configuration.
+func (n *Node) settled() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.registered && n.raft != nil && n.admitted && n.fatal == nil
 }
 
 // step moves this node towards being a registered member of a cluster.
