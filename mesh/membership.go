@@ -1,10 +1,12 @@
 package mesh
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"sync"
@@ -50,6 +52,48 @@ func (ms membership) Joined() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.joined
+}
+
+func (ms membership) MissingSeeds() []string {
+	m := ms.m
+	m.mu.Lock()
+	present := map[string]bool{net.JoinHostPort(m.self.Addr.String(), strconv.Itoa(int(m.self.GossipPort))): true}
+	for name, rec := range m.rep.infos {
+		if m.live[name].state.Reachable() {
+			present[net.JoinHostPort(rec.info.Addr.String(), strconv.Itoa(int(rec.info.GossipPort)))] = true
+		}
+	}
+	m.mu.Unlock()
+	var missing []string
+	for _, seed := range m.cfg.Join {
+		if !seedPresent(seed, m.cfg.BindPort, present) {
+			missing = append(missing, seed)
+		}
+	}
+	return missing
+}
+
+// seedPresent reports whether a seed (host or host:port) is one of the
+// addresses in present, resolving host names.
+func seedPresent(seed string, defaultPort int, present map[string]bool) bool {
+	host, port, err := net.SplitHostPort(seed)
+	if err != nil {
+		host, port = seed, strconv.Itoa(defaultPort)
+	}
+	addrs := []string{host}
+	if _, err := netip.ParseAddr(host); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if resolved, err := net.DefaultResolver.LookupHost(ctx, host); err == nil {
+			addrs = resolved
+		}
+	}
+	for _, a := range addrs {
+		if present[net.JoinHostPort(a, port)] {
+			return true
+		}
+	}
+	return false
 }
 
 // problems remembers what hosts should show in status for a while: name

@@ -114,6 +114,22 @@ func (m membership) Members() []Member {
 	return out
 }
 
+func (m membership) MissingSeeds() []string {
+	m.c.mu.Lock()
+	defer m.c.mu.Unlock()
+	if !m.c.nodes[m.self].seeds {
+		return nil
+	}
+	// Every other node is a seed of every node with seeds.
+	var missing []string
+	for name, n := range m.c.nodes {
+		if name != m.self && (n.node == nil || m.c.side[name] != m.c.side[m.self]) {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
+
 func (m membership) Joined() bool {
 	m.c.mu.Lock()
 	defer m.c.mu.Unlock()

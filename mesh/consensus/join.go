@@ -8,16 +8,18 @@ package consensus
 //	     │                                     start Raft, ask to be admitted
 //	     │                                     as a non-voter
 //	     └──no cluster anywhere, view stable,─▶ bootstrap: sole voter,
-//	        this node the lowest of the view,   first entry initialises the
-//	        and no member knows a lower one     cluster and registers it
+//	        every seed in it, this node the     first entry initialises the
+//	        lowest, no member knows a lower one cluster and registers it
 //
 //	Raft state ──────────────────────────────▶ register this run (a new
 //	                                            generation) with the leader
 //
 // Two hosts started at the same moment do not both bootstrap: only the
-// lowest-named node of a view that has stayed the same for a while does,
-// after asking every other member whether it knows of a cluster or of a
-// lower node. The others join the cluster it advertises by gossip.
+// lowest-named node of a view that has stayed the same for a while, and
+// that holds every one of its seeds, does, after asking every other member
+// whether it knows of a cluster or of a lower node. The others join the
+// cluster it advertises by gossip. A node whose seeds are out of reach
+// waits: the cluster they belong to may well exist.
 
 import (
 	"cmp"
@@ -103,6 +105,13 @@ func (n *Node) joinOrBootstrap(ctx context.Context) {
 	n.mu.Unlock()
 	if now.Sub(since) < n.cfg.StableWait {
 		n.setJoinErr(errors.New("waiting for the membership to settle before starting a cluster"))
+		return
+	}
+	// Every seed must be here to agree: a fresh node cut off from the
+	// seeds of an existing cluster must not start a second one with the
+	// other fresh nodes it happens to see.
+	if missing := n.cfg.Membership.MissingSeeds(); len(missing) > 0 {
+		n.setJoinErr(fmt.Errorf("no cluster in sight; not starting one while seeds %v are unreachable", missing))
 		return
 	}
 	low, _ := lowestAlive(members)

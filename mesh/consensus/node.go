@@ -65,6 +65,9 @@ type Membership interface {
 	// Joined reports whether this node has met its cluster: it was given
 	// no seeds, or it has reached one, or another member reached it.
 	Joined() bool
+	// MissingSeeds lists the seeds (--join) that are not alive members
+	// of this node's gossip view.
+	MissingSeeds() []string
 }
 
 // Config configures a Node.
