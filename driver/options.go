@@ -76,6 +76,21 @@ func (o *NetworkOptions) parseGeneric(generic map[string]any) error {
 			return invalidParam("option %s must be a string, got %T", k, v)
 		}
 		switch {
+		case k == dockerIPv6 || k == dockerIPv4:
+			// Given with -o. Engine 29 reads these as --ipv6 and --ipv4
+			// (and asks for an IPv6 pool, or none for IPv4, which fails
+			// anyway); 20.10 ignores them and passes them on, so refuse
+			// them here alike rather than create a network that is not
+			// what was asked for.
+			b, err := strconv.ParseBool(strings.TrimSpace(s))
+			switch {
+			case err != nil:
+				return invalidParam("option %s=%q: not a boolean", k, s)
+			case k == dockerIPv6 && b:
+				return invalidParam("option %s=true: wgmesh networks are IPv4 only; create the network without it", k)
+			case k == dockerIPv4 && !b:
+				return invalidParam("option %s=false: wgmesh networks are IPv4 networks; create the network without it", k)
+			}
 		case k == optMTU:
 			mtu, err := strconv.Atoi(strings.TrimSpace(s))
 			if err != nil {

@@ -57,6 +57,11 @@ func TestCreateNetworkRefusals(t *testing.T) {
 		{"generic a list", withOptions(map[string]any{dockerGeneric: []any{optMTU}}), 400, []string{dockerGeneric, "object"}},
 		{"ipv6", withOptions(map[string]any{dockerIPv6: true}), 400, []string{"IPv4 only", "--ipv6"}},
 		{"ipv6 not a boolean", withOptions(map[string]any{dockerIPv6: "false"}), 400, []string{dockerIPv6, "boolean"}},
+		// -o com.docker.network.enable_ipv6=true: 20.10 passes it on as
+		// a driver option and enables no IPv6 itself.
+		{"ipv6 driver option", withGeneric(map[string]any{dockerIPv6: "true"}), 400, []string{dockerIPv6 + "=true", "IPv4 only"}},
+		{"ipv6 driver option not a boolean", withGeneric(map[string]any{dockerIPv6: "maybe"}), 400, []string{dockerIPv6, "not a boolean"}},
+		{"ipv4 driver option", withGeneric(map[string]any{dockerIPv4: "false"}), 400, []string{dockerIPv4 + "=false", "IPv4 networks"}},
 		{"internal not a boolean", withOptions(map[string]any{dockerInternal: "yes"}), 400, []string{dockerInternal, "boolean"}},
 		{"unknown wgmesh option", withGeneric(map[string]any{"wgmesh.mtu": "1400"}), 400, []string{"unknown option wgmesh.mtu", optMTU}},
 		{"unknown driver option", withGeneric(map[string]any{"com.docker.network.driver.overlay.vxlanid_list": "4097"}), 400, []string{"com.docker.network.driver.overlay.vxlanid_list"}},
@@ -114,6 +119,7 @@ func TestParseNetworkOptions(t *testing.T) {
 		{"mtu bounds", map[string]any{dockerGeneric: map[string]any{optMTU: "576"}}, NetworkOptions{MTU: 576}, ""},
 		{"mtu upper bound", map[string]any{dockerGeneric: map[string]any{optMTU: "9000"}}, NetworkOptions{MTU: 9000}, ""},
 		{"internal", map[string]any{dockerInternal: true}, NetworkOptions{Internal: true}, ""},
+		{"ip versions as driver options", map[string]any{dockerGeneric: map[string]any{dockerIPv6: "false", dockerIPv4: "true"}}, NetworkOptions{}, ""},
 		{"foreign options", map[string]any{"com.example": 5, dockerGeneric: map[string]any{"com.example.x": "y"}}, NetworkOptions{}, ""},
 		{"mtu below", map[string]any{dockerGeneric: map[string]any{optMTU: "575"}}, NetworkOptions{}, "575"},
 		{"mtu above", map[string]any{dockerGeneric: map[string]any{optMTU: "9001"}}, NetworkOptions{}, "9001"},

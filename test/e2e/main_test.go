@@ -26,6 +26,9 @@ var theLab *lab.Lab
 // binary is the wgmesh binary under test.
 var binary string
 
+// engineVersion is what the engine under test says it is.
+var engineVersion lab.EngineVersion
+
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
 		fmt.Println("e2e: skipped, needs root")
@@ -79,6 +82,7 @@ func runMain(m *testing.M) int {
 		fmt.Println("e2e: wrong engine:", err)
 		return 1
 	}
+	engineVersion = v
 	fmt.Printf("e2e: engine %s: %s\n", engine.Label, v)
 	if err := theLab.StartAgents(ctx); err != nil {
 		fmt.Println("e2e:", err)

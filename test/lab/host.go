@@ -38,43 +38,90 @@ func (h *Host) AgentLog() string  { return filepath.Join(h.Dir, "agent.log") }
 func (h *Host) DockerLog() string { return filepath.Join(h.Dir, "dockerd.log") }
 
 // StartDocker starts the host's dockerd and waits until it answers.
+// extra are more daemon flags, such as --live-restore. The host's other
+// methods (StartAgent, say) may run while it waits: an engine may not
+// answer before the plugins of its networks do.
 //
-// dockerd runs in the host's network namespace and in a mount namespace
-// of its own, where the host's plugin directory is mounted over
-// /run/docker/plugins: that is where it looks for wgmesh's socket. The
-// mount namespace is a slave of the machine's, so the agent's namespace
-// unmounts reach it and it never pins a deleted network namespace.
-func (h *Host) StartDocker(ctx context.Context) error {
+// dockerd runs in the host's network namespace and in its mount
+// namespace (mountNSLocked).
+func (h *Host) StartDocker(ctx context.Context, extra ...string) error {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if h.dockerd != nil && !h.dockerd.exited() {
+		h.mu.Unlock()
 		return errors.New("dockerd already running")
 	}
-	if err := os.MkdirAll("/run/docker/plugins", 0o755); err != nil {
+	mntns, err := h.mountNSLocked(ctx)
+	if err != nil {
+		h.mu.Unlock()
 		return err
 	}
-	// Hiding /run/containerd makes dockerd start a containerd of its own
-	// even where a system one runs (docker.io starts one under systemd):
-	// hosts must not share containers' processes. That containerd, its
-	// shim and runc are the engine's: they are first on dockerd's PATH.
+	// dockerd starts a containerd of its own (the mount namespace hides
+	// a system one's socket). That containerd, its shim and runc are the
+	// engine's: they are first on dockerd's PATH.
 	e := h.lab.cfg.Engine
 	args := []string{"--data-root", filepath.Join(h.Dir, "data"), "--exec-root", filepath.Join(h.Dir, "exec"),
 		"-H", "unix://" + h.DockerSock(), "--pidfile", filepath.Join(h.Dir, "docker.pid")}
 	if e.Proxy != "" {
 		args = append(args, "--userland-proxy-path", e.Proxy)
 	}
-	script := fmt.Sprintf("{ [ ! -d /run/containerd ] || mount -t tmpfs tmpfs /run/containerd; } && "+
-		"mount --bind %s /run/docker/plugins && export PATH=%s && exec %s %s",
-		shellQuote(h.PluginDir()), shellQuote(e.path()), shellQuote(e.Dockerd), shellJoin(args))
-	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "unshare", "-m", "--propagation", "slave", "sh", "-c", script}, h.DockerLog())
+	args = append(args, extra...)
+	script := fmt.Sprintf("export PATH=%s && exec %s %s", shellQuote(e.path()), shellQuote(e.Dockerd), shellJoin(args))
+	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "--mount=" + fmt.Sprintf("/proc/%d/ns/mnt", mntns), "sh", "-c", script}, h.DockerLog())
 	if err != nil {
+		h.mu.Unlock()
 		return err
 	}
 	h.dockerd = p
+	h.mu.Unlock()
 	return p.waitReady(ctx, "dockerd", h.DockerLog(), 60*time.Second, 200*time.Millisecond, func() error {
-		_, err := h.dockerLocked(ctx, "version")
+		_, err := run(ctx, e.Docker, "-H", "unix://"+h.DockerSock(), "version")
 		return err
 	})
+}
+
+// mountNSLocked returns the PID of a process that holds the host's mount
+// namespace, starting one if there is none (at first, and after a crash,
+// as a host boots with an empty /run).
+//
+// Mounted there are a tmpfs over /run/containerd, which hides a system
+// containerd (docker.io starts one under systemd: hosts must not share
+// containers' processes), and the host's plugin directory over
+// /run/docker/plugins, where dockerd looks for wgmesh's socket. The
+// namespace is a slave of the machine's, so the agent's namespace
+// unmounts reach it and it never pins a deleted network namespace. It
+// outlives dockerd, as a real host's does: what the engine mounts there
+// (its containers' network namespaces, the shim sockets in
+// /run/containerd) is still there when dockerd starts again, which is
+// what live-restore needs.
+func (h *Host) mountNSLocked(ctx context.Context) (int, error) {
+	if h.mountNS != nil && !h.mountNS.exited() {
+		return h.mountNS.cmd.Process.Pid, nil
+	}
+	if err := os.MkdirAll("/run/docker/plugins", 0o755); err != nil {
+		return 0, err
+	}
+	script := fmt.Sprintf("{ [ ! -d /run/containerd ] || mount -t tmpfs tmpfs /run/containerd; } && "+
+		"mount --bind %s /run/docker/plugins && exec sleep infinity", shellQuote(h.PluginDir()))
+	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "unshare", "-m", "--propagation", "slave", "sh", "-c", script},
+		filepath.Join(h.Dir, "mountns.log"))
+	if err != nil {
+		return 0, err
+	}
+	pid := p.cmd.Process.Pid
+	err = p.waitReady(ctx, "mount namespace", filepath.Join(h.Dir, "mountns.log"), 10*time.Second, 20*time.Millisecond, func() error {
+		// Ready once the mounts are made and sh is sleep.
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "sleep" {
+			return errors.New("not ready")
+		}
+		return nil
+	})
+	if err != nil {
+		p.stop(syscall.SIGKILL, time.Second)
+		return 0, err
+	}
+	h.mountNS = p
+	return pid, nil
 }
 
 // DockerCommand is the docker CLI of the host's engine with the flag that

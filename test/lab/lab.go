@@ -100,6 +100,8 @@ type Host struct {
 	mu      sync.Mutex
 	dockerd *proc
 	agent   *proc
+	// mountNS holds the mount namespace dockerd runs in.
+	mountNS *proc
 	// containers are stand-in container namespaces made by NewContainer.
 	containers []string
 }
