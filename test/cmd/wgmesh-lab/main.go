@@ -36,7 +36,7 @@ func main() {
 		os.Exit(benchMain(os.Args[2:]))
 	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,sim] [-vm=false] [-clusters N,...] [-sim-sizes N,...]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-clusters N,...] [-sim-sizes N,...]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -152,7 +152,10 @@ func benchMain(args []string) int {
 	out := fs.String("out", "bench/results", "directory for the report")
 	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
 	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
-	parts := fs.String("parts", "data,control,sim", "which parts to run: data, control, sim")
+	parts := fs.String("parts", "data,control,claims,sim", "which parts to run: data, control, claims, sim")
+	baseline := fs.String("baseline", "", "wgmesh binary of an earlier commit whose network creation and first containers are measured beside -binary's (claims part; a missing file is skipped with a note)")
+	baselineRev := fs.String("baseline-rev", "", "the commit -baseline is built from, for the report")
+	claimSamples := fs.Int("claim-samples", 0, "samples per build of the claims part (0: the default of the run)")
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
@@ -180,6 +183,10 @@ func benchMain(args []string) int {
 	}
 	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
 	cfg.NoVM = !*withVM
+	cfg.Baseline, cfg.BaselineRev = *baseline, *baselineRev
+	if *claimSamples > 0 {
+		cfg.ClaimSamples = *claimSamples
+	}
 	if *runs > 0 {
 		cfg.Runs = *runs
 	}
