@@ -131,6 +131,18 @@ baseline: ## bin/wgmesh-baseline: the agent of commit BASELINE, if git history h
 	(cd "$$tmp" && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(BASELINE)" -o $(CURDIR)/bin/wgmesh-baseline ./cmd/wgmesh); \
 	echo "$$rev" > bin/wgmesh-baseline.rev
 
+# make soak runs mesh's randomized safety test (make test runs 3 seeds x
+# 40 steps) for WGMESH_SOAK_STEPS steps from WGMESH_SOAK_SEED (default:
+# from the clock, printed), bounded by SOAK_TIMEOUT, and writes
+# bench/results/<time>-soak.md; the whole output goes to bin/soak.
+# SOAK_FLAGS=-race adds the race detector.
+WGMESH_SOAK_STEPS ?= 3000
+WGMESH_SOAK_SEED ?=
+SOAK_TIMEOUT ?= 60m
+SOAK_FLAGS ?=
+soak: lab ## the randomized safety test for thousands of steps; report in bench/results
+	bin/wgmesh-lab soak -go $(GO) -steps $(WGMESH_SOAK_STEPS) -seed '$(WGMESH_SOAK_SEED)' -timeout $(SOAK_TIMEOUT) $(SOAK_FLAGS) -out bench/results
+
 bench: deps build lab bin/wireguard-go baseline ## benchmarks side by side; report in bench/results
 	bin/wgmesh-lab bench -binary bin/wgmesh -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out bench/results
 
