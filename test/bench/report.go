@@ -154,7 +154,7 @@ func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
 	}
 	p("")
 	p("Each host is a network namespace running a real agent with userspace WireGuard; they start together and each creates")
-	p("the network as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
+	p("the network and attaches an endpoint (a container's first, which claims the host's block) as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
 	p("memberlist's probes included) while the cluster is idle. Where the agents' CPU time until convergence comes")
 	p("close to this machine's cores times the time it took, the agents were waiting for a CPU, which hosts of their")
 	p("own would not.")
