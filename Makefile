@@ -29,7 +29,7 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke lint tidy-check plugin clean
+.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline soak lint tidy-check plugin clean
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -126,11 +126,42 @@ plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCK
 bin/wireguard-go: go.mod ## standalone wireguard-go, built from the module wgmesh uses, for the benchmark
 	CGO_ENABLED=0 $(GO) build -trimpath -o $@ golang.zx2c4.com/wireguard
 
-bench: deps build lab bin/wireguard-go ## benchmarks side by side; report in bench/results
-	bin/wgmesh-lab bench -binary bin/wgmesh -wireguard-go bin/wireguard-go -out bench/results
+# The bench times network creation and the first containers of this build
+# and of BASELINE, the last commit before block ownership went through
+# Raft, built from git history. A clone without that commit (a shallow
+# one) has no baseline: the bench says so in its report.
+BASELINE ?= 781c3c1
+BENCH_BASELINE := -baseline bin/wgmesh-baseline -baseline-rev $(BASELINE)
 
-bench-smoke: deps build lab bin/wireguard-go ## one tiny case of every benchmark, so it cannot rot
-	bin/wgmesh-lab bench -smoke -binary bin/wgmesh -wireguard-go bin/wireguard-go -out $$(mktemp -d)
+baseline: ## bin/wgmesh-baseline: the agent of commit BASELINE, if git history has it
+	@if ! rev=$$(git rev-parse -q --verify '$(BASELINE)^{commit}' 2>/dev/null); then \
+		echo "baseline: commit $(BASELINE) is not in this clone's history (shallow?): the bench runs without a baseline"; \
+		rm -f bin/wgmesh-baseline bin/wgmesh-baseline.rev; exit 0; \
+	fi; \
+	if [ -x bin/wgmesh-baseline ] && [ "$$(cat bin/wgmesh-baseline.rev 2>/dev/null)" = "$$rev" ]; then exit 0; fi; \
+	mkdir -p bin; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "baseline: building the agent of $(BASELINE) into bin/wgmesh-baseline"; \
+	git archive "$$rev" | tar -x -C "$$tmp"; \
+	(cd "$$tmp" && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(BASELINE)" -o $(CURDIR)/bin/wgmesh-baseline ./cmd/wgmesh); \
+	echo "$$rev" > bin/wgmesh-baseline.rev
+
+# make soak runs mesh's randomized safety test (make test runs 3 seeds x
+# 40 steps) for WGMESH_SOAK_STEPS steps from WGMESH_SOAK_SEED (default:
+# from the clock, printed), bounded by SOAK_TIMEOUT, and writes
+# bench/results/<time>-soak.md; the whole output goes to bin/soak.
+# SOAK_FLAGS=-race adds the race detector.
+WGMESH_SOAK_STEPS ?= 3000
+WGMESH_SOAK_SEED ?=
+SOAK_TIMEOUT ?= 60m
+SOAK_FLAGS ?=
+soak: lab ## the randomized safety test for thousands of steps; report in bench/results
+	bin/wgmesh-lab soak -go $(GO) -steps $(WGMESH_SOAK_STEPS) -seed '$(WGMESH_SOAK_SEED)' -timeout $(SOAK_TIMEOUT) $(SOAK_FLAGS) -out bench/results
+
+bench: deps build lab bin/wireguard-go baseline ## benchmarks side by side; report in bench/results
+	bin/wgmesh-lab bench -binary bin/wgmesh -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out bench/results
+
+bench-smoke: deps build lab bin/wireguard-go baseline ## one tiny case of every benchmark, so it cannot rot
+	bin/wgmesh-lab bench -smoke -binary bin/wgmesh -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out $$(mktemp -d)
 
 clean:
 	rm -rf bin

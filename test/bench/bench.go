@@ -24,32 +24,42 @@ type Config struct {
 	Pings    int
 	// FirstPingSamples: how many `docker run` to first ping are timed.
 	FirstPingSamples int
+	// ClaimSamples: how many times network creation and the first
+	// containers are timed, per build.
+	ClaimSamples int
+	// Baseline is a wgmesh binary of an earlier commit, BaselineRev,
+	// whose network creation and first containers are measured beside
+	// Binary's; empty, or a file that does not exist, skips it with a
+	// note in the report.
+	Baseline, BaselineRev string
 	// ClusterSizes for the convergence measurements.
 	ClusterSizes []int
 	// SimSizes for the in-process simulation of larger clusters.
 	SimSizes []int
 	// SimQuick shortens the simulation's idle phases (smoke runs).
 	SimQuick bool
-	// NoData, NoControl and NoSim leave a part out; NoVM leaves out the
-	// data-plane case of kernel WireGuard in a VM.
-	NoData, NoControl, NoSim, NoVM bool
-	Log                            io.Writer
+	// NoData, NoControl, NoClaims and NoSim leave a part out; NoVM
+	// leaves out the data-plane case of kernel WireGuard in a VM.
+	NoData, NoControl, NoClaims, NoSim, NoVM bool
+	Log                                      io.Writer
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
-// data, control and sim.
+// data, control, claims and sim.
 func (c *Config) SetParts(list string) error {
-	c.NoData, c.NoControl, c.NoSim = true, true, true
+	c.NoData, c.NoControl, c.NoClaims, c.NoSim = true, true, true, true
 	for _, p := range strings.Split(list, ",") {
 		switch strings.TrimSpace(p) {
 		case "data":
 			c.NoData = false
 		case "control":
 			c.NoControl = false
+		case "claims":
+			c.NoClaims = false
 		case "sim":
 			c.NoSim = false
 		default:
-			return fmt.Errorf("unknown part %q: want data, control or sim", p)
+			return fmt.Errorf("unknown part %q: want data, control, claims or sim", p)
 		}
 	}
 	return nil
@@ -57,13 +67,13 @@ func (c *Config) SetParts(list string) error {
 
 // Full is the configuration of `make bench`.
 func Full() Config {
-	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15,
+	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15, ClaimSamples: 15,
 		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}}
 }
 
 // Smoke is a tiny run that checks the benchmark still works.
 func Smoke() Config {
-	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2,
+	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2, ClaimSamples: 2,
 		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true}
 }
 
@@ -91,6 +101,7 @@ type Report struct {
 	DataPlane   []CaseResult  `json:"data_plane"`
 	FirstPing   FirstPing     `json:"first_ping"`
 	Convergence []Convergence `json:"convergence"`
+	Claims      *Claims       `json:"claims,omitempty"`
 	Simulation  []SimResult   `json:"simulation"`
 	SimErrors   []string      `json:"simulation_errors,omitempty"`
 	Targets     []Target      `json:"targets"`
@@ -102,6 +113,8 @@ type Target struct {
 	Goal     string `json:"goal"`
 	Measured string `json:"measured"`
 	Met      bool   `json:"met"`
+	// NA: nothing to compare with (Met is false).
+	NA bool `json:"not_applicable,omitempty"`
 }
 
 // simLog shows the simulation's progress, and its nodes' warnings, in the
@@ -113,12 +126,19 @@ func (b *Bench) simLog() *slog.Logger {
 // Run runs every benchmark and returns the report.
 func (b *Bench) Run(ctx context.Context) (*Report, error) {
 	r := &Report{Started: time.Now(), Machine: machine(),
-		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, clusters %v, simulated %v",
-			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClusterSizes, b.cfg.SimSizes)}
+		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, %d claim samples, clusters %v, simulated %v",
+			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClaimSamples, b.cfg.ClusterSizes, b.cfg.SimSizes)}
 	if !b.cfg.NoData || !b.cfg.NoControl {
 		if err := b.withDocker(ctx, r); err != nil {
 			return nil, err
 		}
+	}
+	if !b.cfg.NoClaims {
+		c, err := b.claims(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("claims: %w", err)
+		}
+		r.Claims = c
 	}
 	if !b.cfg.NoData && !b.cfg.NoVM {
 		// After the other cases, not among them: the VM takes both cores.
@@ -263,6 +283,10 @@ func (r *Report) dataCase(name string) *CaseResult {
 	return nil
 }
 
+func target(goal, measured string, met bool) Target {
+	return Target{Goal: goal, Measured: measured, Met: met}
+}
+
 // check compares the measurements with the targets of the benchmark.
 func (r *Report) check() []Target {
 	var t []Target
@@ -270,24 +294,27 @@ func (r *Report) check() []Target {
 	if wm != nil && wg != nil && len(wm.Runs) > 0 && len(wg.Runs) > 0 {
 		ratio1, ratio4 := wm.TCP1Gbps/wg.TCP1Gbps, wm.TCP4Gbps/wg.TCP4Gbps
 		t = append(t,
-			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (1 stream)", fmt.Sprintf("%.1f %%", ratio1*100), ratio1 >= 0.9},
-			Target{"wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.1f %%", ratio4*100), ratio4 >= 0.9},
-			Target{"wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.1f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1},
+			target("wgmesh throughput ≥ 90 % of standalone wireguard-go (1 stream)", fmt.Sprintf("%.1f %%", ratio1*100), ratio1 >= 0.9),
+			target("wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.1f %%", ratio4*100), ratio4 >= 0.9),
+			target("wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.1f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1),
 		)
 	}
 	if len(r.FirstPing.Samples) > 0 {
-		t = append(t, Target{"docker run → first cross-host ping: median < 1 s",
-			fmt.Sprintf("median %.0f ms, p95 %.0f ms", r.FirstPing.MedianMs, r.FirstPing.P95Ms), r.FirstPing.MedianMs < 1000})
+		t = append(t, target("docker run → first cross-host ping: median < 1 s",
+			fmt.Sprintf("median %.0f ms, p95 %.0f ms", r.FirstPing.MedianMs, r.FirstPing.P95Ms), r.FirstPing.MedianMs < 1000))
+	}
+	if c := r.Claims; c != nil {
+		t = append(t, c.target())
 	}
 	for _, c := range r.Convergence {
 		if c.Hosts == 25 {
 			t = append(t,
-				Target{"25 hosts converge < 3 s after start", fmt.Sprintf("%.0f ms", c.StartMs), c.StartMs < 3000},
-				Target{"a joining host is reachable by all < 2 s", fmt.Sprintf("%.0f ms (peer of all after %.0f ms)", c.JoinReachableMs, c.JoinPeersMs), c.JoinReachableMs < 2000},
+				target("25 hosts converge < 3 s after start", fmt.Sprintf("%.0f ms", c.StartMs), c.StartMs < 3000),
+				target("a joining host is reachable by all < 2 s", fmt.Sprintf("%.0f ms (peer of all after %.0f ms)", c.JoinReachableMs, c.JoinPeersMs), c.JoinReachableMs < 2000),
 			)
 		}
 		if c.IdleRSSMiB > 0 && c.Hosts == r.Convergence[len(r.Convergence)-1].Hosts {
-			t = append(t, Target{"agent RSS < 40 MiB idle", fmt.Sprintf("%.1f MiB", c.IdleRSSMiB), c.IdleRSSMiB < 40})
+			t = append(t, target("agent RSS < 40 MiB idle", fmt.Sprintf("%.1f MiB", c.IdleRSSMiB), c.IdleRSSMiB < 40))
 		}
 	}
 	return t

@@ -85,16 +85,18 @@ func (b *Bench) firstPing(ctx context.Context, l *lab.Lab) (FirstPing, error) {
 type Convergence struct {
 	Hosts int `json:"hosts"`
 	// StartMs: from launching all agents together (each creating the
-	// network as soon as it answers) until every agent has every other as
-	// a WireGuard peer with its block.
+	// network and attaching an endpoint as soon as it answers, as the
+	// first `docker run` on a host does, which claims the host's block)
+	// until every agent has every other as a WireGuard peer with its
+	// block.
 	StartMs float64 `json:"start_ms"`
 	// StartCPUSeconds is the CPU time all agents used from their start
 	// until then: against the machine's cores it shows how much of
 	// StartMs was waiting for a CPU.
 	StartCPUSeconds float64 `json:"start_cpu_seconds"`
-	// JoinPeersMs and JoinReachableMs: one more host starts and creates
-	// the network; until every host has it as a peer, and until every
-	// host completed a WireGuard handshake with it.
+	// JoinPeersMs and JoinReachableMs: one more host starts, creates the
+	// network and attaches an endpoint; until every host has it as a
+	// peer, and until every host completed a WireGuard handshake with it.
 	JoinPeersMs     float64 `json:"join_peers_ms"`
 	JoinReachableMs float64 `json:"join_reachable_ms"`
 	// RSSMiB of the agent on the first host, with a peer per other host.
@@ -129,7 +131,7 @@ func (b *Bench) convergence(ctx context.Context, n int) (Convergence, error) {
 				errs <- err
 				return
 			}
-			if _, err := h.Plugin().CreateNetwork(ctx, subnet); err != nil {
+			if err := createAndAttach(ctx, h, subnet); err != nil {
 				errs <- err
 			}
 		}()
@@ -161,7 +163,7 @@ func (b *Bench) convergence(ctx context.Context, n int) (Convergence, error) {
 	time.Sleep(3 * time.Second)
 	c.IdleRSSMiB = rssMiB(joiner.AgentPID())
 	start = time.Now()
-	if _, err := joiner.Plugin().CreateNetwork(ctx, subnet); err != nil {
+	if err := createAndAttach(ctx, joiner, subnet); err != nil {
 		return c, err
 	}
 	all := l.Hosts
@@ -180,6 +182,21 @@ func (b *Bench) convergence(ctx context.Context, n int) (Convergence, error) {
 		h.StopAgent(syscall.SIGTERM)
 	}
 	return c, nil
+}
+
+// createAndAttach makes the plugin calls of creating a network on h and
+// of a container's first attachment to it. A host is a WireGuard peer
+// with a block from its first container on: creating a network claims
+// no block.
+func createAndAttach(ctx context.Context, h *lab.Host, subnet string) error {
+	n, err := h.Plugin().CreateNetwork(ctx, subnet)
+	if err != nil {
+		return fmt.Errorf("%s: creating the network: %w", h.Name, err)
+	}
+	if _, err := h.Plugin().Attach(ctx, n); err != nil {
+		return fmt.Errorf("%s: attaching an endpoint: %w", h.Name, err)
+	}
+	return nil
 }
 
 // waitPeers waits until every host's network has want peers, each with

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -62,7 +63,10 @@ func (r *Report) Markdown() string {
 	p("|---|---|---|")
 	for _, t := range r.Targets {
 		met := "yes"
-		if !t.Met {
+		switch {
+		case t.NA:
+			met = "n/a"
+		case !t.Met:
 			met = "**no**"
 		}
 		p("| %s | %s | %s |", t.Goal, t.Measured, met)
@@ -74,6 +78,10 @@ func (r *Report) Markdown() string {
 	if len(r.FirstPing.Samples) > 0 || len(r.Convergence) > 0 {
 		p("")
 		r.controlPlaneMarkdown(p)
+	}
+	if r.Claims != nil {
+		p("")
+		r.Claims.markdown(p)
 	}
 	if len(r.Simulation) > 0 || len(r.SimErrors) > 0 {
 		p("")
@@ -146,7 +154,7 @@ func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
 	}
 	p("")
 	p("Each host is a network namespace running a real agent with userspace WireGuard; they start together and each creates")
-	p("the network as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
+	p("the network and attaches an endpoint (a container's first, which claims the host's block) as soon as it answers. Gossip per node is every byte on the gossip port of one host (both directions,")
 	p("memberlist's probes included) while the cluster is idle. Where the agents' CPU time until convergence comes")
 	p("close to this machine's cores times the time it took, the agents were waiting for a CPU, which hosts of their")
 	p("own would not.")
@@ -167,4 +175,118 @@ func formatSamples(vs []float64) string {
 		s[i] = fmt.Sprintf("%.0f", v)
 	}
 	return strings.Join(s, ", ")
+}
+
+func (c *Claims) markdown(p func(string, ...any)) {
+	p("## Claims: creating a network and its first containers")
+	p("")
+	base := c.Baseline
+	if base == nil {
+		p("Current build %s only; no baseline: %s.", c.Current.Build, c.BaselineSkipped)
+	} else {
+		p("Current build %s against the baseline %s, each in a lab of its own, one after the other.", c.Current.Build, base.Build)
+	}
+	for _, run := range []*ClaimRun{&c.Current, base} {
+		if run == nil {
+			continue
+		}
+		role := ","
+		if run.Leader != "" {
+			role = fmt.Sprintf(", a follower of the consensus leader %s,", run.Leader)
+			if run.Leader == run.Host {
+				role = ", the consensus leader,"
+			}
+		}
+		p("%s: networks created new and containers run on %s%s copies created on %s.", run.Build, run.Host, role, run.CopyHost)
+	}
+	n := 0
+	if op := c.Current.Op(opCreateNew); op != nil {
+		n = len(op.Samples)
+	}
+	p("Wall time of the docker CLI command until it returns, %d samples each (p95 of so few is about their maximum):", n)
+	p("")
+	if base == nil {
+		p("| operation | median | p95 |")
+		p("|---|---|---|")
+	} else {
+		p("| operation | current median | current p95 | baseline median | baseline p95 | current / baseline (median) |")
+		p("|---|---|---|---|---|---|")
+	}
+	for _, cur := range c.Current.Ops {
+		if base == nil {
+			p("| %s | %.0f ms | %.0f ms |", cur.Op, cur.MedianMs, cur.P95Ms)
+			continue
+		}
+		b := base.Op(cur.Op)
+		if b == nil || len(b.Samples) == 0 {
+			p("| %s | %.0f ms | %.0f ms | | | |", cur.Op, cur.MedianMs, cur.P95Ms)
+			continue
+		}
+		p("| %s | %.0f ms | %.0f ms | %.0f ms | %.0f ms | %.2f |", cur.Op, cur.MedianMs, cur.P95Ms, b.MedianMs, b.P95Ms, cur.MedianMs/b.MedianMs)
+	}
+	p("")
+	p("The plugin calls of each operation, as the agent of its host timed them (medians; the rest of the wall time is")
+	p("the docker CLI, dockerd and the container's start):")
+	p("")
+	if base == nil {
+		p("| operation | plugin call | median | p95 |")
+		p("|---|---|---|---|")
+	} else {
+		p("| operation | plugin call | current median | current p95 | baseline median | baseline p95 |")
+		p("|---|---|---|---|---|---|")
+	}
+	for _, cur := range c.Current.Ops {
+		calls := map[string][2]*CallStat{}
+		var names []string
+		add := func(run *ClaimRun, i int) {
+			op := run.Op(cur.Op)
+			if op == nil {
+				return
+			}
+			for k := range op.Calls {
+				cs := &op.Calls[k]
+				v, seen := calls[cs.Call]
+				if !seen {
+					names = append(names, cs.Call)
+				}
+				v[i] = cs
+				calls[cs.Call] = v
+			}
+		}
+		add(&c.Current, 0)
+		if base != nil {
+			add(base, 1)
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			v := calls[name]
+			cell := func(cs *CallStat) string {
+				if cs == nil {
+					return "– | –"
+				}
+				return fmt.Sprintf("%s | %s", fmtMs(cs.MedianMs), fmtMs(cs.P95Ms))
+			}
+			if base == nil {
+				p("| %s | %s | %s |", cur.Op, name, cell(v[0]))
+			} else {
+				p("| %s | %s | %s | %s |", cur.Op, name, cell(v[0]), cell(v[1]))
+			}
+		}
+	}
+	p("")
+	p("Each build runs in a lab of three hosts (two with dockerd, one with only an agent), agents with")
+	p("`--sync-networks=false`, so the copy is created by hand. Every sample uses a subnet new to the cluster and")
+	p("removes its containers and networks afterwards; one sample before them, not counted, takes each dockerd's first")
+	p("use of the plugin. The baseline claims an address block whenever a host creates a network (its gateway came")
+	p("from a block of the host), and none for the first container. The current build commits a network new to the")
+	p("cluster, with one gateway for all hosts, when it is created (a copy needs no consensus), and claims a block at")
+	p("a host's first container; a follower's commands go through the leader, and it waits until it has applied them.")
+}
+
+// fmtMs shows a short duration with the precision it needs.
+func fmtMs(v float64) string {
+	if v < 10 {
+		return fmt.Sprintf("%.2f ms", v)
+	}
+	return fmt.Sprintf("%.0f ms", v)
 }

@@ -58,5 +58,25 @@ func simulationTable(rs []SimResult) string {
 			r.MembershipConverged.Round(1e6), r.PeersConverged.Round(1e6), r.JoinReachable.Round(1e6),
 			r.BytesPerNodePerSecond, r.ClaimBytesPerNode/1024, r.MaxEntryBytes)
 	}
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "Consensus: every node runs a Raft server of the catalog on loopback, over TLS. Raft bytes are what nodes write on")
+	fmt.Fprintln(&b, "those connections (TLS records); the busiest node is the leader, which replicates to every other. CPU is the whole")
+	fmt.Fprintln(&b, "process's, all nodes together.")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "| nodes | claims | every node registered | Raft per node, idle | Raft of the busiest node, idle | Raft per node, claims | CPU, idle | CPU, claims |")
+	fmt.Fprintln(&b, "|---|---|---|---|---|---|---|---|")
+	for _, r := range rs {
+		mode := "one after another"
+		if r.Concurrent {
+			mode = "all at once"
+		}
+		busiest := fmt.Sprintf("%.1f KiB/s", r.IdleRaftMaxBytesPerSecond/1024)
+		if r.IdleRaftMaxNode != "" && r.IdleRaftMaxNode == r.Leader {
+			busiest += " (the leader)"
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %.0f B/s | %s | %.0f KiB | %.2f cores | %.1f s |\n", r.Nodes, mode,
+			r.Registered.Round(1e6), r.IdleRaftBytesPerNodePerSecond, busiest, r.ClaimRaftBytesPerNode/1024,
+			r.IdleCPUCores, r.ClaimCPU.Seconds())
+	}
 	return b.String()
 }

@@ -4,11 +4,14 @@
 //
 // Every simulated host is a real mesh.Mesh with its own memberlist,
 // speaking memberlist's UDP and TCP protocol on its own port of
-// 127.0.0.1, with gossip encrypted as in production. Only the data plane
-// is missing: nobody applies the WireGuard peers a node computes. A run
-// goes through these phases, each timed by polling every node's View:
+// 127.0.0.1, with gossip encrypted as in production, and its own Raft
+// server of the cluster's catalog on another port, over TLS (up to five
+// voters, the rest non-voters). Only the data plane is missing: nobody
+// applies the WireGuard peers a node computes. A run goes through these
+// phases, each timed by polling every node's View:
 //
 //	start all nodes ─▶ every node sees N members alive        MembershipConverged
+//	                ─▶ every node registered in the catalog    Registered
 //	attach + claim  ─▶ every node has N-1 peers, one block     PeersConverged, Claim*
 //	settle, then an idle window                                BytesPerNodePerSecond, ...
 //	one more node joins, attaches, claims ─▶ everyone has it   JoinReachable
@@ -210,6 +213,16 @@ type Result struct {
 	// IdleCPUCores is the CPU time the whole process used per second of
 	// the idle window: 1.0 is one core busy. Divide by Nodes for a node.
 	IdleCPUCores float64
+	// IdleRaftBytesPerNodePerSecond is what a node wrote on its
+	// consensus connections in the idle window (TLS records, without
+	// TCP/IP headers), averaged over the nodes, and
+	// IdleRaftMaxBytesPerSecond what the busiest one, IdleRaftMaxNode,
+	// wrote: the leader, which replicates to every other node. Leader is
+	// the leader as the first node saw it at the end of the window.
+	IdleRaftBytesPerNodePerSecond float64
+	IdleRaftMaxBytesPerSecond     float64
+	IdleRaftMaxNode               string
+	Leader                        string
 
 	// ClaimBytesPerNode is what a node sent from the start of the claims
 	// until the peers converged, idle traffic included; of it,
@@ -225,6 +238,11 @@ type Result struct {
 	ClaimGossipBytesPerNode float64
 	// ClaimCPU is the process's CPU time over the same span.
 	ClaimCPU time.Duration
+	// ClaimRaftBytesPerNode is what a node wrote on its consensus
+	// connections in that time, averaged over the nodes, and
+	// ClaimRaftMaxBytes what the busiest node wrote.
+	ClaimRaftBytesPerNode float64
+	ClaimRaftMaxBytes     float64
 	// MaxEntryBytes is the largest NetworkEntry, encoded as mesh sends it
 	// (a kind byte and JSON), that the first node held during the claims
 	// and the join, sampled every 100 ms (or as often as polling allows),
@@ -326,6 +344,7 @@ type node struct {
 	name string
 	m    *mesh.Mesh
 	tr   *countingTransport
+	raft raftCounter
 	// cancel stops Run; nil until started. done is closed when Run has
 	// returned, with its error in err.
 	cancel context.CancelFunc
@@ -400,7 +419,8 @@ func (s *sim) addNodes(count int) ([]*node, error) {
 		c := mesh.DefaultConfig()
 		c.Name = n.name
 		c.Identity = id
-		c.RaftListener = raftL
+		c.RaftListener = n.raft.listener(raftL)
+		c.RaftDial = n.raft.dial
 		c.BindAddr, c.AdvertiseAddr, c.BindPort = "127.0.0.1", "127.0.0.1", n.tr.port
 		c.Join = slices.DeleteFunc(slices.Clone(s.seeds), func(a string) bool { return a == n.tr.Addr() })
 		c.Keyring = s.keyring
@@ -465,6 +485,28 @@ func (s *sim) traffic(nodes []*node) traffic {
 		t = t.add(n.tr.c.snapshot())
 	}
 	return t
+}
+
+// raftBytes is what each node wrote on its consensus connections so far.
+func raftBytes(nodes []*node) []uint64 {
+	out := make([]uint64, len(nodes))
+	for i, n := range nodes {
+		out[i] = n.raft.bytes.Load()
+	}
+	return out
+}
+
+// raftSent is what nodes wrote on consensus connections between two
+// raftBytes: in all, and by the busiest node, which it names.
+func raftSent(before, after []uint64, nodes []*node) (total, busiest float64, who string) {
+	for i := range after {
+		d := float64(after[i] - before[i])
+		total += d
+		if d > busiest {
+			busiest, who = d, nodes[i].name
+		}
+	}
+	return total, busiest, who
 }
 
 // gossipBytes sums wgmesh's own payload that nodes sent so far.
@@ -556,7 +598,7 @@ func (s *sim) claims(ctx context.Context, cluster []*node, res *Result) error {
 		})
 	}
 
-	before, cpu, gossip := s.traffic(cluster), cpuTime(), gossipBytes(cluster)
+	before, cpu, gossip, raftBefore := s.traffic(cluster), cpuTime(), gossipBytes(cluster), raftBytes(cluster)
 	began := time.Now()
 	close(start)
 	at, err := s.waitAll(ctx, "peers", cluster, s.fullPeers(len(cluster)-1))
@@ -572,6 +614,8 @@ func (s *sim) claims(ctx context.Context, cluster []*node, res *Result) error {
 	res.ClaimStreamsPerNode = float64(used.Streams) / nodes
 	res.ClaimGossipBytesPerNode = float64(gossipBytes(cluster)-gossip) / nodes
 	res.ClaimCPU = cpuTime() - cpu
+	total, busiest, _ := raftSent(raftBefore, raftBytes(cluster), cluster)
+	res.ClaimRaftBytesPerNode, res.ClaimRaftMaxBytes = total/nodes, busiest
 	res.ClaimsCommitted = int(s.committed.Load())
 	s.sampleEntries(true)
 	if err != nil {
@@ -643,13 +687,16 @@ func (s *sim) idle(ctx context.Context, cluster []*node, res *Result) error {
 	if err := sleep(ctx, max(s.cfg.Settle, time.Until(warm))); err != nil {
 		return err
 	}
-	before, cpu, began := s.traffic(cluster), cpuTime(), time.Now()
+	before, cpu, began, raftBefore := s.traffic(cluster), cpuTime(), time.Now(), raftBytes(cluster)
 	if err := sleep(ctx, s.cfg.IdleWindow); err != nil {
 		return err
 	}
 	secs := time.Since(began).Seconds()
 	used := s.traffic(cluster).sub(before)
 	nodes := float64(len(cluster))
+	total, busiest, who := raftSent(raftBefore, raftBytes(cluster), cluster)
+	res.IdleRaftBytesPerNodePerSecond, res.IdleRaftMaxBytesPerSecond, res.IdleRaftMaxNode = total/nodes/secs, busiest/secs, who
+	res.Leader = cluster[0].m.Consensus().Leader
 	res.BytesPerNodePerSecond = float64(used.Bytes()) / nodes / secs
 	res.MessagesPerNodePerSecond = float64(used.Messages()) / nodes / secs
 	res.IdleStreamBytesPerNodePerSecond = float64(used.StreamBytes) / nodes / secs

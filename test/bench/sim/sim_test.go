@@ -61,6 +61,9 @@ func TestRunSmallCluster(t *testing.T) {
 			if res.MaxEntryBytes < 40 || res.Goroutines == 0 {
 				t.Errorf("entries or goroutines not measured: %+v", res)
 			}
+			if res.Registered < res.MembershipConverged || res.IdleRaftBytesPerNodePerSecond <= 0 || res.ClaimRaftBytesPerNode <= 0 || res.Leader == "" {
+				t.Errorf("consensus not measured: %+v", res)
+			}
 			if res.MemberDeaths != 0 || res.DialErrors != 0 {
 				t.Errorf("five idle nodes on loopback saw failures: %+v", res)
 			}

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"context"
 	"fmt"
 	"log"
 	"net"
@@ -262,5 +263,50 @@ func (c *countingConn) Close() error {
 func (c *countingConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
 	c.c.streamBytes.Add(uint64(n))
+	return n, err
+}
+
+// raftCounter counts what a node writes on its consensus connections,
+// dialled or accepted: Raft's replication and heartbeats, and the RPCs
+// that register nodes and forward commands to the leader, as TLS
+// records. These connections last; they take no slot of streamLimit.
+type raftCounter struct {
+	bytes atomic.Uint64
+}
+
+// listener wraps l so that accepted connections count.
+func (c *raftCounter) listener(l net.Listener) net.Listener { return &raftListener{Listener: l, c: c} }
+
+// dial opens a TCP connection that counts.
+func (c *raftCounter) dial(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return &raftConn{Conn: conn, c: c}, nil
+}
+
+type raftListener struct {
+	net.Listener
+	c *raftCounter
+}
+
+func (l *raftListener) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &raftConn{Conn: conn, c: l.c}, nil
+}
+
+type raftConn struct {
+	net.Conn
+	c *raftCounter
+}
+
+func (c *raftConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.c.bytes.Add(uint64(n))
 	return n, err
 }

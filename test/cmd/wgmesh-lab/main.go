@@ -1,11 +1,15 @@
 // Command wgmesh-lab runs wgmesh on simulated hosts on this machine.
 //
 //	wgmesh-lab demo [-hosts 3] [-binary bin/wgmesh] [-keep]
+//	wgmesh-lab bench [flags]
+//	wgmesh-lab soak [-steps 3000] [-seed N] [-timeout 60m] [-out bench/results]
 //
 // demo builds the hosts (network namespaces, each with its own dockerd
 // and wgmesh agent, joined by gossip), creates one wgmesh network on
 // all of them, starts a container on each, and shows cross-host pings
-// and `wgmesh status`. It needs root.
+// and `wgmesh status`. It needs root. bench runs the benchmarks (make
+// bench); soak runs mesh's randomized safety test for many steps and
+// writes a report (make soak).
 package main
 
 import (
@@ -14,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,8 +40,11 @@ func main() {
 	if len(os.Args) >= 2 && os.Args[1] == "bench" {
 		os.Exit(benchMain(os.Args[2:]))
 	}
+	if len(os.Args) >= 2 && os.Args[1] == "soak" {
+		os.Exit(soakMain(os.Args[2:]))
+	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,sim] [-vm=false] [-clusters N,...] [-sim-sizes N,...]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-clusters N,...] [-sim-sizes N,...]\n       wgmesh-lab soak [-steps N] [-seed N] [-timeout D] [-out DIR] [-go PATH] [-race]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -152,7 +160,10 @@ func benchMain(args []string) int {
 	out := fs.String("out", "bench/results", "directory for the report")
 	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
 	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
-	parts := fs.String("parts", "data,control,sim", "which parts to run: data, control, sim")
+	parts := fs.String("parts", "data,control,claims,sim", "which parts to run: data, control, claims, sim")
+	baseline := fs.String("baseline", "", "wgmesh binary of an earlier commit whose network creation and first containers are measured beside -binary's (claims part; a missing file is skipped with a note)")
+	baselineRev := fs.String("baseline-rev", "", "the commit -baseline is built from, for the report")
+	claimSamples := fs.Int("claim-samples", 0, "samples per build of the claims part (0: the default of the run)")
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
@@ -180,6 +191,10 @@ func benchMain(args []string) int {
 	}
 	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
 	cfg.NoVM = !*withVM
+	cfg.Baseline, cfg.BaselineRev = *baseline, *baselineRev
+	if *claimSamples > 0 {
+		cfg.ClaimSamples = *claimSamples
+	}
 	if *runs > 0 {
 		cfg.Runs = *runs
 	}
@@ -216,6 +231,64 @@ func benchMain(args []string) int {
 	}
 	fmt.Print("\n" + r.Markdown())
 	fmt.Println("\nreport:", path)
+	return 0
+}
+
+// soakMain runs the safety test for many steps and writes its report.
+func soakMain(args []string) int {
+	fs := flag.NewFlagSet("soak", flag.ExitOnError)
+	steps := fs.Int("steps", 3000, "steps of the randomized safety test")
+	seedFlag := fs.String("seed", "", "its seed (empty: from the clock)")
+	timeout := fs.Duration("timeout", 60*time.Minute, "go test's -timeout")
+	out := fs.String("out", "bench/results", "directory for the report, <time>-soak.md")
+	logDir := fs.String("log-dir", "bin/soak", "directory for the test's whole output, <time>.log")
+	goCmd := fs.String("go", "go", "the go command")
+	race := fs.Bool("race", false, "with the race detector (several times slower)")
+	_ = fs.Parse(args)
+	if *steps < 1 || *timeout <= 0 {
+		fmt.Fprintln(os.Stderr, "soak: -steps and -timeout must be positive")
+		return 2
+	}
+	seed := uint64(time.Now().UnixNano())
+	if *seedFlag != "" {
+		v, err := strconv.ParseUint(*seedFlag, 10, 64)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "soak: -seed %q: want an unsigned integer\n", *seedFlag)
+			return 2
+		}
+		seed = v
+	}
+	name := time.Now().Format("2006-01-02T150405")
+	for _, d := range []string{*out, *logDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, "soak:", err)
+			return 1
+		}
+	}
+	cfg := bench.SoakConfig{Go: *goCmd, Dir: ".", Steps: *steps, Seed: seed, Timeout: *timeout,
+		LogFile: filepath.Join(*logDir, name+".log"), Log: os.Stdout}
+	if *race {
+		cfg.TestFlags = append(cfg.TestFlags, "-race")
+	}
+	fmt.Printf("soak: seed %d, %d steps, timeout %s; output in %s\n", seed, *steps, *timeout, cfg.LogFile)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	r, err := bench.Soak(ctx, cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		if r == nil {
+			return 1
+		}
+	}
+	path := filepath.Join(*out, name+"-soak.md")
+	if err := os.WriteFile(path, []byte(r.Markdown()), 0o644); err != nil {
+		fmt.Fprintln(os.Stderr, "soak: writing the report:", err)
+		return 1
+	}
+	fmt.Printf("soak: %s: seed %d, %d of %d steps; report: %s\n", r.Result, seed, r.StepsDone, *steps, path)
+	if r.Result != "passed" {
+		return 1
+	}
 	return 0
 }
 
