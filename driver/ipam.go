@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/docker/go-plugins-helpers/ipam"
@@ -188,8 +189,8 @@ func (d *Driver) RequestAddress(ctx context.Context, req *ipam.RequestAddressReq
 }
 
 // ensureNetwork makes sure the cluster's catalog has the pool's network
-// (a network the catalog has needs no consensus), with the given gateway
-// if valid.
+// (a network the catalog has needs no consensus), with gateway gw unless
+// the network gives each host a gateway of its own.
 func (d *Driver) ensureNetwork(ctx context.Context, poolID string, gw netip.Addr) (*catalog.Network, error) {
 	d.mu.Lock()
 	p, ok := d.state.Pools[poolID]
@@ -198,6 +199,9 @@ func (d *Driver) ensureNetwork(ctx context.Context, poolID string, gw netip.Addr
 		return nil, notFound("no wgmesh address pool %s on this host", poolID)
 	}
 	e := catalog.EnsureNetwork{Subnet: p.Subnet, BlockBits: p.Options.BlockBits, Gateway: gw, HostGateways: p.hostGateways()}
+	if e.HostGateways {
+		e.Gateway = netip.Addr{}
+	}
 	d.mu.Unlock()
 	cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
 	defer cancel()
@@ -208,48 +212,86 @@ func (d *Driver) ensureNetwork(ctx context.Context, poolID string, gw netip.Addr
 	return n, nil
 }
 
-// gateway answers a gateway request. Every host gives the network the
-// same gateway, reserved in the catalog, so a host that runs no container
-// on a network takes no block for it. Networks made before the catalog
-// keep giving each host a gateway from a block of its own.
-func (d *Driver) gateway(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
-	n, err := d.ensureNetwork(ctx, poolID, want)
-	if err != nil {
-		return netip.Addr{}, err
+// reserveAux reserves the pool's aux addresses in the cluster's network.
+func (d *Driver) reserveAux(ctx context.Context, poolID string, n *catalog.Network) error {
+	d.mu.Lock()
+	var aux []netip.Addr
+	if p, ok := d.state.Pools[poolID]; ok {
+		for a, kind := range p.Allocated {
+			if kind == AllocAux && !slices.Contains(n.Aux, a) {
+				aux = append(aux, a)
+			}
+		}
 	}
-	if !n.Gateway.IsValid() {
-		return d.allocate(ctx, poolID, want, AllocGateway)
+	d.mu.Unlock()
+	slices.SortFunc(aux, netip.Addr.Compare)
+	for _, a := range aux {
+		cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
+		err := d.cfg.Mesh.Reserve(cctx, n.Subnet, a)
+		cancel()
+		if err != nil {
+			return meshError("reserving aux address "+a.String(), err)
+		}
 	}
-	if want.IsValid() && want != n.Gateway {
-		return netip.Addr{}, forbidden("network %s exists in the cluster with gateway %s: create it with --gateway %s, or without --gateway",
-			n.Subnet, n.Gateway, n.Gateway)
-	}
-	return d.record(poolID, n.Gateway, AllocSharedGateway)
+	return nil
 }
 
-// aux reserves an --aux-address in the whole cluster.
-func (d *Driver) aux(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
-	n, err := d.ensureNetwork(ctx, poolID, netip.Addr{})
-	if err != nil {
-		return netip.Addr{}, err
+// gateway answers a gateway request. Every host gives the network the
+// same gateway, reserved in the catalog, so a host that runs no container
+// on a network takes no block for it: the catalog's if it has the
+// network, else the one asked for or the subnet's first address, which
+// CreateNetwork records. Networks made before the catalog keep giving
+// each host a gateway from a block of its own.
+func (d *Driver) gateway(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
+	d.mu.Lock()
+	p, ok := d.state.Pools[poolID]
+	if !ok {
+		d.mu.Unlock()
+		return netip.Addr{}, notFound("no wgmesh address pool %s on this host", poolID)
 	}
+	subnet := p.Subnet
+	d.mu.Unlock()
+	gw := subnet.Addr().Next()
+	if want.IsValid() {
+		gw = want
+	}
+	if n := d.cfg.Mesh.View().Network(subnet); n != nil {
+		if !n.Gateway.IsValid() {
+			return d.allocate(ctx, poolID, want, AllocGateway)
+		}
+		if want.IsValid() && want != n.Gateway {
+			return netip.Addr{}, forbidden("network %s exists in the cluster with gateway %s: create it with --gateway %s, or without --gateway",
+				n.Subnet, n.Gateway, n.Gateway)
+		}
+		gw = n.Gateway
+	}
+	return d.record(poolID, gw, AllocSharedGateway)
+}
+
+// aux records an --aux-address, reserved in the whole cluster: at once
+// if the cluster has the network, else by CreateNetwork.
+func (d *Driver) aux(ctx context.Context, poolID string, want netip.Addr) (netip.Addr, error) {
 	d.mu.Lock()
 	var refusal error
+	var subnet netip.Prefix
 	if p := d.state.Pools[poolID]; p != nil {
+		subnet = p.Subnet
 		if kind, taken := p.Allocated[want]; taken && kind != AllocAux {
 			refusal = forbidden("address %s is already in use on this host (%s)", want, kind)
 		} else if !p.usable(want) {
-			refusal = invalidParam("aux address %s is not a usable address of %s", want, n.Subnet)
+			refusal = invalidParam("aux address %s is not a usable address of %s", want, p.Subnet)
 		}
 	}
 	d.mu.Unlock()
 	if refusal != nil {
 		return netip.Addr{}, refusal
 	}
-	cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
-	defer cancel()
-	if err := d.cfg.Mesh.Reserve(cctx, n.Subnet, want); err != nil {
-		return netip.Addr{}, meshError("reserving an aux address", err)
+	if n := d.cfg.Mesh.View().Network(subnet); n != nil {
+		cctx, cancel := context.WithTimeout(ctx, d.cfg.ClaimTimeout)
+		defer cancel()
+		if err := d.cfg.Mesh.Reserve(cctx, subnet, want); err != nil {
+			return netip.Addr{}, meshError("reserving an aux address", err)
+		}
 	}
 	return d.record(poolID, want, AllocAux)
 }

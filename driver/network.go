@@ -102,20 +102,25 @@ func (d *Driver) CreateNetwork(ctx context.Context, req *network.CreateNetworkRe
 	if other := d.state.networkBySubnet(subnet); other != nil {
 		return forbidden("subnet %s is already used by wgmesh network %s on this host", subnet, short(other.ID))
 	}
+	// The cluster learns of the network only now, once Docker's request
+	// has passed every check: a refused creation leaves nothing behind.
+	poolID := pool.ID
+	d.mu.Unlock()
+	cn, err := d.ensureNetwork(ctx, poolID, gw)
+	if err == nil {
+		err = d.reserveAux(ctx, poolID, cn)
+	}
+	d.mu.Lock()
+	if err != nil {
+		return err
+	}
+	if _, ok := d.state.Networks[req.NetworkID]; ok {
+		return forbidden("network %s was created meanwhile", short(req.NetworkID))
+	}
 	if !gw.IsValid() {
 		// A newer engine may skip the gateway; the network's namespace
 		// still gets the catalog's.
-		poolID := pool.ID
-		d.mu.Unlock()
-		cn, err := d.ensureNetwork(ctx, poolID, netip.Addr{})
-		d.mu.Lock()
-		if err != nil {
-			return err
-		}
 		gw = cn.Gateway
-		if _, ok := d.state.Networks[req.NetworkID]; ok {
-			return forbidden("network %s was created meanwhile", short(req.NetworkID))
-		}
 	}
 	mtu := opts.MTU
 	if mtu == 0 {

@@ -81,7 +81,7 @@ func TestCreateNetworkRefusals(t *testing.T) {
 		{"bad network ID", with("NetworkID", "../../../etc"), 400, []string{"network ID"}},
 		{"short network ID", with("NetworkID", "abc"), 400, []string{"network ID"}},
 		// Passes parsing; the data plane refuses it, and it is rolled back.
-		{"gateway outside subnet", withData(func(d map[string]any) { d["Gateway"] = "10.61.0.1/16" }), 500, []string{"gateway 10.61.0.1 outside"}},
+		{"gateway outside subnet", withData(func(d map[string]any) { d["Gateway"] = "10.61.0.1/16" }), 400, []string{"gateway 10.61.0.1 is not inside 10.60.0.0/16"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			status, msg := h.fail(pathCreateNetwork, tc.req)
@@ -94,6 +94,11 @@ func TestCreateNetworkRefusals(t *testing.T) {
 				}
 			}
 			checkNoNetwork(t, h, subnet)
+			// Nor does the cluster keep the network, which would fix
+			// its gateway and block size for the next creation.
+			if n := h.mesh.View().Network(subnet); n != nil {
+				t.Errorf("the cluster has the refused network: %+v", n)
+			}
 		})
 	}
 
