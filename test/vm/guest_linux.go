@@ -24,7 +24,8 @@ import (
 // every orphan meanwhile, and finally reports the runner's status through
 // QEMU's isa-debug-exit port.
 //
-//	PID 1 (initramfs root)                 runner (chroot: host's root)
+//	PID 1 (initramfs root)                 runner (own mount namespace,
+//	                                               host's root moved to /)
 //	 mount /proc /sys /dev, load modules
 //	 mount 9p root at /mnt/root,
 //	   tmpfs /run, overlay /tmp, ...
@@ -194,11 +195,14 @@ func loadModule(path string) error {
 // process that ends until the runner has; it returns the runner's status.
 func superviseRunner(plan *Plan) int {
 	b, _ := json.Marshal(plan)
-	proc, err := os.StartProcess(runnerPath, []string{runnerPath, runnerArg}, &os.ProcAttr{
+	path := filepath.Join(newRoot, runnerPath)
+	proc, err := os.StartProcess(path, []string{path, runnerArg}, &os.ProcAttr{
 		Dir:   "/",
 		Env:   []string{planEnv + "=" + string(b)},
 		Files: []*os.File{nil, os.Stdout, os.Stderr},
-		Sys:   &syscall.SysProcAttr{Chroot: newRoot},
+		// The runner switches root in a mount namespace of its own:
+		// see enterNewRoot.
+		Sys: &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS},
 	})
 	if err != nil {
 		fmt.Println(marker(plan.Token, "SETUP-FAILED starting the runner: %v", err))
@@ -249,7 +253,32 @@ func report(token string, status int) {
 
 // runSteps is the runner: it runs every step of the plan in order, in
 // the host's root file system, and exits 0 if all passed.
+// enterNewRoot makes the host's root the root of the runner's mount
+// namespace, as switch_root does at boot, rather than a chroot inside
+// it: a process that enters a mount namespace (setns, as wgmesh does to
+// pin network namespaces in the host's) gets that namespace's root, and
+// under a chroot its paths would lead back to the initramfs.
+func enterNewRoot() error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making mounts private: %w", err)
+	}
+	if err := unix.Chdir(newRoot); err != nil {
+		return err
+	}
+	if err := unix.Mount(newRoot, "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("moving %s to /: %w", newRoot, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	return unix.Chdir("/")
+}
+
 func runSteps() int {
+	if err := enterNewRoot(); err != nil {
+		fmt.Printf("wgmesh-vm runner: entering the new root: %v\n", err)
+		return guestSetupError
+	}
 	var plan Plan
 	if err := json.Unmarshal([]byte(os.Getenv(planEnv)), &plan); err != nil {
 		fmt.Printf("wgmesh-vm runner: reading the plan: %v\n", err)
