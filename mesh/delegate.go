@@ -174,6 +174,7 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 		d.m.touchLocked()
 	}
 	rec := d.m.live[n.Name]
+	rec.addr = n.Address()
 	prev := rec.state
 	if prev != state {
 		rec.state, rec.since = state, now

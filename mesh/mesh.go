@@ -643,24 +643,33 @@ func (m *Mesh) signature() viewSig {
 const maxBroadcast = 1100
 
 // send gossips messages and, in small clusters, sends them directly.
+//
+// Direct sends go by address, from the copies nodeEvent keeps, not to the
+// *memberlist.Node that Members returns: memberlist updates those nodes in
+// place under its lock (a member's protocol versions on every alive
+// message), and SendBestEffort reads them without it, a data race inside
+// memberlist v0.7.
 func (m *Mesh) send(msgs []outMsg) {
 	ml := m.memberlist()
 	if ml == nil || len(msgs) == 0 {
 		return
 	}
-	members := ml.Members()
-	direct := len(members) <= m.cfg.DirectFanout
+	var peers []memberlist.Address
+	direct := ml.NumMembers() <= m.cfg.DirectFanout
+	if direct {
+		m.mu.Lock()
+		for name, rec := range m.live {
+			if rec.state == Alive && rec.addr != "" && name != m.cfg.Name {
+				peers = append(peers, memberlist.Address{Addr: rec.addr, Name: name})
+			}
+		}
+		m.mu.Unlock()
+	}
 	for _, msg := range msgs {
 		m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
-		if !direct {
-			continue
-		}
-		for _, n := range members {
-			if n.Name == m.cfg.Name {
-				continue
-			}
-			if err := ml.SendBestEffort(n, msg.b); err != nil {
-				m.log.Debug("sending to member", "peer", n.Name, "err", err)
+		for _, to := range peers {
+			if err := ml.SendToAddress(to, msg.b); err != nil {
+				m.log.Debug("sending to member", "peer", to.Name, "err", err)
 			}
 			m.stats.sent(len(msg.b))
 		}
