@@ -52,6 +52,12 @@ func (m *Mesh) loadGossip() error {
 	for _, e := range s.Entries {
 		m.rep.mergeEntry(e, m.bound)
 	}
+	now := time.Now()
+	for _, n := range s.Names {
+		if rec, err := decodeName(n); err == nil && rec.Node != m.cfg.Name {
+			m.rep.mergeName(n, m.bound, now)
+		}
+	}
 	return nil
 }
 
@@ -89,6 +95,9 @@ func (m *Mesh) saveGossip() {
 		}
 	}
 	s.Entries = others
+	// Like its entries, this node's names are published again when the
+	// agent starts.
+	s.Names = m.rep.nameSnapshot(true)
 	m.gossipDirty = false
 	m.lastSave = time.Now()
 	m.mu.Unlock()
