@@ -24,6 +24,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/mesh"
 )
 
@@ -56,6 +57,9 @@ type Config struct {
 	Docker     DockerAPI
 	DriverName string
 	Logger     *slog.Logger
+
+	// DNS reports the DNS service for status; nil when it is off.
+	DNS func() *dns.Status
 }
 
 // DefaultConfig returns the defaults.
