@@ -63,6 +63,8 @@ func (h *Host) StartDocker(ctx context.Context) error {
 	if e.Proxy != "" {
 		args = append(args, "--userland-proxy-path", e.Proxy)
 	}
+	args = append(args, "--dns", DNSAddr)
+	args = append(args, h.lab.cfg.DockerArgs...)
 	script := fmt.Sprintf("{ [ ! -d /run/containerd ] || mount -t tmpfs tmpfs /run/containerd; } && "+
 		"mount --bind %s /run/docker/plugins && export PATH=%s && exec %s %s",
 		shellQuote(h.PluginDir()), shellQuote(e.path()), shellQuote(e.Dockerd), shellJoin(args))
@@ -137,6 +139,9 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--control-socket", h.ControlSock(),
 		"--docker-host", "unix://" + h.DockerSock(),
 		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
+		// Names outside the mesh go to the lab's outside world, never to
+		// the machine's resolvers.
+		"--dns-upstream", WANServer,
 		"--log-level", "debug",
 	}
 	args = append(args, h.lab.cfg.AgentArgs...)
