@@ -49,6 +49,9 @@ type Service struct {
 	checkEr error
 }
 
+// dockerGrace is how long Docker may be unreadable before status says so.
+const dockerGrace = time.Minute
+
 // daemonCheckEvery is how often dockerd's setting is read again: it only
 // changes with a restart of Docker.
 const daemonCheckEvery = 30 * time.Second
@@ -150,8 +153,11 @@ func (s *Service) Status(names mesh.NameStats) *Status {
 	if len(s.cfg.Upstreams) == 0 {
 		st.Problems = append(st.Problems, "the DNS server has no upstream resolvers (none in /etc/resolv.conf): names outside the mesh do not resolve in containers; set --dns-upstream")
 	}
-	if st.Watcher.Error != "" && time.Since(st.Watcher.LastOK) > 2*time.Minute {
-		st.Problems = append(st.Problems, "cannot read container names from Docker: "+st.Watcher.Error)
+	if st.Watcher.Error != "" && time.Since(st.Watcher.FailingSince) > dockerGrace {
+		// Docker starts after the agent, and restarts: only lasting
+		// trouble is a problem.
+		st.Problems = append(st.Problems, fmt.Sprintf("cannot read container names from Docker for %s: %s; "+
+			"names of this host's containers do not resolve on other hosts", time.Since(st.Watcher.FailingSince).Round(time.Second), st.Watcher.Error))
 	}
 	return st
 }

@@ -107,6 +107,7 @@ type Watcher struct {
 	names         int
 	lastErr       error
 	lastOK        time.Time
+	failingSince  time.Time
 }
 
 var _ Clients = (*Watcher)(nil)
@@ -315,8 +316,11 @@ func (w *Watcher) setErr(err error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.lastErr = err
-	if err == nil {
-		w.lastOK = time.Now()
+	switch {
+	case err == nil:
+		w.lastOK, w.failingSince = time.Now(), time.Time{}
+	case w.failingSince.IsZero():
+		w.failingSince = time.Now()
 	}
 }
 
@@ -381,16 +385,18 @@ type WatcherStats struct {
 	// Names is how many container endpoints on wgmesh networks this host
 	// publishes names for.
 	Names int
-	// Error is why the last look at Docker failed, if it did.
-	Error  string    `json:",omitempty"`
-	LastOK time.Time `json:",omitzero"`
+	// Error is why the last look at Docker failed, if it did, and
+	// FailingSince since when looks fail.
+	Error        string    `json:",omitempty"`
+	LastOK       time.Time `json:",omitzero"`
+	FailingSince time.Time `json:",omitzero"`
 }
 
 // Stats reports what the watcher knows.
 func (w *Watcher) Stats() WatcherStats {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	st := WatcherStats{Names: w.names, LastOK: w.lastOK}
+	st := WatcherStats{Names: w.names, LastOK: w.lastOK, FailingSince: w.failingSince}
 	if w.lastErr != nil {
 		st.Error = w.lastErr.Error()
 	}
