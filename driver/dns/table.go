@@ -31,23 +31,21 @@ func NewTable(records []mesh.NameRecord) *Table {
 			t.byName[r.Subnet] = names
 			t.byAddr[r.Subnet] = map[netip.Addr]string{}
 		}
-		for i, n := range append([]string{r.Name}, r.Aliases...) {
-			n = strings.ToLower(n)
-			if i > 0 && n == strings.ToLower(r.Name) {
-				continue
-			}
-			if !slices.Contains(names[n], r.Addr) {
-				names[n] = append(names[n], r.Addr)
-				t.names++
-			}
+		names[strings.ToLower(r.Name)] = append(names[strings.ToLower(r.Name)], r.Addr)
+		for _, a := range r.Aliases {
+			a = strings.ToLower(a)
+			names[a] = append(names[a], r.Addr)
 		}
 		if _, ok := t.byAddr[r.Subnet][r.Addr]; !ok {
 			t.byAddr[r.Subnet][r.Addr] = strings.ToLower(r.Name)
 		}
 	}
 	for _, names := range t.byName {
-		for _, addrs := range names {
+		for n, addrs := range names {
 			slices.SortFunc(addrs, netip.Addr.Compare)
+			addrs = slices.Compact(addrs)
+			names[n] = addrs
+			t.names += len(addrs)
 		}
 	}
 	return t
