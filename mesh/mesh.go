@@ -662,15 +662,13 @@ func (m *Mesh) send(msgs []outMsg) {
 	}
 	members := ml.Members()
 	direct := len(members) <= m.cfg.DirectFanout
+	var targets []*memberlist.Node
+	if direct {
+		targets = m.directTargets(members)
+	}
 	for _, msg := range msgs {
 		m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
-		if !direct {
-			continue
-		}
-		for _, n := range members {
-			if n.Name == m.cfg.Name {
-				continue
-			}
+		for _, n := range targets {
 			if err := ml.SendBestEffort(n, msg.b); err != nil {
 				m.log.Debug("sending to member", "peer", n.Name, "err", err)
 			}
@@ -680,6 +678,25 @@ func (m *Mesh) send(msgs []outMsg) {
 			}
 		}
 	}
+}
+
+// directTargets are the other members as nodes of this node's own, with
+// the address each advertises in its signed info: memberlist rewrites the
+// *Node values Members returns while it runs (a member that restarts
+// comes back with a new address or port), so reading their addresses
+// here would race with it.
+func (m *Mesh) directTargets(members []*memberlist.Node) []*memberlist.Node {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*memberlist.Node
+	for _, n := range members {
+		rec, ok := m.rep.infos[n.Name]
+		if n.Name == m.cfg.Name || !ok || rec.info.GossipPort == 0 {
+			continue // one without an info yet hears by gossip
+		}
+		out = append(out, &memberlist.Node{Name: n.Name, Addr: rec.info.Addr.AsSlice(), Port: rec.info.GossipPort})
+	}
+	return out
 }
 
 // View returns a snapshot of the mesh as this node sees it.
