@@ -24,15 +24,15 @@ import (
 // without names or address. Receivers keep a tombstone for
 // nameTombstoneTTL, so that an older copy of the live record still making
 // its way through gossip cannot bring the name back, and then drop it.
-// Two rules keep a dropped tombstone from letting a stale record back in
-// for good:
+// After that, a node that receives a live record of its own that it does
+// not hold (its tombstone expired, or its disk lost it) refutes it with a
+// new tombstone, as memberlist refutes a suspicion: a stale copy that
+// comes back is taken away again as soon as it reaches its node.
 //
-//   - A record of an earlier run of its node (a lower generation than the
-//     node's info) is stale: the node publishes all its names again when
-//     it starts, and forgets those of its last run.
-//   - A node that receives a live record of its own that it does not hold
-//     (its tombstone expired, or the record is of its last run) refutes it
-//     with a new tombstone, as memberlist refutes a suspicion.
+// A node keeps its own records in its saved gossip, so that an agent
+// restart neither drops its names nor forgets which ones to take back:
+// the first look at Docker after the restart publishes what changed
+// meanwhile, tombstones included.
 //
 // The names of a node that gossip declares failed, or that left, are not
 // used: they come back when the node does.
@@ -227,9 +227,6 @@ func (r *replica) mergeName(s signed, bound boundFunc, now time.Time) (nameMerge
 		r.refuse("name-forged")
 		return nameIgnored, n
 	}
-	if info, ok := r.infos[n.Node]; ok && n.Version>>32 < info.info.Version>>32 {
-		return nameIgnored, n // of the node's last run
-	}
 	if have && n.Version <= cur.n.Version {
 		return nameIgnored, n
 	}
@@ -262,16 +259,12 @@ func (r *replica) dropName(k nameKey) {
 	}
 }
 
-// pruneNames drops expired tombstones and records of a node's earlier
-// run, and reports whether it dropped any.
+// pruneNames drops expired tombstones and reports whether it dropped
+// any.
 func (r *replica) pruneNames(now time.Time, ttl time.Duration) bool {
 	dropped := false
 	for k, rec := range r.names {
-		stale := false
-		if info, ok := r.infos[k.node]; ok && k.node != r.self {
-			stale = rec.n.Version>>32 < info.info.Version>>32
-		}
-		if stale || rec.n.Deleted && now.Sub(rec.seen) > ttl {
+		if rec.n.Deleted && now.Sub(rec.seen) > ttl {
 			r.dropName(k)
 			dropped = true
 		}
@@ -290,15 +283,12 @@ func (r *replica) forgetNames(node string, keep func(signed) bool) {
 }
 
 // nameSnapshot lists every name record, in a stable order.
-func (r *replica) nameSnapshot(skipSelf bool) []signed {
+func (r *replica) nameSnapshot() []signed {
 	keys := slices.SortedFunc(maps.Keys(r.names), func(a, b nameKey) int {
 		return cmp.Or(cmp.Compare(a.node, b.node), cmp.Compare(a.endpoint, b.endpoint))
 	})
 	var out []signed
 	for _, k := range keys {
-		if skipSelf && k.node == r.self {
-			continue
-		}
 		out = append(out, r.names[k].s)
 	}
 	return out
@@ -446,9 +436,6 @@ func (m *Mesh) LiveNames() []NameRecord {
 		}
 		mem, ok := v.Members[k.node]
 		if !ok || !mem.Self && (!mem.Registered || !mem.State.Routable()) {
-			continue
-		}
-		if !mem.Self && rec.n.Version>>32 < mem.Version>>32 {
 			continue
 		}
 		out = append(out, rec.n)

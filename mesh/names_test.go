@@ -233,23 +233,20 @@ func TestNamesSpread(t *testing.T) {
 	for _, n := range []*testNode{a, b} {
 		waitNames(t, 20*time.Second, n, all)
 	}
-	// It restarts, and publishes its names again in its new run.
+	// It restarts with its names, and they come back with it.
 	cc.start()
-	if err := cc.m.SetNames([]Name{{Subnet: subnet, Endpoint: "ccccccccccc1", Name: "cache", Addr: netip.MustParseAddr("10.60.1.2")}}); err != nil {
-		t.Fatal(err)
-	}
 	all["c/cache"] = "10.60.1.2"
 	for _, n := range []*testNode{a, b} {
 		waitNames(t, 20*time.Second, n, all)
 	}
 }
 
-// TestNamesOfLastRunAndRefutation: a node that restarts without a
-// container it had (it was removed while the agent was down) never
-// publishes its name again: peers drop records of its last run, and a
-// stale copy that comes back through gossip is refuted with a tombstone.
-// Tombstones expire.
-func TestNamesOfLastRunAndRefutation(t *testing.T) {
+// TestNamesAcrossRestartAndRefutation: an agent restart keeps a node's
+// names, with no gap, and the node still knows them: what changed while
+// it was down is taken back. A stale copy of a removed name that comes
+// back through gossip after its tombstone expired is refuted with a new
+// tombstone. Tombstones expire.
+func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	c := newCluster(t)
 	ttl := func(cfg *Config) { cfg.NameTombstoneTTL = time.Second }
 	a, b := c.add("a", ttl).start(), c.add("b", ttl).start()
@@ -265,19 +262,35 @@ func TestNamesOfLastRunAndRefutation(t *testing.T) {
 
 	b.stop()
 	b.start()
-	// b's new run has no names: a drops those of its last run once it
-	// has b's new info.
-	waitNames(t, 20*time.Second, a, map[string]string{})
+	if got := liveNames(b); !mapsEqual(got, map[string]string{"b/old": "10.60.2.2"}) {
+		t.Fatalf("b's own names after a restart: %v", got)
+	}
+	c.waitMembers(20*time.Second, "a", "b")
+	if got := liveNames(a); !mapsEqual(got, map[string]string{"b/old": "10.60.2.2"}) {
+		t.Fatalf("a lost b's names over b's restart: %v", got)
+	}
+	// The container went while b was down: b's first look says so.
+	if err := b.m.SetNames(nil); err != nil {
+		t.Fatal(err)
+	}
+	waitNames(t, 10*time.Second, a, map[string]string{})
 
-	// A stale copy of b's record reaches b (as from a member that was
-	// away): b refutes it, and a ends up with a tombstone, not the name.
+	// Once the tombstone expired on b, a stale copy of the record
+	// reaches b (as from a member that was away): b refutes it, and a
+	// ends up with a tombstone, not the name.
+	eventually(t, 10*time.Second, func() error {
+		if st := b.m.NameStats(); st.Tombstones != 0 {
+			return fmt.Errorf("b: %+v", st)
+		}
+		return nil
+	})
 	b.m.mu.Lock()
 	b.m.mergeNameLocked(stale, time.Now())
 	b.m.mu.Unlock()
 	eventually(t, 10*time.Second, func() error {
 		a.m.mu.Lock()
 		defer a.m.mu.Unlock()
-		if rec, ok := a.m.rep.names[nameKey{"b", old.Endpoint}]; !ok || !rec.n.Deleted {
+		if rec, ok := a.m.rep.names[nameKey{"b", old.Endpoint}]; !ok || !rec.n.Deleted || rec.n.Version <= 1<<32 {
 			return fmt.Errorf("a holds %+v", rec.n)
 		}
 		return nil
@@ -306,7 +319,12 @@ func TestForgedNames(t *testing.T) {
 	forged := sampleName()
 	forged.Node = "a"
 	forged.Subnet, forged.Addr = subnet, netip.MustParseAddr("10.60.9.9")
-	evil.sendToAll(encodeNameMsg(sign(evil.id, purposeName, forged)))
+	// As it arrives from evil (straight into the delegate: the harness's
+	// sendToAll races memberlist's own updates of its nodes).
+	msg := encodeNameMsg(sign(evil.id, purposeName, forged))
+	for _, name := range []string{"a", "b"} {
+		(&delegate{c.nodes[name].m}).NotifyMsg(msg)
+	}
 	eventually(t, 10*time.Second, func() error {
 		if st := c.nodes["b"].m.Stats(); st.Refused["name-forged"] == 0 {
 			return fmt.Errorf("b refused %v", st.Refused)

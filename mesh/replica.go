@@ -152,7 +152,7 @@ func (r *replica) snapshot(withInfos bool) stateMsg {
 	for _, k := range keys {
 		s.Entries = append(s.Entries, r.entries[k].s)
 	}
-	s.Names = r.nameSnapshot(false)
+	s.Names = r.nameSnapshot()
 	if withInfos {
 		for _, name := range slices.Sorted(maps.Keys(r.infos)) {
 			s.Infos = append(s.Infos, r.infos[name].s)
