@@ -69,7 +69,8 @@ type OutsideDNS struct {
 }
 
 // StartOutsideDNS starts the outside world's DNS server with records
-// (names without the final dot). Any other name does not exist.
+// (names without the final dot; "*.example" stands for every name under
+// example). Any other name does not exist.
 func (l *Lab) StartOutsideDNS(records map[string]netip.Addr) (*OutsideDNS, error) {
 	o := &OutsideDNS{records: map[string]netip.Addr{}}
 	for n, a := range records {
@@ -109,8 +110,12 @@ func (o *OutsideDNS) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		_ = w.WriteMsg(m)
 		return
 	}
+	name := strings.ToLower(q.Question[0].Name)
 	o.mu.Lock()
-	a, ok := o.records[strings.ToLower(q.Question[0].Name)]
+	a, ok := o.records[name]
+	if _, parent, found := strings.Cut(name, "."); !ok && found {
+		a, ok = o.records["*."+parent]
+	}
 	o.mu.Unlock()
 	switch {
 	case !ok:

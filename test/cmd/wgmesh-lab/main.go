@@ -120,13 +120,18 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		}
 	}
 
-	step("cross-host HTTP: web1 fetches every other web server")
+	step("cross-host HTTP by name: web1 fetches every other web server (dockerd runs with --dns %s, the agent's DNS server)", lab.DNSAddr)
 	for j := 1; j < n; j++ {
-		out, err := l.Hosts[0].Docker(ctx, "exec", "web1", "wget", "-qO-", "http://"+ips[j]+"/")
-		if err != nil {
+		url := fmt.Sprintf("http://web%d/", j+1)
+		var out string
+		if err := waitFor(ctx, 10*time.Second, func() error {
+			var err error
+			out, err = l.Hosts[0].Docker(ctx, "exec", "web1", "wget", "-qO-", url)
 			return err
+		}); err != nil {
+			return fmt.Errorf("web1 -> %s: %w", url, err)
 		}
-		fmt.Printf("    http://%s/ -> %s", ips[j], out)
+		fmt.Printf("    %s (%s) -> %s", url, ips[j], out)
 	}
 
 	step("wgmesh status on %s", l.Hosts[0].Name)
@@ -152,7 +157,7 @@ func benchMain(args []string) int {
 	out := fs.String("out", "bench/results", "directory for the report")
 	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
 	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
-	parts := fs.String("parts", "data,control,sim", "which parts to run: data, control, sim")
+	parts := fs.String("parts", "data,control,sim,names", "which parts to run: data, control, sim, names")
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
