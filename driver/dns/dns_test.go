@@ -440,3 +440,25 @@ func eventuallyT(t *testing.T, d time.Duration, cond func() error) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestPeerPID: the process behind a unix socket is found from the
+// socket's peer credentials (here, this test itself).
+func TestPeerPID(t *testing.T) {
+	sock := t.TempDir() + "/d.sock"
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		if c, err := l.Accept(); err == nil {
+			c.Close()
+		}
+	}()
+	if pid, err := peerPID(sock); err != nil || pid != os.Getpid() {
+		t.Fatalf("pid %d, %v; want %d", pid, err, os.Getpid())
+	}
+	if _, err := ReadDaemonDNS(t.TempDir() + "/none.sock"); err == nil {
+		t.Error("no socket, no error")
+	}
+}
