@@ -38,6 +38,9 @@ type Config struct {
 	// hosts with dockerd, and a names simulation of NamesSimNodes.
 	NoNames       bool
 	NamesSimNodes int
+	// Engine is the Docker engine of the hosts with dockerd; zero is the
+	// lab's default.
+	Engine lab.Engine
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
@@ -189,7 +192,7 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 // plane and the first ping.
 func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 	b.logf("two hosts with dockerd")
-	l, err := lab.New(ctx, lab.Config{Hosts: 2, Binary: b.cfg.Binary, Docker: true, Log: b.cfg.Log})
+	l, err := lab.New(ctx, lab.Config{Hosts: 2, Binary: b.cfg.Binary, Docker: true, Engine: b.cfg.Engine, Log: b.cfg.Log})
 	if err != nil {
 		return err
 	}

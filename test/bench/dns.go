@@ -23,6 +23,8 @@ import (
 
 // Names is what the benchmark measured of container names across hosts.
 type Names struct {
+	// Engine is the hosts' Docker engine.
+	Engine string `json:",omitempty"`
 	// Lookups from inside a container on h1 through Docker's resolver
 	// (127.0.0.11): a container on h1 (Docker answers), one on h2 (Docker
 	// forwards to the agent's server, which answers from the mesh), and
@@ -80,6 +82,9 @@ func msText(v float64) string {
 func (b *Bench) names(ctx context.Context, l *lab.Lab) (*Names, error) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	r := &Names{}
+	if v, err := h1.EngineVersion(ctx); err == nil {
+		r.Engine = "Docker " + v.Server
+	}
 	out, err := l.StartOutsideDNS(map[string]netip.Addr{"*.outside.test": netip.MustParseAddr(lab.WANServer)})
 	if err != nil {
 		return nil, err
@@ -278,7 +283,9 @@ func simulateNames(ctx context.Context, n int, quick bool, log *slog.Logger) (si
 		cfg.Settle, cfg.IdleWindow, cfg.Changes = 500*time.Millisecond, 2*time.Second, 3
 	} else {
 		// One scaled push/pull interval: every node's exchange is in it.
-		cfg.IdleWindow = pushPullInterval(n)
+		// Two such windows, a warm-up and the publishing outlast the
+		// default timeout.
+		cfg.IdleWindow, cfg.Timeout = pushPullInterval(n), 20*time.Minute
 	}
 	return sim.RunNames(ctx, cfg)
 }
@@ -314,7 +321,7 @@ func (r *Report) namesMarkdown(p func(string, ...any)) {
 	p("## Names across hosts")
 	p("")
 	if nm.Local.MedianMs > 0 {
-		p("Lookups from a container on host 1, through Docker's resolver (127.0.0.11), %d each after 5 to warm up:", len(nm.Local.Samples))
+		p("Lookups from a container on host 1, through Docker's resolver (127.0.0.11, %s), %d each after 5 to warm up:", nm.Engine, len(nm.Local.Samples))
 		p("")
 		p("| name | answered by | median | p95 | max |")
 		p("|---|---|---|---|---|")

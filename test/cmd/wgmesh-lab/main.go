@@ -162,6 +162,7 @@ func benchMain(args []string) int {
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
 	withVM := fs.Bool("vm", true, "measure kernel WireGuard in a VM (emulated; part of the data plane)")
+	engineDir := fs.String("engine-dir", "", "run the hosts' Docker from this directory (.ci/engine29.sh's) instead of Debian's docker.io")
 	_ = fs.Parse(args)
 	if *render != "" {
 		path, err := bench.Rerender(*render)
@@ -185,6 +186,9 @@ func benchMain(args []string) int {
 	}
 	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
 	cfg.NoVM = !*withVM
+	if *engineDir != "" {
+		cfg.Engine = lab.DirEngine("29", *engineDir)
+	}
 	if *runs > 0 {
 		cfg.Runs = *runs
 	}
