@@ -162,6 +162,7 @@ func benchMain(args []string) int {
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
 	withVM := fs.Bool("vm", true, "measure kernel WireGuard in a VM (emulated; part of the data plane)")
+	namesSim := fs.Int("names-sim", -1, "nodes of the names simulation (0: none; default: the run's)")
 	engineDir := fs.String("engine-dir", "", "run the hosts' Docker from this directory (.ci/engine29.sh's) instead of Debian's docker.io")
 	_ = fs.Parse(args)
 	if *render != "" {
@@ -188,6 +189,9 @@ func benchMain(args []string) int {
 	cfg.NoVM = !*withVM
 	if *engineDir != "" {
 		cfg.Engine = lab.DirEngine("29", *engineDir)
+	}
+	if *namesSim >= 0 {
+		cfg.NamesSimNodes = *namesSim
 	}
 	if *runs > 0 {
 		cfg.Runs = *runs
