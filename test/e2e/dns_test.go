@@ -100,7 +100,7 @@ func TestNames(t *testing.T) {
 	ctx := testCtx(t)
 	h1, h2, h3 := theLab.Hosts[0], theLab.Hosts[1], theLab.Hosts[2]
 	outsideDNS(t)
-	network(t, "dn", "10.90.0.0/16", nil)
+	network(t, "dn", "10.100.0.0/16", nil)
 	web := container(t, h1, "web", "dn", []string{"--network-alias", "www"}, webServer("hello-from-h1")...)
 	web2 := container(t, h2, "web2", "dn", []string{"--network-alias", "www"}, webServer("hello-from-h2")...)
 	container(t, h3, "cli", "dn", nil)
@@ -190,8 +190,8 @@ func TestNames(t *testing.T) {
 func TestNamesIsolation(t *testing.T) {
 	h1, h2 := theLab.Hosts[0], theLab.Hosts[1]
 	outsideDNS(t)
-	network(t, "dred", "10.91.0.0/16", nil, h1, h2)
-	network(t, "dblue", "10.92.0.0/16", nil, h1, h2)
+	network(t, "dred", "10.101.0.0/16", nil, h1, h2)
+	network(t, "dblue", "10.102.0.0/16", nil, h1, h2)
 	rip := container(t, h1, "rname", "dred", []string{"--network-alias", "shared"})
 	bip := container(t, h1, "bname", "dblue", []string{"--network-alias", "shared"})
 	container(t, h2, "rcli", "dred", nil)
@@ -226,7 +226,7 @@ func TestNamesOutside(t *testing.T) {
 	ctx := testCtx(t)
 	h1 := theLab.Hosts[0]
 	out := outsideDNS(t)
-	network(t, "dout", "10.93.0.0/16", nil, h1)
+	network(t, "dout", "10.103.0.0/16", nil, h1)
 	container(t, h1, "ocli", "dout", nil)
 	r := newResolver(t, h1, "ocli")
 	r.waitName("outside.test", []string{lab.WANServer}, 10*time.Second)
@@ -254,7 +254,7 @@ func TestNamesCompose(t *testing.T) {
 	}
 	ctx := testCtx(t)
 	h1, h2 := theLab.Hosts[0], theLab.Hosts[1]
-	network(t, "dcomp", "10.94.0.0/16", nil, h1, h2)
+	network(t, "dcomp", "10.104.0.0/16", nil, h1, h2)
 	dir := t.TempDir()
 	project := func(h *lab.Host, name, service string, cmd []string) {
 		t.Helper()

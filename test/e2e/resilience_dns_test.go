@@ -18,7 +18,7 @@ func TestNamesHostFailure(t *testing.T) {
 	ctx := testCtx(t)
 	h1, h3 := theLab.Hosts[0], theLab.Hosts[2]
 	outsideDNS(t)
-	network(t, "dhf", "10.95.0.0/16", nil)
+	network(t, "dhf", "10.105.0.0/16", nil)
 	ip3 := container(t, h3, "doomed", "dhf", []string{"--restart=always"})
 	container(t, h1, "survivor", "dhf", nil)
 	r := newResolver(t, h1, "survivor")
