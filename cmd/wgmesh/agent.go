@@ -82,7 +82,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
 	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
 	fs.BoolVar(&f.syncNetworks, "sync-networks", true, "create here the wgmesh networks created on other hosts, and remove them likewise, through the local Docker API")
-	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks")
+	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks and the names of --dns-addr")
 	fs.StringVar(&f.driverName, "driver-name", "wgmesh", "this plugin's name in Docker (a managed plugin's is wgmesh:latest)")
 	fs.StringVar(&f.dnsAddr, "dns-addr", defaultDNSAddr, "address of the DNS server that answers containers with the names of containers on every host "+
 		"(dockerd needs it as its first --dns); off when empty or \"off\"")
