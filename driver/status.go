@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
@@ -24,6 +25,9 @@ type Status struct {
 	Gossip    mesh.Stats       `json:"gossip"`
 	Problems  []string         `json:"problems,omitempty"`
 	Healthy   bool             `json:"healthy"`
+
+	// DNS is the DNS service of container names, when it is on.
+	DNS *dns.Status `json:"dns,omitempty"`
 }
 
 // NodeStatus describes this node.
@@ -171,6 +175,10 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 	}
 	slices.SortFunc(st.Networks, func(a, b NetworkStatus) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
 	st.Problems = append(st.Problems, d.syncProblems...)
+	if d.cfg.DNS != nil {
+		st.DNS = d.cfg.DNS()
+		st.Problems = append(st.Problems, st.DNS.Problems...)
+	}
 	st.Healthy = len(st.Problems) == 0
 	return st, nil
 }

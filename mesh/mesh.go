@@ -102,6 +102,9 @@ type Config struct {
 	LeaveOnShutdown bool
 	// LeaveTimeout bounds the graceful leave on shutdown.
 	LeaveTimeout time.Duration
+	// NameTombstoneTTL is how long removed container names are
+	// remembered (names.go); 0 means 5 minutes.
+	NameTombstoneTTL time.Duration
 }
 
 // ConsensusTiming tunes consensus (see consensus.Config).
@@ -190,6 +193,10 @@ type Mesh struct {
 	stats   gossipStats
 	wg      sync.WaitGroup
 
+	// nameChanges is signalled (never blocking) whenever LiveNames may
+	// differ.
+	nameChanges chan struct{}
+
 	mu      sync.Mutex
 	rep     *replica
 	live    map[string]liveRecord
@@ -258,6 +265,8 @@ func New(cfg Config) (*Mesh, error) {
 		rep:     newReplica(cfg.Name),
 		live:    map[string]liveRecord{},
 		addr:    addr,
+
+		nameChanges: make(chan struct{}, 1),
 	}
 	m.probeInterval = m.baseMemberlist().ProbeInterval
 	m.queue = &memberlist.TransmitLimitedQueue{
@@ -382,6 +391,8 @@ func (m *Mesh) notifyChanged() {
 	case m.changes <- struct{}{}:
 	default:
 	}
+	// Liveness decides which names are used.
+	m.notifyNames()
 }
 
 // ErrRefused wraps the cluster's refusal of this node: a taken name, an
@@ -594,6 +605,7 @@ func (m *Mesh) step(ctx context.Context) error {
 	}
 	updateMeta := m.metaStale
 	m.metaStale = false
+	m.pruneNamesLocked(time.Now())
 	out := m.outbox
 	m.outbox = nil
 	m.mu.Unlock()
@@ -672,6 +684,9 @@ func (m *Mesh) send(msgs []outMsg) {
 				m.log.Debug("sending to member", "peer", to.Name, "err", err)
 			}
 			m.stats.sent(len(msg.b))
+			if msg.b[0] == kindName {
+				m.stats.nameSent(len(msg.b))
+			}
 		}
 	}
 }

@@ -22,6 +22,10 @@ type replica struct {
 	self    string
 	infos   map[string]infoRec
 	entries map[entryKey]entryRec
+	// names are the name records (names.go); nameCount counts them
+	// by node.
+	names     map[nameKey]nameRec
+	nameCount map[string]int
 	// refused counts records refused, by reason.
 	refused map[string]uint64
 }
@@ -45,7 +49,8 @@ type entryKey struct {
 type boundFunc func(name string) (crypto.NodeID, bool)
 
 func newReplica(self string) *replica {
-	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{}, refused: map[string]uint64{}}
+	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{},
+		names: map[nameKey]nameRec{}, nameCount: map[string]int{}, refused: map[string]uint64{}}
 }
 
 func (r *replica) refuse(reason string) { r.refused[reason]++ }
@@ -71,6 +76,7 @@ func (r *replica) mergeInfo(n NodeInfo, s signed, bound boundFunc) bool {
 				delete(r.entries, k)
 			}
 		}
+		r.forgetNames(n.Name, func(s signed) bool { return n.ID.Verify(purposeName, s.Data, s.Sig) })
 	}
 	r.infos[n.Name] = infoRec{n, s}
 	return true
@@ -125,6 +131,7 @@ func (r *replica) forgetNode(name string) {
 			delete(r.entries, k)
 		}
 	}
+	r.forgetNames(name, nil)
 }
 
 // stateMsg is the push/pull state and the saved gossip: signed records.
@@ -132,6 +139,8 @@ type stateMsg struct {
 	V       int      `json:"v"`
 	Infos   []signed `json:"infos,omitempty"`
 	Entries []signed `json:"entries"`
+	// Names are name records (names.go), tombstones included.
+	Names []signed `json:"names,omitempty"`
 }
 
 // snapshot lists every entry (and, for the saved copy, every info).
@@ -143,6 +152,7 @@ func (r *replica) snapshot(withInfos bool) stateMsg {
 	for _, k := range keys {
 		s.Entries = append(s.Entries, r.entries[k].s)
 	}
+	s.Names = r.nameSnapshot()
 	if withInfos {
 		for _, name := range slices.Sorted(maps.Keys(r.infos)) {
 			s.Infos = append(s.Infos, r.infos[name].s)

@@ -70,6 +70,12 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"--insecure", "--wg-port", "70000"}, nil, "out of range"},
 		{[]string{"--insecure", "--mtu", "100"}, nil, "--mtu 100"},
 		{[]string{"--insecure", "--wg-key-rotation", "5s"}, nil, "at least 1m"},
+		{[]string{"--insecure", "--dns-addr", "127.0.0.53"}, nil, "not loopback"},
+		{[]string{"--insecure", "--dns-addr", "fd00::53"}, nil, "IPv4"},
+		{[]string{"--insecure", "--dns-upstream", "169.254.53.53"}, nil, "the DNS server itself"},
+		{[]string{"--insecure", "--dns-upstream", "resolver.example"}, nil, "not an address"},
+		{[]string{"--insecure", "--dns-addr", "off", "--dns-upstream", "192.0.2.1"}, nil, "needs the DNS server"},
+		// Last: t.Setenv lasts until the test ends.
 		{[]string{"--insecure"}, map[string]string{"WGMESH_WG_PORT": "many"}, "WGMESH_WG_PORT"},
 	} {
 		_, err := parse(t, tc.args, tc.env)
