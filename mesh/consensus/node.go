@@ -441,22 +441,70 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 	if err := os.MkdirAll(filepath.Join(n.raftDir(), "wal"), 0o700); err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("creating Raft directory: %w", err)
 	}
-	// The WAL does not close a meta store it opened itself, which would
-	// keep its lock past Close: give it one we close.
-	meta := &metadb.BoltMetaDB{}
-	w, err := wal.Open(filepath.Join(n.raftDir(), "wal"), wal.WithSegmentSize(4<<20), wal.WithMetaStore(meta),
-		wal.WithLogger(logbridge.Hclog(n.log, "raft-wal", hclog.Warn)))
+	w, closeAll, err := openWAL(filepath.Join(n.raftDir(), "wal"), n.log)
 	if err != nil {
-		meta.Close()
-		return nil, nil, nil, nil, fmt.Errorf("opening Raft log %s: %w", n.raftDir(), err)
+		return nil, nil, nil, nil, err
 	}
-	closeAll := func() error { return errors.Join(w.Close(), meta.Close()) }
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.raftDir(), 2, logbridge.Hclog(n.log, "raft-snapshot", hclog.Warn))
 	if err != nil {
 		_ = closeAll()
 		return nil, nil, nil, nil, fmt.Errorf("opening Raft snapshots: %w", err)
 	}
 	return w, w, snaps, closeAll, nil
+}
+
+// openWAL opens Raft's log and stable store in dir and checks that the
+// log can be read at both ends, as Raft does when it starts (and panics
+// when it cannot).
+func openWAL(dir string, log *slog.Logger) (*wal.WAL, func() error, error) {
+	// The WAL does not close a meta store it opened itself, which would
+	// keep its lock past Close: give it one we close.
+	meta := &metadb.BoltMetaDB{}
+	w, err := wal.Open(dir, wal.WithSegmentSize(4<<20), wal.WithMetaStore(meta),
+		wal.WithLogger(logbridge.Hclog(log, "raft-wal", hclog.Warn)))
+	if err != nil {
+		meta.Close()
+		return nil, nil, fmt.Errorf("opening Raft log %s: %w", dir, err)
+	}
+	closeAll := func() error { return errors.Join(w.Close(), meta.Close()) }
+	if err := checkLog(w); err != nil {
+		_ = closeAll()
+		return nil, nil, fmt.Errorf("Raft log %s is damaged, so this node cannot take part in consensus: %w", dir, err)
+	}
+	return w, closeAll, nil
+}
+
+// checkLog reads a log's first and last entries.
+func checkLog(logs raft.LogStore) error {
+	first, err := logs.FirstIndex()
+	if err != nil {
+		return fmt.Errorf("reading its first index: %w", err)
+	}
+	last, err := logs.LastIndex()
+	if err != nil {
+		return fmt.Errorf("reading its last index: %w", err)
+	}
+	for _, i := range []uint64{first, last} {
+		if i == 0 {
+			continue
+		}
+		var l raft.Log
+		if err := logs.GetLog(i, &l); err != nil {
+			return fmt.Errorf("reading entry %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// newRaft is raft.NewRaft with its panics (a store it cannot read)
+// turned into errors that say what failed, for the agent to report.
+func newRaft(conf *raft.Config, fsm raft.FSM, logs raft.LogStore, stable raft.StableStore, snaps raft.SnapshotStore, trans raft.Transport) (r *raft.Raft, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r, err = nil, fmt.Errorf("raft: %v", p)
+		}
+	}()
+	return raft.NewRaft(conf, fsm, logs, stable, snaps, trans)
 }
 
 // startRaft starts this node's Raft server; with boot set it bootstraps a
@@ -485,7 +533,7 @@ func (n *Node) startRaft(boot *raft.Configuration) error {
 			return fmt.Errorf("bootstrapping the cluster: %w", err)
 		}
 	}
-	r, err := raft.NewRaft(conf, n.fsm, logs, stable, snaps, trans)
+	r, err := newRaft(conf, n.fsm, logs, stable, snaps, trans)
 	if err != nil {
 		trans.Close()
 		_ = closeLogs()
