@@ -19,9 +19,10 @@ import (
 // another identity's name is refused and counted, never merged; newer
 // versions of a node's records replace older ones.
 type replica struct {
-	self    string
-	infos   map[string]infoRec
-	entries map[entryKey]entryRec
+	self     string
+	infos    map[string]infoRec
+	entries  map[entryKey]entryRec
+	sessions map[sessionKey]sessionRec
 	// refused counts records refused, by reason.
 	refused map[string]uint64
 }
@@ -41,11 +42,25 @@ type entryKey struct {
 	subnet netip.Prefix
 }
 
+type sessionRec struct {
+	r RelaySession
+	s signed
+}
+
+type sessionKey struct {
+	relay  string
+	subnet netip.Prefix
+	a, b   string
+}
+
+func keyOf(r RelaySession) sessionKey { return sessionKey{r.Relay, r.Subnet, r.A, r.B} }
+
 // boundFunc returns the identity the catalog binds to a name.
 type boundFunc func(name string) (crypto.NodeID, bool)
 
 func newReplica(self string) *replica {
-	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{}, refused: map[string]uint64{}}
+	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{}, sessions: map[sessionKey]sessionRec{},
+		refused: map[string]uint64{}}
 }
 
 func (r *replica) refuse(reason string) { r.refused[reason]++ }
@@ -69,6 +84,11 @@ func (r *replica) mergeInfo(n NodeInfo, s signed, bound boundFunc) bool {
 		for k, e := range r.entries {
 			if k.node == n.Name && !n.ID.Verify(purposeEntry, e.s.Data, e.s.Sig) {
 				delete(r.entries, k)
+			}
+		}
+		for k, rec := range r.sessions {
+			if k.relay == n.Name && !n.ID.Verify(purposeSession, rec.s.Data, rec.s.Sig) {
+				delete(r.sessions, k)
 			}
 		}
 	}
@@ -117,6 +137,34 @@ func (r *replica) mergeEntry(s signed, bound boundFunc) bool {
 	return true
 }
 
+// mergeSession merges a relay's signed session and reports whether it
+// changed.
+func (r *replica) mergeSession(s signed, bound boundFunc) bool {
+	rs, err := decodeSession(s)
+	if err != nil {
+		r.refuse("session-invalid")
+		return false
+	}
+	if rs.Relay == r.self {
+		return false
+	}
+	id, ok := r.identityOf(rs.Relay, bound)
+	if !ok {
+		r.refuse("session-unknown-node")
+		return false
+	}
+	if !id.Verify(purposeSession, s.Data, s.Sig) {
+		r.refuse("session-forged")
+		return false
+	}
+	k := keyOf(rs)
+	if cur, ok := r.sessions[k]; ok && rs.Version <= cur.r.Version {
+		return false
+	}
+	r.sessions[k] = sessionRec{rs, s}
+	return true
+}
+
 // forgetNode drops a node's records.
 func (r *replica) forgetNode(name string) {
 	delete(r.infos, name)
@@ -125,13 +173,19 @@ func (r *replica) forgetNode(name string) {
 			delete(r.entries, k)
 		}
 	}
+	for k := range r.sessions {
+		if k.relay == name {
+			delete(r.sessions, k)
+		}
+	}
 }
 
 // stateMsg is the push/pull state and the saved gossip: signed records.
 type stateMsg struct {
-	V       int      `json:"v"`
-	Infos   []signed `json:"infos,omitempty"`
-	Entries []signed `json:"entries"`
+	V        int      `json:"v"`
+	Infos    []signed `json:"infos,omitempty"`
+	Entries  []signed `json:"entries"`
+	Sessions []signed `json:"sessions,omitempty"`
 }
 
 // snapshot lists every entry (and, for the saved copy, every info).
@@ -142,6 +196,13 @@ func (r *replica) snapshot(withInfos bool) stateMsg {
 	})
 	for _, k := range keys {
 		s.Entries = append(s.Entries, r.entries[k].s)
+	}
+	skeys := slices.SortedFunc(maps.Keys(r.sessions), func(a, b sessionKey) int {
+		return cmp.Or(cmp.Compare(a.relay, b.relay), a.subnet.Addr().Compare(b.subnet.Addr()), cmp.Compare(a.subnet.Bits(), b.subnet.Bits()),
+			cmp.Compare(a.a, b.a), cmp.Compare(a.b, b.b))
+	})
+	for _, k := range skeys {
+		s.Sessions = append(s.Sessions, r.sessions[k].s)
 	}
 	if withInfos {
 		for _, name := range slices.Sorted(maps.Keys(r.infos)) {
