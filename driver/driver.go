@@ -171,7 +171,7 @@ func New(cfg Config) (*Driver, error) {
 		nameTries: map[string]int{},
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
-		paths:     newPaths(cfg.PunchTimeout, cfg.DirectRetry, cfg.Keepalive),
+		paths:     newPaths(cfg.Logger.With("component", "paths"), cfg.PunchTimeout, cfg.DirectRetry, cfg.Keepalive),
 		relayHost: newRelayHost(),
 		metrics:   newMetrics(),
 

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"hash/fnv"
+	"log/slog"
 	"maps"
 	"net/netip"
 	"slices"
@@ -86,6 +87,7 @@ type path struct {
 // paths holds every peer's path. Not safe for concurrent use: the driver
 // calls it with its mutex held.
 type paths struct {
+	log          *slog.Logger
 	punchTimeout time.Duration
 	directRetry  time.Duration
 	keepalive    time.Duration
@@ -105,8 +107,8 @@ const (
 	sightingFresh = 150 * time.Second
 )
 
-func newPaths(punch, retry, keepalive time.Duration) *paths {
-	return &paths{punchTimeout: punch, directRetry: retry, keepalive: keepalive, m: map[pathKey]*path{}}
+func newPaths(log *slog.Logger, punch, retry, keepalive time.Duration) *paths {
+	return &paths{log: log, punchTimeout: punch, directRetry: retry, keepalive: keepalive, m: map[pathKey]*path{}}
 }
 
 func (ps *paths) get(k pathKey) *path {
@@ -273,10 +275,12 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 	relay := chooseRelay(v, subnet, v.Self, peer.Node)
 	before, wasWanting := p.want, p.wanting
 	relayed, _ := pairRelay(v.Self, p, peer)
-	fail := func() {
+	fail := func(why string) {
 		tries := min(p.tries(peer)+1, 1000)
 		p.attempt = time.Time{}
 		p.retryAt = now.Add(ps.backoff(tries))
+		ps.log.Info("no direct path to peer: "+why, "network", subnet, "peer", peer.Node, "relay", relay, "failures", tries,
+			"retry_in", ps.backoff(tries))
 		if relay == "" {
 			// Nobody to relay: try direct again later.
 			p.noRelay = true
@@ -294,6 +298,8 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 			p.since = now
 		}
 		if !expect && relay != "" && !relayed {
+			ps.log.Info("peer behind NAT that cannot be punched through: asking a relay", "network", subnet, "peer", peer.Node,
+				"relay", relay, "nat", string(self.NAT), "peer_nat", string(peer.NAT))
 			p.want, p.wanting, p.attempt = mesh.RelayWant{Via: relay}, true, time.Time{}
 			return true
 		}
@@ -310,22 +316,23 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 		case !p.handshake.IsZero() && now.Sub(p.handshake) < handshakeStale && p.inUse != p.relayEP:
 			// Observations older than the attempt were ignored: this
 			// is a handshake of the path being tried.
+			ps.log.Info("direct path to peer", "network", subnet, "peer", peer.Node, "endpoint", p.inUse, "took", now.Sub(p.attempt).Round(time.Millisecond))
 			p.attempt = time.Time{}
 			p.want, p.wanting, p.noRelay = mesh.RelayWant{}, false, false
 		case now.Sub(p.attempt) >= ps.punchTimeout:
-			fail()
+			fail("no handshake within " + ps.punchTimeout.String())
 		}
 	case !relayed:
 		if p.noRelay && now.After(p.retryAt) {
 			if relay != "" {
-				fail()
+				fail("a relay is available now")
 			} else {
 				p.attempt = now
 			}
 			break
 		}
 		if ps.broken(p, now) {
-			fail()
+			fail("the session stopped")
 		}
 	case p.wanting && p.want.Via != "":
 		if relay != "" && relay != p.want.Via {
@@ -334,6 +341,7 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 		if expect && !now.Before(p.retryAt) && peerMember.Direct(now) {
 			// Ready to try direct again; the pair goes direct when the
 			// peer is ready too.
+			ps.log.Debug("ready to try a direct path again", "network", subnet, "peer", peer.Node)
 			p.want.Via = ""
 		}
 	case p.wanting && p.want.Via == "":
@@ -386,6 +394,7 @@ func (ps *paths) decide(now time.Time, v *mesh.View, subnet netip.Prefix, peer m
 		if ok && hasSession {
 			ep := netip.AddrPortFrom(relayMember.Addr, sess.Port)
 			if !p.relayed || p.endpoint != ep {
+				ps.log.Info("peer reached through a relay", "network", subnet, "peer", peer.Node, "relay", via, "endpoint", ep)
 				p.relayed, p.via, p.relayEP, p.since, p.attempt = true, via, ep, now, time.Time{}
 				p.gen++
 				d.restarted = true
@@ -411,6 +420,7 @@ func (ps *paths) decide(now time.Time, v *mesh.View, subnet netip.Prefix, peer m
 		switch {
 		case p.relayed:
 			// Both hosts are ready to try direct: both start over now.
+			ps.log.Info("trying a direct path to peer again", "network", subnet, "peer", peer.Node, "endpoint", ep)
 			p.relayed, p.via, p.since, p.attempt = false, "", now, now
 			p.gen++
 			d.restarted = true

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"log/slog"
 	"net/netip"
 	"testing"
 	"time"
@@ -47,9 +48,9 @@ var relayAddr = netip.MustParseAddr("192.0.2.100")
 func newPathWorld(t *testing.T, natX, natY mesh.NATKind) *pathWorld {
 	w := &pathWorld{t: t, now: time.Unix(1_000_000, 0), subnet: netip.MustParsePrefix("10.60.0.0/16"), hosts: map[string]*simHost{}, relayPort: 51907}
 	w.hosts["x"] = &simHost{name: "x", nat: natX, addr: netip.MustParseAddr("10.1.0.2"), public: netip.MustParseAddrPort("198.51.100.1:51820"),
-		paths: newPaths(8*time.Second, time.Minute, 25*time.Second)}
+		paths: newPaths(slog.New(slog.DiscardHandler), 8*time.Second, time.Minute, 25*time.Second)}
 	w.hosts["y"] = &simHost{name: "y", nat: natY, addr: netip.MustParseAddr("10.2.0.2"), public: netip.MustParseAddrPort("198.51.100.2:51820"),
-		paths: newPaths(8*time.Second, time.Minute, 25*time.Second)}
+		paths: newPaths(slog.New(slog.DiscardHandler), 8*time.Second, time.Minute, 25*time.Second)}
 	return w
 }
 

@@ -229,7 +229,11 @@ func (t *gossipTransport) loopPackets() {
 		}
 		if sealed {
 			from := addrPortOf(p.From)
-			t.sighted(h, from, p.Timestamp)
+			if h.kind != kindReflectd {
+				// Everything else comes from the sender's gossip port;
+				// a reflection from its relay port.
+				t.sighted(h, from, p.Timestamp)
+			}
 			switch h.kind {
 			case kindGossip:
 			case kindProbe:

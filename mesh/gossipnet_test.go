@@ -286,3 +286,28 @@ func TestProbesOverSockets(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestReflectionIsNoSighting: a relay's reflection comes from its relay
+// port; packets for the relay must still go to its gossip port.
+func TestReflectionIsNoSighting(t *testing.T) {
+	relay := newGossipTransport(newPipe(), "relay")
+	relay.setKeyring(keys("k"))
+	pipe := newPipe()
+	node := newGossipTransport(pipe, "node")
+	node.setKeyring(keys("k"))
+	node.start()
+	defer node.Shutdown()
+	gossipPort := &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 7946}
+	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindGossip, []byte("g")), From: gossipPort, Timestamp: time.Now()}
+	recv(t, node)
+	seen, _ := netip.MustParseAddrPort("198.51.100.9:4000").MarshalBinary()
+	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindReflectd, seen), From: &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 51900}, Timestamp: time.Now()}
+	pipe.in <- &memberlist.Packet{Buf: []byte("sync"), From: gossipPort, Timestamp: time.Now()}
+	recv(t, node)
+	if s := node.sightingsCopy()["relay"]; s.Addr.Port() != 7946 {
+		t.Fatalf("relay sighted at %s", s.Addr)
+	}
+	if r := node.reflectionsCopy()["relay"]; r.Addr != netip.MustParseAddrPort("198.51.100.9:4000") {
+		t.Fatalf("reflection %+v", r)
+	}
+}

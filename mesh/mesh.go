@@ -238,11 +238,11 @@ type Mesh struct {
 	// NAT (nat.go): observations of this node by observer, what this
 	// node last told each member it observes, where it sees its peers'
 	// WireGuard handshakes come from, and its judgement of its own NAT.
-	obs         map[string]obsRec
-	sentObs     map[string]sentObs
-	wgSights    map[string]map[netip.Prefix]netip.AddrPort
-	nat         natState
-	lastReflect time.Time
+	obs          map[string]obsRec
+	sentObs      map[string]sentObs
+	wgSights     map[string]map[netip.Prefix]netip.AddrPort
+	nat          natState
+	reflectAsked map[netip.AddrPort]time.Time
 }
 
 type outMsg struct {
@@ -288,6 +288,8 @@ func New(cfg Config) (*Mesh, error) {
 		addr:    addr,
 		obs:     map[string]obsRec{},
 		sentObs: map[string]sentObs{},
+
+		reflectAsked: map[netip.AddrPort]time.Time{},
 	}
 	m.probeInterval = m.baseMemberlist().ProbeInterval
 	m.queue = &memberlist.TransmitLimitedQueue{
@@ -822,9 +824,13 @@ func (m *Mesh) View() *View {
 	// it suspect.
 	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.probeInterval
 	now := time.Now()
+	selfNAT := v.Members[v.Self].NAT
 	for name, mem := range v.Members {
+		// Two hosts behind NAT may have no direct path at all; memberlist
+		// then probes one through others, which answers no direct probe.
+		natted := selfNAT.Behind() && mem.NAT.Behind() && !mem.Direct(now)
 		switch {
-		case mem.State == Alive && !mem.Self && now.Sub(mem.LastAck) > suspectAfter:
+		case mem.State == Alive && !mem.Self && !natted && now.Sub(mem.LastAck) > suspectAfter:
 			mem.State = Suspect
 		case mem.State == Unknown && !m.started.IsZero() && now.Sub(m.started) > m.unknownGrace():
 			// Gossip has had time to find it and has not: treat it as

@@ -318,19 +318,27 @@ func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []outObs) {
 	}
 }
 
-// reflectTargetsLocked lists the relays to ask for a reflection now.
+// reflectTargetsLocked lists the relays to ask for a reflection now: each
+// every reflectEvery, a new one at once.
 func (m *Mesh) reflectTargetsLocked(now time.Time) []netip.AddrPort {
-	if now.Sub(m.lastReflect) < reflectEvery {
-		return nil
-	}
-	m.lastReflect = now
 	var out []netip.AddrPort
+	seen := map[netip.AddrPort]bool{}
 	for name, rec := range m.rep.infos {
 		n := rec.info
 		if name == m.cfg.Name || n.RelayPort == 0 || n.NAT != NATNone || !m.live[name].state.Reachable() {
 			continue
 		}
-		out = append(out, netip.AddrPortFrom(n.Addr, n.RelayPort))
+		to := netip.AddrPortFrom(n.Addr, n.RelayPort)
+		seen[to] = true
+		if now.Sub(m.reflectAsked[to]) >= reflectEvery {
+			m.reflectAsked[to] = now
+			out = append(out, to)
+		}
+	}
+	for to := range m.reflectAsked {
+		if !seen[to] {
+			delete(m.reflectAsked, to)
+		}
 	}
 	slices.SortFunc(out, netip.AddrPort.Compare)
 	return out

@@ -22,11 +22,12 @@ import (
 // probe counts like a refused one: nothing relies on ICMP arriving.
 //
 // A search halves the range between the largest size acknowledged and
-// the smallest lost or refused one, down to pmtuGranularity bytes, from
-// the last known value first. A known value is confirmed every interval
-// with one probe of its size; two confirmations lost in a row start a new
-// search (the path shrank), and every growEvery intervals a probe of the
-// largest size the interface allows looks for a path that grew.
+// the smallest lost or refused one, down to the byte, from the last known
+// value first. A known value is confirmed every interval with one probe
+// of its size; two confirmations lost in a row start a new search (the
+// path shrank), and every growEvery intervals a search from the known
+// value up looks for a path that grew (or a value that came out low,
+// from a search while packets were lost).
 
 // PathMTU is the path MTU to a member: the largest IP packet that
 // crosses, 0 if unknown.
@@ -227,13 +228,9 @@ func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, 
 			search = fails >= 2
 		default:
 			fails = 0
-			if rounds%growEvery == growEvery-1 && prev < local {
-				grew, err := probe(ctx, local)
-				if err != nil && !errors.Is(err, errTooBig) {
-					return err
-				}
-				search = grew || errors.Is(err, errTooBig)
-			}
+			// Now and then search again, from this value up: the path
+			// may have grown, or a search under loss came out low.
+			search = rounds%growEvery == growEvery-1 && prev < local
 		}
 	}
 	mtu := prev

@@ -896,7 +896,10 @@ func (d *DataPlane) Status(ctx context.Context) ([]dataplane.NetworkStatus, erro
 					RxBytes: p.ReceiveBytes, TxBytes: p.TransmitBytes,
 				}
 				if p.Endpoint != nil {
-					ps.Endpoint = p.Endpoint.AddrPort()
+					// wireguard-go's sockets are dual-stack: IPv4
+					// endpoints come mapped.
+					ap := p.Endpoint.AddrPort()
+					ps.Endpoint = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 				}
 				for _, a := range p.AllowedIPs {
 					ps.AllowedIPs = append(ps.AllowedIPs, prefixOf(a))
