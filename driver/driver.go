@@ -226,9 +226,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	defer resync.Stop()
 	retry := time.NewTimer(0)
 	<-retry.C
-	// Paths to peers are looked at every second while they change, else
-	// every pathsIdle.
-	pathsTimer := time.NewTimer(time.Second)
+	pathsTimer := time.NewTimer(pathsBusy)
 	defer pathsTimer.Stop()
 	// An agent restart is when network namespaces may have been lost
 	// (see linux.Config.HostMountNS): repair containers at once.
@@ -247,7 +245,7 @@ func (d *Driver) Run(ctx context.Context) error {
 		case <-retry.C:
 		case <-pathsTimer.C:
 			if d.evaluatePaths(ctx) {
-				pathsTimer.Reset(time.Second)
+				pathsTimer.Reset(pathsBusy)
 			} else {
 				pathsTimer.Reset(pathsIdle)
 			}
@@ -255,11 +253,16 @@ func (d *Driver) Run(ctx context.Context) error {
 		}
 		d.mu.Lock()
 		err := d.applyLocked(ctx)
+		busy := d.paths.busy()
 		d.mu.Unlock()
 		if err != nil {
 			d.metrics.reconcileErrors.Inc()
 			d.log.Error("applying data plane failed; retrying", "err", err)
 			retry.Reset(2 * time.Second)
+		}
+		if busy {
+			// A new peer, or a path changing: watch it closely.
+			pathsTimer.Reset(pathsBusy)
 		}
 	}
 }
@@ -280,8 +283,13 @@ func (d *Driver) applyLocked(ctx context.Context) error {
 	return d.cfg.DataPlane.Apply(ctx, cfg)
 }
 
-// pathsIdle is how often paths are looked at while none is changing.
-const pathsIdle = 5 * time.Second
+// Paths are looked at every pathsBusy while one is changing (a direct
+// attempt: the sooner a handshake is seen the better), else every
+// pathsIdle.
+const (
+	pathsBusy = 250 * time.Millisecond
+	pathsIdle = 5 * time.Second
+)
 
 // evaluatePaths looks at WireGuard's sessions with every peer, moves
 // paths on (paths.go), publishes this host's wishes and sightings, and

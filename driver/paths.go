@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"hash/fnv"
 	"log/slog"
 	"maps"
@@ -439,9 +440,31 @@ func (ps *paths) decide(now time.Time, v *mesh.View, subnet netip.Prefix, peer m
 	}
 	p.endpoint, p.pathMTU = d.endpoint, d.pathMTU
 	d.gen = p.gen
-	d.flip = p.tries(peer)%2 == 1
+	d.flip = flipFirst(v, peer, p.tries(peer))
 	p.flip = d.flip
 	return d
+}
+
+// flipFirst decides which host of a pair starts the first handshake of a
+// started-over peer (see the stagger): normally the one with the lower
+// key, flip makes it the other. Its handshake is dropped if the other
+// host does not know it yet, and the other's, a moment later, must then
+// reach it: so where only one of the two is reachable at its own
+// address, that one goes first. Between two hosts behind NAT it
+// alternates with every failed attempt.
+func flipFirst(v *mesh.View, peer mesh.Peer, tries int) bool {
+	self := v.Members[v.Self]
+	selfLower := bytes.Compare(self.PublicKey[:], peer.PublicKey[:]) < 0
+	var selfFirst bool
+	switch {
+	case self.NAT == mesh.NATNone && peer.NAT.Behind():
+		selfFirst = true
+	case self.NAT.Behind() && peer.NAT == mesh.NATNone:
+		selfFirst = false
+	default:
+		selfFirst = selfLower != (tries%2 == 1)
+	}
+	return selfFirst != selfLower
 }
 
 func minPositive(a, b int) int {

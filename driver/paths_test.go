@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"log/slog"
 	"net/netip"
 	"testing"
@@ -288,6 +289,41 @@ func TestRouteMTU(t *testing.T) {
 	} {
 		if got := routeMTU(c.path, c.ep, 1340); got != c.want {
 			t.Errorf("path %d to %s: route MTU %d, want %d", c.path, c.ep, got, c.want)
+		}
+	}
+}
+
+func TestFlipFirst(t *testing.T) {
+	low, high := crypto.PublicKey{1}, crypto.PublicKey{2}
+	view := func(selfKey crypto.PublicKey, nat mesh.NATKind) *mesh.View {
+		return &mesh.View{Self: "me", Members: map[string]mesh.Member{"me": {NodeInfo: mesh.NodeInfo{Name: "me", PublicKey: selfKey, NAT: nat}}}}
+	}
+	// first reports whether this host starts first.
+	first := func(selfKey crypto.PublicKey, selfNAT mesh.NATKind, peerKey crypto.PublicKey, peerNAT mesh.NATKind, tries int) bool {
+		flip := flipFirst(view(selfKey, selfNAT), mesh.Peer{PublicKey: peerKey, NAT: peerNAT}, tries)
+		return (bytes.Compare(selfKey[:], peerKey[:]) < 0) != flip
+	}
+	for _, c := range []struct {
+		name             string
+		selfKey, peerKey crypto.PublicKey
+		selfNAT, peerNAT mesh.NATKind
+		tries            int
+		want             bool
+	}{
+		{"both reachable: the lower key", low, high, mesh.NATNone, mesh.NATNone, 0, true},
+		{"both reachable: not the higher key", high, low, mesh.NATNone, mesh.NATNone, 0, false},
+		{"the reachable one, though its key is higher", high, low, mesh.NATNone, mesh.NATSymmetric, 0, true},
+		{"not the one behind NAT, though its key is lower", low, high, mesh.NATConsistent, mesh.NATNone, 0, false},
+		{"both behind NAT: the lower key first", low, high, mesh.NATConsistent, mesh.NATConsistent, 0, true},
+		{"both behind NAT, after one failure: the other", low, high, mesh.NATConsistent, mesh.NATConsistent, 1, false},
+		{"both behind NAT, after two: the lower again", low, high, mesh.NATConsistent, mesh.NATConsistent, 2, true},
+	} {
+		if got := first(c.selfKey, c.selfNAT, c.peerKey, c.peerNAT, c.tries); got != c.want {
+			t.Errorf("%s: this host first %v", c.name, got)
+		}
+		// The peer, deciding the same, must come out the other way.
+		if got := first(c.peerKey, c.peerNAT, c.selfKey, c.selfNAT, c.tries); got == c.want {
+			t.Errorf("%s: both hosts decide the same", c.name)
 		}
 	}
 }

@@ -32,6 +32,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/blake2s"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 
 	"github.com/wgmesh/wgmesh/crypto"
 )
@@ -149,8 +151,9 @@ const maxPacket = 9216
 
 type session struct {
 	Session
-	conn *net.UDPConn
-	log  *slog.Logger
+	conn  *net.UDPConn
+	batch batchConn
+	log   *slog.Logger
 	// keyA is the mac1 key of messages to A (derived from A's public
 	// key), keyB of messages to B.
 	keyA, keyB [blake2s.Size]byte
@@ -159,8 +162,10 @@ type session struct {
 
 	mu           sync.Mutex
 	addrA, addrB netip.AddrPort
-	seen         [64][16]byte // mac1 of recent handshakes
-	next         int
+	// udpA and udpB are the same, made once for sending.
+	udpA, udpB *net.UDPAddr
+	seen       [64][16]byte // mac1 of recent handshakes
+	next       int
 
 	pAB, pBA, bAB, bBA, dropped atomic.Uint64
 }
@@ -179,9 +184,24 @@ func (s *Server) open(ss Session) (*session, error) {
 	_ = conn.SetWriteBuffer(4 << 20)
 	r := &session{Session: ss, conn: conn, log: s.log.With("port", ss.Port), keyA: mac1Key(ss.A), keyB: mac1Key(ss.B),
 		limit: newBucket(s.cfg.MaxRate), done: make(chan struct{})}
+	if network == "udp4" {
+		r.batch = ipv4.NewPacketConn(conn)
+	} else {
+		r.batch = ipv6.NewPacketConn(conn)
+	}
 	go r.loop()
 	return r, nil
 }
+
+// batchConn reads and writes several datagrams per system call
+// (recvmmsg, sendmmsg).
+type batchConn interface {
+	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+	WriteBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
+// batchSize is how many datagrams one system call moves at most.
+const batchSize = 64
 
 func (r *session) close() {
 	r.conn.Close()
@@ -196,38 +216,61 @@ func (r *session) stats() Stats {
 		BytesAB: r.bAB.Load(), BytesBA: r.bBA.Load(), Dropped: r.dropped.Load()}
 }
 
-// loop forwards until the socket is closed.
+// loop forwards until the socket is closed, a batch of datagrams at a
+// time each way.
 func (r *session) loop() {
 	defer close(r.done)
-	buf := make([]byte, maxPacket+1)
+	in := make([]ipv4.Message, batchSize)
+	for i := range in {
+		in[i].Buffers = [][]byte{make([]byte, maxPacket+1)}
+	}
+	out := make([]ipv4.Message, 0, batchSize)
 	for {
-		n, src, err := r.conn.ReadFromUDPAddrPort(buf)
+		n, err := r.batch.ReadBatch(in, 0)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
 			continue
 		}
-		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		if n > maxPacket {
-			r.dropped.Add(1)
-			continue
+		now := time.Now()
+		out = out[:0]
+		for i := range in[:n] {
+			m := &in[i]
+			ua, ok := m.Addr.(*net.UDPAddr)
+			if !ok || m.N > maxPacket {
+				r.dropped.Add(1)
+				continue
+			}
+			src := ua.AddrPort()
+			src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+			pkt := m.Buffers[0][:m.N]
+			dst, toB, ok := r.route(pkt, src)
+			if !ok || !r.limit.take(m.N, now) {
+				r.dropped.Add(1)
+				continue
+			}
+			out = append(out, ipv4.Message{Buffers: [][]byte{pkt}, Addr: dst})
+			if toB {
+				r.pAB.Add(1)
+				r.bAB.Add(uint64(m.N))
+			} else {
+				r.pBA.Add(1)
+				r.bBA.Add(uint64(m.N))
+			}
 		}
-		dst, toB, ok := r.route(buf[:n], src)
-		if !ok || !r.limit.take(n, time.Now()) {
-			r.dropped.Add(1)
-			continue
-		}
-		if _, err := r.conn.WriteToUDPAddrPort(buf[:n], dst); err != nil {
-			r.dropped.Add(1)
-			continue
-		}
-		if toB {
-			r.pAB.Add(1)
-			r.bAB.Add(uint64(n))
-		} else {
-			r.pBA.Add(1)
-			r.bBA.Add(uint64(n))
+		for len(out) > 0 {
+			sent, err := r.batch.WriteBatch(out, 0)
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				// Skip the datagram that failed (its destination went
+				// away, say) and go on with the rest.
+				r.dropped.Add(1)
+				sent++
+			}
+			out = out[min(sent, len(out)):]
 		}
 	}
 }
@@ -235,7 +278,7 @@ func (r *session) loop() {
 // route decides where a packet from src goes: a handshake message tells
 // its sender by its mac1 (and teaches the relay the sender's address);
 // anything else goes from one learned address to the other.
-func (r *session) route(msg []byte, src netip.AddrPort) (dst netip.AddrPort, toB, ok bool) {
+func (r *session) route(msg []byte, src netip.AddrPort) (dst *net.UDPAddr, toB, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if mac, ok := handshakeMAC1(msg); ok {
@@ -246,29 +289,29 @@ func (r *session) route(msg []byte, src netip.AddrPort) (dst netip.AddrPort, toB
 		case checkMAC1(msg, r.keyA):
 			fromA = false
 		default:
-			return netip.AddrPort{}, false, false
+			return nil, false, false
 		}
 		if !r.replayedLocked(mac) {
 			if fromA && r.addrA != src {
 				r.log.Debug("relayed end A is at a new address", "addr", src)
-				r.addrA = src
+				r.addrA, r.udpA = src, net.UDPAddrFromAddrPort(src)
 			} else if !fromA && r.addrB != src {
 				r.log.Debug("relayed end B is at a new address", "addr", src)
-				r.addrB = src
+				r.addrB, r.udpB = src, net.UDPAddrFromAddrPort(src)
 			}
 		}
 		if fromA {
-			return r.addrB, true, r.addrB.IsValid() && src == r.addrA
+			return r.udpB, true, r.addrB.IsValid() && src == r.addrA
 		}
-		return r.addrA, false, r.addrA.IsValid() && src == r.addrB
+		return r.udpA, false, r.addrA.IsValid() && src == r.addrB
 	}
 	switch {
 	case src == r.addrA && r.addrA.IsValid():
-		return r.addrB, true, r.addrB.IsValid()
+		return r.udpB, true, r.addrB.IsValid()
 	case src == r.addrB && r.addrB.IsValid():
-		return r.addrA, false, r.addrA.IsValid()
+		return r.udpA, false, r.addrA.IsValid()
 	}
-	return netip.AddrPort{}, false, false
+	return nil, false, false
 }
 
 // replayedLocked reports whether a handshake was seen before, and

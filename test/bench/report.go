@@ -83,6 +83,10 @@ func (r *Report) Markdown() string {
 		p("")
 		r.Claims.markdown(p)
 	}
+	if r.NAT != nil {
+		p("")
+		r.NAT.markdown(p)
+	}
 	if len(r.Simulation) > 0 || len(r.SimErrors) > 0 {
 		p("")
 		p("## Simulation beyond this machine")
