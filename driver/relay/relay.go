@@ -19,6 +19,7 @@
 package relay
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,10 +31,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/crypto/blake2s"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
 
 	"github.com/wgmesh/wgmesh/crypto"
 )
@@ -153,7 +156,11 @@ type session struct {
 	Session
 	conn  *net.UDPConn
 	batch batchConn
-	log   *slog.Logger
+	// gso: the kernel coalesces datagrams of one flow on reading (UDP
+	// GRO) and splits them again on sending (UDP GSO), so that a burst
+	// of WireGuard packets crosses the relay as one.
+	gso bool
+	log *slog.Logger
 	// keyA is the mac1 key of messages to A (derived from A's public
 	// key), keyB of messages to B.
 	keyA, keyB [blake2s.Size]byte
@@ -189,8 +196,60 @@ func (s *Server) open(ss Session) (*session, error) {
 	} else {
 		r.batch = ipv6.NewPacketConn(conn)
 	}
+	r.gso = enableGRO(conn)
 	go r.loop()
 	return r, nil
+}
+
+// enableGRO turns UDP GRO on, where the kernel has it and says so
+// (reading it back needs Linux 5.12; older ones are left alone).
+func enableGRO(c *net.UDPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	on := false
+	_ = rc.Control(func(fd uintptr) {
+		if unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) != nil {
+			return
+		}
+		v, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO)
+		on = err == nil && v == 1
+	})
+	return on
+}
+
+// groSize is the segment size of a coalesced read, from its control
+// message; 0 for a single datagram.
+func groSize(oob []byte) int {
+	for len(oob) > unix.SizeofCmsghdr {
+		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			return 0
+		}
+		if hdr.Level == unix.SOL_UDP && hdr.Type == unix.UDP_GRO {
+			switch {
+			case len(data) >= 4:
+				return int(binary.NativeEndian.Uint32(data))
+			case len(data) >= 2:
+				return int(binary.NativeEndian.Uint16(data))
+			}
+		}
+		oob = rest
+	}
+	return 0
+}
+
+// gsoControl writes into buf a control message that has the kernel
+// split a send into segments of size bytes, and returns it.
+func gsoControl(buf []byte, size int) []byte {
+	buf = buf[:unix.CmsgSpace(2)]
+	clear(buf)
+	hdr := (*unix.Cmsghdr)(unsafe.Pointer(&buf[0]))
+	hdr.Level, hdr.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	hdr.SetLen(unix.CmsgLen(2))
+	binary.NativeEndian.PutUint16(buf[unix.CmsgLen(0):], uint16(size))
+	return buf
 }
 
 // batchConn reads and writes several datagrams per system call
@@ -217,14 +276,25 @@ func (r *session) stats() Stats {
 }
 
 // loop forwards until the socket is closed, a batch of datagrams at a
-// time each way.
+// time each way, and with GRO many datagrams of one flow per buffer.
 func (r *session) loop() {
 	defer close(r.done)
-	in := make([]ipv4.Message, batchSize)
-	for i := range in {
-		in[i].Buffers = [][]byte{make([]byte, maxPacket+1)}
+	// A coalesced read takes up to 64 KiB; fewer of them at a time keep a
+	// session's buffers at 512 KiB.
+	bufSize, batch := maxPacket+1, batchSize
+	if r.gso {
+		bufSize, batch = 1<<16, 8
 	}
-	out := make([]ipv4.Message, 0, batchSize)
+	in := make([]ipv4.Message, batch)
+	for i := range in {
+		in[i].Buffers = [][]byte{make([]byte, bufSize)}
+		in[i].OOB = make([]byte, 64)
+	}
+	ctl := make([][]byte, batch)
+	for i := range ctl {
+		ctl[i] = make([]byte, unix.CmsgSpace(2))
+	}
+	out := make([]ipv4.Message, 0, batchSize*2)
 	for {
 		n, err := r.batch.ReadBatch(in, 0)
 		if err != nil {
@@ -238,40 +308,88 @@ func (r *session) loop() {
 		for i := range in[:n] {
 			m := &in[i]
 			ua, ok := m.Addr.(*net.UDPAddr)
-			if !ok || m.N > maxPacket {
+			if !ok {
 				r.dropped.Add(1)
 				continue
 			}
 			src := ua.AddrPort()
 			src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-			pkt := m.Buffers[0][:m.N]
-			dst, toB, ok := r.route(pkt, src)
-			if !ok || !r.limit.take(m.N, now) {
+			buf := m.Buffers[0][:m.N]
+			seg := groSize(m.OOB[:m.NN])
+			if seg <= 0 || seg >= len(buf) {
+				seg = len(buf)
+			}
+			if seg > maxPacket {
 				r.dropped.Add(1)
 				continue
 			}
-			out = append(out, ipv4.Message{Buffers: [][]byte{pkt}, Addr: dst})
-			if toB {
-				r.pAB.Add(1)
-				r.bAB.Add(uint64(m.N))
-			} else {
-				r.pBA.Add(1)
-				r.bBA.Add(uint64(m.N))
-			}
-		}
-		for len(out) > 0 {
-			sent, err := r.batch.WriteBatch(out, 0)
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
+			segs := (len(buf) + seg - 1) / seg
+			if segs > 1 && r.gso && macOffset(buf[:seg]) < 0 {
+				// A run of data packets of one end: forwarded whole, the
+				// kernel splits it again.
+				dst, toB, ok := r.route(buf[:seg], src)
+				if !ok || !r.limit.take(len(buf), now) {
+					r.dropped.Add(uint64(segs))
+					continue
 				}
-				// Skip the datagram that failed (its destination went
-				// away, say) and go on with the rest.
-				r.dropped.Add(1)
-				sent++
+				out = append(out, ipv4.Message{Buffers: [][]byte{buf}, Addr: dst, OOB: gsoControl(ctl[i], seg)})
+				r.count(toB, segs, len(buf))
+				continue
 			}
-			out = out[min(sent, len(out)):]
+			for off := 0; off < len(buf); off += seg {
+				pkt := buf[off:min(off+seg, len(buf))]
+				dst, toB, ok := r.route(pkt, src)
+				if !ok || !r.limit.take(len(pkt), now) {
+					r.dropped.Add(1)
+					continue
+				}
+				out = append(out, ipv4.Message{Buffers: [][]byte{pkt}, Addr: dst})
+				r.count(toB, 1, len(pkt))
+			}
 		}
+		r.send(out)
+	}
+}
+
+func (r *session) count(toB bool, packets, bytes int) {
+	if toB {
+		r.pAB.Add(uint64(packets))
+		r.bAB.Add(uint64(bytes))
+	} else {
+		r.pBA.Add(uint64(packets))
+		r.bBA.Add(uint64(bytes))
+	}
+}
+
+// send writes out, skipping a datagram the kernel refuses. A segmented
+// send refused with EIO (a device without checksum offload, which GSO
+// needs) turns GSO off for the session and goes out a segment at a time.
+func (r *session) send(out []ipv4.Message) {
+	for len(out) > 0 {
+		sent, err := r.batch.WriteBatch(out, 0)
+		if err == nil {
+			out = out[min(sent, len(out)):]
+			continue
+		}
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		failed := out[min(sent, len(out)-1)]
+		if len(failed.OOB) > 0 && errors.Is(err, unix.EIO) {
+			r.log.Warn("the kernel cannot segment relayed datagrams here; sending them one by one", "err", err)
+			r.gso = false
+			seg := int(binary.NativeEndian.Uint16(failed.OOB[unix.CmsgLen(0):]))
+			buf := failed.Buffers[0]
+			for off := 0; off < len(buf); off += seg {
+				one := []ipv4.Message{{Buffers: [][]byte{buf[off:min(off+seg, len(buf))]}, Addr: failed.Addr}}
+				if _, err := r.batch.WriteBatch(one, 0); err != nil {
+					r.dropped.Add(1)
+				}
+			}
+		} else {
+			r.dropped.Add(1)
+		}
+		out = out[min(sent+1, len(out)):]
 	}
 }
 

@@ -146,6 +146,42 @@ func TestForwardsOnlyBetweenTheLearnedEnds(t *testing.T) {
 	c.Close()
 }
 
+// TestSegmentedBurst: a burst sent as one segmented datagram (as
+// wireguard-go sends with UDP GSO) arrives as the same datagrams.
+func TestSegmentedBurst(t *testing.T) {
+	ka, kb := pubKey(t), pubKey(t)
+	s := New(Config{BindAddr: loopback})
+	defer s.Close()
+	port := freeUDPPort(t)
+	if err := s.Set([]Session{{Port: port, A: ka, B: kb}}); err != nil {
+		t.Fatal(err)
+	}
+	relay := net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, port))
+	a, b := listen(t), listen(t)
+	_, _ = a.WriteToUDP(handshake(msgInitiation, kb), relay)
+	resp := handshake(msgResponse, ka)
+	_, _ = b.WriteToUDP(resp, relay)
+	expect(t, a, resp)
+	const n, size = 20, 1000
+	burst := make([]byte, 0, n*size)
+	for i := range n {
+		pkt := bytes.Repeat([]byte{byte(i)}, size)
+		copy(pkt, []byte{4, 0, 0, 0})
+		burst = append(burst, pkt...)
+	}
+	if _, _, err := a.WriteMsgUDP(burst, gsoControl(make([]byte, 64), size), relay); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		want := bytes.Repeat([]byte{byte(i)}, size)
+		copy(want, []byte{4, 0, 0, 0})
+		expect(t, b, want)
+	}
+	if st := s.Stats(); st[0].PacketsAB != n {
+		t.Fatalf("counted %d packets, want %d", st[0].PacketsAB, n)
+	}
+}
+
 func TestRateLimit(t *testing.T) {
 	ka, kb := pubKey(t), pubKey(t)
 	s := New(Config{BindAddr: loopback, MaxRate: 4000})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -68,7 +69,7 @@ const (
 	natPMTUInterval = 30 * time.Second
 )
 
-func (b *Bench) nat(ctx context.Context) (*NAT, error) {
+func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 	b.logf("nat: four hosts, three behind NAT routers")
 	l, err := lab.New(ctx, lab.Config{Hosts: 4, Binary: b.cfg.Binary, Sites: natSites, Log: b.cfg.Log,
 		AgentArgs: []string{"--punch-timeout", natPunchTimeout.String(), "--pmtu-interval", natPMTUInterval.String()}})
@@ -76,12 +77,22 @@ func (b *Bench) nat(ctx context.Context) (*NAT, error) {
 		return nil, err
 	}
 	defer l.Close()
+	defer func() {
+		if err != nil {
+			// What the agents said helps more than the symptom.
+			for _, h := range l.Hosts {
+				log, _ := os.ReadFile(h.AgentLog())
+				lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+				b.logf("nat: agent log of %s, last lines:\n%s", h.Name, strings.Join(lines[max(0, len(lines)-40):], "\n"))
+			}
+		}
+	}()
 	started := time.Now()
 	if err := l.StartAgents(ctx); err != nil {
 		return nil, err
 	}
 	h := l.Hosts
-	r := &NAT{PunchTimeout: natPunchTimeout.String(), PMTUInterval: natPMTUInterval.String()}
+	r = &NAT{PunchTimeout: natPunchTimeout.String(), PMTUInterval: natPMTUInterval.String()}
 	if err := poll(ctx, 2*time.Minute, "every host's NAT", func() error { return natsKnown(ctx, l) }); err != nil {
 		return nil, err
 	}
@@ -134,19 +145,24 @@ func (b *Bench) nat(ctx context.Context) (*NAT, error) {
 			return 0, err
 		}
 		took := ms(time.Since(start))
-		st, err := driver.NewControlClient(a.ControlSock()).Status(ctx)
-		if err != nil {
-			return 0, err
-		}
-		for _, n := range st.Networks {
-			if n.Subnet.String() != s {
-				continue
+		// The path it took (the agent looks at its sessions a few times a
+		// second).
+		err := poll(ctx, 10*time.Second, "the path", func() error {
+			st, err := driver.NewControlClient(a.ControlSock()).Status(ctx)
+			if err != nil {
+				return err
 			}
-			for _, p := range n.Peers {
-				if p.Node == c.Name && !strings.HasPrefix(p.Path, wantPath) {
-					return 0, fmt.Errorf("%s reaches %s on %s: %q, want %q", a.Name, c.Name, s, p.Path, wantPath)
+			for _, n := range st.Networks {
+				for _, p := range n.Peers {
+					if n.Subnet.String() == s && p.Node == c.Name && !strings.HasPrefix(p.Path, wantPath) {
+						return fmt.Errorf("%s reaches %s on %s: %q, want %q", a.Name, c.Name, s, p.Path, wantPath)
+					}
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			return 0, err
 		}
 		return took, nil
 	}
@@ -207,24 +223,29 @@ func (b *Bench) nat(ctx context.Context) (*NAT, error) {
 	} {
 		from, to := ctrs[p.From], ctrs[p.To]
 		if err := poll(ctx, time.Minute, "a path from "+p.From+" to "+p.To, func() error {
-			_, err := from.Exec(ctx, "ping", "-n", "-c", "1", "-W", "0.2", to.IP)
-			return err
-		}); err != nil {
-			return nil, err
-		}
-		st, err := driver.NewControlClient(l.Hosts[p.From[1]-'1'].ControlSock()).Status(ctx)
-		if err != nil {
-			return nil, err
-		}
-		for _, n := range st.Networks {
-			for _, peer := range n.Peers {
-				if n.Subnet.String() == "10.129.0.0/16" && peer.Node == p.To {
-					p.Path, p.MTU = peer.Path, peer.PathMTU
-					if peer.Via != "" {
-						p.Path += " via " + peer.Via
+			if _, err := from.Exec(ctx, "ping", "-n", "-c", "1", "-W", "0.2", to.IP); err != nil {
+				return err
+			}
+			st, err := driver.NewControlClient(l.Hosts[p.From[1]-'1'].ControlSock()).Status(ctx)
+			if err != nil {
+				return err
+			}
+			for _, n := range st.Networks {
+				for _, peer := range n.Peers {
+					if n.Subnet.String() == "10.129.0.0/16" && peer.Node == p.To {
+						p.Path, p.MTU = peer.Path, peer.PathMTU
+						if peer.Via != "" {
+							p.Path += " via " + peer.Via
+						}
 					}
 				}
 			}
+			if p.Path != "direct" && !strings.HasPrefix(p.Path, "relayed") {
+				return fmt.Errorf("path %q", p.Path)
+			}
+			return nil
+		}); err != nil {
+			return nil, err
 		}
 		tr, err := lab.TCPTransfer(ctx, from, to, 5201, 16<<20, time.Minute)
 		if err != nil {
