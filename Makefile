@@ -20,7 +20,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # coordinator at its deadline and fails with "context deadline exceeded"
 # and no crasher (go.dev/issue/75804, fixed in Go 1.27).
 FUZZTIME ?= 30000x
-FUZZ_PKGS := ./crypto ./mesh ./mesh/catalog ./driver
+FUZZ_PKGS := ./crypto ./mesh ./mesh/catalog ./driver ./driver/dns
 
 # Docker engines make e2e runs the suite against: Debian's docker.io, and
 # Docker Engine 29 built by .ci/engine29.sh (cached after the first time).
@@ -85,12 +85,13 @@ fuzz: ## every fuzzer for FUZZTIME
 	done
 
 e2e: ## end-to-end suite against three real dockerd (root), once per engine in E2E_ENGINES
+	compose=$$(.ci/compose.sh); \
 	failed=; \
 	for engine in $(E2E_ENGINES); do \
 		dir=; \
 		if [ "$$engine" = 29 ]; then dir=$$(.ci/engine29.sh); fi; \
 		echo "e2e: engine $$engine"; \
-		WGMESH_E2E_ENGINE=$$engine WGMESH_E2E_ENGINE_DIR=$$dir \
+		WGMESH_E2E_ENGINE=$$engine WGMESH_E2E_ENGINE_DIR=$$dir WGMESH_E2E_COMPOSE=$$compose \
 			$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' || \
 			failed="$$failed $$engine"; \
 	done; \

@@ -24,6 +24,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/mesh"
 )
 
@@ -73,6 +74,9 @@ type Config struct {
 	RelayPorts   uint16
 	RelayPerNode int
 	Logger       *slog.Logger
+
+	// DNS reports the DNS service for status; nil when it is off.
+	DNS func() *dns.Status
 }
 
 // DefaultConfig returns the defaults.

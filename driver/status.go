@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
@@ -26,6 +27,9 @@ type Status struct {
 	Relay    []RelayStatus `json:"relay,omitempty"`
 	Problems []string      `json:"problems,omitempty"`
 	Healthy  bool          `json:"healthy"`
+
+	// DNS is the DNS service of container names, when it is on.
+	DNS *dns.Status `json:"dns,omitempty"`
 }
 
 // RelayStatus is one pair this host relays.
@@ -230,6 +234,10 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 		st.Problems = append(st.Problems, fmt.Sprintf("relaying for others: %v", err))
 	}
 	st.Problems = append(st.Problems, d.syncProblems...)
+	if d.cfg.DNS != nil {
+		st.DNS = d.cfg.DNS()
+		st.Problems = append(st.Problems, st.DNS.Problems...)
+	}
 	st.Healthy = len(st.Problems) == 0
 	return st, nil
 }

@@ -51,6 +51,10 @@ func (d *delegate) NodeMeta(limit int) []byte {
 
 func (d *delegate) NotifyMsg(b []byte) {
 	d.m.stats.received(len(b))
+	if len(b) > 0 && b[0] == kindName {
+		d.notifyName(b)
+		return
+	}
 	msg, err := decodeMessage(b)
 	if err != nil {
 		d.m.mu.Lock()
@@ -106,6 +110,9 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	out := d.m.queue.GetBroadcasts(overhead, limit)
 	for _, b := range out {
 		d.m.stats.sent(len(b))
+		if len(b) > 0 && b[0] == kindName {
+			d.m.stats.nameSent(len(b))
+		}
 	}
 	return out
 }
@@ -113,7 +120,11 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 func (d *delegate) LocalState(join bool) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	return mustJSON(d.m.rep.snapshot(false))
+	s := d.m.rep.snapshot(false)
+	for _, n := range s.Names {
+		d.m.stats.nameStateBytes.Add(uint64(len(n.Data) + len(n.Sig)))
+	}
+	return mustJSON(s)
 }
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
@@ -124,6 +135,7 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 		return
 	}
 	changed := false
+	now := time.Now()
 	d.m.mu.Lock()
 	for _, e := range s.Entries {
 		changed = d.m.rep.mergeEntry(e, d.m.bound) || changed
@@ -133,6 +145,9 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	}
 	if changed {
 		d.m.touchLocked()
+	}
+	for _, n := range s.Names {
+		d.m.mergeNameLocked(n, now)
 	}
 	d.m.mu.Unlock()
 	if changed {
@@ -199,6 +214,7 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 		d.m.touchLocked()
 	}
 	rec := d.m.live[n.Name]
+	rec.addr = n.Address()
 	prev := rec.state
 	if prev != state {
 		rec.state, rec.since = state, now
@@ -269,8 +285,18 @@ func (b *broadcast) Message() []byte { return b.msg }
 func (b *broadcast) Finished()       {}
 
 // gossipStats counts wgmesh's own gossip payload (not memberlist's probes).
+// The name counters count the part of it that is name records: messages
+// sent (broadcast, relayed or direct) and received, and the bytes of the
+// records (data and signature) in the push/pull states sent.
 type gossipStats struct {
 	sentMsgs, sentBytes, recvMsgs, recvBytes atomic.Uint64
+
+	nameSentMsgs, nameSentBytes, nameRecvMsgs, nameRecvBytes, nameStateBytes atomic.Uint64
+}
+
+func (s *gossipStats) nameSent(n int) {
+	s.nameSentMsgs.Add(1)
+	s.nameSentBytes.Add(uint64(n))
 }
 
 func (s *gossipStats) sent(n int) {

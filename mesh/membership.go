@@ -195,6 +195,8 @@ func (m *Mesh) Problems() []string {
 // Stats are counters of the mesh since start.
 type Stats struct {
 	SentMessages, SentBytes, ReceivedMessages, ReceivedBytes uint64
+	// Names counts the part of the above that is container names.
+	Names NameTraffic `json:"names"`
 	// Refused counts gossip records refused, by reason.
 	Refused map[string]uint64
 }
@@ -208,7 +210,20 @@ func (m *Mesh) Stats() Stats {
 		SentMessages: m.stats.sentMsgs.Load(), SentBytes: m.stats.sentBytes.Load(),
 		ReceivedMessages: m.stats.recvMsgs.Load(), ReceivedBytes: m.stats.recvBytes.Load(),
 		Refused: refused,
+		Names: NameTraffic{
+			SentMessages: m.stats.nameSentMsgs.Load(), SentBytes: m.stats.nameSentBytes.Load(),
+			ReceivedMessages: m.stats.nameRecvMsgs.Load(), ReceivedBytes: m.stats.nameRecvBytes.Load(),
+			StateBytes: m.stats.nameStateBytes.Load(),
+		},
 	}
+}
+
+// NameTraffic counts gossip of container names: messages sent (own,
+// relayed, direct) and received, and the bytes of name records in the
+// push/pull states this node sent.
+type NameTraffic struct {
+	SentMessages, SentBytes, ReceivedMessages, ReceivedBytes uint64
+	StateBytes                                               uint64
 }
 
 func mustJSON(v any) []byte {

@@ -113,6 +113,9 @@ type Config struct {
 	// directly is confirmed (pmtu.go); 0 means 30 s, negative turns
 	// probing off.
 	PMTUInterval time.Duration
+	// NameTombstoneTTL is how long removed container names are
+	// remembered (names.go); 0 means 5 minutes.
+	NameTombstoneTTL time.Duration
 }
 
 // ConsensusTiming tunes consensus (see consensus.Config).
@@ -209,6 +212,10 @@ type Mesh struct {
 	stats   gossipStats
 	wg      sync.WaitGroup
 
+	// nameChanges is signalled (never blocking) whenever LiveNames may
+	// differ.
+	nameChanges chan struct{}
+
 	mu      sync.Mutex
 	rep     *replica
 	live    map[string]liveRecord
@@ -290,6 +297,8 @@ func New(cfg Config) (*Mesh, error) {
 		sentObs: map[string]sentObs{},
 
 		reflectAsked: map[netip.AddrPort]time.Time{},
+
+		nameChanges: make(chan struct{}, 1),
 	}
 	m.probeInterval = m.baseMemberlist().ProbeInterval
 	m.queue = &memberlist.TransmitLimitedQueue{
@@ -484,6 +493,8 @@ func (m *Mesh) notifyChanged() {
 	case m.changes <- struct{}{}:
 	default:
 	}
+	// Liveness decides which names are used.
+	m.notifyNames()
 }
 
 // ErrRefused wraps the cluster's refusal of this node: a taken name, an
@@ -717,6 +728,7 @@ func (m *Mesh) step(ctx context.Context) error {
 	reflect := m.reflectTargetsLocked(now)
 	updateMeta := m.metaStale
 	m.metaStale = false
+	m.pruneNamesLocked(time.Now())
 	out := m.outbox
 	m.outbox = nil
 	m.mu.Unlock()
@@ -772,26 +784,38 @@ func (m *Mesh) signature() viewSig {
 const maxBroadcast = 1100
 
 // send gossips messages and, in small clusters, sends them directly.
+//
+// Direct sends go by address, from the copies nodeEvent keeps, not to the
+// *memberlist.Node that Members returns: memberlist updates those nodes in
+// place under its lock (a member's protocol versions on every alive
+// message), and SendBestEffort reads them without it, a data race inside
+// memberlist v0.7.
 func (m *Mesh) send(msgs []outMsg) {
 	ml := m.memberlist()
 	if ml == nil || len(msgs) == 0 {
 		return
 	}
-	members := ml.Members()
-	direct := len(members) <= m.cfg.DirectFanout
+	var peers []memberlist.Address
+	direct := ml.NumMembers() <= m.cfg.DirectFanout
+	if direct {
+		m.mu.Lock()
+		for name, rec := range m.live {
+			if rec.state == Alive && rec.addr != "" && name != m.cfg.Name {
+				peers = append(peers, memberlist.Address{Addr: rec.addr, Name: name})
+			}
+		}
+		m.mu.Unlock()
+	}
 	for _, msg := range msgs {
 		m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
-		if !direct {
-			continue
-		}
-		for _, n := range members {
-			if n.Name == m.cfg.Name {
-				continue
-			}
-			if err := ml.SendBestEffort(n, msg.b); err != nil {
-				m.log.Debug("sending to member", "peer", n.Name, "err", err)
+		for _, to := range peers {
+			if err := ml.SendToAddress(to, msg.b); err != nil {
+				m.log.Debug("sending to member", "peer", to.Name, "err", err)
 			}
 			m.stats.sent(len(msg.b))
+			if msg.b[0] == kindName {
+				m.stats.nameSent(len(msg.b))
+			}
 		}
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/memberlist"
+
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
@@ -415,13 +417,20 @@ func TestForgedRecords(t *testing.T) {
 	}
 }
 
-// sendToAll sends raw gossip to every other member.
+// sendToAll sends raw gossip to every other member, by address as
+// Mesh.send does.
 func (n *testNode) sendToAll(b []byte) {
 	ml := n.m.memberlist()
-	for _, mem := range ml.Members() {
-		if mem.Name != n.name {
-			_ = ml.SendBestEffort(mem, b)
+	n.m.mu.Lock()
+	var to []memberlist.Address
+	for name, rec := range n.m.live {
+		if name != n.name && rec.addr != "" {
+			to = append(to, memberlist.Address{Addr: rec.addr, Name: name})
 		}
+	}
+	n.m.mu.Unlock()
+	for _, a := range to {
+		_ = ml.SendToAddress(a, b)
 	}
 }
 

@@ -16,7 +16,8 @@ import (
 // sessions. Nothing here is trusted more than gossip: the saved records
 // are signed, checked again when loaded, and used only where the catalog
 // vouches for them. This node's own entries are not kept; the driver
-// publishes them again when it restores its networks.
+// publishes them again when it restores its networks. Its own names are
+// (names.go).
 
 const gossipFile = "gossip.json"
 
@@ -54,6 +55,18 @@ func (m *Mesh) loadGossip() error {
 	}
 	for _, r := range s.Sessions {
 		m.rep.mergeSession(r, m.bound)
+	}
+	now := time.Now()
+	for _, n := range s.Names {
+		rec, err := decodeName(n)
+		switch {
+		case err != nil:
+		case rec.Node != m.cfg.Name:
+			m.rep.mergeName(n, m.bound, now)
+		case m.cfg.Identity.ID().Verify(purposeName, n.Data, n.Sig):
+			// This node's own, from its last run.
+			m.rep.setOwnName(rec, n, now)
+		}
 	}
 	return nil
 }

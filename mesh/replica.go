@@ -23,6 +23,10 @@ type replica struct {
 	infos    map[string]infoRec
 	entries  map[entryKey]entryRec
 	sessions map[sessionKey]sessionRec
+	// names are the name records (names.go); nameCount counts them
+	// by node.
+	names     map[nameKey]nameRec
+	nameCount map[string]int
 	// refused counts records refused, by reason.
 	refused map[string]uint64
 }
@@ -60,7 +64,7 @@ type boundFunc func(name string) (crypto.NodeID, bool)
 
 func newReplica(self string) *replica {
 	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{}, sessions: map[sessionKey]sessionRec{},
-		refused: map[string]uint64{}}
+		names: map[nameKey]nameRec{}, nameCount: map[string]int{}, refused: map[string]uint64{}}
 }
 
 func (r *replica) refuse(reason string) { r.refused[reason]++ }
@@ -91,6 +95,7 @@ func (r *replica) mergeInfo(n NodeInfo, s signed, bound boundFunc) bool {
 				delete(r.sessions, k)
 			}
 		}
+		r.forgetNames(n.Name, func(s signed) bool { return n.ID.Verify(purposeName, s.Data, s.Sig) })
 	}
 	r.infos[n.Name] = infoRec{n, s}
 	return true
@@ -178,6 +183,7 @@ func (r *replica) forgetNode(name string) {
 			delete(r.sessions, k)
 		}
 	}
+	r.forgetNames(name, nil)
 }
 
 // stateMsg is the push/pull state and the saved gossip: signed records.
@@ -186,6 +192,8 @@ type stateMsg struct {
 	Infos    []signed `json:"infos,omitempty"`
 	Entries  []signed `json:"entries"`
 	Sessions []signed `json:"sessions,omitempty"`
+	// Names are name records (names.go), tombstones included.
+	Names []signed `json:"names,omitempty"`
 }
 
 // snapshot lists every entry (and, for the saved copy, every info).
@@ -204,6 +212,7 @@ func (r *replica) snapshot(withInfos bool) stateMsg {
 	for _, k := range skeys {
 		s.Sessions = append(s.Sessions, r.sessions[k].s)
 	}
+	s.Names = r.nameSnapshot()
 	if withInfos {
 		for _, name := range slices.Sorted(maps.Keys(r.infos)) {
 			s.Infos = append(s.Infos, r.infos[name].s)

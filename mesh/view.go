@@ -262,6 +262,9 @@ type liveRecord struct {
 	since   time.Time
 	lastAck time.Time
 	rtt     time.Duration
+	// addr is the member's gossip address as memberlist last reported
+	// it, copied while memberlist held its lock: see Mesh.send.
+	addr string
 }
 
 // buildView assembles a View from the catalog, the replica and liveness.

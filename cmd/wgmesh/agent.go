@@ -27,6 +27,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/driver/dataplane/linux"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/driver/dockerapi"
 	"github.com/wgmesh/wgmesh/driver/relay"
 	"github.com/wgmesh/wgmesh/mesh"
@@ -58,6 +59,8 @@ type agentFlags struct {
 	syncNetworks    bool
 	dockerHost      string
 	driverName      string
+	dnsAddr         string
+	dnsUpstream     listFlag
 	logLevel        string
 	logFormat       string
 	relayPorts      string
@@ -89,8 +92,11 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.leaveOnShutdown, "leave-on-shutdown", false, "leave the cluster when stopped, instead of letting peers keep this node through a restart")
 	fs.DurationVar(&f.wgKeyRotation, "wg-key-rotation", 0, "rotate this node's WireGuard key pair this often (0: only on 'wgmesh rotate-keys')")
 	fs.BoolVar(&f.syncNetworks, "sync-networks", true, "create here the wgmesh networks created on other hosts, and remove them likewise, through the local Docker API")
-	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks and to find containers that lost their interface")
+	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine's API, for --sync-networks to find containers that lost their interface, and for the names of --dns-addr")
 	fs.StringVar(&f.driverName, "driver-name", "wgmesh", "this plugin's name in Docker (a managed plugin's is wgmesh:latest)")
+	fs.StringVar(&f.dnsAddr, "dns-addr", defaultDNSAddr, "address of the DNS server that answers containers with the names of containers on every host "+
+		"(dockerd needs it as its first --dns); off when empty or \"off\"")
+	fs.Var(&f.dnsUpstream, "dns-upstream", "DNS server(s) addr[:port] for names outside the mesh, comma-separated or repeated (default: the nameservers of /etc/resolv.conf)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off when empty)")
 	fs.StringVar(&f.relayPorts, "relay-ports", "51900-51999", "UDP ports FIRST-LAST this host relays on for members that cannot reach each other, when members reach it at its advertised address; the first also tells members how their NAT maps them ('off': none)")
 	fs.Int64Var(&f.relayRate, "relay-rate", 0, "bytes per second each relayed pair may send through this host (0: no limit)")
@@ -156,7 +162,7 @@ func (f *agentFlags) validate() error {
 	if f.pmtuInterval < time.Second {
 		return errors.New("--pmtu-interval must be at least 1s")
 	}
-	return nil
+	return f.validateDNS()
 }
 
 // parsePortRange parses FIRST-LAST (at least two ports), or "off".
@@ -298,8 +304,8 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		defer rs.Close()
 		dcfg.Relay, dcfg.RelayPort, dcfg.RelayPorts = rs, relayPort, relayPorts
 	}
-	// Docker's API serves network sync, and tells whether the container
-	// of an endpoint that lost its veth pair still runs.
+	// Docker's API serves network sync, tells whether the container of
+	// an endpoint that lost its veth pair still runs, and feeds names.
 	docker, err := dockerapi.New(f.dockerHost)
 	if err != nil {
 		return err
@@ -307,6 +313,13 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	defer docker.Close()
 	dcfg.Docker = docker
 	dcfg.SyncNetworks = f.syncNetworks
+	dnsSvc, err := newDNS(f, m, docker, log)
+	if err != nil {
+		return err
+	}
+	if dnsSvc != nil {
+		dcfg.DNS = func() *dns.Status { return dnsSvc.Status(m.NameStats()) }
+	}
 	d, err := driver.New(dcfg)
 	if err != nil {
 		return fmt.Errorf("driver: %w", err)
@@ -352,6 +365,9 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return nil
 	})
 	g.Go(func() error { return control.Serve(gctx, controlL) })
+	if dnsSvc != nil {
+		g.Go(func() error { return dnsSvc.Run(gctx) })
+	}
 	if f.clusterKeyFile != "" {
 		g.Go(func() error { watchKeyring(gctx, f.clusterKeyFile, ring, m, log); return nil })
 	}

@@ -138,6 +138,9 @@ func printStatus(w io.Writer, st *driver.Status, now time.Time) {
 	}
 	fmt.Fprintf(w, "\ngossip: sent %d messages (%s), received %d (%s)\n",
 		st.Gossip.SentMessages, bytesIEC(int64(st.Gossip.SentBytes)), st.Gossip.ReceivedMessages, bytesIEC(int64(st.Gossip.ReceivedBytes)))
+	if st.DNS != nil {
+		fmt.Fprintln(w, st.DNS.Summary())
+	}
 	if st.Healthy {
 		fmt.Fprintln(w, "healthy")
 		return

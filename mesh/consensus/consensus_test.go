@@ -46,6 +46,8 @@ type cluster struct {
 	conns []tconn
 	// natted nodes are behind NAT: nobody can dial them.
 	natted map[string]bool
+	// raft, when set, replaces testRaft for nodes started afterwards.
+	raft func() *raft.Config
 }
 
 type tconn struct {
@@ -162,6 +164,13 @@ func (c *cluster) add(name string, seeds bool) *tnode {
 	return n
 }
 
+func (c *cluster) raftConfig() *raft.Config {
+	if c.raft != nil {
+		return c.raft()
+	}
+	return testRaft()
+}
+
 // dial cuts links between partition sides.
 func (c *cluster) dial(from string) DialFunc {
 	return func(ctx context.Context, addr string) (net.Conn, error) {
@@ -213,7 +222,7 @@ func (n *tnode) start() {
 	node, err := New(Config{
 		Name: n.name, Identity: n.id, TLS: tlsc, Addr: netip.MustParseAddr("127.0.0.1"), Dir: n.dir,
 		Listener: l, Advertise: l.Addr().String(), Dial: c.dial(n.name), Membership: membership{c, n.name},
-		Logger: testLogger(c.t, n.name), Raft: testRaft(), StableWait: 300 * time.Millisecond,
+		Logger: testLogger(c.t, n.name), Raft: c.raftConfig(), StableWait: 300 * time.Millisecond,
 		DeadVoterTimeout: 2 * time.Second, DeadNonvoterTimeout: 4 * time.Second, Tick: 50 * time.Millisecond,
 	})
 	if err != nil {
@@ -329,6 +338,45 @@ func TestSingleNode(t *testing.T) {
 	}
 	if gen := st.Nodes["a"].Generation; gen != 2 {
 		t.Errorf("generation after one restart: %d", gen)
+	}
+}
+
+// TestFollowerLearnsCommitAtOnce: a command proposed on a follower
+// returns once the follower has applied it, and the leader tells the
+// follower of the commit at once, not at its next idle append (every
+// CommitTimeout, here far longer than the test).
+func TestFollowerLearnsCommitAtOnce(t *testing.T) {
+	c := newCluster(t)
+	c.raft = func() *raft.Config {
+		r := testRaft()
+		r.CommitTimeout = time.Hour
+		return r
+	}
+	names := []string{"a", "b", "c"}
+	for _, name := range names {
+		c.add(name, name != "a").start()
+	}
+	c.waitVoters(3, names...)
+	leader := c.nodes["a"].status().Leader
+	var follower *tnode
+	for _, name := range names {
+		if name != leader {
+			follower = c.nodes[name]
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := ensure(ctx, follower, "10.60.0.0/16"); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		block, err := claim(ctx, follower, "10.60.0.0/16")
+		if err != nil {
+			t.Fatalf("claim on follower %s: %v", follower.name, err)
+		}
+		if blocks := follower.node.FSM().State().Networks[netip.MustParsePrefix("10.60.0.0/16")].BlocksOf(follower.name); !slices.Contains(blocks, block) {
+			t.Fatalf("claim of %s returned before %s applied it: it has %v", block, follower.name, blocks)
+		}
 	}
 }
 

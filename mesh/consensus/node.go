@@ -668,6 +668,12 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 		}
 		return catalog.Result{}, 0, fmt.Errorf("committing: %w", err)
 	}
+	// Followers learn that an entry committed from the next append the
+	// leader sends them, which an idle leader sends only every
+	// CommitTimeout; the node that asked waits to apply the entry
+	// itself. A barrier is such an append, sent at once. Nothing waits
+	// for it to commit.
+	r.Barrier(timeout)
 	res, _ := f.Response().(catalog.Result)
 	return res, f.Index(), nil
 }

@@ -45,12 +45,19 @@ type Config struct {
 	// leaves out the data-plane case of kernel WireGuard in a VM.
 	NoData, NoControl, NoClaims, NoSim, NoNAT, NoVM bool
 	Log                                             io.Writer
+	// NoNames leaves out names across hosts (dns.go): lookups in the two
+	// hosts with dockerd, and a names simulation of NamesSimNodes.
+	NoNames       bool
+	NamesSimNodes int
+	// Engine is the Docker engine of the hosts with dockerd; zero is the
+	// lab's default.
+	Engine lab.Engine
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
-// data, control, claims, sim and nat.
+// data, control, claims, sim, nat and names.
 func (c *Config) SetParts(list string) error {
-	c.NoData, c.NoControl, c.NoClaims, c.NoSim, c.NoNAT = true, true, true, true, true
+	c.NoData, c.NoControl, c.NoClaims, c.NoSim, c.NoNAT, c.NoNames = true, true, true, true, true, true
 	for _, p := range strings.Split(list, ",") {
 		switch strings.TrimSpace(p) {
 		case "data":
@@ -63,8 +70,10 @@ func (c *Config) SetParts(list string) error {
 			c.NoSim = false
 		case "nat":
 			c.NoNAT = false
+		case "names":
+			c.NoNames = false
 		default:
-			return fmt.Errorf("unknown part %q: want data, control, claims, sim or nat", p)
+			return fmt.Errorf("unknown part %q: want data, control, claims, sim, nat or names", p)
 		}
 	}
 	return nil
@@ -73,13 +82,13 @@ func (c *Config) SetParts(list string) error {
 // Full is the configuration of `make bench`.
 func Full() Config {
 	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15, ClaimSamples: 15,
-		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10}
+		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100}
 }
 
 // Smoke is a tiny run that checks the benchmark still works.
 func Smoke() Config {
 	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2, ClaimSamples: 2,
-		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1}
+		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10}
 }
 
 // Bench runs benchmarks.
@@ -110,6 +119,7 @@ type Report struct {
 	NAT         *NAT          `json:"nat,omitempty"`
 	Simulation  []SimResult   `json:"simulation"`
 	SimErrors   []string      `json:"simulation_errors,omitempty"`
+	Names       *Names        `json:"names,omitempty"`
 	Targets     []Target      `json:"targets"`
 	chart       string
 }
@@ -134,7 +144,7 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 	r := &Report{Started: time.Now(), Machine: machine(),
 		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, %d claim samples, clusters %v, simulated %v, %d NAT samples",
 			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClaimSamples, b.cfg.ClusterSizes, b.cfg.SimSizes, b.cfg.NATSamples)}
-	if !b.cfg.NoData || !b.cfg.NoControl {
+	if !b.cfg.NoData || !b.cfg.NoControl || !b.cfg.NoNames {
 		if err := b.withDocker(ctx, r); err != nil {
 			return nil, err
 		}
@@ -190,6 +200,22 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 			r.SimErrors = append(r.SimErrors, fmt.Sprintf("%d nodes: %v", n, err))
 		}
 	}
+	if n := b.cfg.NamesSimNodes; !b.cfg.NoNames && n > 0 {
+		b.logf("simulation: names on %d nodes", n)
+		s, err := simulateNames(ctx, n, b.cfg.SimQuick, b.simLog())
+		if r.Names == nil {
+			r.Names = &Names{}
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, err
+			}
+			b.logf("simulating names on %d nodes failed: %v", n, err)
+			r.Names.SimError = fmt.Sprintf("%d nodes: %v", n, err)
+		} else {
+			r.Names.Sim = &s
+		}
+	}
 	r.Targets = r.check()
 	r.Took = time.Since(r.Started).Round(time.Second).String()
 	return r, nil
@@ -199,7 +225,7 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 // plane and the first ping.
 func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 	b.logf("two hosts with dockerd")
-	l, err := lab.New(ctx, lab.Config{Hosts: 2, Binary: b.cfg.Binary, Docker: true, Log: b.cfg.Log})
+	l, err := lab.New(ctx, lab.Config{Hosts: 2, Binary: b.cfg.Binary, Docker: true, Engine: b.cfg.Engine, Log: b.cfg.Log})
 	if err != nil {
 		return err
 	}
@@ -215,6 +241,11 @@ func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 	if !b.cfg.NoControl {
 		if r.FirstPing, err = b.firstPing(ctx, l); err != nil {
 			return err
+		}
+	}
+	if !b.cfg.NoNames {
+		if r.Names, err = b.names(ctx, l); err != nil {
+			return fmt.Errorf("names: %w", err)
 		}
 	}
 	return nil
@@ -332,6 +363,10 @@ func (r *Report) check() []Target {
 		if c.IdleRSSMiB > 0 && c.Hosts == r.Convergence[len(r.Convergence)-1].Hosts {
 			t = append(t, target("agent RSS < 40 MiB idle", fmt.Sprintf("%.1f MiB", c.IdleRSSMiB), c.IdleRSSMiB < 40))
 		}
+	}
+	if nm := r.Names; nm != nil && nm.AtServer.MedianMs > 0 {
+		t = append(t, target("a name of the mesh answers in well under 1 ms at the agent's server (median, asked from a container)",
+			fmt.Sprintf("%s (the server's own time %.1f µs)", msText(nm.AtServer.MedianMs), nm.HandlerMicros), nm.AtServer.MedianMs < 0.5))
 	}
 	return t
 }

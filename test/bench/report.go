@@ -87,6 +87,10 @@ func (r *Report) Markdown() string {
 		p("")
 		r.NAT.markdown(p)
 	}
+	if r.Names != nil {
+		p("")
+		r.namesMarkdown(p)
+	}
 	if len(r.Simulation) > 0 || len(r.SimErrors) > 0 {
 		p("")
 		p("## Simulation beyond this machine")

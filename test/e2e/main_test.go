@@ -29,6 +29,10 @@ var binary string
 // engineVersion is what the engine under test says it is.
 var engineVersion lab.EngineVersion
 
+// suiteStart is when the suite began: what is older in machine-wide
+// directories is not this suite's.
+var suiteStart time.Time
+
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
 		fmt.Println("e2e: skipped, needs root")
@@ -38,6 +42,7 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	suiteStart = time.Now()
 	dir, err := os.MkdirTemp("", "wgmesh-e2e-")
 	if err != nil {
 		fmt.Println(err)

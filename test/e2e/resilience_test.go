@@ -514,20 +514,24 @@ func TestNoLeaksAfterStop(t *testing.T) {
 	if err := checkNoLeftovers(ctx, theLab.Hosts...); err != nil {
 		t.Error(err)
 	}
-	if socks := staleUAPISockets(); len(socks) > 0 {
+	if socks := staleUAPISockets(suiteStart); len(socks) > 0 {
 		t.Errorf("WireGuard UAPI sockets left: %v", socks)
 	}
 }
 
-// staleUAPISockets lists wgmesh's WireGuard UAPI sockets that nothing
-// listens on. The directory is the machine's, not the lab's: another lab
-// running at the same time (a benchmark, say) has live sockets there. With
-// this lab's agents stopped, a socket of theirs that is left behind is one
-// that refuses connections.
-func staleUAPISockets() []string {
+// staleUAPISockets lists wgmesh's WireGuard UAPI sockets made since the
+// suite started that nothing listens on. The directory is the machine's,
+// not the lab's: another lab running at the same time (a benchmark, say)
+// has live sockets there, and one killed before this suite started may
+// have left dead ones. With this lab's agents stopped, a socket of theirs
+// that is left behind is one that refuses connections.
+func staleUAPISockets(since time.Time) []string {
 	socks, _ := filepath.Glob("/var/run/wireguard/wgm*.sock")
 	var stale []string
 	for _, s := range socks {
+		if fi, err := os.Lstat(s); err != nil || fi.ModTime().Before(since) {
+			continue
+		}
 		c, err := net.DialTimeout("unix", s, time.Second)
 		if err == nil {
 			c.Close()

@@ -65,6 +65,8 @@ func (h *Host) StartDocker(ctx context.Context, extra ...string) error {
 	if e.Proxy != "" {
 		args = append(args, "--userland-proxy-path", e.Proxy)
 	}
+	args = append(args, "--dns", DNSAddr)
+	args = append(args, h.lab.cfg.DockerArgs...)
 	args = append(args, extra...)
 	script := fmt.Sprintf("export PATH=%s && exec %s %s", shellQuote(e.path()), shellQuote(e.Dockerd), shellJoin(args))
 	p, err := start("nsenter", []string{"--net=" + h.NSPath(), "--mount=" + fmt.Sprintf("/proc/%d/ns/mnt", mntns), "sh", "-c", script}, h.DockerLog())
@@ -185,6 +187,9 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--control-socket", h.ControlSock(),
 		"--docker-host", "unix://" + h.DockerSock(),
 		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
+		// Names outside the mesh go to the lab's outside world, never to
+		// the machine's resolvers.
+		"--dns-upstream", WANServer,
 		"--log-level", "debug",
 	}
 	args = append(args, h.lab.cfg.AgentArgs...)

@@ -79,6 +79,9 @@ type Config struct {
 	DockerHosts int
 	// AgentArgs are extra flags for every agent.
 	AgentArgs []string
+	// DockerArgs are extra flags for every dockerd. Every dockerd gets
+	// --dns DNSAddr in any case, as hosts running wgmesh should.
+	DockerArgs []string
 	// SyncNetworks lets agents create networks created elsewhere. Off by
 	// default: most tests choose on which hosts a network exists.
 	SyncNetworks bool
@@ -528,7 +531,7 @@ func (p *proc) exited() bool {
 
 // busyboxApplets are linked in the lab image.
 var busyboxApplets = []string{"sh", "ping", "nc", "httpd", "sleep", "cat", "md5sum", "sha256sum",
-	"dd", "head", "wc", "ip", "wget", "echo", "ls", "true", "hostname", "ifconfig", "route", "seq", "tr", "yes"}
+	"dd", "head", "wc", "ip", "wget", "echo", "ls", "true", "hostname", "ifconfig", "route", "seq", "tr", "yes", "nslookup"}
 
 // imageTar is a root filesystem with a static busybox and its applets.
 func imageTar() (*bytes.Buffer, error) {

@@ -128,13 +128,18 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		}
 	}
 
-	step("cross-host HTTP: web1 fetches every other web server")
+	step("cross-host HTTP by name: web1 fetches every other web server (dockerd runs with --dns %s, the agent's DNS server)", lab.DNSAddr)
 	for j := 1; j < n; j++ {
-		out, err := l.Hosts[0].Docker(ctx, "exec", "web1", "wget", "-qO-", "http://"+ips[j]+"/")
-		if err != nil {
+		url := fmt.Sprintf("http://web%d/", j+1)
+		var out string
+		if err := waitFor(ctx, 10*time.Second, func() error {
+			var err error
+			out, err = l.Hosts[0].Docker(ctx, "exec", "web1", "wget", "-qO-", url)
 			return err
+		}); err != nil {
+			return fmt.Errorf("web1 -> %s: %w", url, err)
 		}
-		fmt.Printf("    http://%s/ -> %s", ips[j], out)
+		fmt.Printf("    %s (%s) -> %s", url, ips[j], out)
 	}
 
 	step("wgmesh status on %s", l.Hosts[0].Name)
@@ -160,7 +165,7 @@ func benchMain(args []string) int {
 	out := fs.String("out", "bench/results", "directory for the report")
 	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
 	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
-	parts := fs.String("parts", "data,control,claims,sim,nat", "which parts to run: data, control, claims, sim, nat")
+	parts := fs.String("parts", "data,control,claims,sim,nat,names", "which parts to run: data, control, claims, sim, nat, names")
 	baseline := fs.String("baseline", "", "wgmesh binary of an earlier commit whose network creation and first containers are measured beside -binary's (claims part; a missing file is skipped with a note)")
 	baselineRev := fs.String("baseline-rev", "", "the commit -baseline is built from, for the report")
 	claimSamples := fs.Int("claim-samples", 0, "samples per build of the claims part (0: the default of the run)")
@@ -169,6 +174,8 @@ func benchMain(args []string) int {
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
 	withVM := fs.Bool("vm", true, "measure kernel WireGuard in a VM (emulated; part of the data plane)")
+	namesSim := fs.Int("names-sim", -1, "nodes of the names simulation (0: none; default: the run's)")
+	engineDir := fs.String("engine-dir", "", "run the hosts' Docker from this directory (.ci/engine29.sh's) instead of Debian's docker.io")
 	_ = fs.Parse(args)
 	if *render != "" {
 		path, err := bench.Rerender(*render)
@@ -198,6 +205,12 @@ func benchMain(args []string) int {
 	}
 	if *natSamples > 0 {
 		cfg.NATSamples = *natSamples
+	}
+	if *engineDir != "" {
+		cfg.Engine = lab.DirEngine("29", *engineDir)
+	}
+	if *namesSim >= 0 {
+		cfg.NamesSimNodes = *namesSim
 	}
 	if *runs > 0 {
 		cfg.Runs = *runs
