@@ -297,21 +297,21 @@ type outObs struct {
 	b  []byte
 }
 
-// sendDirect sends messages to single members, best effort.
+// sendDirect sends messages to single members, best effort, by the
+// address nodeEvent copied (see send: memberlist's live *Node is not
+// safe to read).
 func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []outObs) {
 	if ml == nil || len(msgs) == 0 {
 		return
 	}
-	nodes := map[string]*memberlist.Node{}
-	for _, n := range ml.Members() {
-		nodes[n.Name] = n
-	}
 	for _, msg := range msgs {
-		n, ok := nodes[msg.to]
-		if !ok {
+		m.mu.Lock()
+		rec, ok := m.live[msg.to]
+		m.mu.Unlock()
+		if !ok || rec.addr == "" {
 			continue
 		}
-		if err := ml.SendBestEffort(n, msg.b); err != nil {
+		if err := ml.SendToAddress(memberlist.Address{Addr: rec.addr, Name: msg.to}, msg.b); err != nil {
 			m.log.Debug("sending an observation", "peer", msg.to, "err", err)
 		}
 		m.stats.sent(len(msg.b))
