@@ -384,7 +384,22 @@ func (t *gossipTransport) Shutdown() error {
 		}
 	})
 	t.wg.Wait()
-	return t.inner.Shutdown()
+	// The inner transport's UDP listener may be blocked handing over a
+	// packet that loopPackets will no longer take, and the inner
+	// Shutdown waits for that listener: drain until it has stopped.
+	in, stopped := t.inner.PacketCh(), make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-in:
+			case <-stopped:
+				return
+			}
+		}
+	}()
+	err := t.inner.Shutdown()
+	close(stopped)
+	return err
 }
 
 // askReflection asks the relay at to say where this node's gossip port's

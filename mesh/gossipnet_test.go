@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -309,5 +310,39 @@ func TestReflectionIsNoSighting(t *testing.T) {
 	}
 	if r := node.reflectionsCopy()["relay"]; r.Addr != netip.MustParseAddrPort("198.51.100.9:4000") {
 		t.Fatalf("reflection %+v", r)
+	}
+}
+
+// TestShutdownWithPacketsPending: memberlist's UDP listener blocks
+// handing a packet to a reader, and its Shutdown waits for the listener.
+// The gossip transport stopped reading first and then waited for it: an
+// agent whose memberlist received packets while it stopped hung forever.
+func TestShutdownWithPacketsPending(t *testing.T) {
+	inner, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{"127.0.0.1"}, BindPort: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := newGossipTransport(inner, "a")
+	g.start()
+	c, err := net.Dial("udp4", fmt.Sprintf("127.0.0.1:%d", inner.GetAutoBindPort()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Nobody reads g.PacketCh(): loopPackets holds one packet, the
+	// listener the next.
+	for range 20 {
+		_, _ = c.Write([]byte("not a memberlist packet, but a packet"))
+	}
+	time.Sleep(200 * time.Millisecond)
+	done := make(chan error, 1)
+	go func() { done <- g.Shutdown() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown hangs while the inner transport holds a packet")
 	}
 }
