@@ -59,6 +59,20 @@ type Config struct {
 	Docker       DockerAPI
 	SyncNetworks bool
 	DriverName   string
+	// PunchTimeout bounds a direct attempt to reach a peer (through NAT
+	// or not): without a handshake by then, the pair is relayed
+	// (paths.go). DirectRetry is the least time a relayed pair waits
+	// before trying direct again; it doubles with each failure.
+	PunchTimeout time.Duration
+	DirectRetry  time.Duration
+	// Relay forwards the sessions this host relays for others, on UDP
+	// ports RelayPort+1 to RelayPort+RelayPorts-1 (relayhost.go); nil,
+	// or RelayPorts 0, relays nothing. RelayPerNode caps the pairs one
+	// host may have relayed here.
+	Relay        RelayServer
+	RelayPort    uint16
+	RelayPorts   uint16
+	RelayPerNode int
 	Logger       *slog.Logger
 
 	// DNS reports the DNS service for status; nil when it is off.
@@ -76,6 +90,9 @@ func DefaultConfig() Config {
 		ResyncInterval: 30 * time.Second,
 		SyncNetworks:   true,
 		DriverName:     "wgmesh",
+		PunchTimeout:   8 * time.Second,
+		DirectRetry:    time.Minute,
+		RelayPerNode:   64,
 	}
 }
 
@@ -94,8 +111,10 @@ func (c *Config) Validate() error {
 		return errors.New("driver: WireGuard port base must not be 0")
 	case c.DefaultMTU < dataplane.MinMTU || c.DefaultMTU > dataplane.MaxMTU:
 		return fmt.Errorf("driver: default MTU %d outside %d..%d", c.DefaultMTU, dataplane.MinMTU, dataplane.MaxMTU)
-	case c.RequestTimeout <= 0 || c.ClaimTimeout <= 0 || c.ResyncInterval <= 0:
+	case c.RequestTimeout <= 0 || c.ClaimTimeout <= 0 || c.ResyncInterval <= 0 || c.PunchTimeout <= 0 || c.DirectRetry <= 0:
 		return errors.New("driver: timeouts must be positive")
+	case c.RelayPorts != 0 && (c.RelayPort == 0 || c.RelayPorts < 2 || c.RelayPerNode < 1):
+		return errors.New("driver: relay ports need a first port, at least two ports, and a positive limit per node")
 	}
 	return nil
 }
@@ -116,8 +135,12 @@ type Driver struct {
 	// restored is set once the peers found at start are marked known.
 	stagger  *stagger
 	restored bool
-	recheck  *time.Timer
-	metrics  *metrics
+	// paths are the paths to peers (paths.go); relayHost what this host
+	// relays for others (relayhost.go).
+	paths     *paths
+	relayHost *relayHost
+	recheck   *time.Timer
+	metrics   *metrics
 
 	// broken are endpoints whose container lost its interface and that
 	// the last check could not repair: the reason, by endpoint ID.
@@ -152,6 +175,8 @@ func New(cfg Config) (*Driver, error) {
 		nameTries: map[string]int{},
 		key:       cfg.PrivateKey,
 		stagger:   newStagger(),
+		paths:     newPaths(cfg.Logger.With("component", "paths"), cfg.PunchTimeout, cfg.DirectRetry, cfg.Keepalive),
+		relayHost: newRelayHost(),
 		metrics:   newMetrics(),
 
 		syncKick: make(chan struct{}, 1),
@@ -205,6 +230,8 @@ func (d *Driver) Run(ctx context.Context) error {
 	defer resync.Stop()
 	retry := time.NewTimer(0)
 	<-retry.C
+	pathsTimer := time.NewTimer(pathsBusy)
+	defer pathsTimer.Stop()
 	// An agent restart is when network namespaces may have been lost
 	// (see linux.Config.HostMountNS): repair containers at once.
 	d.checkEndpoints(ctx)
@@ -220,14 +247,26 @@ func (d *Driver) Run(ctx context.Context) error {
 		case <-d.checkKick:
 			d.checkEndpoints(ctx)
 		case <-retry.C:
+		case <-pathsTimer.C:
+			if d.evaluatePaths(ctx) {
+				pathsTimer.Reset(pathsBusy)
+			} else {
+				pathsTimer.Reset(pathsIdle)
+			}
+			continue
 		}
 		d.mu.Lock()
 		err := d.applyLocked(ctx)
+		busy := d.paths.busy()
 		d.mu.Unlock()
 		if err != nil {
 			d.metrics.reconcileErrors.Inc()
 			d.log.Error("applying data plane failed; retrying", "err", err)
 			retry.Reset(2 * time.Second)
+		}
+		if busy {
+			// A new peer, or a path changing: watch it closely.
+			pathsTimer.Reset(pathsBusy)
 		}
 	}
 }
@@ -242,8 +281,70 @@ func (d *Driver) kickLoop() {
 
 // applyLocked computes the desired data plane and applies it.
 func (d *Driver) applyLocked(ctx context.Context) error {
-	cfg := d.desiredLocked(d.cfg.Mesh.View())
+	v := d.cfg.Mesh.View()
+	cfg := d.desiredLocked(v)
+	d.serveRelayLocked(v, time.Now())
 	return d.cfg.DataPlane.Apply(ctx, cfg)
+}
+
+// Paths are looked at every pathsBusy while one is changing (a direct
+// attempt: the sooner a handshake is seen the better), else every
+// pathsIdle.
+const (
+	pathsBusy = 250 * time.Millisecond
+	pathsIdle = 5 * time.Second
+)
+
+// evaluatePaths looks at WireGuard's sessions with every peer, moves
+// paths on (paths.go), publishes this host's wishes and sightings, and
+// applies what changed. It reports whether a path is still changing.
+func (d *Driver) evaluatePaths(ctx context.Context) bool {
+	taken := time.Now()
+	st, err := d.cfg.DataPlane.Status(ctx)
+	if err != nil {
+		d.log.Debug("reading WireGuard for paths", "err", err)
+	}
+	byID := map[string]dataplane.NetworkStatus{}
+	for _, n := range st {
+		byID[n.ID] = n
+	}
+	v := d.cfg.Mesh.View()
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	changed := false
+	subnets := map[netip.Prefix]bool{}
+	for _, n := range d.state.Networks {
+		subnets[n.Subnet] = true
+		peers := map[crypto.PublicKey]dataplane.PeerStatus{}
+		for _, p := range byID[n.ID].Peers {
+			peers[p.PublicKey] = p
+		}
+		keep := map[string]bool{}
+		for _, p := range v.Peers(n.Subnet) {
+			keep[p.Node] = true
+			k := pathKey{n.Subnet, p.Node}
+			if ps, ok := peers[p.PublicKey]; ok {
+				d.paths.observe(k, ps, taken, now)
+			}
+			if d.paths.step(now, v, n.Subnet, p) {
+				changed = true
+			}
+		}
+		d.paths.forget(n.Subnet, keep)
+		d.cfg.Mesh.SetRelayWants(n.Subnet, d.paths.wishes(n.Subnet))
+	}
+	d.paths.forgetSubnetsExcept(subnets)
+	d.cfg.Mesh.SetWGSightings(d.paths.sightings(now))
+	if changed {
+		if err := d.applyLocked(ctx); err != nil {
+			d.log.Warn("applying a new path", "err", err)
+			d.kickLoop()
+		}
+	} else {
+		d.serveRelayLocked(v, now)
+	}
+	return d.paths.busy()
 }
 
 // desiredLocked computes the data plane from this host's state and the
@@ -274,12 +375,17 @@ func (d *Driver) desiredLocked(v *mesh.View) *dataplane.Config {
 			if !d.restored {
 				d.stagger.known(n.Subnet, p.PublicKey)
 			}
-			ka, again := d.stagger.keepalive(n.Subnet, d.key.Public(), p.PublicKey, d.cfg.Keepalive, now)
+			dec := d.paths.decide(now, v, n.Subnet, p)
+			if dec.restarted {
+				d.stagger.restart(n.Subnet, p.PublicKey, now)
+			}
+			ka, again := d.stagger.keepalive(n.Subnet, d.key.Public(), p.PublicKey, d.cfg.Keepalive, now, dec.flip)
 			if again > 0 && (recheck == 0 || again < recheck) {
 				recheck = again
 			}
 			dn.Peers = append(dn.Peers, dataplane.Peer{
-				PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs, Keepalive: ka,
+				PublicKey: p.PublicKey, Endpoint: dec.endpoint, AllowedIPs: p.AllowedIPs, Keepalive: ka,
+				MTU: routeMTU(dec.pathMTU, dec.endpoint, n.MTU), Generation: dec.gen,
 			})
 		}
 		d.stagger.forget(n.Subnet, peers)

@@ -35,9 +35,11 @@ func newStagger() *stagger {
 }
 
 // keepalive returns the keepalive to configure for peer, and how long
-// until it should be recomputed (0: never).
-func (s *stagger) keepalive(subnet netip.Prefix, self, peer crypto.PublicKey, want time.Duration, now time.Time) (time.Duration, time.Duration) {
-	if want == 0 || bytes.Compare(self[:], peer[:]) < 0 {
+// until it should be recomputed (0: never). With flip the side with the
+// higher key goes first (paths.go alternates it between attempts to
+// punch through NAT).
+func (s *stagger) keepalive(subnet netip.Prefix, self, peer crypto.PublicKey, want time.Duration, now time.Time, flip bool) (time.Duration, time.Duration) {
+	if want == 0 || (bytes.Compare(self[:], peer[:]) < 0) != flip {
 		return want, 0
 	}
 	seen, ok := s.first[subnet][peer]
@@ -61,6 +63,14 @@ func (s *stagger) known(subnet netip.Prefix, peer crypto.PublicKey) {
 		s.first[subnet] = map[crypto.PublicKey]time.Time{}
 	}
 	s.first[subnet][peer] = time.Time{}
+}
+
+// restart treats peer as new from now: it was started over (a new path).
+func (s *stagger) restart(subnet netip.Prefix, peer crypto.PublicKey, now time.Time) {
+	if s.first[subnet] == nil {
+		s.first[subnet] = map[crypto.PublicKey]time.Time{}
+	}
+	s.first[subnet][peer] = now
 }
 
 // forget drops peers of subnet not in keep.

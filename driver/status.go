@@ -23,11 +23,26 @@ type Status struct {
 	Members   []MemberStatus   `json:"members"`
 	Networks  []NetworkStatus  `json:"networks"`
 	Gossip    mesh.Stats       `json:"gossip"`
-	Problems  []string         `json:"problems,omitempty"`
-	Healthy   bool             `json:"healthy"`
+	// Relay lists the pairs this host relays for others.
+	Relay    []RelayStatus `json:"relay,omitempty"`
+	Problems []string      `json:"problems,omitempty"`
+	Healthy  bool          `json:"healthy"`
 
 	// DNS is the DNS service of container names, when it is on.
 	DNS *dns.Status `json:"dns,omitempty"`
+}
+
+// RelayStatus is one pair this host relays.
+type RelayStatus struct {
+	Network netip.Prefix   `json:"network"`
+	A       string         `json:"a"`
+	B       string         `json:"b"`
+	Port    uint16         `json:"port"`
+	AddrA   netip.AddrPort `json:"addr_a,omitzero"`
+	AddrB   netip.AddrPort `json:"addr_b,omitzero"`
+	BytesAB uint64         `json:"bytes_ab"`
+	BytesBA uint64         `json:"bytes_ba"`
+	Dropped uint64         `json:"dropped"`
 }
 
 // NodeStatus describes this node.
@@ -49,6 +64,15 @@ type MemberStatus struct {
 	WGMode    string           `json:"wg_mode,omitempty"`
 	PublicKey crypto.PublicKey `json:"public_key"`
 	Self      bool             `json:"self,omitempty"`
+	// NAT is how the member's NAT maps ports; Public where members
+	// outside it see its gossip port.
+	NAT    mesh.NATKind   `json:"nat,omitempty"`
+	Public netip.AddrPort `json:"public,omitzero"`
+	// PathMTU is the largest IP packet that crosses from this host to
+	// the member, if measured.
+	PathMTU int `json:"path_mtu,omitempty"`
+	// Relay: the member relays for others.
+	Relay bool `json:"relay,omitempty"`
 }
 
 // NetworkStatus describes a local network.
@@ -79,14 +103,25 @@ type EndpointStatus struct {
 
 // PeerStatus describes a WireGuard peer of a network.
 type PeerStatus struct {
-	Node          string           `json:"node"`
-	State         mesh.Liveness    `json:"state"`
-	PublicKey     crypto.PublicKey `json:"public_key"`
-	Endpoint      netip.AddrPort   `json:"endpoint"`
-	AllowedIPs    []netip.Prefix   `json:"allowed_ips"`
-	LastHandshake time.Time        `json:"last_handshake,omitzero"`
-	RxBytes       int64            `json:"rx_bytes"`
-	TxBytes       int64            `json:"tx_bytes"`
+	Node      string           `json:"node"`
+	State     mesh.Liveness    `json:"state"`
+	PublicKey crypto.PublicKey `json:"public_key"`
+	// Path is how traffic to the peer goes: direct, relayed (through
+	// Via), trying (a direct attempt under way) or waiting for relay.
+	Path string `json:"path"`
+	Via  string `json:"via,omitempty"`
+	// Endpoint is where WireGuard sends the peer's packets.
+	Endpoint netip.AddrPort `json:"endpoint"`
+	// PathMTU is the largest IP packet that crosses the path to the peer
+	// (through a relay, the smaller of its two legs), if measured;
+	// RouteMTU the MTU of packets to the peer's blocks, when the path
+	// makes it smaller than the network's.
+	PathMTU       int            `json:"path_mtu,omitempty"`
+	RouteMTU      int            `json:"route_mtu,omitempty"`
+	AllowedIPs    []netip.Prefix `json:"allowed_ips"`
+	LastHandshake time.Time      `json:"last_handshake,omitzero"`
+	RxBytes       int64          `json:"rx_bytes"`
+	TxBytes       int64          `json:"tx_bytes"`
 }
 
 // A live peer with no handshake for this long is a problem: with
@@ -114,8 +149,12 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 		st.Problems = append(st.Problems, fmt.Sprintf("reading the data plane: %v", dpErr))
 	}
 	for _, m := range v.Members {
-		st.Members = append(st.Members, MemberStatus{Name: m.Name, Addr: m.Addr, State: m.State, Since: m.Since,
-			RTT: m.RTT, WGMode: m.WGMode, PublicKey: m.PublicKey, Self: m.Self})
+		ms := MemberStatus{Name: m.Name, Addr: m.Addr, State: m.State, Since: m.Since,
+			RTT: m.RTT, WGMode: m.WGMode, PublicKey: m.PublicKey, Self: m.Self, NAT: m.NAT, PathMTU: m.PathMTU, Relay: m.Relay()}
+		if m.NAT.Behind() {
+			ms.Public = m.Seen
+		}
+		st.Members = append(st.Members, ms)
 		switch m.State {
 		case mesh.Dead:
 			st.Problems = append(st.Problems, fmt.Sprintf("node %s (%s) failed %s ago; its address blocks stay reserved until it returns or `wgmesh forget %s`",
@@ -152,13 +191,29 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 			ns.Interface = planes[i].Interface
 		}
 		for _, p := range v.Peers(n.Subnet) {
-			ps := PeerStatus{Node: p.Node, State: p.State, PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs}
+			path := d.paths.info(pathKey{n.Subnet, p.Node}, p, v.Self)
+			ps := PeerStatus{Node: p.Node, State: p.State, PublicKey: p.PublicKey, Endpoint: path.endpoint, AllowedIPs: p.AllowedIPs,
+				Path: path.mode, Via: path.via, PathMTU: path.pathMTU, RouteMTU: routeMTU(path.pathMTU, path.endpoint, n.MTU)}
+			if !ps.Endpoint.IsValid() {
+				ps.Endpoint = p.Endpoint
+			}
 			if applied {
 				for _, wp := range planes[i].Peers {
 					if wp.PublicKey == p.PublicKey {
 						ps.LastHandshake, ps.RxBytes, ps.TxBytes = wp.LastHandshake, wp.RxBytes, wp.TxBytes
+						if wp.Endpoint.IsValid() {
+							ps.Endpoint = wp.Endpoint
+						}
 					}
 				}
+			}
+			switch {
+			case path.noRelay:
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: no direct path to %s, and no member relays (a host members reach at its own address relays with --relay-ports open)",
+					n.Subnet, p.Node))
+			case path.mode == "waiting for relay" && now.Sub(path.since) > handshakeGrace:
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: %s is to be reached through relay %s, which has not opened a session for the pair",
+					n.Subnet, p.Node, path.via))
 			}
 			age := now.Sub(ps.LastHandshake)
 			joined := v.Members[p.Node].Since
@@ -174,6 +229,10 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 		st.Networks = append(st.Networks, ns)
 	}
 	slices.SortFunc(st.Networks, func(a, b NetworkStatus) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	st.Relay = d.relayStatusLocked()
+	if err := d.relayHost.setErr; err != nil {
+		st.Problems = append(st.Problems, fmt.Sprintf("relaying for others: %v", err))
+	}
 	st.Problems = append(st.Problems, d.syncProblems...)
 	if d.cfg.DNS != nil {
 		st.DNS = d.cfg.DNS()
@@ -187,4 +246,25 @@ func (d *Driver) currentKey() crypto.PrivateKey {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.key
+}
+
+// relayStatusLocked lists the pairs this host relays.
+func (d *Driver) relayStatusLocked() []RelayStatus {
+	if d.cfg.Relay == nil {
+		return nil
+	}
+	byPort := map[uint16]relayPair{}
+	for pair, port := range d.relayHost.ports {
+		byPort[port] = pair
+	}
+	var out []RelayStatus
+	for _, s := range d.cfg.Relay.Stats() {
+		pair, ok := byPort[s.Port]
+		if !ok {
+			continue
+		}
+		out = append(out, RelayStatus{Network: pair.subnet, A: pair.a, B: pair.b, Port: s.Port, AddrA: s.AddrA, AddrB: s.AddrB,
+			BytesAB: s.BytesAB, BytesBA: s.BytesBA, Dropped: s.Dropped})
+	}
+	return out
 }

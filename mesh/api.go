@@ -47,24 +47,116 @@ func (m *Mesh) SetEndpoints(subnet netip.Prefix, n int) {
 // changed.
 func (m *Mesh) updateOwn(subnet netip.Prefix, f func(*NetworkEntry)) {
 	m.mu.Lock()
+	changed := m.updateOwnLocked(subnet, f)
+	m.mu.Unlock()
+	if changed {
+		m.kickLoop()
+	}
+}
+
+func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool {
 	k := entryKey{m.cfg.Name, subnet}
 	cur, ok := m.rep.entries[k]
 	e := cur.e
+	e.Relay = maps.Clone(e.Relay)
 	if !ok {
 		e = NetworkEntry{Node: m.cfg.Name, Subnet: subnet}
 	}
 	f(&e)
-	if ok && e == cur.e || !ok && e.Port == 0 && e.Endpoints == 0 {
-		m.mu.Unlock()
-		return
+	if len(e.Relay) == 0 {
+		e.Relay = nil
+	}
+	if ok && e.equal(cur.e) || !ok && e.Port == 0 && e.Endpoints == 0 && len(e.Relay) == 0 {
+		return false
+	}
+	if ok && e.Port == 0 && cur.e.Port != 0 {
+		// Detached: what it said about its paths no longer holds.
+		e.Seen, e.Relay = netip.AddrPort{}, nil
+	}
+	if ok && e.Port != cur.e.Port && m.nat.WG[subnet].IsValid() {
+		e.Seen = netip.AddrPort{}
 	}
 	e.Version = m.versionLocked()
 	s := sign(m.cfg.Identity, purposeEntry, e)
 	m.rep.entries[k] = entryRec{e, s}
 	m.outbox = append(m.outbox, outMsg{name: "entry/" + m.cfg.Name + "/" + subnet.String(), b: encodeEntryMsg(s)})
 	m.touchLocked()
+	return true
+}
+
+// SetRelayWants publishes this node's wishes about its paths to peers of
+// subnet (relay.go in the driver): which to reach through a relay, and
+// which it is ready to try directly again. It does nothing on a network
+// this node has not attached.
+func (m *Mesh) SetRelayWants(subnet netip.Prefix, wants map[string]RelayWant) {
+	if len(wants) > maxRelayWants {
+		names := slices.Sorted(maps.Keys(wants))
+		wants = maps.Clone(wants)
+		for _, n := range names[maxRelayWants:] {
+			delete(wants, n)
+		}
+	}
+	m.mu.Lock()
+	cur, ok := m.rep.entries[entryKey{m.cfg.Name, subnet}]
+	changed := false
+	if ok && cur.e.Port != 0 {
+		changed = m.updateOwnLocked(subnet, func(e *NetworkEntry) { e.Relay = maps.Clone(wants) })
+	}
 	m.mu.Unlock()
-	m.kickLoop()
+	if changed {
+		m.kickLoop()
+	}
+}
+
+// SetRelaySessions publishes the sessions this node relays, replacing
+// those it published before: a session no longer listed is closed (a
+// record with port 0 says so).
+func (m *Mesh) SetRelaySessions(sessions []RelaySession) {
+	m.mu.Lock()
+	want := map[sessionKey]RelaySession{}
+	for _, r := range sessions {
+		r.Relay = m.cfg.Name
+		if r.A > r.B {
+			r.A, r.B = r.B, r.A
+		}
+		want[keyOf(r)] = r
+	}
+	changed := false
+	publish := func(r RelaySession) {
+		r.Version = m.versionLocked()
+		if err := r.validate(); err != nil {
+			m.log.Error("not publishing an invalid relay session", "err", err)
+			return
+		}
+		s := sign(m.cfg.Identity, purposeSession, r)
+		m.rep.sessions[keyOf(r)] = sessionRec{r, s}
+		m.outbox = append(m.outbox, outMsg{name: sessionBroadcastName(r), b: encodeMsg(kindSession, s)})
+		changed = true
+	}
+	for k, cur := range m.rep.sessions {
+		if k.relay != m.cfg.Name || cur.r.Port == 0 {
+			continue
+		}
+		if _, ok := want[k]; !ok {
+			closed := cur.r
+			closed.Port, closed.MTU = 0, 0
+			publish(closed)
+		}
+	}
+	for k, r := range want {
+		cur, ok := m.rep.sessions[k]
+		if ok && cur.r.Port == r.Port && cur.r.MTU == r.MTU {
+			continue
+		}
+		publish(r)
+	}
+	if changed {
+		m.touchLocked()
+	}
+	m.mu.Unlock()
+	if changed {
+		m.kickLoop()
+	}
 }
 
 // propose sends a command to the cluster and returns its refusal, if any,
@@ -198,8 +290,10 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 	m.mu.Lock()
 	m.rep.forgetNode(node)
 	delete(m.live, node)
+	delete(m.obs, node)
 	m.touchLocked()
 	m.mu.Unlock()
+	m.gossipNet.forget(node)
 	m.log.Info("node forgotten", "peer", node)
 	m.kickLoop()
 	return nil
@@ -261,6 +355,7 @@ func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
 	if err := m.tls.SetKeyring(ring); err != nil {
 		return err
 	}
+	m.gossipNet.setKeyring(ring)
 	m.mu.Lock()
 	m.cfg.Keyring = ring
 	m.mu.Unlock()

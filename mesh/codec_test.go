@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"maps"
 	"net/netip"
 	"strings"
 	"testing"
@@ -35,6 +36,14 @@ func TestMetaFitsMemberlistLimit(t *testing.T) {
 	n.Addr = netip.MustParseAddr("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff")
 	n.Version = 1<<62 - 1
 	n.WGMode = strings.Repeat("m", maxModeLen)
+	// Everything this node may publish at its largest (a cluster ID is
+	// 16 hex digits).
+	n.Features, n.NAT = featureHeader, NATConsistent
+	n.Seen = netip.MustParseAddrPort("[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535")
+	n.RelayPort, n.RelayPorts = 65000, 536
+	if err := n.validate(); err != nil {
+		t.Fatal(err)
+	}
 	if b := encodeMeta(sign(id, purposeInfo, n)); len(b) > 512 {
 		t.Fatalf("largest metadata is %d bytes, memberlist allows 512", len(b))
 	}
@@ -93,24 +102,44 @@ func TestDecodeRejects(t *testing.T) {
 
 func FuzzDecodeMessage(f *testing.F) {
 	_, id := sampleInfo(f)
-	f.Add(encodeEntryMsg(sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 9, Port: 51821, Endpoints: 3})))
+	subnet := netip.MustParsePrefix("10.60.0.0/16")
+	f.Add(encodeEntryMsg(sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: subnet, Version: 9, Port: 51821, Endpoints: 3,
+		Seen: netip.MustParseAddrPort("198.51.100.7:40000"), Relay: map[string]RelayWant{"host-2": {Via: "host-3", Tries: 2}, "host-4": {Tries: 1}}})))
 	f.Add([]byte(`E{"d":{"n":"a","s":"::/0","v":1},"s":""}`))
+	f.Add(encodeMsg(kindSession, sign(id, purposeSession, RelaySession{Relay: "host-1", Subnet: subnet, A: "a", B: "b", Version: 3, Port: 51901, MTU: 1400})))
+	f.Add(encodeMsg(kindObservation, sign(id, purposeObservation, Observation{Observer: "host-1", Subject: "host-2", Version: 4,
+		Gossip: netip.MustParseAddrPort("203.0.113.5:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: netip.MustParseAddrPort("203.0.113.5:51820")}})))
+	f.Add([]byte(`O{"d":{"o":"a","n":"b","v":1,"w":{"10.0.0.0/8":"1.2.3.4:0"}},"s":""}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		s, err := decodeMessage(b)
+		msg, err := decodeMessage(b)
 		if err != nil {
 			return
 		}
-		e, err := decodeEntry(s)
-		if err != nil {
-			t.Fatalf("accepted a message whose entry does not decode: %v", err)
-		}
-		again, err := decodeMessage(encodeEntryMsg(s))
+		again, err := decodeMessage(encodeMsg(msg.kind, msg.s))
 		if err != nil {
 			t.Fatalf("round trip: %v", err)
 		}
-		e2, _ := decodeEntry(again)
-		if e != e2 {
-			t.Fatalf("round trip changed %+v to %+v", e, e2)
+		switch msg.kind {
+		case kindEntry:
+			e, err := decodeEntry(msg.s)
+			e2, _ := decodeEntry(again.s)
+			if err != nil || !e.equal(e2) {
+				t.Fatalf("entry round trip: %+v %v, then %+v", e, err, e2)
+			}
+		case kindSession:
+			r, err := decodeSession(msg.s)
+			r2, _ := decodeSession(again.s)
+			if err != nil || r != r2 {
+				t.Fatalf("session round trip: %+v %v, then %+v", r, err, r2)
+			}
+		case kindObservation:
+			o, err := decodeObservation(msg.s)
+			o2, _ := decodeObservation(again.s)
+			if err != nil || o.Gossip != o2.Gossip || !maps.Equal(o.WG, o2.WG) || o.Observer != o2.Observer || o.Subject != o2.Subject {
+				t.Fatalf("observation round trip: %+v %v, then %+v", o, err, o2)
+			}
+		default:
+			t.Fatalf("accepted a message of kind %q", msg.kind)
 		}
 	})
 }

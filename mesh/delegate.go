@@ -55,7 +55,7 @@ func (d *delegate) NotifyMsg(b []byte) {
 		d.notifyName(b)
 		return
 	}
-	s, err := decodeMessage(b)
+	msg, err := decodeMessage(b)
 	if err != nil {
 		d.m.mu.Lock()
 		d.m.rep.refuse("message-invalid")
@@ -63,8 +63,27 @@ func (d *delegate) NotifyMsg(b []byte) {
 		d.m.log.Debug("dropping gossip message", "err", err)
 		return
 	}
+	if msg.kind == kindObservation {
+		d.m.receiveObservation(msg.s)
+		return
+	}
+	var changed bool
+	var name string
 	d.m.mu.Lock()
-	changed := d.m.rep.mergeEntry(s, d.m.bound)
+	switch msg.kind {
+	case kindEntry:
+		changed = d.m.rep.mergeEntry(msg.s, d.m.bound)
+		if changed {
+			e, _ := decodeEntry(msg.s)
+			name = "entry/" + e.Node + "/" + e.Subnet.String()
+		}
+	case kindSession:
+		changed = d.m.rep.mergeSession(msg.s, d.m.bound)
+		if changed {
+			r, _ := decodeSession(msg.s)
+			name = sessionBroadcastName(r)
+		}
+	}
 	if changed {
 		d.m.touchLocked()
 	}
@@ -76,12 +95,15 @@ func (d *delegate) NotifyMsg(b []byte) {
 		// the next push/pull. Only what was news here is relayed, so
 		// every node relays a version at most once, and a newer version
 		// replaces an older one still queued.
-		e, _ := decodeEntry(s)
 		if len(b) <= maxBroadcast {
-			d.m.queue.QueueBroadcast(&broadcast{name: "entry/" + e.Node + "/" + e.Subnet.String(), msg: slices.Clone(b)})
+			d.m.queue.QueueBroadcast(&broadcast{name: name, msg: slices.Clone(b)})
 		}
 		d.m.kickLoop()
 	}
+}
+
+func sessionBroadcastName(r RelaySession) string {
+	return "session/" + r.Relay + "/" + r.Subnet.String() + "/" + r.A + "/" + r.B
 }
 
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
@@ -117,6 +139,9 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	d.m.mu.Lock()
 	for _, e := range s.Entries {
 		changed = d.m.rep.mergeEntry(e, d.m.bound) || changed
+	}
+	for _, r := range s.Sessions {
+		changed = d.m.rep.mergeSession(r, d.m.bound) || changed
 	}
 	if changed {
 		d.m.touchLocked()

@@ -37,7 +37,7 @@ func (ms membership) Members() []consensus.Member {
 }
 
 func (m *Mesh) consensusMember(n NodeInfo, alive, self bool) consensus.Member {
-	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self}
+	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self, BehindNAT: n.NAT.Behind()}
 	if n.RaftPort != 0 {
 		mem.RaftAddr = net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.RaftPort)))
 	}

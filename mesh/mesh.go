@@ -102,6 +102,17 @@ type Config struct {
 	LeaveOnShutdown bool
 	// LeaveTimeout bounds the graceful leave on shutdown.
 	LeaveTimeout time.Duration
+	// RelayPort and RelayPorts are the UDP ports this node relays on
+	// for members that cannot reach each other, RelayPort to
+	// RelayPort+RelayPorts-1; 0 relays nothing. The first answers
+	// members asking how their gossip port is seen (nat.go); the others
+	// carry the relay sessions, which the driver serves. The node offers
+	// them only while members see it at the address it advertises.
+	RelayPort, RelayPorts uint16
+	// PMTUInterval is how often the path MTU to each member reached
+	// directly is confirmed (pmtu.go); 0 means 30 s, negative turns
+	// probing off.
+	PMTUInterval time.Duration
 	// NameTombstoneTTL is how long removed container names are
 	// remembered (names.go); 0 means 5 minutes.
 	NameTombstoneTTL time.Duration
@@ -159,6 +170,9 @@ func (c *Config) Validate() error {
 	if c.ReconnectInterval <= 0 {
 		return errors.New("reconnect interval must be positive")
 	}
+	if c.RelayPort == 0 && c.RelayPorts != 0 || c.RelayPort != 0 && (c.RelayPorts < 2 || int(c.RelayPort)+int(c.RelayPorts) > 65536) {
+		return fmt.Errorf("relay ports %d to %d: want at least two, within 1 to 65535", c.RelayPort, int(c.RelayPort)+int(c.RelayPorts)-1)
+	}
 	return nil
 }
 
@@ -186,8 +200,13 @@ type Mesh struct {
 
 	ml      atomic.Pointer[memberlist.Memberlist]
 	keyring atomic.Pointer[memberlist.Keyring]
-	queue   *memberlist.TransmitLimitedQueue
-	kick    chan struct{}
+	// gossipNet is memberlist's transport (gossipnet.go), over sockets
+	// of its own (netTransport) unless Config.Transport is given.
+	gossipNet *gossipTransport
+	sockets   *netTransport
+	pmtu      *pmtuProber
+	queue     *memberlist.TransmitLimitedQueue
+	kick      chan struct{}
 	// changes is signalled (never blocking) whenever the View may differ.
 	changes chan struct{}
 	stats   gossipStats
@@ -222,6 +241,15 @@ type Mesh struct {
 	// probeInterval is memberlist's, for the suspect heuristic.
 	probeInterval time.Duration
 	started       time.Time
+
+	// NAT (nat.go): observations of this node by observer, what this
+	// node last told each member it observes, where it sees its peers'
+	// WireGuard handshakes come from, and its judgement of its own NAT.
+	obs          map[string]obsRec
+	sentObs      map[string]sentObs
+	wgSights     map[string]map[netip.Prefix]netip.AddrPort
+	nat          natState
+	reflectAsked map[netip.AddrPort]time.Time
 }
 
 type outMsg struct {
@@ -265,6 +293,10 @@ func New(cfg Config) (*Mesh, error) {
 		rep:     newReplica(cfg.Name),
 		live:    map[string]liveRecord{},
 		addr:    addr,
+		obs:     map[string]obsRec{},
+		sentObs: map[string]sentObs{},
+
+		reflectAsked: map[netip.AddrPort]time.Time{},
 
 		nameChanges: make(chan struct{}, 1),
 	}
@@ -308,6 +340,10 @@ func New(cfg Config) (*Mesh, error) {
 		return nil, err
 	}
 	_, m.gen = m.node.Identity()
+	if err := m.bindGossip(); err != nil {
+		m.node.Close()
+		return nil, err
+	}
 	if err := m.loadGossip(); err != nil {
 		m.log.Warn("ignoring saved gossip", "err", err)
 	}
@@ -315,6 +351,64 @@ func New(cfg Config) (*Mesh, error) {
 	m.setSelfInfoLocked()
 	m.mu.Unlock()
 	return m, nil
+}
+
+// bindGossip opens the gossip port (unless the configuration brings a
+// transport) and the reflection port, so that a port in use fails at
+// start.
+func (m *Mesh) bindGossip() error {
+	inner := m.cfg.Transport
+	if inner == nil {
+		t, err := newNetTransport(m.cfg.BindAddr, m.cfg.BindPort, m.log)
+		if err != nil {
+			return err
+		}
+		m.sockets, inner = t, t
+		m.cfg.BindPort = t.Port()
+	}
+	nat, ok := inner.(memberlist.NodeAwareTransport)
+	if !ok {
+		return errors.New("the gossip transport must be node-aware")
+	}
+	m.gossipNet = newGossipTransport(nat, m.cfg.Name)
+	m.gossipNet.setKeyring(m.cfg.Keyring)
+	if m.cfg.RelayPort != 0 {
+		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))
+		ua, err := net.ResolveUDPAddr("udp", hostPort)
+		if err == nil {
+			m.gossipNet.reflector, err = net.ListenUDP("udp", ua)
+		}
+		if err != nil {
+			if m.sockets != nil {
+				_ = m.sockets.Shutdown()
+			}
+			return fmt.Errorf("relay port %d: %w", m.cfg.RelayPort, err)
+		}
+	}
+	interval := m.cfg.PMTUInterval
+	if interval == 0 {
+		interval = 30 * time.Second
+	}
+	if interval > 0 && m.gossipNet.df != nil {
+		m.pmtu = newPMTUProber(m.gossipNet, interval, m.rttOf, m.touch)
+	}
+	return nil
+}
+
+// rttOf is the last gossip round trip to a member.
+func (m *Mesh) rttOf(name string) time.Duration {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.live[name].rtt
+}
+
+// touch records a change from outside the replica (a path MTU) and wakes
+// the loop.
+func (m *Mesh) touch() {
+	m.mu.Lock()
+	m.mutations++
+	m.mu.Unlock()
+	m.kickLoop()
 }
 
 // advertiseAddr picks the address peers reach this node at, the way
@@ -355,6 +449,14 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
+		Features:   featureHeader,
+		NAT:        m.nat.Kind,
+	}
+	if m.nat.Kind.Behind() {
+		m.self.Seen = m.nat.Seen
+	}
+	if m.cfg.RelayPort != 0 && m.nat.Kind == NATNone {
+		m.self.RelayPort, m.self.RelayPorts = m.cfg.RelayPort, m.cfg.RelayPorts
 	}
 	m.meta = encodeMeta(sign(m.cfg.Identity, purposeInfo, m.self))
 	m.metaStale = true
@@ -405,9 +507,14 @@ var ErrRefused = errors.New("the cluster refuses this node")
 // error if gossip could not start or the cluster refuses this node.
 func (m *Mesh) Run(ctx context.Context) error {
 	conf := m.memberlistConfig()
+	if m.sockets != nil {
+		m.sockets.start()
+	}
+	m.gossipNet.start()
 	ml, err := memberlist.Create(conf)
 	if err != nil {
 		m.node.Close()
+		_ = m.gossipNet.Shutdown()
 		return fmt.Errorf("starting gossip on %s:%d: %w", conf.BindAddr, conf.BindPort, err)
 	}
 	m.ml.Store(ml)
@@ -425,6 +532,13 @@ func (m *Mesh) Run(ctx context.Context) error {
 	defer stopLoops()
 	m.wg.Add(1)
 	go m.loopReconnect(ctx)
+	if m.pmtu != nil {
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			m.pmtu.loop(ctx)
+		}()
+	}
 
 	ticker := time.NewTicker(time.Second)
 	defer ticker.Stop()
@@ -507,11 +621,13 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 	conf.Alive = d
 	conf.Conflict = d
 	conf.Ping = d
-	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"))
+	// Push/pull with a member behind NAT fails by design: it happens
+	// when that member dials out.
+	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"), errBehindNAT.Error())
 	conf.LogOutput = nil
-	if m.cfg.Transport != nil {
-		conf.Transport = m.cfg.Transport
-	}
+	conf.Transport = m.gossipNet
+	// TCP fallback probes cannot reach a member behind NAT either.
+	conf.DisableTcpPingsForNode = func(name string) bool { return !m.gossipNet.dialable(name) }
 	if len(m.cfg.Keyring) > 0 {
 		// Errors are impossible: crypto validated the key lengths.
 		ring, _ := memberlist.NewKeyring(m.cfg.Keyring, m.cfg.Keyring.Primary())
@@ -584,7 +700,9 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	var out []string
 	for name, rec := range m.rep.infos {
 		n := rec.info
-		if alive[name] || n.Leaving || n.GossipPort == 0 {
+		if alive[name] || n.Leaving || n.GossipPort == 0 || n.NAT.Behind() {
+			// A member behind NAT cannot be dialled; it comes back by
+			// itself.
 			continue
 		}
 		out = append(out, net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.GossipPort))))
@@ -599,16 +717,26 @@ func (m *Mesh) step(ctx context.Context) error {
 	if err := m.node.Refusal(); err != nil && !errors.Is(err, catalog.ErrRolledBack) {
 		return fmt.Errorf("%w: %w", ErrRefused, err)
 	}
+	now := time.Now()
 	m.mu.Lock()
 	if m.self.ClusterID != m.node.ClusterID() {
 		m.setSelfInfoLocked()
 	}
+	m.reassessNATLocked(now)
+	hints := m.routeHintsLocked()
+	observations := m.outgoingObservationsLocked(now)
+	reflect := m.reflectTargetsLocked(now)
 	updateMeta := m.metaStale
 	m.metaStale = false
 	m.pruneNamesLocked(time.Now())
 	out := m.outbox
 	m.outbox = nil
 	m.mu.Unlock()
+
+	m.gossipNet.setHints(hints)
+	for _, to := range reflect {
+		m.gossipNet.askReflection(to)
+	}
 
 	if updateMeta {
 		if ml := m.memberlist(); ml != nil {
@@ -618,6 +746,7 @@ func (m *Mesh) step(ctx context.Context) error {
 		}
 	}
 	m.send(out)
+	m.sendDirect(m.memberlist(), observations)
 	if err := m.checkForgotten(); err != nil {
 		return err
 	}
@@ -697,14 +826,35 @@ func (m *Mesh) View() *View {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v := buildView(m.cfg.Name, cat, m.rep, m.self, m.live)
+	var sightings map[string]sighting
+	var pmtus map[string]PathMTU
+	if m.gossipNet != nil {
+		sightings = m.gossipNet.sightingsCopy()
+	}
+	if m.pmtu != nil {
+		pmtus = m.pmtu.results()
+	}
+	for name, mem := range v.Members {
+		s, seen := sightings[name]
+		p, measured := pmtus[name]
+		if !seen && !measured {
+			continue
+		}
+		mem.Sighted, mem.SightedAt, mem.PathMTU = s.Addr, s.At, p.MTU
+		v.Members[name] = mem
+	}
 	// memberlist probes one member per interval, so a member normally
 	// answers once every len(members) intervals; three missed rounds make
 	// it suspect.
 	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.probeInterval
 	now := time.Now()
+	selfNAT := v.Members[v.Self].NAT
 	for name, mem := range v.Members {
+		// Two hosts behind NAT may have no direct path at all; memberlist
+		// then probes one through others, which answers no direct probe.
+		natted := selfNAT.Behind() && mem.NAT.Behind() && !mem.Direct(now)
 		switch {
-		case mem.State == Alive && !mem.Self && now.Sub(mem.LastAck) > suspectAfter:
+		case mem.State == Alive && !mem.Self && !natted && now.Sub(mem.LastAck) > suspectAfter:
 			mem.State = Suspect
 		case mem.State == Unknown && !m.started.IsZero() && now.Sub(m.started) > m.unknownGrace():
 			// Gossip has had time to find it and has not: treat it as

@@ -53,6 +53,9 @@ func (m *Mesh) loadGossip() error {
 	for _, e := range s.Entries {
 		m.rep.mergeEntry(e, m.bound)
 	}
+	for _, r := range s.Sessions {
+		m.rep.mergeSession(r, m.bound)
+	}
 	now := time.Now()
 	for _, n := range s.Names {
 		rec, err := decodeName(n)
@@ -102,6 +105,13 @@ func (m *Mesh) saveGossip() {
 		}
 	}
 	s.Entries = others
+	var sessions []signed
+	for _, r := range s.Sessions {
+		if rs, err := decodeSession(r); err == nil && rs.Relay != m.cfg.Name {
+			sessions = append(sessions, r)
+		}
+	}
+	s.Sessions = sessions
 	m.gossipDirty = false
 	m.lastSave = time.Now()
 	m.mu.Unlock()

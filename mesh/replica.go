@@ -19,9 +19,10 @@ import (
 // another identity's name is refused and counted, never merged; newer
 // versions of a node's records replace older ones.
 type replica struct {
-	self    string
-	infos   map[string]infoRec
-	entries map[entryKey]entryRec
+	self     string
+	infos    map[string]infoRec
+	entries  map[entryKey]entryRec
+	sessions map[sessionKey]sessionRec
 	// names are the name records (names.go); nameCount counts them
 	// by node.
 	names     map[nameKey]nameRec
@@ -45,11 +46,24 @@ type entryKey struct {
 	subnet netip.Prefix
 }
 
+type sessionRec struct {
+	r RelaySession
+	s signed
+}
+
+type sessionKey struct {
+	relay  string
+	subnet netip.Prefix
+	a, b   string
+}
+
+func keyOf(r RelaySession) sessionKey { return sessionKey{r.Relay, r.Subnet, r.A, r.B} }
+
 // boundFunc returns the identity the catalog binds to a name.
 type boundFunc func(name string) (crypto.NodeID, bool)
 
 func newReplica(self string) *replica {
-	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{},
+	return &replica{self: self, infos: map[string]infoRec{}, entries: map[entryKey]entryRec{}, sessions: map[sessionKey]sessionRec{},
 		names: map[nameKey]nameRec{}, nameCount: map[string]int{}, refused: map[string]uint64{}}
 }
 
@@ -74,6 +88,11 @@ func (r *replica) mergeInfo(n NodeInfo, s signed, bound boundFunc) bool {
 		for k, e := range r.entries {
 			if k.node == n.Name && !n.ID.Verify(purposeEntry, e.s.Data, e.s.Sig) {
 				delete(r.entries, k)
+			}
+		}
+		for k, rec := range r.sessions {
+			if k.relay == n.Name && !n.ID.Verify(purposeSession, rec.s.Data, rec.s.Sig) {
+				delete(r.sessions, k)
 			}
 		}
 		r.forgetNames(n.Name, func(s signed) bool { return n.ID.Verify(purposeName, s.Data, s.Sig) })
@@ -123,6 +142,34 @@ func (r *replica) mergeEntry(s signed, bound boundFunc) bool {
 	return true
 }
 
+// mergeSession merges a relay's signed session and reports whether it
+// changed.
+func (r *replica) mergeSession(s signed, bound boundFunc) bool {
+	rs, err := decodeSession(s)
+	if err != nil {
+		r.refuse("session-invalid")
+		return false
+	}
+	if rs.Relay == r.self {
+		return false
+	}
+	id, ok := r.identityOf(rs.Relay, bound)
+	if !ok {
+		r.refuse("session-unknown-node")
+		return false
+	}
+	if !id.Verify(purposeSession, s.Data, s.Sig) {
+		r.refuse("session-forged")
+		return false
+	}
+	k := keyOf(rs)
+	if cur, ok := r.sessions[k]; ok && rs.Version <= cur.r.Version {
+		return false
+	}
+	r.sessions[k] = sessionRec{rs, s}
+	return true
+}
+
 // forgetNode drops a node's records.
 func (r *replica) forgetNode(name string) {
 	delete(r.infos, name)
@@ -131,14 +178,20 @@ func (r *replica) forgetNode(name string) {
 			delete(r.entries, k)
 		}
 	}
+	for k := range r.sessions {
+		if k.relay == name {
+			delete(r.sessions, k)
+		}
+	}
 	r.forgetNames(name, nil)
 }
 
 // stateMsg is the push/pull state and the saved gossip: signed records.
 type stateMsg struct {
-	V       int      `json:"v"`
-	Infos   []signed `json:"infos,omitempty"`
-	Entries []signed `json:"entries"`
+	V        int      `json:"v"`
+	Infos    []signed `json:"infos,omitempty"`
+	Entries  []signed `json:"entries"`
+	Sessions []signed `json:"sessions,omitempty"`
 	// Names are name records (names.go), tombstones included.
 	Names []signed `json:"names,omitempty"`
 }
@@ -151,6 +204,13 @@ func (r *replica) snapshot(withInfos bool) stateMsg {
 	})
 	for _, k := range keys {
 		s.Entries = append(s.Entries, r.entries[k].s)
+	}
+	skeys := slices.SortedFunc(maps.Keys(r.sessions), func(a, b sessionKey) int {
+		return cmp.Or(cmp.Compare(a.relay, b.relay), a.subnet.Addr().Compare(b.subnet.Addr()), cmp.Compare(a.subnet.Bits(), b.subnet.Bits()),
+			cmp.Compare(a.a, b.a), cmp.Compare(a.b, b.b))
+	})
+	for _, k := range skeys {
+		s.Sessions = append(s.Sessions, r.sessions[k].s)
 	}
 	s.Names = r.nameSnapshot()
 	if withInfos {

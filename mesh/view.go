@@ -79,7 +79,24 @@ type Member struct {
 	// Registered: the catalog binds the member's name to its identity.
 	// What an unregistered member says is not used.
 	Registered bool
+	// Sighted is where this node last received the member's gossip
+	// from, directly, and SightedAt when; zero if it never did.
+	Sighted   netip.AddrPort
+	SightedAt time.Time
+	// PathMTU is the largest IP packet that crosses from this node to
+	// the member (pmtu.go); 0 if not measured.
+	PathMTU int
 }
+
+// Direct reports whether this node hears from the member directly: its
+// gossip arrived from it (not through another member) lately.
+func (m Member) Direct(now time.Time) bool {
+	return m.SightedAt.After(now.Add(-directFor))
+}
+
+// Relay reports whether the member relays for others: it offers relay
+// ports and members see it at the address it advertises.
+func (m Member) Relay() bool { return m.RelayPort != 0 && m.NAT == NATNone }
 
 // View is an immutable snapshot of the mesh as this node sees it: the
 // committed catalog, and the gossip records that the catalog vouches for.
@@ -90,6 +107,21 @@ type View struct {
 	Catalog   *catalog.State
 	// Entries are the trusted network entries, by subnet, sorted by node.
 	Entries map[netip.Prefix][]NetworkEntry
+	// Sessions are the open relay sessions of registered relays.
+	Sessions []RelaySession
+}
+
+// Session returns the open session relay offers the pair a, b on subnet.
+func (v *View) Session(relay string, subnet netip.Prefix, a, b string) (RelaySession, bool) {
+	if a > b {
+		a, b = b, a
+	}
+	for _, r := range v.Sessions {
+		if r.Relay == relay && r.Subnet == subnet && r.A == a && r.B == b {
+			return r, true
+		}
+	}
+	return RelaySession{}, false
 }
 
 // Network returns the catalog's record of subnet's network, or nil if
@@ -178,11 +210,21 @@ func (v *View) Users(subnet netip.Prefix) map[string]int {
 type Peer struct {
 	Node      string
 	PublicKey crypto.PublicKey
-	Endpoint  netip.AddrPort
+	// Endpoint is the address and WireGuard port the node advertises.
+	Endpoint netip.AddrPort
+	// Public is where members outside the node's NAT see its WireGuard
+	// port, as it says; or, if it says nothing of it but is behind a
+	// consistent NAT, a guess: its public address with its own port.
+	Public netip.AddrPort
+	NAT    NATKind
 	// AllowedIPs are the blocks the catalog says the node owns: what it
 	// says of itself does not matter.
 	AllowedIPs []netip.Prefix
 	State      Liveness
+	// Wants is what the node wishes for its path to this node, if it
+	// said anything (HasWant).
+	Wants   RelayWant
+	HasWant bool
 }
 
 // Peers returns the WireGuard peers of subnet: other registered nodes
@@ -195,13 +237,22 @@ func (v *View) Peers(subnet netip.Prefix) []Peer {
 		if !ok || m.Self || !m.Registered || e.Port == 0 || !m.State.Routable() || m.PublicKey.IsZero() {
 			continue
 		}
-		out = append(out, Peer{
+		p := Peer{
 			Node:       e.Node,
 			PublicKey:  m.PublicKey,
 			Endpoint:   netip.AddrPortFrom(m.Addr, e.Port),
+			NAT:        m.NAT,
 			AllowedIPs: v.BlocksOf(subnet, e.Node),
 			State:      m.State,
-		})
+		}
+		switch {
+		case e.Seen.IsValid():
+			p.Public = e.Seen
+		case m.NAT == NATConsistent && m.Seen.IsValid():
+			p.Public = netip.AddrPortFrom(m.Seen.Addr(), e.Port)
+		}
+		p.Wants, p.HasWant = e.Relay[v.Self]
+		out = append(out, p)
 	}
 	return out
 }
@@ -248,5 +299,13 @@ func buildView(self string, cat *catalog.State, r *replica, selfInfo NodeInfo, l
 	for _, entries := range v.Entries {
 		slices.SortFunc(entries, func(a, b NetworkEntry) int { return cmp.Compare(a.Node, b.Node) })
 	}
+	for _, rec := range r.sessions {
+		if m, ok := v.Members[rec.r.Relay]; ok && m.Registered && rec.r.Port != 0 {
+			v.Sessions = append(v.Sessions, rec.r)
+		}
+	}
+	slices.SortFunc(v.Sessions, func(a, b RelaySession) int {
+		return cmp.Or(cmp.Compare(a.Relay, b.Relay), a.Subnet.Addr().Compare(b.Subnet.Addr()), cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B))
+	})
 	return v
 }

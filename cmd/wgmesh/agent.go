@@ -13,6 +13,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -27,6 +29,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver/dataplane/linux"
 	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/driver/dockerapi"
+	"github.com/wgmesh/wgmesh/driver/relay"
 	"github.com/wgmesh/wgmesh/mesh"
 )
 
@@ -60,6 +63,11 @@ type agentFlags struct {
 	dnsUpstream     listFlag
 	logLevel        string
 	logFormat       string
+	relayPorts      string
+	relayRate       int64
+	punchTimeout    time.Duration
+	directRetry     time.Duration
+	pmtuInterval    time.Duration
 }
 
 func (f *agentFlags) register(fs *flag.FlagSet) {
@@ -90,6 +98,11 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 		"(dockerd needs it as its first --dns); off when empty or \"off\"")
 	fs.Var(&f.dnsUpstream, "dns-upstream", "DNS server(s) addr[:port] for names outside the mesh, comma-separated or repeated (default: the nameservers of /etc/resolv.conf)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off when empty)")
+	fs.StringVar(&f.relayPorts, "relay-ports", "51900-51999", "UDP ports FIRST-LAST this host relays on for members that cannot reach each other, when members reach it at its advertised address; the first also tells members how their NAT maps them ('off': none)")
+	fs.Int64Var(&f.relayRate, "relay-rate", 0, "bytes per second each relayed pair may send through this host (0: no limit)")
+	fs.DurationVar(&f.punchTimeout, "punch-timeout", 8*time.Second, "how long a direct path to a peer (through NAT or not) may take to bring a handshake before the pair is relayed")
+	fs.DurationVar(&f.directRetry, "direct-retry", time.Minute, "least time a relayed pair waits before trying a direct path again (doubles with each failure, up to 30m)")
+	fs.DurationVar(&f.pmtuInterval, "pmtu-interval", 30*time.Second, "how often the path MTU to each host is confirmed; a path that shrank is noticed within two of these")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 }
@@ -137,7 +150,33 @@ func (f *agentFlags) validate() error {
 	if f.wgKeyRotation != 0 && f.wgKeyRotation < time.Minute {
 		return errors.New("--wg-key-rotation must be 0 or at least 1m")
 	}
+	if _, _, err := parsePortRange(f.relayPorts); err != nil {
+		return fmt.Errorf("--relay-ports: %w", err)
+	}
+	if f.relayRate < 0 {
+		return errors.New("--relay-rate must not be negative")
+	}
+	if f.punchTimeout < time.Second || f.directRetry < time.Second {
+		return errors.New("--punch-timeout and --direct-retry must be at least 1s")
+	}
+	if f.pmtuInterval < time.Second {
+		return errors.New("--pmtu-interval must be at least 1s")
+	}
 	return f.validateDNS()
+}
+
+// parsePortRange parses FIRST-LAST (at least two ports), or "off".
+func parsePortRange(s string) (first, count uint16, err error) {
+	if s == "off" || s == "" {
+		return 0, 0, nil
+	}
+	a, b, ok := strings.Cut(s, "-")
+	lo, err1 := strconv.ParseUint(a, 10, 16)
+	hi, err2 := strconv.ParseUint(b, 10, 16)
+	if !ok || err1 != nil || err2 != nil || lo == 0 || hi <= lo {
+		return 0, 0, fmt.Errorf("%q is not FIRST-LAST with 0 < FIRST < LAST <= 65535, or off", s)
+	}
+	return uint16(lo), uint16(hi - lo + 1), nil
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
@@ -233,6 +272,9 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	mcfg.StateDir = f.stateDir
 	mcfg.LeaveOnShutdown = f.leaveOnShutdown
 	mcfg.Logger = log
+	relayPort, relayPorts, _ := parsePortRange(f.relayPorts)
+	mcfg.RelayPort, mcfg.RelayPorts = relayPort, relayPorts
+	mcfg.PMTUInterval = f.pmtuInterval
 	m, err := mesh.New(mcfg)
 	if err != nil {
 		return fmt.Errorf("mesh: %w", err)
@@ -252,6 +294,16 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	dcfg.Keepalive = f.wgKeepalive
 	dcfg.DriverName = f.driverName
 	dcfg.Logger = log
+	dcfg.PunchTimeout, dcfg.DirectRetry = f.punchTimeout, f.directRetry
+	if relayPorts > 0 {
+		bind, err := netip.ParseAddr(f.bindAddr)
+		if err != nil {
+			return fmt.Errorf("--bind-addr: %w", err)
+		}
+		rs := relay.New(relay.Config{BindAddr: bind, MaxRate: f.relayRate, Logger: log})
+		defer rs.Close()
+		dcfg.Relay, dcfg.RelayPort, dcfg.RelayPorts = rs, relayPort, relayPorts
+	}
 	// Docker's API serves network sync, tells whether the container of
 	// an endpoint that lost its veth pair still runs, and feeds names.
 	docker, err := dockerapi.New(f.dockerHost)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -64,7 +65,7 @@ func printStatus(w io.Writer, st *driver.Status, now time.Time) {
 		orDash(cs.ClusterID, cs.ClusterID != ""), cs.State, orDash(cs.Leader, cs.Leader != ""), orDash(strings.Join(voters, ","), len(voters) > 0),
 		len(cs.Servers), cs.AppliedIndex)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tADDRESS\tSTATE\tSINCE\tRTT\tWIREGUARD\tPUBLIC KEY")
+	fmt.Fprintln(tw, "NODE\tADDRESS\tSTATE\tSINCE\tRTT\tNAT\tPATH MTU\tWIREGUARD\tPUBLIC KEY")
 	for _, m := range st.Members {
 		since, rtt := "-", "-"
 		if !m.Since.IsZero() {
@@ -77,7 +78,18 @@ func printStatus(w io.Writer, st *driver.Status, now time.Time) {
 		if m.Self {
 			state = "self"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, state, since, rtt, m.WGMode, m.PublicKey.Short()+"…")
+		nat := orDash(string(m.NAT), m.NAT != "")
+		if m.Public.IsValid() {
+			nat += " " + m.Public.String()
+		}
+		if m.Relay {
+			nat += ", relays"
+		}
+		pmtu := "-"
+		if m.PathMTU > 0 {
+			pmtu = strconv.Itoa(m.PathMTU)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, state, since, rtt, nat, pmtu, m.WGMode, m.PublicKey.Short()+"…")
 	}
 	tw.Flush()
 	for _, n := range st.Networks {
@@ -91,14 +103,36 @@ func printStatus(w io.Writer, st *driver.Status, now time.Time) {
 			}
 		}
 		if len(n.Peers) > 0 {
-			fmt.Fprintln(tw, "  PEER\tENDPOINT\tALLOWED IPS\tSTATE\tHANDSHAKE\tRX\tTX")
+			fmt.Fprintln(tw, "  PEER\tPATH\tENDPOINT\tPATH MTU\tALLOWED IPS\tSTATE\tHANDSHAKE\tRX\tTX")
 			for _, p := range n.Peers {
 				hs := "never"
 				if !p.LastHandshake.IsZero() {
 					hs = ago(now, p.LastHandshake) + " ago"
 				}
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Endpoint, joinPrefixes(p.AllowedIPs), p.State, hs, bytesIEC(p.RxBytes), bytesIEC(p.TxBytes))
+				path := orDash(p.Path, p.Path != "")
+				if p.Via != "" {
+					path += " via " + p.Via
+				}
+				mtu := "-"
+				if p.PathMTU > 0 {
+					mtu = strconv.Itoa(p.PathMTU)
+				}
+				if p.RouteMTU > 0 {
+					mtu += fmt.Sprintf(" (inner %d)", p.RouteMTU)
+				}
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, path, p.Endpoint, mtu, joinPrefixes(p.AllowedIPs), p.State, hs,
+					bytesIEC(p.RxBytes), bytesIEC(p.TxBytes))
 			}
+		}
+		tw.Flush()
+	}
+	if len(st.Relay) > 0 {
+		fmt.Fprintln(w, "\nrelaying for others")
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "  NETWORK\tPAIR\tPORT\tFROM\tFORWARDED\tDROPPED")
+		for _, r := range st.Relay {
+			fmt.Fprintf(tw, "  %s\t%s – %s\t%d\t%s, %s\t%s, %s\t%d\n", r.Network, r.A, r.B, r.Port, orDash(r.AddrA.String(), r.AddrA.IsValid()),
+				orDash(r.AddrB.String(), r.AddrB.IsValid()), bytesIEC(int64(r.BytesAB)), bytesIEC(int64(r.BytesBA)), r.Dropped)
 		}
 		tw.Flush()
 	}

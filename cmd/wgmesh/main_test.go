@@ -75,7 +75,11 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"--insecure", "--dns-upstream", "169.254.53.53"}, nil, "the DNS server itself"},
 		{[]string{"--insecure", "--dns-upstream", "resolver.example"}, nil, "not an address"},
 		{[]string{"--insecure", "--dns-addr", "off", "--dns-upstream", "192.0.2.1"}, nil, "needs the DNS server"},
-		// Last: t.Setenv lasts until the test ends.
+		{[]string{"--insecure", "--relay-ports", "51900"}, nil, "FIRST-LAST"},
+		{[]string{"--insecure", "--relay-ports", "51999-51900"}, nil, "FIRST-LAST"},
+		{[]string{"--insecure", "--punch-timeout", "10ms"}, nil, "at least 1s"},
+		// The environment stays set for the cases after: last.
+		{[]string{"--insecure"}, map[string]string{"WGMESH_RELAY_PORTS": "0-10"}, "FIRST-LAST"},
 		{[]string{"--insecure"}, map[string]string{"WGMESH_WG_PORT": "many"}, "WGMESH_WG_PORT"},
 	} {
 		_, err := parse(t, tc.args, tc.env)
@@ -123,13 +127,20 @@ func TestPrintStatus(t *testing.T) {
 		Members: []driver.MemberStatus{
 			{Name: "h1", Addr: netip.MustParseAddr("192.0.2.1"), State: mesh.Alive, Self: true},
 			{Name: "h2", Addr: netip.MustParseAddr("192.0.2.2"), State: mesh.Dead, Since: now.Add(-90 * time.Second)},
+			{Name: "h3", Addr: netip.MustParseAddr("10.0.0.3"), State: mesh.Alive, NAT: mesh.NATConsistent,
+				Public: netip.MustParseAddrPort("198.51.100.3:7946"), PathMTU: 1280},
+			{Name: "h4", Addr: netip.MustParseAddr("192.0.2.4"), State: mesh.Alive, NAT: mesh.NATNone, PathMTU: 1400, Relay: true},
 		},
 		Networks: []driver.NetworkStatus{{
 			Subnet: netip.MustParsePrefix("10.60.0.0/16"), Interface: "wgm0123", Port: 51820, MTU: 1340,
 			Blocks: []netip.Prefix{netip.MustParsePrefix("10.60.1.0/24")},
-			Peers: []driver.PeerStatus{{Node: "h3", State: mesh.Alive, Endpoint: netip.MustParseAddrPort("192.0.2.3:51820"),
-				AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.60.2.0/24")}, LastHandshake: now.Add(-12 * time.Second), RxBytes: 2048, TxBytes: 3 << 20}},
+			Peers: []driver.PeerStatus{{Node: "h3", State: mesh.Alive, Path: "direct", Endpoint: netip.MustParseAddrPort("198.51.100.3:51820"),
+				PathMTU: 1280, RouteMTU: 1216, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.60.2.0/24")}, LastHandshake: now.Add(-12 * time.Second),
+				RxBytes: 2048, TxBytes: 3 << 20}, {Node: "h5", State: mesh.Alive, Path: "relayed", Via: "h4", Endpoint: netip.MustParseAddrPort("192.0.2.4:51907"),
+				PathMTU: 1400, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.60.5.0/24")}}},
 		}},
+		Relay: []driver.RelayStatus{{Network: netip.MustParsePrefix("10.60.0.0/16"), A: "h5", B: "h6", Port: 51903,
+			AddrA: netip.MustParseAddrPort("198.51.100.5:1234"), BytesAB: 4096, BytesBA: 1024}},
 		Problems: []string{"node h2 (192.0.2.2) failed"},
 	}
 	var b bytes.Buffer
@@ -139,7 +150,11 @@ func TestPrintStatus(t *testing.T) {
 		"cluster c0ffee: this node leader, leader h1, voters h1, 2 servers, applied index 42",
 		"h2    192.0.2.2  dead   1m30s",
 		"network 10.60.0.0/16  link wgm0123  port 51820  mtu 1340  gateway -  blocks 10.60.1.0/24",
-		"h3    192.0.2.3:51820  10.60.2.0/24  alive  12s ago    2.0KiB  3.0MiB",
+		"h3    direct          198.51.100.3:51820  1280 (inner 1216)  10.60.2.0/24  alive  12s ago    2.0KiB  3.0MiB",
+		"h5    relayed via h4  192.0.2.4:51907     1400               10.60.5.0/24  alive  never",
+		"h3    10.0.0.3   alive  -      -    consistent 198.51.100.3:7946  1280",
+		"h4    192.0.2.4  alive  -      -    none, relays",
+		"10.60.0.0/16  h5 – h6  51903  198.51.100.5:1234, -  4.0KiB, 1.0KiB  0",
 		"PROBLEMS:", "! node h2 (192.0.2.2) failed",
 	} {
 		if !strings.Contains(b.String(), want) {

@@ -70,6 +70,18 @@ type Peer struct {
 	Endpoint   netip.AddrPort
 	AllowedIPs []netip.Prefix
 	Keepalive  time.Duration
+	// MTU, if not 0, is the largest packet that reaches the peer through
+	// WireGuard, when the path to it is smaller than the network's MTU.
+	// The network's namespace routes the peer's allowed IPs with this
+	// MTU: a container's larger packet is answered with ICMP
+	// "fragmentation needed" when it has DF set, or fragmented before
+	// WireGuard, while packets to other peers keep the network's MTU.
+	MTU int
+	// Generation starts the peer over when it changes: it is removed and
+	// added again, which drops its session and makes WireGuard start a
+	// handshake at once rather than after its retry timer (up to 5 s).
+	// Used when the path to the peer changes (NAT traversal, a relay).
+	Generation uint64
 }
 
 // Endpoint is a container's attachment to a network.
@@ -218,6 +230,11 @@ func (n *Network) Validate() error {
 	}
 	if n.ListenPort == 0 {
 		return fmt.Errorf("network %s: no WireGuard port", shortID(n.ID))
+	}
+	for _, p := range n.Peers {
+		if p.MTU != 0 && (p.MTU < MinMTU || p.MTU > n.MTU) {
+			return fmt.Errorf("network %s: peer %s: MTU %d outside %d..%d", shortID(n.ID), p.PublicKey.Short(), p.MTU, MinMTU, n.MTU)
+		}
 	}
 	for _, ep := range n.Endpoints {
 		if err := ValidID(ep.ID); err != nil {

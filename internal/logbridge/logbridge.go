@@ -15,12 +15,18 @@ import (
 )
 
 // Writer turns each line written to it into a record of l.
-type Writer struct{ l *slog.Logger }
+type Writer struct {
+	l *slog.Logger
+	// quiet lines, those containing one of these, are logged at debug
+	// level whatever their prefix says: failures that are expected.
+	quiet []string
+}
 
 var _ io.Writer = Writer{}
 
-// New returns a Writer logging to l.
-func New(l *slog.Logger) Writer { return Writer{l} }
+// New returns a Writer logging to l. Lines that contain one of quiet are
+// logged at debug level.
+func New(l *slog.Logger, quiet ...string) Writer { return Writer{l, quiet} }
 
 var prefixes = []struct {
 	tag   string
@@ -44,13 +50,19 @@ func (w Writer) Write(p []byte) (int, error) {
 			}
 		}
 		msg = strings.TrimPrefix(msg, "memberlist: ")
+		for _, q := range w.quiet {
+			if strings.Contains(msg, q) {
+				level = min(level, slog.LevelDebug)
+			}
+		}
 		w.l.Log(context.Background(), level, msg)
 	}
 	return len(p), nil
 }
 
-// StdLogger is a log.Logger for memberlist.
-func StdLogger(l *slog.Logger) *log.Logger { return log.New(New(l), "", 0) }
+// StdLogger is a log.Logger for memberlist; lines that contain one of
+// quiet are logged at debug level.
+func StdLogger(l *slog.Logger, quiet ...string) *log.Logger { return log.New(New(l, quiet...), "", 0) }
 
 // Hclog is an hclog.Logger for raft, at level (raft is chatty at debug).
 func Hclog(l *slog.Logger, name string, level hclog.Level) hclog.Logger {

@@ -9,7 +9,8 @@ package consensus
 //  2. registered nodes that gossip sees alive join as non-voters;
 //  3. while fewer voters are alive than the target (1 below 3 servers,
 //     3 below 5, then 5; servers dead past their timeout not counted),
-//     the longest-alive caught-up non-voter becomes a voter;
+//     the longest-alive caught-up non-voter not behind NAT becomes a
+//     voter;
 //  4. a voter dead for DeadVoterTimeout is removed, once a replacement
 //     was promoted (or none is available);
 //  5. a non-voter dead for DeadNonvoterTimeout is removed (it is added
@@ -52,10 +53,11 @@ func (n *Node) stabilization() time.Duration { return 3 * n.cfg.Tick * 4 }
 
 type serverInfo struct {
 	raft.Server
-	id       crypto.NodeID
-	alive    bool
-	deadFor  time.Duration
-	aliveFor time.Duration
+	id        crypto.NodeID
+	alive     bool
+	behindNAT bool
+	deadFor   time.Duration
+	aliveFor  time.Duration
 }
 
 func (n *Node) autopilot(ctx context.Context) {
@@ -83,7 +85,7 @@ func (n *Node) autopilot(ctx context.Context) {
 		}
 		inConfig[id] = true
 		m, ok := members[id]
-		si := serverInfo{Server: s, id: id, alive: id == n.id || ok && m.Alive}
+		si := serverInfo{Server: s, id: id, alive: id == n.id || ok && m.Alive, behindNAT: ok && m.BehindNAT}
 		if si.alive {
 			delete(n.dead, id)
 			if _, seen := n.aliveSince[id]; !seen {
@@ -201,7 +203,10 @@ func (n *Node) promotable(ctx context.Context, r *raft.Raft, servers []serverInf
 	slices.SortStableFunc(cands, func(a, b serverInfo) int { return -int(a.aliveFor - b.aliveFor) })
 	last := r.LastIndex()
 	for _, s := range cands {
-		if s.Suffrage == raft.Voter || !s.alive || s.aliveFor < n.stabilization() {
+		if s.Suffrage == raft.Voter || !s.alive || s.aliveFor < n.stabilization() || s.behindNAT {
+			// A node behind NAT is reached only through connections it
+			// parks (reverse.go); a voter must be reachable by every
+			// other voter, some of which may be behind NAT too.
 			continue
 		}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)

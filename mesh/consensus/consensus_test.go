@@ -44,6 +44,8 @@ type cluster struct {
 	// conns are the open connections, by the nodes at their two ends, so
 	// that a partition breaks them as a real one would.
 	conns []tconn
+	// natted nodes are behind NAT: nobody can dial them.
+	natted map[string]bool
 	// raft, when set, replaces testRaft for nodes started afterwards.
 	raft func() *raft.Config
 }
@@ -85,7 +87,7 @@ type tnode struct {
 func newCluster(t *testing.T) *cluster {
 	k, _ := crypto.GenerateClusterKey()
 	kb, _ := crypto.ParseClusterKey(k)
-	return &cluster{t: t, key: crypto.Keyring{kb}, nodes: map[string]*tnode{}, side: map[string]int{}}
+	return &cluster{t: t, key: crypto.Keyring{kb}, nodes: map[string]*tnode{}, side: map[string]int{}, natted: map[string]bool{}}
 }
 
 func testRaft() *raft.Config {
@@ -108,7 +110,7 @@ func (m membership) Members() []Member {
 	var out []Member
 	for name, n := range m.c.nodes {
 		alive := n.node != nil && m.c.side[name] == m.c.side[m.self]
-		mem := Member{Name: name, ID: n.id.ID(), RaftAddr: n.addr, Alive: alive, Self: name == m.self}
+		mem := Member{Name: name, ID: n.id.ID(), RaftAddr: n.addr, Alive: alive, Self: name == m.self, BehindNAT: m.c.natted[name]}
 		if n.node != nil {
 			mem.ClusterID = n.node.ClusterID()
 		}
@@ -180,9 +182,13 @@ func (c *cluster) dial(from string) DialFunc {
 			}
 		}
 		blocked := to != "" && c.side[to] != c.side[from]
+		natted := c.natted[to]
 		c.mu.Unlock()
 		if blocked {
 			return nil, errors.New("partitioned")
+		}
+		if natted {
+			return nil, errors.New("behind NAT")
 		}
 		var d net.Dialer
 		conn, err := d.DialContext(ctx, "tcp", addr)
@@ -723,5 +729,86 @@ func TestFailingDisk(t *testing.T) {
 	eventually(t, 10*time.Second, "disk works again", func() error {
 		_, err := claim(ctx, a, "10.60.0.0/16")
 		return err
+	})
+}
+
+// TestBehindNAT: nodes nobody can dial get the log over connections they
+// park at the others, answer the autopilot, claim blocks, and never
+// become voters; when the leader dies they follow the new one.
+func TestBehindNAT(t *testing.T) {
+	c := newCluster(t)
+	public := []string{"p1", "p2", "p3"}
+	natted := []string{"c1", "c2"}
+	for _, name := range public {
+		c.add(name, true)
+	}
+	for _, name := range natted {
+		c.add(name, false)
+		c.natted[name] = true
+	}
+	for _, name := range append(slices.Clone(public), natted...) {
+		c.nodes[name].start()
+	}
+	all := append(slices.Clone(public), natted...)
+	c.waitVoters(3, all...)
+	for _, name := range all {
+		for _, s := range c.nodes[name].status().Servers {
+			if s.Voter && c.natted[s.Name] {
+				t.Fatalf("%s sees %s behind NAT as a voter", name, s.Name)
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ensure(ctx, c.nodes["c1"], "10.70.0.0/16"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := claim(ctx, c.nodes["c1"], "10.70.0.0/16")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hasBlock := func(names ...string) {
+		t.Helper()
+		for _, name := range names {
+			eventually(t, 10*time.Second, name+" sees c1's block", func() error {
+				nw := c.nodes[name].node.FSM().State().Networks[netip.MustParsePrefix("10.70.0.0/16")]
+				if nw == nil || nw.Blocks[b] != "c1" {
+					return fmt.Errorf("network %+v", nw)
+				}
+				return nil
+			})
+		}
+	}
+	hasBlock("c2", "p2")
+
+	// The leader dies: the others elect another, and the nodes behind NAT
+	// follow it (their Raft traffic now comes over connections parked at
+	// the new leader).
+	leader := c.nodes["p1"].status().Leader
+	c.nodes[leader].kill()
+	var rest []string
+	for _, name := range all {
+		if name != leader {
+			rest = append(rest, name)
+		}
+	}
+	eventually(t, 30*time.Second, "a new leader", func() error {
+		for _, name := range rest {
+			if st := c.nodes[name].status(); st.Leader == "" || st.Leader == leader {
+				return fmt.Errorf("%s: leader %q", name, st.Leader)
+			}
+		}
+		return nil
+	})
+	b, err = claim(ctx, c.nodes["c2"], "10.70.0.0/16")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "c1 sees c2's block", func() error {
+		nw := c.nodes["c1"].node.FSM().State().Networks[netip.MustParsePrefix("10.70.0.0/16")]
+		if nw == nil || nw.Blocks[b] != "c2" {
+			return fmt.Errorf("network %+v", nw)
+		}
+		return nil
 	})
 }

@@ -55,12 +55,17 @@ func lower(a, b Member) bool {
 	return cmp.Or(cmp.Compare(a.Name, b.Name), strings.Compare(a.ID.String(), b.ID.String())) < 0
 }
 
-// lowestAlive is the lowest alive member of a gossip view.
+// lowestAlive is the lowest alive member of a gossip view, not counting
+// members behind NAT while there are others: the node that starts a
+// cluster is its first voter, and voters must be reachable.
 func lowestAlive(members []Member) (Member, bool) {
 	var low Member
 	found := false
 	for _, m := range members {
-		if m.Alive && (!found || lower(m, low)) {
+		if !m.Alive {
+			continue
+		}
+		if !found || low.BehindNAT && !m.BehindNAT || low.BehindNAT == m.BehindNAT && lower(m, low) {
 			low, found = m, true
 		}
 	}

@@ -55,6 +55,9 @@ type Member struct {
 	ClusterID string
 	Alive     bool
 	Self      bool
+	// BehindNAT: members cannot dial it (it parks connections with
+	// them, reverse.go), so it is never made a voter.
+	BehindNAT bool
 }
 
 // Membership is what consensus needs of gossip. Implementations must not
@@ -261,6 +264,7 @@ func New(cfg Config) (*Node, error) {
 	n.mux.allowRaft = n.allowRaft
 	n.mux.rpc = n.serveRPC
 	n.mux.refused = n.metrics.refused
+	n.mux.lookup = n.lookupAddr
 	return n, nil
 }
 
@@ -328,6 +332,10 @@ func (n *Node) Run(ctx context.Context) error {
 	n.mux.wg.Add(1)
 	go n.mux.serve()
 	defer n.stop()
+	parkCtx, stopParking := context.WithCancel(ctx)
+	defer stopParking()
+	n.mux.wg.Add(1)
+	go n.loopPark(parkCtx)
 
 	has, err := n.hasState()
 	if err != nil {

@@ -43,6 +43,11 @@ type mux struct {
 	allowRaft func(crypto.NodeID) bool
 	rpc       func(conn net.Conn, peer crypto.NodeID)
 	refused   func(reason string)
+	// lookup finds the node at a consensus address, and whether it is
+	// behind NAT (reverse.go); park holds connections nodes behind NAT
+	// parked here.
+	lookup func(addr string) (id crypto.NodeID, behindNAT, ok bool)
+	park   *parkLot
 
 	raftConns chan net.Conn
 	closed    chan struct{}
@@ -57,7 +62,7 @@ func newMux(l net.Listener, tls *crypto.ClusterTLS, dial DialFunc, log *slog.Log
 			return d.DialContext(ctx, "tcp", addr)
 		}
 	}
-	return &mux{l: l, tls: tls, dial: dial, log: log, raftConns: make(chan net.Conn), closed: make(chan struct{})}
+	return &mux{l: l, tls: tls, dial: dial, log: log, raftConns: make(chan net.Conn), closed: make(chan struct{}), park: newParkLot()}
 }
 
 // serve accepts connections until the mux is closed.
@@ -99,10 +104,15 @@ func (m *mux) handle(c net.Conn) {
 		return
 	}
 	_ = tc.SetReadDeadline(time.Time{})
-	switch kind[0] {
+	m.dispatch(tc, peer, kind[0])
+}
+
+// dispatch hands an authenticated stream of the given kind to its server.
+func (m *mux) dispatch(tc *tls.Conn, peer crypto.NodeID, kind byte) {
+	switch kind {
 	case streamRaft:
 		if m.allowRaft == nil || !m.allowRaft(peer) {
-			m.log.Warn("refusing Raft traffic from a node that is not a voter", "peer_id", peer.Short(), "remote", c.RemoteAddr().String())
+			m.log.Warn("refusing Raft traffic from a node that is not a voter", "peer_id", peer.Short(), "remote", tc.RemoteAddr().String())
 			m.refuse("raft-not-voter")
 			tc.Close()
 			return
@@ -114,6 +124,10 @@ func (m *mux) handle(c net.Conn) {
 		}
 	case streamRPC:
 		m.rpc(tc, peer)
+	case streamPark:
+		if !m.park.put(peer, tc) {
+			tc.Close()
+		}
 	default:
 		m.refuse("stream-kind")
 		tc.Close()
@@ -127,8 +141,17 @@ func (m *mux) refuse(reason string) {
 }
 
 // dialStream opens an authenticated stream of the given kind to addr and
-// returns it with the identity that answered.
+// returns it with the identity that answered: over a connection the node
+// at addr parked here (reverse.go), else dialled.
 func (m *mux) dialStream(ctx context.Context, addr string, kind byte) (net.Conn, crypto.NodeID, error) {
+	if c, id, ok := m.takeParked(ctx, addr, kind); ok {
+		return c, id, nil
+	}
+	return m.dialDirect(ctx, addr, kind)
+}
+
+// dialDirect dials addr for a stream of the given kind.
+func (m *mux) dialDirect(ctx context.Context, addr string, kind byte) (net.Conn, crypto.NodeID, error) {
 	c, err := m.dial(ctx, addr)
 	if err != nil {
 		return nil, crypto.NodeID{}, err
@@ -154,6 +177,7 @@ func (m *mux) close() {
 	m.closeOnce.Do(func() {
 		close(m.closed)
 		m.l.Close()
+		m.park.close()
 	})
 	m.wg.Wait()
 }

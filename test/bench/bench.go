@@ -38,10 +38,13 @@ type Config struct {
 	SimSizes []int
 	// SimQuick shortens the simulation's idle phases (smoke runs).
 	SimQuick bool
-	// NoData, NoControl, NoClaims and NoSim leave a part out; NoVM
+	// NATSamples: how many times each kind of path between hosts behind
+	// NAT is set up and timed.
+	NATSamples int
+	// NoData, NoControl, NoClaims, NoSim and NoNAT leave a part out; NoVM
 	// leaves out the data-plane case of kernel WireGuard in a VM.
-	NoData, NoControl, NoClaims, NoSim, NoVM bool
-	Log                                      io.Writer
+	NoData, NoControl, NoClaims, NoSim, NoNAT, NoVM bool
+	Log                                             io.Writer
 	// NoNames leaves out names across hosts (dns.go): lookups in the two
 	// hosts with dockerd, and a names simulation of NamesSimNodes.
 	NoNames       bool
@@ -52,9 +55,9 @@ type Config struct {
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
-// data, control, claims, sim and names.
+// data, control, claims, sim, nat and names.
 func (c *Config) SetParts(list string) error {
-	c.NoData, c.NoControl, c.NoClaims, c.NoSim, c.NoNames = true, true, true, true, true
+	c.NoData, c.NoControl, c.NoClaims, c.NoSim, c.NoNAT, c.NoNames = true, true, true, true, true, true
 	for _, p := range strings.Split(list, ",") {
 		switch strings.TrimSpace(p) {
 		case "data":
@@ -65,10 +68,12 @@ func (c *Config) SetParts(list string) error {
 			c.NoClaims = false
 		case "sim":
 			c.NoSim = false
+		case "nat":
+			c.NoNAT = false
 		case "names":
 			c.NoNames = false
 		default:
-			return fmt.Errorf("unknown part %q: want data, control, claims, sim or names", p)
+			return fmt.Errorf("unknown part %q: want data, control, claims, sim, nat or names", p)
 		}
 	}
 	return nil
@@ -77,13 +82,13 @@ func (c *Config) SetParts(list string) error {
 // Full is the configuration of `make bench`.
 func Full() Config {
 	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15, ClaimSamples: 15,
-		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NamesSimNodes: 100}
+		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100}
 }
 
 // Smoke is a tiny run that checks the benchmark still works.
 func Smoke() Config {
 	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2, ClaimSamples: 2,
-		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NamesSimNodes: 10}
+		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10}
 }
 
 // Bench runs benchmarks.
@@ -111,6 +116,7 @@ type Report struct {
 	FirstPing   FirstPing     `json:"first_ping"`
 	Convergence []Convergence `json:"convergence"`
 	Claims      *Claims       `json:"claims,omitempty"`
+	NAT         *NAT          `json:"nat,omitempty"`
 	Simulation  []SimResult   `json:"simulation"`
 	SimErrors   []string      `json:"simulation_errors,omitempty"`
 	Names       *Names        `json:"names,omitempty"`
@@ -136,8 +142,8 @@ func (b *Bench) simLog() *slog.Logger {
 // Run runs every benchmark and returns the report.
 func (b *Bench) Run(ctx context.Context) (*Report, error) {
 	r := &Report{Started: time.Now(), Machine: machine(),
-		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, %d claim samples, clusters %v, simulated %v",
-			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClaimSamples, b.cfg.ClusterSizes, b.cfg.SimSizes)}
+		Config: fmt.Sprintf("%d runs, %s per iperf3 test, %d pings, %d first-ping samples, %d claim samples, clusters %v, simulated %v, %d NAT samples",
+			b.cfg.Runs, b.cfg.Duration, b.cfg.Pings, b.cfg.FirstPingSamples, b.cfg.ClaimSamples, b.cfg.ClusterSizes, b.cfg.SimSizes, b.cfg.NATSamples)}
 	if !b.cfg.NoData || !b.cfg.NoControl || !b.cfg.NoNames {
 		if err := b.withDocker(ctx, r); err != nil {
 			return nil, err
@@ -149,6 +155,13 @@ func (b *Bench) Run(ctx context.Context) (*Report, error) {
 			return nil, fmt.Errorf("claims: %w", err)
 		}
 		r.Claims = c
+	}
+	if !b.cfg.NoNAT {
+		n, err := b.nat(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("nat: %w", err)
+		}
+		r.NAT = n
 	}
 	if !b.cfg.NoData && !b.cfg.NoVM {
 		// After the other cases, not among them: the VM takes both cores.
@@ -336,6 +349,9 @@ func (r *Report) check() []Target {
 	}
 	if c := r.Claims; c != nil {
 		t = append(t, c.target())
+	}
+	if r.NAT != nil {
+		t = append(t, r.NAT.targets()...)
 	}
 	for _, c := range r.Convergence {
 		if c.Hosts == 25 {

@@ -83,6 +83,10 @@ func (r *Report) Markdown() string {
 		p("")
 		r.Claims.markdown(p)
 	}
+	if r.NAT != nil {
+		p("")
+		r.NAT.markdown(p)
+	}
 	if r.Names != nil {
 		p("")
 		r.namesMarkdown(p)

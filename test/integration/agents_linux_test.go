@@ -66,15 +66,23 @@ func TestMain(m *testing.M) {
 
 func newLab(t *testing.T, hosts int) *lab.Lab {
 	t.Helper()
+	return newLabWith(t, lab.Config{Hosts: hosts})
+}
+
+// newLabWith builds a lab of cfg (with this test run's binary, directory
+// and WireGuard mode) and starts its agents.
+func newLabWith(t *testing.T, cfg lab.Config) *lab.Lab {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	l, err := lab.New(ctx, lab.Config{Hosts: hosts, Binary: binary, Dir: filepath.Join(t.TempDir(), "lab"),
-		AgentArgs: []string{"--wg-mode", wgMode}})
+	cfg.Binary, cfg.Dir = binary, filepath.Join(t.TempDir(), "lab")
+	cfg.AgentArgs = append([]string{"--wg-mode", wgMode}, cfg.AgentArgs...)
+	l, err := lab.New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() || os.Getenv("WGMESH_TEST_LOG") != "" {
 			for _, h := range l.Hosts {
 				b, _ := os.ReadFile(h.AgentLog())
 				t.Logf("agent log of %s:\n%s", h.Name, tail(string(b), 60))

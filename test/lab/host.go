@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -505,4 +506,21 @@ func shellJoin(args []string) string {
 		q[i] = shellQuote(a)
 	}
 	return strings.Join(q, " ")
+}
+
+// Outside is the address other hosts see this host's packets come from:
+// its router's, behind NAT.
+func (h *Host) Outside() netip.Addr {
+	if h.Router != "" {
+		return h.Public
+	}
+	return h.Addr
+}
+
+// RouterExec runs a command in the namespace of the host's NAT router.
+func (h *Host) RouterExec(ctx context.Context, name string, args ...string) (string, error) {
+	if h.Router == "" {
+		return "", fmt.Errorf("host %s has no NAT router", h.Name)
+	}
+	return run(ctx, "ip", append([]string{"netns", "exec", h.Router, name}, args...)...)
 }

@@ -12,6 +12,19 @@
 //	192.168.77.11     .12             .13            192.168.77.1, 198.51.100.10
 //	dockerd + agent   dockerd + agent dockerd + agent
 //
+// A host may instead sit behind a NAT router of its own (Config.Sites),
+// in a private network, as hosts in a cloud's private subnet or an office
+// do; the router's uplink takes its place on the underlay:
+//
+//	br0 ── <prefix>-rN: eth0 192.168.77.(100+N)  ─ NAT ─  lan0 10.99.N.1 ── <prefix>-hN: eth0 10.99.N.2
+//
+// The router masquerades what its host sends (iptables MASQUERADE: the
+// source port is kept where it can be, one mapping per source; or with
+// --random-fully, a random port per destination), and drops what arrives
+// from outside unless it belongs to a connection its host began, on the
+// way to its host as on the way to itself, as home and cloud routers do.
+// Hosts behind NAT are not seeds: nobody can reach them first.
+//
 // Every path a host uses is its own (Dir/hN/...): hosts share the machine's
 // filesystem. Everything the lab starts is stopped by PID in Close, and
 // all traffic stays inside the lab's namespaces.
@@ -72,8 +85,33 @@ type Config struct {
 	// SyncNetworks lets agents create networks created elsewhere. Off by
 	// default: most tests choose on which hosts a network exists.
 	SyncNetworks bool
+	// Sites places the hosts, by index (host N is Sites[N-1]); hosts
+	// past its end sit on the underlay.
+	Sites []Site
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
+}
+
+// NAT kinds of a Site's router.
+const (
+	// NATPreserving: MASQUERADE, which keeps a source port where it can:
+	// one mapping per source, whatever the destination.
+	NATPreserving = "preserving"
+	// NATRandom: MASQUERADE --random-fully: a random port for each
+	// destination (a "symmetric" NAT).
+	NATRandom = "random"
+)
+
+// Site is where a host sits.
+type Site struct {
+	// NAT puts the host behind a router of that kind; "" on the
+	// underlay.
+	NAT string
+	// UplinkMTU is the MTU of the router's link to the underlay; 0 is
+	// the underlay's. A smaller one makes a path that drops larger
+	// packets without a word on the way in (the underlay's bridge does)
+	// and answers them with ICMP on the way out (the router does).
+	UplinkMTU int
 }
 
 // Lab is a running set of simulated hosts.
@@ -99,6 +137,11 @@ type Host struct {
 	NetNS string // namespace name, under /run/netns
 	Addr  netip.Addr
 	Dir   string
+	// Site is where it sits; behind NAT, Router is the router's
+	// namespace and Public the router's address on the underlay.
+	Site   Site
+	Router string
+	Public netip.Addr
 
 	mu      sync.Mutex
 	dockerd *proc
@@ -157,7 +200,14 @@ func New(ctx context.Context, cfg Config) (*Lab, error) {
 
 func checkTools(cfg Config) error {
 	var missing []string
-	for _, t := range []string{"ip", "nsenter", "unshare", "busybox"} {
+	tools := []string{"ip", "nsenter", "unshare", "busybox"}
+	for _, s := range cfg.Sites {
+		if s.NAT != "" {
+			tools = append(tools, "iptables")
+			break
+		}
+	}
+	for _, t := range tools {
 		if _, err := exec.LookPath(t); err != nil {
 			missing = append(missing, t)
 		}
@@ -189,7 +239,7 @@ func (l *Lab) build(ctx context.Context) error {
 		{"ip", "-n", l.WAN, "link", "set", "lo", "up"},
 		{"ip", "-n", l.WAN, "addr", "add", WANServer + "/32", "dev", "lo"},
 	}
-	steps = append(steps, l.plug(l.WAN, "wan", RouterAddr)...)
+	steps = append(steps, l.plug(l.WAN, "wan", RouterAddr, 0)...)
 	for _, s := range steps {
 		if _, err := run(ctx, s[0], s[1:]...); err != nil {
 			return err
@@ -198,6 +248,9 @@ func (l *Lab) build(ctx context.Context) error {
 	for i := 1; i <= l.cfg.Hosts; i++ {
 		h := &Host{lab: l, Index: i, Name: "h" + strconv.Itoa(i), NetNS: fmt.Sprintf("%s-h%d", l.Prefix, i),
 			Addr: netip.MustParseAddr(fmt.Sprintf("192.168.77.%d", 10+i))}
+		if i <= len(l.cfg.Sites) {
+			h.Site = l.cfg.Sites[i-1]
+		}
 		h.Dir = filepath.Join(l.Dir, h.Name)
 		l.Hosts = append(l.Hosts, h)
 		for _, d := range []string{"data", "exec", "plugins", "state", "run"} {
@@ -209,8 +262,16 @@ func (l *Lab) build(ctx context.Context) error {
 			{"ip", "netns", "add", h.NetNS},
 			{"ip", "-n", h.NetNS, "link", "set", "lo", "up"},
 		}
-		steps = append(steps, l.plug(h.NetNS, h.Name, h.Addr.String())...)
-		steps = append(steps, []string{"ip", "-n", h.NetNS, "route", "add", "default", "via", RouterAddr})
+		if h.Site.NAT == "" {
+			steps = append(steps, l.plug(h.NetNS, h.Name, h.Addr.String(), 0)...)
+			steps = append(steps, []string{"ip", "-n", h.NetNS, "route", "add", "default", "via", RouterAddr})
+		} else {
+			nat, err := l.natSteps(h)
+			if err != nil {
+				return err
+			}
+			steps = append(steps, nat...)
+		}
 		for _, s := range steps {
 			if _, err := run(ctx, s[0], s[1:]...); err != nil {
 				return err
@@ -238,10 +299,53 @@ func (l *Lab) build(ctx context.Context) error {
 	return nil
 }
 
-// plug connects a namespace to the underlay bridge as eth0 with addr/24.
-func (l *Lab) plug(ns, name, addr string) [][]string {
+// natSteps puts h behind a router of its own (see the package comment).
+func (l *Lab) natSteps(h *Host) ([][]string, error) {
+	masq := []string{"-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"}
+	switch h.Site.NAT {
+	case NATPreserving:
+	case NATRandom:
+		masq = append(masq, "--random-fully")
+	default:
+		return nil, fmt.Errorf("lab: host %s: unknown NAT %q", h.Name, h.Site.NAT)
+	}
+	h.Router = fmt.Sprintf("%s-r%d", l.Prefix, h.Index)
+	h.Public = netip.MustParseAddr(fmt.Sprintf("192.168.77.%d", 100+h.Index))
+	h.Addr = netip.MustParseAddr(fmt.Sprintf("10.99.%d.2", h.Index))
+	r := h.Router
+	ipt := func(args ...string) []string { return append([]string{"ip", "netns", "exec", r, "iptables"}, args...) }
+	steps := [][]string{
+		{"ip", "netns", "add", r},
+		{"ip", "-n", r, "link", "set", "lo", "up"},
+	}
+	steps = append(steps, l.plug(r, "r"+strconv.Itoa(h.Index), h.Public.String(), h.Site.UplinkMTU)...)
+	mtu := strconv.Itoa(underlayMTU)
+	steps = append(steps,
+		[]string{"ip", "-n", r, "route", "add", "default", "via", RouterAddr},
+		[]string{"ip", "-n", r, "link", "add", "lan0", "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu, "netns", h.NetNS},
+		[]string{"ip", "-n", r, "addr", "add", fmt.Sprintf("10.99.%d.1/24", h.Index), "dev", "lan0"},
+		[]string{"ip", "-n", r, "link", "set", "lan0", "up"},
+		[]string{"ip", "-n", h.NetNS, "addr", "add", h.Addr.String() + "/24", "dev", "eth0"},
+		[]string{"ip", "-n", h.NetNS, "link", "set", "eth0", "up"},
+		[]string{"ip", "-n", h.NetNS, "route", "add", "default", "via", fmt.Sprintf("10.99.%d.1", h.Index)},
+		[]string{"ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
+		append([]string{"ip", "netns", "exec", r, "iptables"}, masq...),
+		ipt("-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"),
+		ipt("-A", "INPUT", "-i", "eth0", "-j", "DROP"),
+		ipt("-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"),
+		ipt("-A", "FORWARD", "-i", "eth0", "-j", "DROP"),
+	)
+	return steps, nil
+}
+
+// plug connects a namespace to the underlay bridge as eth0 with addr/24,
+// over a link of the given MTU (0: the underlay's).
+func (l *Lab) plug(ns, name, addr string, linkMTU int) [][]string {
 	outer := l.Prefix + "-" + name
 	mtu := strconv.Itoa(underlayMTU)
+	if linkMTU != 0 {
+		mtu = strconv.Itoa(linkMTU)
+	}
 	return [][]string{
 		{"ip", "link", "add", outer, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu, "netns", ns},
 		{"ip", "link", "set", outer, "netns", l.Switch},
@@ -273,11 +377,12 @@ func (l *Lab) StartAgents(ctx context.Context, extra ...string) error {
 	return l.parallel(ctx, l.Hosts, func(ctx context.Context, h *Host) error { return h.StartAgent(ctx, extra...) })
 }
 
-// Seeds lists every host's address but h's, for --join.
+// Seeds lists every host's address but h's, for --join: the hosts
+// others can reach, not those behind NAT.
 func (l *Lab) Seeds(except *Host) string {
 	var s []string
 	for _, h := range l.Hosts {
-		if h != except {
+		if h != except && h.Site.NAT == "" {
 			s = append(s, h.Addr.String())
 		}
 	}
@@ -320,6 +425,11 @@ func (l *Lab) Close() error {
 		h.unmountUnder(filepath.Join(h.Dir, "run"))
 		if _, err := run(ctx, "ip", "netns", "del", h.NetNS); err != nil && !strings.Contains(err.Error(), "No such file") {
 			errs = append(errs, err)
+		}
+		if h.Router != "" {
+			if _, err := run(ctx, "ip", "netns", "del", h.Router); err != nil && !strings.Contains(err.Error(), "No such file") {
+				errs = append(errs, err)
+			}
 		}
 	}
 	for _, ns := range []string{l.WAN, l.Switch} {

@@ -7,10 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 )
 
@@ -36,6 +39,29 @@ type Fake struct {
 	// AfterStatus, if set, runs after each Status has taken its snapshot,
 	// outside the fake's lock.
 	AfterStatus func()
+	// handshakes are what Status reports of peers' WireGuard sessions,
+	// by public key (Handshake).
+	handshakes map[crypto.PublicKey]PeerSession
+}
+
+// PeerSession is what the fake reports of a peer's WireGuard session.
+type PeerSession struct {
+	LastHandshake time.Time
+	RxBytes       int64
+	// Endpoint, if set, is where the peer's packets come from (roaming);
+	// else the configured endpoint.
+	Endpoint netip.AddrPort
+}
+
+// Handshake sets what Status reports of a peer's session, on every
+// network.
+func (f *Fake) Handshake(pub crypto.PublicKey, s PeerSession) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.handshakes == nil {
+		f.handshakes = map[crypto.PublicKey]PeerSession{}
+	}
+	f.handshakes[pub] = s
 }
 
 type fakeEndpoint struct {
@@ -239,7 +265,14 @@ func (f *Fake) status() []dataplane.NetworkStatus {
 	for _, n := range f.applied.Networks {
 		st := dataplane.NetworkStatus{ID: n.ID, Interface: dataplane.WireGuardName(n.ID), PublicKey: f.applied.PrivateKey.Public(), ListenPort: int(n.ListenPort)}
 		for _, p := range n.Peers {
-			st.Peers = append(st.Peers, dataplane.PeerStatus{PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs})
+			ps := dataplane.PeerStatus{PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs}
+			if h, ok := f.handshakes[p.PublicKey]; ok {
+				ps.LastHandshake, ps.RxBytes = h.LastHandshake, h.RxBytes
+				if h.Endpoint.IsValid() {
+					ps.Endpoint = h.Endpoint
+				}
+			}
+			st.Peers = append(st.Peers, ps)
 		}
 		for _, id := range slices.Sorted(maps.Keys(f.endpoints)) {
 			if e := f.endpoints[id]; e.netID == n.ID && !e.gone {
@@ -283,7 +316,14 @@ func (f *Fake) Render() string {
 			lines = append(lines, fmt.Sprintf("route unreachable %s", b))
 		}
 		for _, p := range n.Peers {
-			lines = append(lines, fmt.Sprintf("peer %s endpoint %s allowed-ips %v", p.PublicKey.Short(), p.Endpoint, p.AllowedIPs))
+			line := fmt.Sprintf("peer %s endpoint %s allowed-ips %v", p.PublicKey.Short(), p.Endpoint, p.AllowedIPs)
+			if p.MTU != 0 {
+				line += fmt.Sprintf(" mtu %d", p.MTU)
+			}
+			if p.Generation != 0 {
+				line += fmt.Sprintf(" generation %d", p.Generation)
+			}
+			lines = append(lines, line)
 		}
 		for _, ep := range n.Endpoints {
 			e, ok := f.endpoints[ep.ID]

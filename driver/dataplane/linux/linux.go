@@ -464,15 +464,18 @@ func (d *DataPlane) configureWireGuard(st *network, key crypto.PrivateKey, n *da
 		return fmt.Errorf("reading WireGuard device %s: %w", name, err)
 	}
 	have := observedWG(dev)
-	if st.have != nil {
-		for pub, p := range have.peers {
-			if set, ok := st.have.peers[pub]; ok {
-				p.endpoint = set.endpoint
-				have.peers[pub] = p
-			}
-		}
-	}
 	want := desiredWG(key, n)
+	for pub, p := range have.peers {
+		// A device does not know the generation of its peers: it is
+		// what was last written or, after an agent restart, the one
+		// wanted (a surviving kernel link keeps its sessions).
+		if set, ok := st.have.peerState(pub); ok {
+			p.endpoint, p.gen = set.endpoint, set.gen
+		} else if w, ok := want.peers[pub]; ok {
+			p.gen = w.gen
+		}
+		have.peers[pub] = p
+	}
 	cfg, changed := wgDiff(have, want, key)
 	if !changed {
 		st.have = &want
@@ -539,6 +542,19 @@ func (d *DataPlane) syncRoutes(st *network, n *dataplane.Network, wg netlink.Lin
 	for _, b := range n.LocalBlocks {
 		want = append(want, netlink.Route{Dst: ipNet(b), Type: unix.RTN_UNREACHABLE, Protocol: routeProtocol})
 	}
+	for _, p := range n.Peers {
+		if p.MTU == 0 {
+			continue
+		}
+		// A smaller path to this peer: its blocks get a route of their
+		// own with that MTU, and the kernel answers oversized packets to
+		// them as any router on a smaller link would.
+		for _, a := range p.AllowedIPs {
+			want = append(want, netlink.Route{
+				LinkIndex: wg.Attrs().Index, Dst: ipNet(a), Scope: netlink.SCOPE_LINK, Protocol: routeProtocol, MTU: p.MTU,
+			})
+		}
+	}
 	for _, ep := range n.Endpoints {
 		l, ok := veths[ep.ID]
 		if !ok {
@@ -575,7 +591,7 @@ func (d *DataPlane) syncRoutes(st *network, n *dataplane.Network, wg netlink.Lin
 }
 
 func sameRoute(a, b netlink.Route) bool {
-	return a.Dst.String() == b.Dst.String() && a.Type == b.Type &&
+	return a.Dst.String() == b.Dst.String() && a.Type == b.Type && a.MTU == b.MTU &&
 		(a.Type == unix.RTN_UNREACHABLE || a.LinkIndex == b.LinkIndex)
 }
 
@@ -880,7 +896,10 @@ func (d *DataPlane) Status(ctx context.Context) ([]dataplane.NetworkStatus, erro
 					RxBytes: p.ReceiveBytes, TxBytes: p.TransmitBytes,
 				}
 				if p.Endpoint != nil {
-					ps.Endpoint = p.Endpoint.AddrPort()
+					// wireguard-go's sockets are dual-stack: IPv4
+					// endpoints come mapped.
+					ap := p.Endpoint.AddrPort()
+					ps.Endpoint = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 				}
 				for _, a := range p.AllowedIPs {
 					ps.AllowedIPs = append(ps.AllowedIPs, prefixOf(a))

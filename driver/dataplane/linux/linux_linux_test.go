@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -253,6 +254,68 @@ func testTwoHosts(t *testing.T, mode string) {
 		}
 	}
 	assertClean(t, []string{netA, netB, other.ID}, a, b)
+}
+
+// TestPeerMTU: a peer behind a smaller path gets a route of its own with
+// that MTU, so a container's oversized packet with DF to it is answered
+// with "fragmentation needed" carrying the smaller MTU, while another
+// peer keeps the network's; a new generation starts a peer over.
+func TestPeerMTU(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	a, b, c := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	a.cfg.Networks = []dataplane.Network{testNetwork(randomID(), "10.60.0.0/16", "10.60.1.1", 51911, "10.60.1.0/24")}
+	b.cfg.Networks = []dataplane.Network{testNetwork(randomID(), "10.60.0.0/16", "10.60.2.1", 51912, "10.60.2.0/24")}
+	c.cfg.Networks = []dataplane.Network{testNetwork(randomID(), "10.60.0.0/16", "10.60.3.1", 51913, "10.60.3.0/24")}
+	small := peer(b, 51912, "10.60.2.0/24")
+	small.MTU = 1216
+	a.cfg.Networks[0].Peers = []dataplane.Peer{small, peer(c, 51913, "10.60.3.0/24")}
+	b.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51911, "10.60.1.0/24")}
+	c.cfg.Networks[0].Peers = []dataplane.Peer{peer(a, 51911, "10.60.1.0/24")}
+	for _, h := range []*testHost{a, b, c} {
+		h.apply(t)
+	}
+	ctrA, _ := a.attach(t, 0, "10.60.1.5/16")
+	b.attach(t, 0, "10.60.2.7/16")
+	c.attach(t, 0, "10.60.3.7/16")
+	ctx := context.Background()
+	ping := func(dst string, size int) (string, error) {
+		return ctrA.Exec(ctx, "ping", "-c", "2", "-W", "2", "-M", "do", "-s", strconv.Itoa(size), dst)
+	}
+	if out, err := ping("10.60.3.7", 1312); err != nil || !strings.Contains(out, " 0% packet loss") {
+		t.Fatalf("full-size DF ping to the peer on a full path: %v\n%s", err, out)
+	}
+	out, _ := ping("10.60.2.7", 1312)
+	if !strings.Contains(out, "mtu=1216") && !strings.Contains(out, "mtu = 1216") {
+		t.Fatalf("full-size DF ping to the peer on a small path did not learn MTU 1216:\n%s", out)
+	}
+	if out, err := ping("10.60.2.7", 1216-28); err != nil || !strings.Contains(out, " 0% packet loss") {
+		t.Fatalf("DF ping that fits the small path: %v\n%s", err, out)
+	}
+	// Idempotent, and the route goes when the path is full size again.
+	a.apply(t)
+	a.cfg.Networks[0].Peers[0].MTU = 0
+	a.apply(t)
+	nsPath := filepath.Join(a.dir, "netns", a.cfg.Networks[0].ID)
+	if routes, err := netnstest.Exec(ctx, nsPath, "ip", "route"); err != nil || strings.Contains(routes, "mtu") {
+		t.Fatalf("routes after the path grew: %v\n%s", err, routes)
+	}
+
+	// A new generation removes and adds the peer: its session starts
+	// over, and traffic flows again.
+	st, err := a.dp.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := st[0].Peers[0].LastHandshake
+	a.cfg.Networks[0].Peers[0].Generation++
+	a.apply(t)
+	ctrA.Ping(t, "10.60.2.7")
+	st, _ = a.dp.Status(ctx)
+	for _, p := range st[0].Peers {
+		if p.PublicKey == b.key.Public() && !p.LastHandshake.After(before) {
+			t.Fatalf("peer not started over: handshake %s, before %s", p.LastHandshake, before)
+		}
+	}
 }
 
 // TestRestartKeepsContainers: a new data plane (an agent restart) takes

@@ -25,10 +25,11 @@ type peerState struct {
 	endpoint  netip.AddrPort
 	allowed   []netip.Prefix // sorted
 	keepalive time.Duration
+	gen       uint64
 }
 
 func (a peerState) equal(b peerState) bool {
-	return a.endpoint == b.endpoint && a.keepalive == b.keepalive && slices.Equal(a.allowed, b.allowed)
+	return a.endpoint == b.endpoint && a.keepalive == b.keepalive && a.gen == b.gen && slices.Equal(a.allowed, b.allowed)
 }
 
 func desiredWG(key crypto.PrivateKey, n *dataplane.Network) wgState {
@@ -38,7 +39,7 @@ func desiredWG(key crypto.PrivateKey, n *dataplane.Network) wgState {
 		slices.SortFunc(allowed, func(a, b netip.Prefix) int {
 			return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
 		})
-		s.peers[p.PublicKey] = peerState{endpoint: p.Endpoint, allowed: slices.Compact(allowed), keepalive: p.Keepalive}
+		s.peers[p.PublicKey] = peerState{endpoint: p.Endpoint, allowed: slices.Compact(allowed), keepalive: p.Keepalive, gen: p.Generation}
 	}
 	return s
 }
@@ -68,6 +69,11 @@ func wgDiff(have, want wgState, key crypto.PrivateKey) (cfg wgtypes.Config, chan
 			PublicKey:         wgtypes.Key(pub),
 			ReplaceAllowedIPs: true,
 			AllowedIPs:        ipNets(w.allowed),
+		}
+		if ok && h.gen != w.gen {
+			// Start over: remove it, then add it as new.
+			cfg.Peers = append(cfg.Peers, wgtypes.PeerConfig{PublicKey: wgtypes.Key(pub), Remove: true})
+			ok = false
 		}
 		if !ok || h.endpoint != w.endpoint {
 			pc.Endpoint = net.UDPAddrFromAddrPort(w.endpoint)
@@ -123,4 +129,14 @@ func observedWG(d *wgtypes.Device) wgState {
 		s.peers[crypto.PublicKey(p.PublicKey)] = ps
 	}
 	return s
+}
+
+// peerState returns what was last written for a peer; a nil state knows
+// nothing.
+func (s *wgState) peerState(pub crypto.PublicKey) (peerState, bool) {
+	if s == nil {
+		return peerState{}, false
+	}
+	p, ok := s.peers[pub]
+	return p, ok
 }

@@ -98,6 +98,13 @@ func TestWGDiff(t *testing.T) {
 			out:  "peer 1 remove;",
 		},
 		{
+			name: "a new generation starts the peer over",
+			have: desiredWG(key, net1(p1, p2)),
+			want: net1(dataplane.Peer{PublicKey: pub(1), Endpoint: p1.Endpoint, AllowedIPs: p1.AllowedIPs, Keepalive: p1.Keepalive, Generation: 1}, p2),
+			key:  key,
+			out:  "peer 1 remove; peer 1 endpoint 192.0.2.1:51820 keepalive 25s allowed-ips 10.60.1.0/24;",
+		},
+		{
 			name: "a rotated key and a moved endpoint",
 			have: desiredWG(key, net1(p1)),
 			want: net1(dataplane.Peer{PublicKey: pub(1), Endpoint: ep("198.51.100.9:51820"), AllowedIPs: p1.AllowedIPs, Keepalive: p1.Keepalive}),

@@ -44,7 +44,7 @@ func main() {
 		os.Exit(soakMain(os.Args[2:]))
 	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-clusters N,...] [-sim-sizes N,...]\n       wgmesh-lab soak [-steps N] [-seed N] [-timeout D] [-out DIR] [-go PATH] [-race]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim,nat] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-nat-samples N] [-clusters N,...] [-sim-sizes N,...]\n       wgmesh-lab soak [-steps N] [-seed N] [-timeout D] [-out DIR] [-go PATH] [-race]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -165,10 +165,11 @@ func benchMain(args []string) int {
 	out := fs.String("out", "bench/results", "directory for the report")
 	runs := fs.Int("runs", 0, "runs per data-plane case (0: the default of the run)")
 	duration := fs.Duration("duration", 0, "length of each iperf3 test (0: the default of the run)")
-	parts := fs.String("parts", "data,control,claims,sim,names", "which parts to run: data, control, claims, sim, names")
+	parts := fs.String("parts", "data,control,claims,sim,nat,names", "which parts to run: data, control, claims, sim, nat, names")
 	baseline := fs.String("baseline", "", "wgmesh binary of an earlier commit whose network creation and first containers are measured beside -binary's (claims part; a missing file is skipped with a note)")
 	baselineRev := fs.String("baseline-rev", "", "the commit -baseline is built from, for the report")
 	claimSamples := fs.Int("claim-samples", 0, "samples per build of the claims part (0: the default of the run)")
+	natSamples := fs.Int("nat-samples", 0, "samples of each kind of path in the nat part (0: the default of the run)")
 	clusters := fs.String("clusters", "", "cluster sizes for convergence, comma-separated (empty: the default of the run)")
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
@@ -201,6 +202,9 @@ func benchMain(args []string) int {
 	cfg.Baseline, cfg.BaselineRev = *baseline, *baselineRev
 	if *claimSamples > 0 {
 		cfg.ClaimSamples = *claimSamples
+	}
+	if *natSamples > 0 {
+		cfg.NATSamples = *natSamples
 	}
 	if *engineDir != "" {
 		cfg.Engine = lab.DirEngine("29", *engineDir)

@@ -1,0 +1,360 @@
+package mesh
+
+import (
+	"cmp"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// How a node learns how others see it. A host behind NAT does not know
+// the address and ports its packets leave the NAT with; its peers do. So
+// every node tells each member it hears from directly where that
+// member's gossip comes from, and where its WireGuard handshakes come
+// from on each network (an Observation, signed by the observer, sent to
+// the subject alone). A node also asks relays (members that relay,
+// reachable at the address they advertise) to reflect its gossip port's
+// source back from a port of theirs other than the gossip port: what one
+// destination sees against what another sees tells a NAT that maps each
+// destination to a port of its own from one that keeps one mapping.
+//
+// From all of it the node decides itself, and publishes in its own
+// signed records, how its NAT behaves and where members outside reach it:
+// nobody can make a node publish an address its observers did not see,
+// and no member can redirect another's traffic.
+
+// NATKind is how a node's NAT maps its ports, as its peers see it.
+type NATKind string
+
+const (
+	// NATUnknown: no observer has reported yet.
+	NATUnknown NATKind = ""
+	// NATNone: every observer sees the node at the address it
+	// advertises; it can be reached there.
+	NATNone NATKind = "none"
+	// NATConsistent: observers outside see the node's port mapped, to
+	// the same public port whatever the destination (endpoint-
+	// independent mapping); two such hosts can punch a direct path.
+	NATConsistent NATKind = "consistent"
+	// NATSymmetric: each destination sees another public port; only a
+	// host reachable at its own address, or a relay, gets through.
+	NATSymmetric NATKind = "symmetric"
+)
+
+func (k NATKind) valid() bool {
+	switch k {
+	case NATUnknown, NATNone, NATConsistent, NATSymmetric:
+		return true
+	}
+	return false
+}
+
+// Behind reports whether the node is known to be behind NAT.
+func (k NATKind) Behind() bool { return k == NATConsistent || k == NATSymmetric }
+
+// Timing of observations.
+const (
+	// observeEvery: an observer repeats an unchanged observation this
+	// often, so that its subject knows it still holds.
+	observeEvery = 20 * time.Second
+	// observationTTL: an observation not repeated for this long is
+	// dropped.
+	observationTTL = 90 * time.Second
+	// reflectEvery: how often a node asks each relay to reflect its
+	// gossip port's source.
+	reflectEvery = 30 * time.Second
+)
+
+// natState is a node's judgement of its own NAT.
+type natState struct {
+	Kind NATKind
+	// Seen is where members outside see the gossip port.
+	Seen netip.AddrPort
+	// WG is where they see each network's WireGuard port.
+	WG map[netip.Prefix]netip.AddrPort
+}
+
+func (s natState) equal(o natState) bool {
+	return s.Kind == o.Kind && s.Seen == o.Seen && maps.Equal(s.WG, o.WG)
+}
+
+// assessNAT judges a node's NAT from the sightings of its gossip port
+// (observers' and relays' reflections: each from another destination)
+// and of its WireGuard ports, against the addresses it advertises.
+func assessNAT(local netip.AddrPort, gossip []netip.AddrPort, wgLocal map[netip.Prefix]netip.AddrPort, wg map[netip.Prefix][]netip.AddrPort) natState {
+	st := natState{}
+	if len(gossip) == 0 {
+		return st
+	}
+	var outside []netip.AddrPort
+	for _, a := range gossip {
+		if a != local {
+			outside = append(outside, a)
+		}
+	}
+	if len(outside) == 0 {
+		st.Kind = NATNone
+	} else {
+		ip := mostCommon(outside, func(a netip.AddrPort) netip.Addr { return a.Addr() }, netip.Addr.Compare)
+		var same []netip.AddrPort
+		for _, a := range outside {
+			if a.Addr() == ip {
+				same = append(same, a)
+			}
+		}
+		port := mostCommon(same, netip.AddrPort.Port, cmp.Compare[uint16])
+		st.Kind, st.Seen = NATConsistent, netip.AddrPortFrom(ip, port)
+		for _, a := range same {
+			if a.Port() != port {
+				st.Kind = NATSymmetric
+			}
+		}
+	}
+	for subnet, seen := range wg {
+		var out []netip.AddrPort
+		for _, a := range seen {
+			if a != wgLocal[subnet] {
+				out = append(out, a)
+			}
+		}
+		if len(out) == 0 {
+			continue
+		}
+		if st.WG == nil {
+			st.WG = map[netip.Prefix]netip.AddrPort{}
+		}
+		st.WG[subnet] = mostCommon(out, func(a netip.AddrPort) netip.AddrPort { return a }, netip.AddrPort.Compare)
+	}
+	return st
+}
+
+// mostCommon returns the key of xs seen most often; ties go to the lowest.
+func mostCommon[T any, K comparable](xs []T, key func(T) K, compare func(K, K) int) K {
+	count := map[K]int{}
+	for _, x := range xs {
+		count[key(x)]++
+	}
+	var best K
+	n := 0
+	for k, c := range count {
+		if c > n || c == n && compare(k, best) < 0 {
+			best, n = k, c
+		}
+	}
+	return best
+}
+
+type obsRec struct {
+	o  Observation
+	at time.Time
+}
+
+type sentObs struct {
+	o  Observation
+	at time.Time
+}
+
+// receiveObservation takes an observation of this node from its observer.
+func (m *Mesh) receiveObservation(s signed) {
+	o, err := decodeObservation(s)
+	if err != nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if o.Subject != m.cfg.Name {
+		m.rep.refuse("observation-misdirected")
+		return
+	}
+	id, ok := m.rep.identityOf(o.Observer, m.bound)
+	if !ok {
+		m.rep.refuse("observation-unknown-node")
+		return
+	}
+	if !id.Verify(purposeObservation, s.Data, s.Sig) {
+		m.rep.refuse("observation-forged")
+		return
+	}
+	if cur, ok := m.obs[o.Observer]; ok && o.Version <= cur.o.Version {
+		return
+	}
+	m.obs[o.Observer] = obsRec{o, time.Now()}
+}
+
+// SetWGSightings tells the mesh where this node sees its WireGuard peers'
+// handshakes come from: by peer, by network. The mesh passes each peer
+// what it sees of it.
+func (m *Mesh) SetWGSightings(s map[string]map[netip.Prefix]netip.AddrPort) {
+	m.mu.Lock()
+	m.wgSights = s
+	m.mu.Unlock()
+}
+
+// reassessNATLocked judges this node's NAT from what its observers and
+// relays report, and publishes a change.
+func (m *Mesh) reassessNATLocked(now time.Time) {
+	for name, r := range m.obs {
+		if now.Sub(r.at) > observationTTL {
+			delete(m.obs, name)
+		}
+	}
+	local := netip.AddrPortFrom(m.addr, uint16(m.cfg.BindPort))
+	var gossip []netip.AddrPort
+	wg := map[netip.Prefix][]netip.AddrPort{}
+	for _, r := range m.obs {
+		if r.o.Gossip.IsValid() {
+			gossip = append(gossip, r.o.Gossip)
+		}
+		for s, a := range r.o.WG {
+			wg[s] = append(wg[s], a)
+		}
+	}
+	if t := m.gossipNet; t != nil {
+		for _, r := range t.reflectionsCopy() {
+			if now.Sub(r.At) < observationTTL {
+				gossip = append(gossip, r.Addr)
+			}
+		}
+	}
+	wgLocal := map[netip.Prefix]netip.AddrPort{}
+	for k, e := range m.rep.entries {
+		if k.node == m.cfg.Name && e.e.Port != 0 {
+			wgLocal[k.subnet] = netip.AddrPortFrom(m.addr, e.e.Port)
+		}
+	}
+	st := assessNAT(local, gossip, wgLocal, wg)
+	if st.equal(m.nat) {
+		return
+	}
+	if st.Kind != m.nat.Kind || st.Seen != m.nat.Seen {
+		m.log.Info("how members see this node", "nat", string(st.Kind), "public", st.Seen, "observers", len(m.obs))
+	}
+	m.nat = st
+	m.setSelfInfoLocked()
+	for k, e := range m.rep.entries {
+		if k.node == m.cfg.Name && e.e.Seen != st.WG[k.subnet] {
+			m.updateOwnLocked(k.subnet, func(e *NetworkEntry) { e.Seen = st.WG[k.subnet] })
+		}
+	}
+}
+
+// outgoingObservationsLocked returns the observations due to be sent:
+// to every member seen directly or over WireGuard, when what this node
+// sees changed or was last said observeEvery ago.
+func (m *Mesh) outgoingObservationsLocked(now time.Time) []outObs {
+	var sightings map[string]sighting
+	if m.gossipNet != nil {
+		sightings = m.gossipNet.sightingsCopy()
+	}
+	subjects := map[string]bool{}
+	for name, s := range sightings {
+		if now.Sub(s.At) < directFor {
+			subjects[name] = true
+		}
+	}
+	for name := range m.wgSights {
+		subjects[name] = true
+	}
+	var out []outObs
+	for _, name := range slices.Sorted(maps.Keys(subjects)) {
+		if name == m.cfg.Name {
+			continue
+		}
+		if _, ok := m.rep.infos[name]; !ok {
+			continue
+		}
+		o := Observation{Observer: m.cfg.Name, Subject: name}
+		if s, ok := sightings[name]; ok && now.Sub(s.At) < directFor {
+			o.Gossip = s.Addr
+		}
+		if w := m.wgSights[name]; len(w) > 0 {
+			o.WG = maps.Clone(w)
+		}
+		if !o.Gossip.IsValid() && len(o.WG) == 0 {
+			continue
+		}
+		last, sent := m.sentObs[name]
+		if sent && last.o.Gossip == o.Gossip && maps.Equal(last.o.WG, o.WG) && now.Sub(last.at) < observeEvery {
+			continue
+		}
+		o.Version = m.versionLocked()
+		m.sentObs[name] = sentObs{o, now}
+		out = append(out, outObs{to: name, b: encodeMsg(kindObservation, sign(m.cfg.Identity, purposeObservation, o))})
+	}
+	for name := range m.sentObs {
+		if !subjects[name] {
+			delete(m.sentObs, name)
+		}
+	}
+	return out
+}
+
+type outObs struct {
+	to string
+	b  []byte
+}
+
+// sendDirect sends messages to single members, best effort, by the
+// address nodeEvent copied (see send: memberlist's live *Node is not
+// safe to read).
+func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []outObs) {
+	if ml == nil || len(msgs) == 0 {
+		return
+	}
+	for _, msg := range msgs {
+		m.mu.Lock()
+		rec, ok := m.live[msg.to]
+		m.mu.Unlock()
+		if !ok || rec.addr == "" {
+			continue
+		}
+		if err := ml.SendToAddress(memberlist.Address{Addr: rec.addr, Name: msg.to}, msg.b); err != nil {
+			m.log.Debug("sending an observation", "peer", msg.to, "err", err)
+		}
+		m.stats.sent(len(msg.b))
+	}
+}
+
+// reflectTargetsLocked lists the relays to ask for a reflection now: each
+// every reflectEvery, a new one at once.
+func (m *Mesh) reflectTargetsLocked(now time.Time) []netip.AddrPort {
+	var out []netip.AddrPort
+	seen := map[netip.AddrPort]bool{}
+	for name, rec := range m.rep.infos {
+		n := rec.info
+		if name == m.cfg.Name || n.RelayPort == 0 || n.NAT != NATNone || !m.live[name].state.Reachable() {
+			continue
+		}
+		to := netip.AddrPortFrom(n.Addr, n.RelayPort)
+		seen[to] = true
+		if now.Sub(m.reflectAsked[to]) >= reflectEvery {
+			m.reflectAsked[to] = now
+			out = append(out, to)
+		}
+	}
+	for to := range m.reflectAsked {
+		if !seen[to] {
+			delete(m.reflectAsked, to)
+		}
+	}
+	slices.SortFunc(out, netip.AddrPort.Compare)
+	return out
+}
+
+// routeHintsLocked is what the gossip transport needs to reach members.
+func (m *Mesh) routeHintsLocked() map[string]routeHint {
+	h := make(map[string]routeHint, len(m.rep.infos))
+	for name, rec := range m.rep.infos {
+		n := rec.info
+		hint := routeHint{Advertised: netip.AddrPortFrom(n.Addr, n.GossipPort), BehindNAT: n.NAT.Behind(),
+			Header: n.Features&featureHeader != 0}
+		if n.NAT == NATConsistent {
+			hint.Public = n.Seen
+		}
+		h[name] = hint
+	}
+	return h
+}
