@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,12 +16,31 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// testWriter sends logs to t.Log, so they show only for failing tests.
-type testWriter struct{ t *testing.T }
+// testWriter sends logs to t.Log, so they show only for failing tests,
+// until the test ends: memberlist's goroutines may still log after a run
+// returned, and t.Log panics once the test is over.
+type testWriter struct {
+	t    *testing.T
+	mu   sync.Mutex
+	done bool
+}
 
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(p[:len(p)-1]))
+func newTestWriter(t *testing.T) *testWriter {
+	w := &testWriter{t: t}
+	t.Cleanup(func() {
+		w.mu.Lock()
+		w.done = true
+		w.mu.Unlock()
+	})
+	return w
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(string(p[:len(p)-1]))
+	}
 	return len(p), nil
 }
 
@@ -44,7 +64,7 @@ func TestRunSmallCluster(t *testing.T) {
 				},
 				Settle:     500 * time.Millisecond,
 				IdleWindow: 2 * time.Second,
-				Logger:     slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+				Logger:     slog.New(slog.NewTextHandler(newTestWriter(t), nil)),
 			}
 			res, err := Run(context.Background(), cfg)
 			if err != nil {
