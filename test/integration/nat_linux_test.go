@@ -38,6 +38,19 @@ var natPaths = map[string]map[string]wantPath{
 	"h4": {"h1": {"direct", "", 1400}, "h2": {"relayed", "h1", 1400}, "h3": {"relayed", "h1", 1280}},
 }
 
+// pathMTUIs says whether a path MTU found is the lab's. Where h3's
+// uplink of 1280 is in the way, packets coming in over the bridge meet
+// the kernel's forwarding check (is_skb_forwardable), which allows the
+// length of a VLAN header beyond the MTU; some kernels (Debian's 6.1,
+// in the VM) let those 4 bytes through, so the path is 1280 or 1284.
+// Either gives the same route MTU (1216, rounded down to 16).
+func pathMTUIs(found, want int) bool {
+	if want == 1280 {
+		return found >= 1280 && found <= 1284
+	}
+	return found == want
+}
+
 func status(ctx context.Context, h *lab.Host) (*driver.Status, error) {
 	return driver.NewControlClient(h.ControlSock()).Status(ctx)
 }
@@ -168,7 +181,7 @@ func TestNATTraversal(t *testing.T) {
 					switch {
 					case !ok:
 						return fmt.Errorf("%s has no peer %s", h.Name, peer)
-					case p.Path != w.path || p.Via != w.via || p.PathMTU != w.mtu:
+					case p.Path != w.path || p.Via != w.via || !pathMTUIs(p.PathMTU, w.mtu):
 						return fmt.Errorf("%s sees %s: path %q via %q, path MTU %d; want %q via %q, %d", h.Name, peer, p.Path, p.Via, p.PathMTU, w.path, w.via, w.mtu)
 					case w.mtu == 1280 && p.RouteMTU != 1216:
 						return fmt.Errorf("%s sees %s: route MTU %d, want 1216", h.Name, peer, p.RouteMTU)
