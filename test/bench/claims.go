@@ -162,7 +162,8 @@ func (b *Bench) claimRun(ctx context.Context, binary string, baseline bool) (*Cl
 		return nil, err
 	}
 	r := &ClaimRun{Build: strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(version), "wgmesh")), Binary: binary}
-	l, err := lab.New(ctx, lab.Config{Hosts: claimHosts, DockerHosts: claimDockerHosts, Binary: binary, Docker: true, Log: b.cfg.Log})
+	l, err := lab.New(ctx, lab.Config{Hosts: claimHosts, DockerHosts: claimDockerHosts, Binary: binary, Docker: true, Log: b.cfg.Log,
+		NoNames: baseline})
 	if err != nil {
 		return nil, err
 	}

@@ -187,10 +187,12 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--control-socket", h.ControlSock(),
 		"--docker-host", "unix://" + h.DockerSock(),
 		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
+		"--log-level", "debug",
+	}
+	if !h.lab.cfg.NoNames {
 		// Names outside the mesh go to the lab's outside world, never to
 		// the machine's resolvers.
-		"--dns-upstream", WANServer,
-		"--log-level", "debug",
+		args = append(args, "--dns-upstream", WANServer)
 	}
 	args = append(args, h.lab.cfg.AgentArgs...)
 	return append(args, extra...)

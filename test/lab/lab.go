@@ -79,6 +79,10 @@ type Config struct {
 	DockerHosts int
 	// AgentArgs are extra flags for every agent.
 	AgentArgs []string
+	// NoNames is for an agent built before names across hosts (a
+	// benchmark's baseline): it gets no --dns-upstream, which it would
+	// refuse.
+	NoNames bool
 	// DockerArgs are extra flags for every dockerd. Every dockerd gets
 	// --dns DNSAddr in any case, as hosts running wgmesh should.
 	DockerArgs []string
