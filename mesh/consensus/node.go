@@ -477,7 +477,7 @@ func openWAL(dir string, log *slog.Logger) (*wal.WAL, func() error, error) {
 	closeAll := func() error { return errors.Join(w.Close(), meta.Close()) }
 	if err := checkLog(w); err != nil {
 		_ = closeAll()
-		return nil, nil, fmt.Errorf("Raft log %s is damaged, so this node cannot take part in consensus: %w", dir, err)
+		return nil, nil, fmt.Errorf("the Raft log %s is damaged, so this node cannot take part in consensus: %w", dir, err)
 	}
 	return w, closeAll, nil
 }

@@ -124,12 +124,6 @@ func (p *parkLot) take(ctx context.Context, id crypto.NodeID, wait time.Duration
 	}
 }
 
-func (p *parkLot) has(id crypto.NodeID) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.conns[id]) > 0
-}
-
 func (p *parkLot) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()

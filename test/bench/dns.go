@@ -174,11 +174,11 @@ func (b *Bench) names(ctx context.Context, l *lab.Lab) (*Names, error) {
 		if _, err := h2.Docker(ctx, "run", "-d", "--name", name, "--network", "dnsnet", lab.Image, "sleep", "600"); err != nil {
 			return nil, err
 		}
-		runs = append(runs, float64(time.Now().Sub(start).Microseconds())/1000)
+		runs = append(runs, float64(time.Since(start).Microseconds())/1000)
 		if err := waitResolves(ctx, docker, name, 20*time.Second); err != nil {
 			return nil, err
 		}
-		spread = append(spread, float64(time.Now().Sub(start).Microseconds())/1000)
+		spread = append(spread, float64(time.Since(start).Microseconds())/1000)
 		if _, err := h2.Docker(ctx, "rm", "-f", name); err != nil {
 			return nil, err
 		}
