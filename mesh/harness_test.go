@@ -27,6 +27,9 @@ func TestMain(m *testing.M) {
 		// connections until their peers close them.
 		goleak.IgnoreTopFunction("github.com/hashicorp/raft.(*NetworkTransport).listen"),
 		goleak.IgnoreAnyFunction("github.com/hashicorp/raft.(*NetworkTransport).handleConn"),
+		// memberlist's Shutdown does not wait for a probe under way,
+		// which ends by itself at its timeout.
+		goleak.IgnoreAnyFunction("github.com/hashicorp/memberlist.(*Memberlist).probeNode"),
 	)
 }
 
