@@ -3,51 +3,12 @@ package lab
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
-	"runtime"
 	"time"
-
-	"github.com/vishvananda/netns"
 )
-
-// inNetNS runs f on a thread in the network namespace at path. Sockets
-// f opens stay in that namespace, whatever thread uses them later.
-func inNetNS(path string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- err
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			// The thread stays in the wrong namespace: let it die
-			// with this goroutine rather than run other code.
-			errc <- errors.Join(ferr, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
 
 // Transfer is one TCP transfer between two stand-in containers.
 type Transfer struct {
@@ -69,7 +30,7 @@ func TCPTransfer(ctx context.Context, from, to *Container, port int, n int64, li
 	defer cancel()
 	var l net.Listener
 	addr := net.JoinHostPort(to.IP, fmt.Sprint(port))
-	if err := inNetNS(to.Path, func() (err error) {
+	if err := InNetNS(to.Path, func() (err error) {
 		var lc net.ListenConfig
 		l, err = lc.Listen(ctx, "tcp4", addr)
 		return err
@@ -99,7 +60,7 @@ func TCPTransfer(ctx context.Context, from, to *Container, port int, n int64, li
 		got <- result{sum, m, err}
 	}()
 	var c net.Conn
-	if err := inNetNS(from.Path, func() (err error) {
+	if err := InNetNS(from.Path, func() (err error) {
 		var d net.Dialer
 		c, err = d.DialContext(ctx, "tcp4", addr)
 		return err
