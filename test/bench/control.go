@@ -112,7 +112,7 @@ type Convergence struct {
 // convergence measures a cluster of n agents plus one that joins.
 func (b *Bench) convergence(ctx context.Context, n int) (Convergence, error) {
 	c := Convergence{Hosts: n}
-	l, err := lab.New(ctx, lab.Config{Hosts: n + 1, Binary: b.cfg.Binary, Log: b.cfg.Log})
+	l, err := lab.New(ctx, lab.Config{Hosts: n + 1, SeedHosts: n, Binary: b.cfg.Binary, Log: b.cfg.Log})
 	if err != nil {
 		return c, err
 	}

@@ -79,6 +79,10 @@ type Config struct {
 	DockerHosts int
 	// AgentArgs are extra flags for every agent.
 	AgentArgs []string
+	// SeedHosts, if set, makes only the first SeedHosts hosts seeds:
+	// a fresh agent starts no cluster while a seed is out of sight, so
+	// hosts started later (a joiner) must not be the first ones' seeds.
+	SeedHosts int
 	// NoNames is for an agent built before names across hosts (a
 	// benchmark's baseline): it gets no --dns-upstream, which it would
 	// refuse.
@@ -381,11 +385,15 @@ func (l *Lab) StartAgents(ctx context.Context, extra ...string) error {
 	return l.parallel(ctx, l.Hosts, func(ctx context.Context, h *Host) error { return h.StartAgent(ctx, extra...) })
 }
 
-// Seeds lists every host's address but h's, for --join: the hosts
+// Seeds lists the seed hosts' addresses but h's, for --join: the hosts
 // others can reach, not those behind NAT.
 func (l *Lab) Seeds(except *Host) string {
 	var s []string
-	for _, h := range l.Hosts {
+	hosts := l.Hosts
+	if n := l.cfg.SeedHosts; n > 0 && n < len(hosts) {
+		hosts = hosts[:n]
+	}
+	for _, h := range hosts {
 		if h != except && h.Site.NAT == "" {
 			s = append(s, h.Addr.String())
 		}
