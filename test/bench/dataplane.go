@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
@@ -156,9 +157,21 @@ func (b *Bench) setupWireguardGo(ctx context.Context, h1, h2 *lab.Host) (*dataCa
 	ifaces := [2]string{"wgb" + h1.NetNS[3:9] + "a", "wgb" + h2.NetNS[3:9] + "b"}
 	var procs []*exec.Cmd
 	c.stop = func() {
+		// SIGTERM lets wireguard-go remove its UAPI socket, which a
+		// killed one leaves in the machine's /var/run/wireguard.
 		for _, p := range procs {
-			_ = p.Process.Kill()
-			_ = p.Wait()
+			_ = p.Process.Signal(syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { _ = p.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				_ = p.Process.Kill()
+				<-done
+			}
+		}
+		for _, iface := range ifaces {
+			_ = os.Remove("/var/run/wireguard/" + iface + ".sock")
 		}
 	}
 	for i, h := range []*lab.Host{h1, h2} {
