@@ -1,38 +1,15 @@
 package sim
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/memberlist"
 )
 
-// lockedBuffer keeps logs that memberlist may still write after a run
-// returned (its last gossip round), which t.Log must not get once the
-// test is over.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func TestRunNamesSmallCluster(t *testing.T) {
-	var logs lockedBuffer
 	cfg := NamesConfig{Config: Config{
 		Nodes:   5,
 		Timeout: 30 * time.Second,
@@ -43,11 +20,11 @@ func TestRunNamesSmallCluster(t *testing.T) {
 		},
 		Settle:     500 * time.Millisecond,
 		IdleWindow: 2 * time.Second,
-		Logger:     slog.New(slog.NewTextHandler(&logs, nil)),
+		Logger:     slog.New(slog.NewTextHandler(newTestWriter(t), nil)),
 	}, PerNode: 4, Changes: 3}
 	res, err := RunNames(context.Background(), cfg)
 	if err != nil {
-		t.Fatalf("%v (result so far %+v)\n%s", err, res, logs.String())
+		t.Fatalf("%v (result so far %+v)", err, res)
 	}
 	t.Logf("%+v", res)
 	if res.Published <= 0 || res.ChangeMedian <= 0 || res.ChangeMax < res.ChangeMedian {
