@@ -21,8 +21,6 @@ type FSM struct {
 	// onApply, if set, is told of every applied command and its result
 	// (metrics and logs); it must not block.
 	onApply func(*Command, Result)
-	// onSnapshot, if set, receives every snapshot's encoding.
-	onSnapshot func([]byte)
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -33,11 +31,6 @@ func NewFSM() *FSM { return &FSM{state: NewState(), changed: make(chan struct{})
 // OnApply sets a function told of every applied command. Call it before
 // Raft starts.
 func (f *FSM) OnApply(fn func(*Command, Result)) { f.onApply = fn }
-
-// OnSnapshot sets a function that receives every snapshot Raft takes, as
-// it is taken (the node keeps its own copy of the state with it). Call it
-// before Raft starts.
-func (f *FSM) OnSnapshot(fn func([]byte)) { f.onSnapshot = fn }
 
 // Load installs a state saved earlier, before Raft starts: entries up to
 // its index are then skipped when Raft replays its log.
@@ -121,16 +114,14 @@ func (f *FSM) WaitIndex(ctx context.Context, index uint64) error {
 	}
 }
 
-// Snapshot implements raft.FSM.
+// Snapshot implements raft.FSM. It writes nothing but Raft's snapshot:
+// that and Raft's log are the only source of truth.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	b, err := json.Marshal(f.state)
 	if err != nil {
 		return nil, fmt.Errorf("encoding catalog snapshot: %w", err)
-	}
-	if f.onSnapshot != nil {
-		f.onSnapshot(b)
 	}
 	return snapshot(b), nil
 }

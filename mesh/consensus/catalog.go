@@ -19,9 +19,23 @@ import (
 // directory, so that after a restart the catalog is there at once, before
 // Raft has learnt what is committed: the host's data plane must not lose
 // its peers' allowed IPs while the agent restarts. The copy is written a
-// moment after each change and whenever Raft takes a snapshot, so it is
-// never older than the snapshot; Raft replays the log after the snapshot
-// and the catalog skips entries its copy already holds.
+// moment after each change.
+//
+// Raft's snapshots and log are the only source of truth; the copy is a
+// cache of it. It only ever holds applied, so committed, entries, which
+// never change, so it is right as of its index; but it may be older than
+// Raft's newest snapshot (Raft took or installed one and the node died
+// before the next save), and Raft counts everything up to that snapshot as
+// applied and no longer keeps it in its log. So a node starts from its
+// copy only when the copy is at least as new as that snapshot, and from the
+// snapshot otherwise; Raft then hands it the entries after the snapshot,
+// and the catalog skips those its copy already holds. Nothing depends on
+// the copy being written at any moment, so failing to write it loses
+// nothing (the node still says so and claims nothing, see diskErr).
+//
+// Compatibility: the copy's format and name are those of 559f90d, whose
+// state directories are read as they are; 559f90d wrote the copy when
+// Raft took a snapshot as well, so a newer copy is simply the usual case.
 
 const catalogFile = "catalog.json"
 
@@ -51,21 +65,53 @@ func (n *Node) readCatalog() error {
 	return nil
 }
 
-// loadCatalog, as Raft starts, falls back to the newest Raft snapshot for
-// a node that has no copy of its own.
+// loadCatalog replaces the catalog loaded from this node's copy by Raft's
+// newest snapshot if that is newer, or if there is no copy: Raft starts
+// (NoSnapshotRestoreOnStart) counting the snapshot as applied.
 func (n *Node) loadCatalog(snaps raft.SnapshotStore) error {
-	if n.cfg.Dir == "" || n.fsm.Index() > 0 {
+	if n.cfg.Dir == "" {
 		return nil
 	}
 	list, err := snaps.List()
-	if err != nil || len(list) == 0 {
-		return err
+	if err != nil {
+		return fmt.Errorf("listing Raft snapshots: %w", err)
 	}
+	if len(list) == 0 || list[0].Index <= n.fsm.Index() {
+		return nil
+	}
+	// Raft takes the newest snapshot as its starting point without
+	// reading it; this one must be readable.
 	_, rc, err := snaps.Open(list[0].ID)
 	if err != nil {
 		return fmt.Errorf("opening Raft snapshot %s: %w", list[0].ID, err)
 	}
-	return n.fsm.Restore(rc)
+	if n.fsm.Index() > 0 {
+		n.log.Info("this node's copy of the catalog is older than Raft's snapshot; starting from the snapshot",
+			"copy_index", n.fsm.Index(), "snapshot_index", list[0].Index)
+	}
+	if err := n.fsm.Restore(rc); err != nil {
+		return fmt.Errorf("reading Raft snapshot %s: %w", list[0].ID, err)
+	}
+	if got := n.fsm.Index(); got != list[0].Index {
+		return fmt.Errorf("Raft snapshot %s holds the catalog at index %d, not %d", list[0].ID, got, list[0].Index)
+	}
+	return nil
+}
+
+// loadSnapshotBeforeStart runs loadCatalog before Raft starts, so that the
+// catalog is right from New on.
+func (n *Node) loadSnapshotBeforeStart() error {
+	if n.cfg.Dir == "" {
+		return nil
+	}
+	if _, err := os.Stat(n.raftDir()); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	snaps, err := n.snapshotStore()
+	if err != nil {
+		return err
+	}
+	return n.loadCatalog(snaps)
 }
 
 // saveCatalog writes the copy if the catalog moved on since the last one.

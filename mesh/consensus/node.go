@@ -253,13 +253,10 @@ func New(cfg Config) (*Node, error) {
 	if err := n.readCatalog(); err != nil {
 		return nil, err
 	}
+	if err := n.loadSnapshotBeforeStart(); err != nil {
+		return nil, err
+	}
 	n.fsm.OnApply(n.onApply)
-	n.fsm.OnSnapshot(func(b []byte) {
-		var st struct{ Index uint64 }
-		if json.Unmarshal(b, &st) == nil {
-			n.writeCatalog(b, st.Index)
-		}
-	})
 	n.mux = newMux(cfg.Listener, cfg.TLS, cfg.Dial, n.log)
 	n.mux.allowRaft = n.allowRaft
 	n.mux.rpc = n.serveRPC
@@ -433,9 +430,10 @@ func (n *Node) raftConfig() *raft.Config {
 	// A node removed from the configuration keeps running as a
 	// non-voter candidate for re-admission rather than shutting down.
 	c.ShutdownOnRemove = false
-	// The catalog is loaded from this node's own copy (catalog.go), which
-	// is never older than Raft's latest snapshot: Raft then replays only
-	// what came after, and the catalog is there from the first moment.
+	// The catalog is loaded from this node's own copy or, when that is
+	// older, from Raft's newest snapshot (catalog.go), before Raft starts:
+	// Raft then replays only what came after, and the catalog is there
+	// from the first moment.
 	c.NoSnapshotRestoreOnStart = true
 	return &c
 }
@@ -453,12 +451,20 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.raftDir(), 2, logbridge.Hclog(n.log, "raft-snapshot", hclog.Warn))
+	snaps, err := n.snapshotStore()
 	if err != nil {
 		_ = closeAll()
-		return nil, nil, nil, nil, fmt.Errorf("opening Raft snapshots: %w", err)
+		return nil, nil, nil, nil, err
 	}
 	return w, w, snaps, closeAll, nil
+}
+
+func (n *Node) snapshotStore() (*raft.FileSnapshotStore, error) {
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.raftDir(), 2, logbridge.Hclog(n.log, "raft-snapshot", hclog.Warn))
+	if err != nil {
+		return nil, fmt.Errorf("opening Raft snapshots: %w", err)
+	}
+	return snaps, nil
 }
 
 // openWAL opens Raft's log and stable store in dir and checks that the
