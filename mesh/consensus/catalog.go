@@ -76,6 +76,9 @@ func (n *Node) loadCatalog(snaps raft.SnapshotStore) error {
 	if err != nil {
 		return fmt.Errorf("listing Raft snapshots: %w", err)
 	}
+	// A copy at a lower index than the snapshot may hold all the same
+	// commands (the snapshot ends with other entries); reading the
+	// snapshot then costs a little and changes nothing.
 	if len(list) == 0 || list[0].Index <= n.fsm.Index() {
 		return nil
 	}
@@ -92,8 +95,10 @@ func (n *Node) loadCatalog(snaps raft.SnapshotStore) error {
 	if err := n.fsm.Restore(rc); err != nil {
 		return fmt.Errorf("reading Raft snapshot %s: %w", list[0].ID, err)
 	}
-	if got := n.fsm.Index(); got != list[0].Index {
-		return fmt.Errorf("Raft snapshot %s holds the catalog at index %d, not %d", list[0].ID, got, list[0].Index)
+	// The catalog's index is that of its last command; entries that are
+	// not commands (configurations, no-ops) may follow it in the snapshot.
+	if got := n.fsm.Index(); got > list[0].Index {
+		return fmt.Errorf("raft snapshot %s holds the catalog at index %d, past its own index %d", list[0].ID, got, list[0].Index)
 	}
 	return nil
 }

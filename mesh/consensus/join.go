@@ -194,6 +194,7 @@ func (n *Node) refused(err error) {
 		r := n.raft
 		n.mu.Unlock()
 		n.log.Error("the cluster refuses this node", "err", err)
+		n.markRolledBack(err)
 		if ce.Code == catalog.CodeRolledBack && r != nil {
 			// Its Raft state may be as old as the rest: it must not vote.
 			_ = r.Shutdown().Error()

@@ -39,7 +39,6 @@ import (
 	"github.com/hashicorp/raft-wal/metadb"
 
 	"github.com/wgmesh/wgmesh/crypto"
-	"github.com/wgmesh/wgmesh/internal/durable"
 	"github.com/wgmesh/wgmesh/internal/logbridge"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
@@ -245,11 +244,11 @@ func New(cfg Config) (*Node, error) {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	n.bootID = hex.EncodeToString(b)
-	gen, err := nextGeneration(cfg.Dir)
+	f, err := nextGeneration(cfg.Dir)
 	if err != nil {
 		return nil, err
 	}
-	n.gen = gen
+	n.gen, n.fatal = f.Generation, f.refusal()
 	if err := n.readCatalog(); err != nil {
 		return nil, err
 	}
@@ -263,36 +262,6 @@ func New(cfg Config) (*Node, error) {
 	n.mux.refused = n.metrics.refused
 	n.mux.lookup = n.lookupAddr
 	return n, nil
-}
-
-// nodeFile is this node's own record of how many times it started.
-type nodeFile struct {
-	Generation uint64 `json:"generation"`
-}
-
-// nextGeneration reads, advances and durably stores the generation.
-func nextGeneration(dir string) (uint64, error) {
-	if dir == "" {
-		return 1, nil
-	}
-	path := filepath.Join(dir, "node.json")
-	var f nodeFile
-	b, err := os.ReadFile(path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
-		return 0, fmt.Errorf("reading %s: %w", path, err)
-	default:
-		if err := json.Unmarshal(b, &f); err != nil {
-			return 0, fmt.Errorf("reading %s: %w", path, err)
-		}
-	}
-	f.Generation++
-	b, _ = json.Marshal(f)
-	if err := durable.WriteFile(path, b, 0o600); err != nil {
-		return 0, fmt.Errorf("storing this node's generation (is the state directory writable?): %w", err)
-	}
-	return f.Generation, nil
 }
 
 // FSM is the local replica of the catalog.
@@ -338,8 +307,12 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if has {
-		if err := n.startRaft(nil); err != nil {
+	if has && n.Refusal() == nil {
+		// A node with Raft state has voted and acknowledged entries
+		// before: it must not vote with an older copy of them.
+		if err := n.checkRollback(ctx); err != nil {
+			n.refused(err)
+		} else if err := n.startRaft(nil); err != nil {
 			return err
 		}
 	}
