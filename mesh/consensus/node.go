@@ -706,21 +706,17 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 }
 
 // precheck refuses, before it reaches the log, a command that the state
-// machine would refuse for its signature, and a registration of a name
-// that gossip shows running at another address (a cloned host with a copy
-// of the node's identity).
+// machine would refuse for its signature, and a registration of a node
+// whose registered run is still alive (a cloned host with a copy of the
+// node's identity, clone.go).
 func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 	sig, c, err := catalog.DecodeSigned(entry)
 	if err != nil {
 		n.metrics.refused("command-invalid")
 		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, false
 	}
-	var members []Member
-	if c.Op == catalog.OpRegister {
-		// Read before the state: Members may read it too.
-		members = n.cfg.Membership.Members()
-	}
 	var refusal *catalog.Result
+	var registered catalog.Node
 	n.fsm.Read(func(s *catalog.State) {
 		id, registering := c.SignerID()
 		node, known := s.Nodes[c.Node]
@@ -735,17 +731,14 @@ func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 			refusal = &catalog.Result{Code: catalog.CodeBadSignature, Message: fmt.Sprintf("command in the name of node %s is not signed by its identity", c.Node)}
 			return
 		}
-		if c.Op == catalog.OpRegister && known && node.ID == c.Register.ID && node.BootID != c.BootID && node.Addr != c.Register.Addr {
-			for _, m := range members {
-				if m.Name == c.Node && m.Alive && m.ID == node.ID && !m.Self {
-					refusal = &catalog.Result{Code: catalog.CodeNameTaken, Message: fmt.Sprintf(
-						"node %s with this identity is running at %s; this host (%s) has a copy of its identity (a cloned VM?): "+
-							"give it a state directory of its own and another --node-name", c.Node, node.Addr, c.Register.Addr)}
-					return
-				}
-			}
+		if known {
+			registered = *node
 		}
 	})
+	if refusal == nil && registered.Name != "" {
+		// Outside the read: it asks members (clone.go).
+		refusal = n.cloneRefusal(context.Background(), c, registered)
+	}
 	if refusal != nil {
 		n.metrics.refused(string(refusal.Code))
 		return *refusal, false

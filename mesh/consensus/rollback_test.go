@@ -161,3 +161,51 @@ func TestWholeClusterRestarts(t *testing.T) {
 		t.Fatalf("block %s granted twice", after)
 	}
 }
+
+// TestCloneWithSameAddress: a host started with a copy of a running
+// node's identity and state directory is refused while the node runs,
+// even at the same address (hosts behind NAT in separate networks often
+// have the same private address), and the node keeps its registration.
+func TestCloneWithSameAddress(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.add("a", false), c.add("b", true)
+	a.start()
+	b.start()
+	c.waitVoters(1, "a", "b")
+	regB := a.node.FSM().State().Nodes["b"]
+
+	// The clone: b's identity and name, and b's generation as a copy of
+	// its running state directory holds it. Its address is b's.
+	clone := c.add("b-clone", true)
+	clone.id, clone.name = b.id, "b"
+	if err := writeNodeFile(clone.dir, nodeFile{Generation: regB.Generation}); err != nil {
+		t.Fatal(err)
+	}
+	clone.start()
+	eventually(t, 10*time.Second, "clone refused", func() error {
+		st := clone.status()
+		if st.State != "refused" || !strings.Contains(st.Problem, "copy of its identity") {
+			return fmt.Errorf("%+v", st)
+		}
+		return nil
+	})
+	if now := a.node.FSM().State().Nodes["b"]; now.BootID != regB.BootID {
+		t.Fatalf("b's registration was taken over: boot %s, was %s", now.BootID, regB.BootID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ensure(ctx, b, "10.60.0.0/16"); err != nil {
+		t.Fatalf("b after the clone tried: %v", err)
+	}
+
+	// Once b is gone, its own restart is no clone.
+	clone.kill()
+	b.kill()
+	b.start()
+	eventually(t, 10*time.Second, "b registered again", func() error {
+		if st := b.status(); !st.Registered || st.Problem != "" {
+			return fmt.Errorf("%+v", st)
+		}
+		return nil
+	})
+}

@@ -63,6 +63,10 @@ type PeerStatus struct {
 	// for the asking node to find out that it was rolled back
 	// (rollback.go).
 	YourGeneration uint64 `json:"your_generation,omitempty"`
+	// BootID names the answering node's run, for the leader to tell a
+	// clone's registration from a restart (clone.go). Absent from agents
+	// of 559f90d.
+	BootID string `json:"boot_id,omitempty"`
 }
 
 // maxFrame bounds one message.

@@ -89,7 +89,7 @@ func (n *Node) Status() Status {
 
 // peerStatus answers a status request.
 func (n *Node) peerStatus() PeerStatus {
-	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index()}
+	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index(), BootID: n.bootID}
 	if r := n.raftServer(); r != nil {
 		st.State = strings.ToLower(r.State().String())
 		st.LastIndex = r.LastIndex()
