@@ -121,7 +121,18 @@ func (n *Node) loadSnapshotBeforeStart() error {
 
 // saveCatalog writes the copy if the catalog moved on since the last one.
 func (n *Node) saveCatalog() {
-	if n.cfg.Dir == "" || n.fsm.Index() == n.savedIndex.Load() {
+	if n.cfg.Dir == "" {
+		return
+	}
+	if err := n.fsm.Err(); err != nil {
+		// The copy cannot be trusted to hold every command up to its
+		// index: the next start reads Raft's snapshot and log instead.
+		if rerr := os.Remove(n.catalogPath()); rerr == nil {
+			n.log.Error("this node's replica of the catalog missed entries; it claims nothing until it restarts from Raft's own state", "err", err)
+		}
+		return
+	}
+	if n.fsm.Index() == n.savedIndex.Load() {
 		return
 	}
 	st := n.fsm.State()
@@ -145,4 +156,22 @@ func (n *Node) writeCatalog(b []byte, index uint64) {
 	n.mu.Lock()
 	n.diskErr = nil
 	n.mu.Unlock()
+}
+
+// logGapCheck checks, for the FSM, that the entries from..to of logs hold
+// no command: Raft hands the FSM only commands, so the FSM sees gaps in
+// the indexes of what it applies, which must be made of other entries.
+func logGapCheck(logs raft.LogStore) func(from, to uint64) error {
+	return func(from, to uint64) error {
+		for i := from; i <= to; i++ {
+			var l raft.Log
+			if err := logs.GetLog(i, &l); err != nil {
+				return fmt.Errorf("entry %d, before the next one this replica is given, is in no log: %w", i, err)
+			}
+			if l.Type == raft.LogCommand {
+				return fmt.Errorf("entry %d is a command this replica never applied", i)
+			}
+		}
+		return nil
+	}
 }

@@ -458,6 +458,8 @@ func (n *Node) waitRegistered(ctx context.Context) error {
 			return fatal
 		case diskErr != nil:
 			return fmt.Errorf("%w: %w", ErrDisk, diskErr)
+		case n.fsm.Err() != nil:
+			return fmt.Errorf("this node's replica of the catalog missed entries: %w", n.fsm.Err())
 		case shutdown:
 			return errClosed
 		case ok:

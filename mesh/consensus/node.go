@@ -512,6 +512,10 @@ func (n *Node) startRaft(boot *raft.Configuration) error {
 		_ = closeLogs()
 		return err
 	}
+	if n.cfg.Dir != "" {
+		// Set before Raft runs the FSM.
+		n.fsm.SetGapCheck(logGapCheck(logs))
+	}
 	conf := n.raftConfig()
 	if boot != nil {
 		if err := raft.BootstrapCluster(conf, logs, stable, snaps, trans, *boot); err != nil {

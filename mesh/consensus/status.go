@@ -81,6 +81,9 @@ func (n *Node) Status() Status {
 	if joinErr != nil && st.Problem == "" && (!registered || st.State == "joining") {
 		st.Problem = joinErr.Error()
 	}
+	if err := n.fsm.Err(); err != nil && st.Problem == "" {
+		st.Problem = "this node's replica of the catalog missed entries, so this node claims nothing; restart the agent: " + err.Error()
+	}
 	if diskErr != nil && st.Problem == "" {
 		st.Problem = "the state directory cannot be written, so this node claims nothing: " + diskErr.Error()
 	}
