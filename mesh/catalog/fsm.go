@@ -21,8 +21,14 @@ type FSM struct {
 	// onApply, if set, is told of every applied command and its result
 	// (metrics and logs); it must not block.
 	onApply func(*Command, Result)
-	// onSnapshot, if set, receives every snapshot's encoding.
-	onSnapshot func([]byte)
+	// gapCheck, if set, checks that the entries from..to, which Raft did
+	// not hand to Apply, hold no command (see Apply).
+	gapCheck func(from, to uint64) error
+	// restored is set by Restore: the entries up to the snapshot's index,
+	// which Raft does not say, are in the state and maybe in no log.
+	restored bool
+	// broken is why this replica stopped applying entries.
+	broken error
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -34,10 +40,16 @@ func NewFSM() *FSM { return &FSM{state: NewState(), changed: make(chan struct{})
 // Raft starts.
 func (f *FSM) OnApply(fn func(*Command, Result)) { f.onApply = fn }
 
-// OnSnapshot sets a function that receives every snapshot Raft takes, as
-// it is taken (the node keeps its own copy of the state with it). Call it
-// before Raft starts.
-func (f *FSM) OnSnapshot(fn func([]byte)) { f.onSnapshot = fn }
+// SetGapCheck sets the function that Apply asks whether entries it was not
+// handed held commands. Call it before Raft starts.
+func (f *FSM) SetGapCheck(fn func(from, to uint64) error) { f.gapCheck = fn }
+
+// Err is why this replica stopped applying entries, if it did.
+func (f *FSM) Err() error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.broken
+}
 
 // Load installs a state saved earlier, before Raft starts: entries up to
 // its index are then skipped when Raft replays its log.
@@ -50,16 +62,38 @@ func (f *FSM) Load(s *State) {
 
 // Apply implements raft.FSM. Its return value is the Result, which
 // reaches whoever proposed the entry.
+//
+// Raft hands it commands only, so the indexes it applies have gaps (no-ops,
+// barriers, configurations), and it does not say which index it counts as
+// applied: a state loaded at start from an older copy than that would
+// silently go on without the commands in between. So every gap is checked
+// against the log (gapCheck), but the first one after a Restore, which the
+// snapshot covers up to an index Raft does not tell the FSM; and a replica
+// that finds a command it never applied stops applying anything.
 func (f *FSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
 	}
 	f.mu.Lock()
+	if f.broken != nil {
+		f.mu.Unlock()
+		return Result{Code: CodeInvalid, Message: "this replica of the catalog stopped applying entries: " + f.broken.Error()}
+	}
 	if l.Index <= f.state.Index {
 		// Already in the state this node loaded at start.
 		f.mu.Unlock()
 		return nil
 	}
+	if l.Index > f.state.Index+1 && !f.restored && f.gapCheck != nil {
+		if err := f.gapCheck(f.state.Index+1, l.Index-1); err != nil {
+			f.broken = fmt.Errorf("applying entry %d on the state at %d: %w", l.Index, f.state.Index, err)
+			f.notifyLocked()
+			err := f.broken
+			f.mu.Unlock()
+			return Result{Code: CodeInvalid, Message: "this replica of the catalog stopped applying entries: " + err.Error()}
+		}
+	}
+	f.restored = false
 	r := f.state.Apply(l.Index, l.AppendedAt, l.Data)
 	f.notifyLocked()
 	f.mu.Unlock()
@@ -121,16 +155,14 @@ func (f *FSM) WaitIndex(ctx context.Context, index uint64) error {
 	}
 }
 
-// Snapshot implements raft.FSM.
+// Snapshot implements raft.FSM. It writes nothing but Raft's snapshot:
+// that and Raft's log are the only source of truth.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	b, err := json.Marshal(f.state)
 	if err != nil {
 		return nil, fmt.Errorf("encoding catalog snapshot: %w", err)
-	}
-	if f.onSnapshot != nil {
-		f.onSnapshot(b)
 	}
 	return snapshot(b), nil
 }
@@ -143,7 +175,7 @@ func (f *FSM) Restore(r io.ReadCloser) error {
 		return err
 	}
 	f.mu.Lock()
-	f.state = s
+	f.state, f.restored = s, true
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil

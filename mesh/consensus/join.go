@@ -194,6 +194,7 @@ func (n *Node) refused(err error) {
 		r := n.raft
 		n.mu.Unlock()
 		n.log.Error("the cluster refuses this node", "err", err)
+		n.markRolledBack(err)
 		if ce.Code == catalog.CodeRolledBack && r != nil {
 			// Its Raft state may be as old as the rest: it must not vote.
 			_ = r.Shutdown().Error()
@@ -457,6 +458,8 @@ func (n *Node) waitRegistered(ctx context.Context) error {
 			return fatal
 		case diskErr != nil:
 			return fmt.Errorf("%w: %w", ErrDisk, diskErr)
+		case n.fsm.Err() != nil:
+			return fmt.Errorf("this node's replica of the catalog missed entries: %w", n.fsm.Err())
 		case shutdown:
 			return errClosed
 		case ok:

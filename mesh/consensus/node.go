@@ -39,7 +39,6 @@ import (
 	"github.com/hashicorp/raft-wal/metadb"
 
 	"github.com/wgmesh/wgmesh/crypto"
-	"github.com/wgmesh/wgmesh/internal/durable"
 	"github.com/wgmesh/wgmesh/internal/logbridge"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 )
@@ -245,57 +244,24 @@ func New(cfg Config) (*Node, error) {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	n.bootID = hex.EncodeToString(b)
-	gen, err := nextGeneration(cfg.Dir)
+	f, err := nextGeneration(cfg.Dir)
 	if err != nil {
 		return nil, err
 	}
-	n.gen = gen
+	n.gen, n.fatal = f.Generation, f.refusal()
 	if err := n.readCatalog(); err != nil {
 		return nil, err
 	}
+	if err := n.loadSnapshotBeforeStart(); err != nil {
+		return nil, err
+	}
 	n.fsm.OnApply(n.onApply)
-	n.fsm.OnSnapshot(func(b []byte) {
-		var st struct{ Index uint64 }
-		if json.Unmarshal(b, &st) == nil {
-			n.writeCatalog(b, st.Index)
-		}
-	})
 	n.mux = newMux(cfg.Listener, cfg.TLS, cfg.Dial, n.log)
 	n.mux.allowRaft = n.allowRaft
 	n.mux.rpc = n.serveRPC
 	n.mux.refused = n.metrics.refused
 	n.mux.lookup = n.lookupAddr
 	return n, nil
-}
-
-// nodeFile is this node's own record of how many times it started.
-type nodeFile struct {
-	Generation uint64 `json:"generation"`
-}
-
-// nextGeneration reads, advances and durably stores the generation.
-func nextGeneration(dir string) (uint64, error) {
-	if dir == "" {
-		return 1, nil
-	}
-	path := filepath.Join(dir, "node.json")
-	var f nodeFile
-	b, err := os.ReadFile(path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
-		return 0, fmt.Errorf("reading %s: %w", path, err)
-	default:
-		if err := json.Unmarshal(b, &f); err != nil {
-			return 0, fmt.Errorf("reading %s: %w", path, err)
-		}
-	}
-	f.Generation++
-	b, _ = json.Marshal(f)
-	if err := durable.WriteFile(path, b, 0o600); err != nil {
-		return 0, fmt.Errorf("storing this node's generation (is the state directory writable?): %w", err)
-	}
-	return f.Generation, nil
 }
 
 // FSM is the local replica of the catalog.
@@ -341,8 +307,12 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if has {
-		if err := n.startRaft(nil); err != nil {
+	if has && n.Refusal() == nil {
+		// A node with Raft state has voted and acknowledged entries
+		// before: it must not vote with an older copy of them.
+		if err := n.checkRollback(ctx); err != nil {
+			n.refused(err)
+		} else if err := n.startRaft(nil); err != nil {
 			return err
 		}
 	}
@@ -433,9 +403,10 @@ func (n *Node) raftConfig() *raft.Config {
 	// A node removed from the configuration keeps running as a
 	// non-voter candidate for re-admission rather than shutting down.
 	c.ShutdownOnRemove = false
-	// The catalog is loaded from this node's own copy (catalog.go), which
-	// is never older than Raft's latest snapshot: Raft then replays only
-	// what came after, and the catalog is there from the first moment.
+	// The catalog is loaded from this node's own copy or, when that is
+	// older, from Raft's newest snapshot (catalog.go), before Raft starts:
+	// Raft then replays only what came after, and the catalog is there
+	// from the first moment.
 	c.NoSnapshotRestoreOnStart = true
 	return &c
 }
@@ -453,12 +424,20 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.raftDir(), 2, logbridge.Hclog(n.log, "raft-snapshot", hclog.Warn))
+	snaps, err := n.snapshotStore()
 	if err != nil {
 		_ = closeAll()
-		return nil, nil, nil, nil, fmt.Errorf("opening Raft snapshots: %w", err)
+		return nil, nil, nil, nil, err
 	}
 	return w, w, snaps, closeAll, nil
+}
+
+func (n *Node) snapshotStore() (*raft.FileSnapshotStore, error) {
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.raftDir(), 2, logbridge.Hclog(n.log, "raft-snapshot", hclog.Warn))
+	if err != nil {
+		return nil, fmt.Errorf("opening Raft snapshots: %w", err)
+	}
+	return snaps, nil
 }
 
 // openWAL opens Raft's log and stable store in dir and checks that the
@@ -532,6 +511,10 @@ func (n *Node) startRaft(boot *raft.Configuration) error {
 		trans.Close()
 		_ = closeLogs()
 		return err
+	}
+	if n.cfg.Dir != "" {
+		// Set before Raft runs the FSM.
+		n.fsm.SetGapCheck(logGapCheck(logs))
 	}
 	conf := n.raftConfig()
 	if boot != nil {
@@ -727,21 +710,17 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 }
 
 // precheck refuses, before it reaches the log, a command that the state
-// machine would refuse for its signature, and a registration of a name
-// that gossip shows running at another address (a cloned host with a copy
-// of the node's identity).
+// machine would refuse for its signature, and a registration of a node
+// whose registered run is still alive (a cloned host with a copy of the
+// node's identity, clone.go).
 func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 	sig, c, err := catalog.DecodeSigned(entry)
 	if err != nil {
 		n.metrics.refused("command-invalid")
 		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, false
 	}
-	var members []Member
-	if c.Op == catalog.OpRegister {
-		// Read before the state: Members may read it too.
-		members = n.cfg.Membership.Members()
-	}
 	var refusal *catalog.Result
+	var registered catalog.Node
 	n.fsm.Read(func(s *catalog.State) {
 		id, registering := c.SignerID()
 		node, known := s.Nodes[c.Node]
@@ -756,17 +735,14 @@ func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 			refusal = &catalog.Result{Code: catalog.CodeBadSignature, Message: fmt.Sprintf("command in the name of node %s is not signed by its identity", c.Node)}
 			return
 		}
-		if c.Op == catalog.OpRegister && known && node.ID == c.Register.ID && node.BootID != c.BootID && node.Addr != c.Register.Addr {
-			for _, m := range members {
-				if m.Name == c.Node && m.Alive && m.ID == node.ID && !m.Self {
-					refusal = &catalog.Result{Code: catalog.CodeNameTaken, Message: fmt.Sprintf(
-						"node %s with this identity is running at %s; this host (%s) has a copy of its identity (a cloned VM?): "+
-							"give it a state directory of its own and another --node-name", c.Node, node.Addr, c.Register.Addr)}
-					return
-				}
-			}
+		if known {
+			registered = *node
 		}
 	})
+	if refusal == nil && registered.Name != "" {
+		// Outside the read: it asks members (clone.go).
+		refusal = n.cloneRefusal(context.Background(), c, registered)
+	}
 	if refusal != nil {
 		n.metrics.refused(string(refusal.Code))
 		return *refusal, false

@@ -58,6 +58,15 @@ type PeerStatus struct {
 	// node knows, for the bootstrap decision.
 	LowestName string        `json:"lowest_name,omitempty"`
 	LowestID   crypto.NodeID `json:"lowest_id,omitzero"`
+	// YourGeneration is the generation of the asking node that the
+	// answering node's catalog holds (0: none, or an agent of 559f90d),
+	// for the asking node to find out that it was rolled back
+	// (rollback.go).
+	YourGeneration uint64 `json:"your_generation,omitempty"`
+	// BootID names the answering node's run, for the leader to tell a
+	// clone's registration from a restart (clone.go). Absent from agents
+	// of 559f90d.
+	BootID string `json:"boot_id,omitempty"`
 }
 
 // maxFrame bounds one message.
@@ -113,6 +122,7 @@ func (n *Node) serveRPC(conn net.Conn, peer crypto.NodeID) {
 func (n *Node) handleRPC(ctx context.Context, peer crypto.NodeID, req *request) response {
 	if req.Method == methodStatus {
 		st := n.peerStatus()
+		st.YourGeneration = n.generationOf(peer)
 		return response{Status: &st}
 	}
 	who := peer

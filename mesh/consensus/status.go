@@ -81,6 +81,9 @@ func (n *Node) Status() Status {
 	if joinErr != nil && st.Problem == "" && (!registered || st.State == "joining") {
 		st.Problem = joinErr.Error()
 	}
+	if err := n.fsm.Err(); err != nil && st.Problem == "" {
+		st.Problem = "this node's replica of the catalog missed entries, so this node claims nothing; restart the agent: " + err.Error()
+	}
 	if diskErr != nil && st.Problem == "" {
 		st.Problem = "the state directory cannot be written, so this node claims nothing: " + diskErr.Error()
 	}
@@ -89,7 +92,7 @@ func (n *Node) Status() Status {
 
 // peerStatus answers a status request.
 func (n *Node) peerStatus() PeerStatus {
-	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index()}
+	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index(), BootID: n.bootID}
 	if r := n.raftServer(); r != nil {
 		st.State = strings.ToLower(r.State().String())
 		st.LastIndex = r.LastIndex()
