@@ -108,8 +108,14 @@ func prevBinary(t *testing.T) string {
 	if err != nil {
 		skip("commit %s is not in this clone's history (shallow?), and WGMESH_PREV_BINARY is unset", rev)
 	}
+	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		t.Fatalf("git rev-parse --show-toplevel: %v", err)
+	}
 	src := t.TempDir()
+	// From the top: in a subdirectory git archive takes only that one.
 	archive := exec.Command("sh", "-c", `git archive "$1" | tar -x -C "$2"`, "sh", strings.TrimSpace(string(full)), src)
+	archive.Dir = strings.TrimSpace(string(top))
 	if out, err := archive.CombinedOutput(); err != nil {
 		t.Fatalf("extracting %s: %v: %s", rev, err, out)
 	}
