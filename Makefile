@@ -29,7 +29,7 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline soak lint tidy-check plugin clean
+.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak lint tidy-check plugin clean
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -73,8 +73,8 @@ lint: ## gofmt and go vet
 tidy-check: ## go.mod and go.sum are tidy
 	$(GO) mod tidy -diff
 
-unit: ## unit tests with the race detector; as root also the namespace tests
-	$(GO) test -race -count=1 ./...
+unit: prev ## unit tests with the race detector; as root also the namespace tests
+	$(PREV_ENV) $(GO) test -race -count=1 ./...
 
 fuzz: ## every fuzzer for FUZZTIME
 	for pkg in $(FUZZ_PKGS); do \
@@ -104,12 +104,12 @@ e2e: ## end-to-end suite against three real dockerd (root), once per engine in E
 # kernel test fails there (WGMESH_REQUIRE_KERNEL_WG), and the agents of
 # the integration tests run kernel WireGuard (WGMESH_WG_MODE).
 VMTEST_TIMEOUT ?= 25m
-vmtest: deps build vm ## data-plane and integration tests with kernel WireGuard, in a VM
+vmtest: deps build vm prev ## data-plane and integration tests with kernel WireGuard, in a VM
 	mkdir -p bin/vmtest
 	$(GO) test -c -o bin/vmtest/linux.test ./driver/dataplane/linux
 	$(GO) test -c -o bin/vmtest/integration.test ./test/integration
 	bin/wgmesh-vm -timeout $(VMTEST_TIMEOUT) -log bin/vmtest/console.log \
-		-env WGMESH_REQUIRE_KERNEL_WG=1 -env WGMESH_WG_MODE=kernel -env WGMESH_BINARY=$(CURDIR)/bin/wgmesh \
+		-env WGMESH_REQUIRE_KERNEL_WG=1 -env WGMESH_WG_MODE=kernel -env WGMESH_BINARY=$(CURDIR)/bin/wgmesh -env $(PREV_ENV) \
 		-- -C driver/dataplane/linux bin/vmtest/linux.test -test.v -test.count=1 -test.timeout 10m \
 		--- -C test/integration bin/vmtest/integration.test -test.v -test.count=1 -test.timeout 15m \
 		| grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))'
@@ -145,6 +145,27 @@ baseline: ## bin/wgmesh-baseline: the agent of commit BASELINE, if git history h
 	git archive "$$rev" | tar -x -C "$$tmp"; \
 	(cd "$$tmp" && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(BASELINE)" -o $(CURDIR)/bin/wgmesh-baseline ./cmd/wgmesh); \
 	echo "$$rev" > bin/wgmesh-baseline.rev
+
+# Users upgrade a running cluster host by host, so the integration tests
+# start a cluster on the agent of PREV_RELEASE, the last release, and
+# upgrade it to this build (TestRollingUpgrade). Move PREV_RELEASE on at
+# each release, with defaultPrevRelease in test/integration. A clone
+# without that commit (a shallow one) has no previous agent: the test
+# skips and says so, as does this target.
+PREV_RELEASE ?= 559f90d
+PREV_ENV := WGMESH_PREV_BINARY=$(CURDIR)/bin/wgmesh-prev
+
+prev: ## bin/wgmesh-prev: the agent of commit PREV_RELEASE, if git history has it
+	@if ! rev=$$(git rev-parse -q --verify '$(PREV_RELEASE)^{commit}' 2>/dev/null); then \
+		echo "prev: commit $(PREV_RELEASE) is not in this clone's history (shallow?): TestRollingUpgrade SKIPS, rolling upgrades are NOT tested"; \
+		rm -f bin/wgmesh-prev bin/wgmesh-prev.rev; exit 0; \
+	fi; \
+	if [ -x bin/wgmesh-prev ] && [ "$$(cat bin/wgmesh-prev.rev 2>/dev/null)" = "$$rev" ]; then exit 0; fi; \
+	mkdir -p bin; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "prev: building the agent of $(PREV_RELEASE) into bin/wgmesh-prev"; \
+	git archive "$$rev" | tar -x -C "$$tmp"; \
+	(cd "$$tmp" && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(PREV_RELEASE)" -o $(CURDIR)/bin/wgmesh-prev ./cmd/wgmesh); \
+	echo "$$rev" > bin/wgmesh-prev.rev
 
 # make soak runs mesh's randomized safety test (make test runs 3 seeds x
 # 40 steps) for WGMESH_SOAK_STEPS steps from WGMESH_SOAK_SEED (default:

@@ -251,7 +251,7 @@ func (h *Host) StartAgentIn(ctx context.Context, sb Sandbox, extra ...string) er
 	// namespace: the lab runs in it (PID 1's may be out of reach). Given
 	// in the environment, which an agent from before the flag ignores
 	// (the benchmark runs one as its baseline).
-	env := []string{"env", fmt.Sprintf("WGMESH_HOST_MOUNT_NS=/proc/%d/ns/mnt", os.Getpid()), h.lab.cfg.Binary}
+	env := []string{"env", fmt.Sprintf("WGMESH_HOST_MOUNT_NS=/proc/%d/ns/mnt", os.Getpid()), h.binaryLocked()}
 	argv := sb.command(append(env, h.AgentArgs(extra...)...))
 	p, err := start("nsenter", append([]string{"--net=" + h.NSPath()}, argv...), h.AgentLog())
 	if err != nil {
@@ -265,6 +265,30 @@ func (h *Host) StartAgentIn(ctx context.Context, sb Sandbox, extra ...string) er
 		_, err := driver.NewControlClient(h.ControlSock()).Status(ctx)
 		return err
 	})
+}
+
+// SetBinary makes the host run another wgmesh binary from its next
+// StartAgent on, as a host does once its package is upgraded (or
+// downgraded); "" goes back to the lab's Config.Binary. The running agent
+// is left alone: stop it first.
+func (h *Host) SetBinary(path string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.binary = path
+}
+
+// Binary is the wgmesh binary the host's agent starts from.
+func (h *Host) Binary() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.binaryLocked()
+}
+
+func (h *Host) binaryLocked() string {
+	if h.binary != "" {
+		return h.binary
+	}
+	return h.lab.cfg.Binary
 }
 
 // StopAgent stops the agent with sig: SIGTERM is a clean stop, SIGKILL a
@@ -289,7 +313,7 @@ func (h *Host) AgentPID() int {
 
 // Wgmesh runs a wgmesh command (args[0]) against this host's agent.
 func (h *Host) Wgmesh(ctx context.Context, args ...string) (string, error) {
-	cmd := []string{"--net=" + h.NSPath(), h.lab.cfg.Binary, args[0], "--control-socket", h.ControlSock()}
+	cmd := []string{"--net=" + h.NSPath(), h.Binary(), args[0], "--control-socket", h.ControlSock()}
 	return run(ctx, "nsenter", append(cmd, args[1:]...)...)
 }
 

@@ -154,6 +154,9 @@ type Host struct {
 	mu      sync.Mutex
 	dockerd *proc
 	agent   *proc
+	// binary, if set, is the wgmesh binary of this host instead of the
+	// lab's (SetBinary).
+	binary string
 	// mountNS holds the mount namespace dockerd runs in.
 	mountNS *proc
 	// containers are stand-in container namespaces made by NewContainer.

@@ -119,9 +119,17 @@ func (p *Plugin) Attach(ctx context.Context, n *PluginNetwork) (*PluginEndpoint,
 // AttachTo is Attach with the sandbox key Docker would give for the
 // container's network namespace (see Host.ContainerNS).
 func (p *Plugin) AttachTo(ctx context.Context, n *PluginNetwork, sandboxKey string) (*PluginEndpoint, error) {
+	return p.AttachAt(ctx, n, sandboxKey, "")
+}
+
+// AttachAt is AttachTo with the fixed address of `docker run --ip want`;
+// "" lets the IPAM choose.
+func (p *Plugin) AttachAt(ctx context.Context, n *PluginNetwork, sandboxKey, want string) (*PluginEndpoint, error) {
 	mac := "02:42:" + strings.Join([]string{randomID()[:2], randomID()[:2], randomID()[:2], randomID()[:2]}, ":")
 	var addr ipam.RequestAddressResponse
-	if err := p.Call(ctx, "IpamDriver.RequestAddress", ipam.RequestAddressRequest{PoolID: n.PoolID,
+	// Docker sends the MAC address with every container's request, and
+	// with it a fixed address tells wgmesh it is a container's --ip.
+	if err := p.Call(ctx, "IpamDriver.RequestAddress", ipam.RequestAddressRequest{PoolID: n.PoolID, Address: want,
 		Options: map[string]string{"com.docker.network.endpoint.macaddress": mac}}, &addr); err != nil {
 		return nil, err
 	}
