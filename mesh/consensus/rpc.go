@@ -58,6 +58,9 @@ type PeerStatus struct {
 	// node knows, for the bootstrap decision.
 	LowestName string        `json:"lowest_name,omitempty"`
 	LowestID   crypto.NodeID `json:"lowest_id,omitzero"`
+	// ServerProof proves that the answering node holds the server key
+	// (servers.go); the TLS handshake proves whose it is.
+	ServerProof []byte `json:"server_proof,omitempty"`
 }
 
 // maxFrame bounds one message.
