@@ -37,7 +37,14 @@ func (ms membership) Members() []consensus.Member {
 }
 
 func (m *Mesh) consensusMember(n NodeInfo, alive, self bool) consensus.Member {
-	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self, BehindNAT: n.NAT.Behind()}
+	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self, BehindNAT: n.NAT.Behind(),
+		Server: consensus.ServerAuto, ClaimsServerKey: n.Features&featureServerKey != 0}
+	switch {
+	case n.Features&featureServerNever != 0:
+		mem.Server = consensus.ServerNever
+	case n.Features&featureServerAlways != 0:
+		mem.Server = consensus.ServerAlways
+	}
 	if n.RaftPort != 0 {
 		mem.RaftAddr = net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.RaftPort)))
 	}

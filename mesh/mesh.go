@@ -109,6 +109,10 @@ type Config struct {
 	// carry the relay sessions, which the driver serves. The node offers
 	// them only while members see it at the address it advertises.
 	RelayPort, RelayPorts uint16
+	// Server and ServerKey say whether this node may vote in consensus
+	// (consensus/servers.go): --server and --server-key-file.
+	Server    consensus.ServerMode
+	ServerKey []byte
 	// PMTUInterval is how often the path MTU to each member reached
 	// directly is confirmed (pmtu.go); 0 means 30 s, negative turns
 	// probing off.
@@ -126,6 +130,20 @@ type ConsensusTiming struct {
 	DeadNonvoterTimeout time.Duration
 	Tick                time.Duration
 	MaxVoters           int
+}
+
+func (c *Config) serverFeatures() uint32 {
+	var f uint32
+	switch c.Server {
+	case consensus.ServerAlways:
+		f |= featureServerAlways
+	case consensus.ServerNever:
+		f |= featureServerNever
+	}
+	if len(c.ServerKey) > 0 {
+		f |= featureServerKey
+	}
+	return f
 }
 
 // DefaultConfig returns defaults for a LAN or a set of cloud hosts.
@@ -334,6 +352,7 @@ func New(cfg Config) (*Mesh, error) {
 		Listener: l, Advertise: advertise, Dial: cfg.RaftDial, Membership: membership{m}, Logger: cfg.Logger,
 		Raft: cfg.Consensus.Raft, StableWait: cfg.Consensus.StableWait, DeadVoterTimeout: cfg.Consensus.DeadVoterTimeout,
 		DeadNonvoterTimeout: cfg.Consensus.DeadNonvoterTimeout, Tick: cfg.Consensus.Tick, MaxVoters: cfg.Consensus.MaxVoters,
+		Server: cfg.Server, ServerKey: cfg.ServerKey,
 	}
 	if m.node, err = consensus.New(ccfg); err != nil {
 		l.Close()
@@ -449,7 +468,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader,
+		Features:   featureHeader | m.cfg.serverFeatures(),
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {

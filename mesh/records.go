@@ -71,6 +71,13 @@ const (
 	// featureHeader: the node reads the sender header in front of
 	// gossip datagrams (gossipnet.go).
 	featureHeader uint32 = 1 << iota
+	// featureServerAlways and featureServerNever: the node runs with
+	// --server=always or never (none of them: auto); featureServerKey:
+	// it says it holds the server key (consensus/servers.go). They ride
+	// in Features because memberlist caps the metadata at 512 bytes.
+	featureServerAlways
+	featureServerNever
+	featureServerKey
 )
 
 // NetworkEntry is one node's state in one network. The subnet is the

@@ -31,6 +31,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver/dockerapi"
 	"github.com/wgmesh/wgmesh/driver/relay"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
 
 // agentFlags are the agent's settings. Every path is configurable: hosts
@@ -68,6 +69,8 @@ type agentFlags struct {
 	punchTimeout    time.Duration
 	directRetry     time.Duration
 	pmtuInterval    time.Duration
+	server          string
+	serverKeyFile   string
 }
 
 func (f *agentFlags) register(fs *flag.FlagSet) {
@@ -103,6 +106,8 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.punchTimeout, "punch-timeout", 8*time.Second, "how long a direct path to a peer (through NAT or not) may take to bring a handshake before the pair is relayed")
 	fs.DurationVar(&f.directRetry, "direct-retry", time.Minute, "least time a relayed pair waits before trying a direct path again (doubles with each failure, up to 30m)")
 	fs.DurationVar(&f.pmtuInterval, "pmtu-interval", 30*time.Second, "how often the path MTU to each host is confirmed; a path that shrank is noticed within two of these")
+	fs.StringVar(&f.server, "server", string(consensus.ServerAuto), "whether this host may vote in consensus: auto (when members can reach it), always (ahead of auto hosts) or never; see docs/threat-model.md")
+	fs.StringVar(&f.serverKeyFile, "server-key-file", "", "file with the server key, mode 0600 (create with 'wgmesh keygen'): give it only to the hosts that may vote, and a leader that holds it promotes no other host")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 }
@@ -128,6 +133,12 @@ func (f *agentFlags) validate() error {
 	}
 	if f.clusterKeyFile != "" && f.insecure {
 		return errors.New("--insecure and --cluster-key-file contradict each other")
+	}
+	if _, err := consensus.ParseServerMode(f.server); err != nil {
+		return err
+	}
+	if f.server == string(consensus.ServerNever) && f.serverKeyFile != "" {
+		return errors.New("--server=never and --server-key-file contradict each other: the key is for hosts that may vote")
 	}
 	if f.wgPort <= 0 || f.wgPort > 65535 {
 		return fmt.Errorf("--wg-port %d out of range", f.wgPort)
@@ -275,6 +286,12 @@ func agent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	relayPort, relayPorts, _ := parsePortRange(f.relayPorts)
 	mcfg.RelayPort, mcfg.RelayPorts = relayPort, relayPorts
 	mcfg.PMTUInterval = f.pmtuInterval
+	mcfg.Server, _ = consensus.ParseServerMode(f.server)
+	if f.serverKeyFile != "" {
+		if mcfg.ServerKey, err = crypto.LoadServerKey(f.serverKeyFile); err != nil {
+			return fmt.Errorf("--server-key-file: %w", err)
+		}
+	}
 	m, err := mesh.New(mcfg)
 	if err != nil {
 		return fmt.Errorf("mesh: %w", err)

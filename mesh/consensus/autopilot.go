@@ -16,7 +16,10 @@ package consensus
 //  5. a non-voter dead for DeadNonvoterTimeout is removed (it is added
 //     again when it returns);
 //  6. voters beyond the target are demoted (never for a partition: a
-//     server only stops counting once it is dead past its timeout).
+//     server only stops counting once it is dead past its timeout);
+//  7. a voter that may not vote (servers.go) is demoted, and an auto
+//     voter gives way to an --server=always host waiting to vote; a
+//     leader that may not vote hands leadership to a voter that may.
 //
 // A change needs a quorum of the current voters, so none of this helps a
 // cluster that lost most of its voters for good: that takes `wgmesh
@@ -56,8 +59,14 @@ type serverInfo struct {
 	id        crypto.NodeID
 	alive     bool
 	behindNAT bool
-	deadFor   time.Duration
-	aliveFor  time.Duration
+	// eligible: it may be promoted (servers.go); barred: it may not
+	// vote, as far as this leader knows (a server whose proof of the
+	// server key it has not checked yet is neither); always: it asked.
+	eligible bool
+	barred   bool
+	always   bool
+	deadFor  time.Duration
+	aliveFor time.Duration
 }
 
 func (n *Node) autopilot(ctx context.Context) {
@@ -69,6 +78,7 @@ func (n *Node) autopilot(ctx context.Context) {
 	if err := f.Error(); err != nil {
 		return
 	}
+	n.checkProofs(ctx, f.Configuration().Servers)
 	now := time.Now()
 	state := n.fsm.State()
 	members := map[crypto.NodeID]Member{}
@@ -86,6 +96,13 @@ func (n *Node) autopilot(ctx context.Context) {
 		inConfig[id] = true
 		m, ok := members[id]
 		si := serverInfo{Server: s, id: id, alive: id == n.id || ok && m.Alive, behindNAT: ok && m.BehindNAT}
+		// A server gossip does not show keeps what it had: a partition
+		// must not make voters look ineligible.
+		si.eligible = true
+		if ok {
+			si.eligible, si.barred, _ = n.eligibleLocked(m)
+			si.always = m.Server == ServerAlways
+		}
 		if si.alive {
 			delete(n.dead, id)
 			if _, seen := n.aliveSince[id]; !seen {
@@ -149,7 +166,7 @@ func (n *Node) autopilot(ctx context.Context) {
 		if s.Suffrage == raft.Voter {
 			timeout = n.cfg.DeadVoterTimeout
 		}
-		if s.alive || s.deadFor < timeout {
+		if (s.alive || s.deadFor < timeout) && !s.barred {
 			counted++
 		}
 		if s.alive && s.Suffrage == raft.Voter {
@@ -187,11 +204,68 @@ func (n *Node) autopilot(ctx context.Context) {
 		}
 	}
 	if voters > target && deadVoter == nil {
-		for _, s := range slices.Backward(servers) {
-			if s.alive && s.Suffrage == raft.Voter && s.id != n.id {
-				change("demoting a voter beyond the target", s.ID, r.DemoteVoter(s.ID, 0, timeout))
-				return
+		// Those that may not vote go first, then auto ones, then always.
+		for _, pass := range []func(serverInfo) bool{
+			func(s serverInfo) bool { return s.barred },
+			func(s serverInfo) bool { return !s.always },
+			func(serverInfo) bool { return true },
+		} {
+			for _, s := range slices.Backward(servers) {
+				if s.alive && s.Suffrage == raft.Voter && s.id != n.id && pass(s) {
+					change("demoting a voter beyond the target", s.ID, r.DemoteVoter(s.ID, 0, timeout))
+					return
+				}
 			}
+		}
+	}
+	n.enforceServers(ctx, r, servers, change)
+}
+
+// enforceServers is step 7: voters that may not vote go, and auto voters
+// make room for always hosts. One change per run; the promotion steps
+// above fill the voter set again on the next runs.
+func (n *Node) enforceServers(ctx context.Context, r *raft.Raft, servers []serverInfo, change func(string, raft.ServerID, raft.IndexFuture)) {
+	const timeout = 5 * time.Second
+	var self *serverInfo
+	otherEligibleVoter := false
+	for i, s := range servers {
+		if s.id == n.id {
+			self = &servers[i]
+		} else if s.Suffrage == raft.Voter && s.alive && s.eligible {
+			otherEligibleVoter = true
+		}
+	}
+	for _, s := range servers {
+		if s.id != n.id && s.alive && s.Suffrage == raft.Voter && s.barred {
+			change("demoting a voter that may not vote", s.ID, r.DemoteVoter(s.ID, 0, timeout))
+			return
+		}
+	}
+	if self != nil && self.barred && otherEligibleVoter {
+		n.log.Info("autopilot: this node may not vote; handing leadership over")
+		if err := r.LeadershipTransfer().Error(); err != nil {
+			n.log.Warn("autopilot: handing leadership over", "err", err)
+		}
+		return
+	}
+	// An always host waits to vote while the voter set is full of auto
+	// hosts: one of those (never this leader) steps down for it.
+	waiting := false
+	for _, s := range servers {
+		if s.always && s.eligible && s.alive && !s.behindNAT && s.Suffrage != raft.Voter && s.aliveFor >= n.stabilization() {
+			waiting = true
+		}
+	}
+	if !waiting {
+		return
+	}
+	if _, ok := n.promotable(ctx, r, servers); !ok {
+		return // not caught up yet: demoting now would only shrink the voter set
+	}
+	for _, s := range slices.Backward(servers) {
+		if s.id != n.id && s.alive && s.Suffrage == raft.Voter && !s.always {
+			change("demoting an auto voter to make room for an --server=always host", s.ID, r.DemoteVoter(s.ID, 0, timeout))
+			return
 		}
 	}
 }
@@ -200,10 +274,18 @@ func (n *Node) autopilot(ctx context.Context) {
 // caught up with the log, longest alive first.
 func (n *Node) promotable(ctx context.Context, r *raft.Raft, servers []serverInfo) (serverInfo, bool) {
 	cands := slices.Clone(servers)
-	slices.SortStableFunc(cands, func(a, b serverInfo) int { return -int(a.aliveFor - b.aliveFor) })
+	slices.SortStableFunc(cands, func(a, b serverInfo) int {
+		if a.always != b.always {
+			if a.always {
+				return -1
+			}
+			return 1
+		}
+		return -int(a.aliveFor - b.aliveFor)
+	})
 	last := r.LastIndex()
 	for _, s := range cands {
-		if s.Suffrage == raft.Voter || !s.alive || s.aliveFor < n.stabilization() || s.behindNAT {
+		if s.Suffrage == raft.Voter || !s.alive || !s.eligible || s.aliveFor < n.stabilization() || s.behindNAT {
 			// A node behind NAT is reached only through connections it
 			// parks (reverse.go); a voter must be reachable by every
 			// other voter, some of which may be behind NAT too.

@@ -1,6 +1,7 @@
 package consensus
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -82,6 +83,11 @@ type tnode struct {
 	stop  context.CancelFunc
 	done  chan error
 	seeds bool
+	// server, serverKey: its --server and server key; claimsKey: it
+	// says it holds a server key (true for every node given one).
+	server    ServerMode
+	serverKey []byte
+	claimsKey bool
 }
 
 func newCluster(t *testing.T) *cluster {
@@ -110,7 +116,8 @@ func (m membership) Members() []Member {
 	var out []Member
 	for name, n := range m.c.nodes {
 		alive := n.node != nil && m.c.side[name] == m.c.side[m.self]
-		mem := Member{Name: name, ID: n.id.ID(), RaftAddr: n.addr, Alive: alive, Self: name == m.self, BehindNAT: m.c.natted[name]}
+		mem := Member{Name: name, ID: n.id.ID(), RaftAddr: n.addr, Alive: alive, Self: name == m.self, BehindNAT: m.c.natted[name],
+			Server: cmp.Or(n.server, ServerAuto), ClaimsServerKey: n.claimsKey || len(n.serverKey) > 0}
 		if n.node != nil {
 			mem.ClusterID = n.node.ClusterID()
 		}
@@ -224,6 +231,7 @@ func (n *tnode) start() {
 		Listener: l, Advertise: l.Addr().String(), Dial: c.dial(n.name), Membership: membership{c, n.name},
 		Logger: testLogger(c.t, n.name), Raft: c.raftConfig(), StableWait: 300 * time.Millisecond,
 		DeadVoterTimeout: 2 * time.Second, DeadNonvoterTimeout: 4 * time.Second, Tick: 50 * time.Millisecond,
+		Server: n.server, ServerKey: n.serverKey,
 	})
 	if err != nil {
 		l.Close()

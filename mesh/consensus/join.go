@@ -55,14 +55,15 @@ func lower(a, b Member) bool {
 	return cmp.Or(cmp.Compare(a.Name, b.Name), strings.Compare(a.ID.String(), b.ID.String())) < 0
 }
 
-// lowestAlive is the lowest alive member of a gossip view, not counting
-// members behind NAT while there are others: the node that starts a
-// cluster is its first voter, and voters must be reachable.
-func lowestAlive(members []Member) (Member, bool) {
+// lowestAlive is the lowest alive member of a gossip view that may vote
+// (servers.go), not counting members behind NAT while there are others:
+// the node that starts a cluster is its first voter, and voters must be
+// reachable.
+func (n *Node) lowestAlive(members []Member) (Member, bool) {
 	var low Member
 	found := false
 	for _, m := range members {
-		if !m.Alive {
+		if !m.Alive || !n.mayBootstrap(m, members) {
 			continue
 		}
 		if !found || low.BehindNAT && !m.BehindNAT || low.BehindNAT == m.BehindNAT && lower(m, low) {
@@ -119,7 +120,11 @@ func (n *Node) joinOrBootstrap(ctx context.Context) {
 		n.setJoinErr(fmt.Errorf("no cluster in sight; not starting one while seeds %v are unreachable", missing))
 		return
 	}
-	low, _ := lowestAlive(members)
+	low, ok := n.lowestAlive(members)
+	if !ok {
+		n.setJoinErr(errors.New("no member that may vote is in sight to start the cluster (every one runs with --server=never, or holds no server key)"))
+		return
+	}
 	if !low.Self {
 		n.setJoinErr(fmt.Errorf("waiting for node %s to start the cluster", low.Name))
 		return

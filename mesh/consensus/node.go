@@ -57,6 +57,11 @@ type Member struct {
 	// BehindNAT: members cannot dial it (it parks connections with
 	// them, reverse.go), so it is never made a voter.
 	BehindNAT bool
+	// Server is the member's --server setting, and ClaimsServerKey
+	// whether it says it holds the server key (servers.go), as it
+	// publishes them; the proof of the key goes over TLS.
+	Server          ServerMode
+	ClaimsServerKey bool
 }
 
 // Membership is what consensus needs of gossip. Implementations must not
@@ -103,6 +108,10 @@ type Config struct {
 	MaxVoters int
 	// Tick is how often the join and autopilot loop runs.
 	Tick time.Duration
+	// Server says whether this node may vote (servers.go); ServerKey,
+	// when set, is the key that names the hosts that may.
+	Server    ServerMode
+	ServerKey []byte
 }
 
 // DefaultRaftConfig is Raft's timing for hosts across clouds: the library
@@ -167,6 +176,9 @@ func (c *Config) validate() error {
 	case c.MaxVoters != 1 && c.MaxVoters != 3 && c.MaxVoters != 5:
 		return fmt.Errorf("consensus: max voters %d is not 1, 3 or 5", c.MaxVoters)
 	}
+	if err := c.Server.validate(); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -213,8 +225,10 @@ type Node struct {
 	// dead and aliveSince track servers for the autopilot.
 	dead       map[crypto.NodeID]time.Time
 	aliveSince map[crypto.NodeID]time.Time
-	joinErr    error
-	shutdown   bool
+	// proofs caches which servers proved they hold the server key.
+	proofs   map[crypto.NodeID]bool
+	joinErr  error
+	shutdown bool
 	// admitted is set once this node found itself in its configuration.
 	admitted bool
 	// diskErr is the last failure to write the state directory: a node
@@ -240,6 +254,7 @@ func New(cfg Config) (*Node, error) {
 		dead:    map[crypto.NodeID]time.Time{},
 
 		aliveSince: map[crypto.NodeID]time.Time{},
+		proofs:     map[crypto.NodeID]bool{},
 	}
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)

@@ -67,6 +67,9 @@ type PeerStatus struct {
 	// clone's registration from a restart (clone.go). Absent from agents
 	// of 559f90d.
 	BootID string `json:"boot_id,omitempty"`
+	// ServerProof proves that the answering node holds the server key
+	// (servers.go); the TLS handshake proves whose it is.
+	ServerProof []byte `json:"server_proof,omitempty"`
 }
 
 // maxFrame bounds one message.

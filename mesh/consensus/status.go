@@ -100,8 +100,11 @@ func (n *Node) peerStatus() PeerStatus {
 		st.LeaderAddr = string(addr)
 		st.LeaderID, _ = crypto.ParseNodeID(string(id))
 	}
-	if low, ok := lowestAlive(n.cfg.Membership.Members()); ok {
+	if low, ok := n.lowestAlive(n.cfg.Membership.Members()); ok {
 		st.LowestName, st.LowestID = low.Name, low.ID
+	}
+	if len(n.cfg.ServerKey) > 0 {
+		st.ServerProof = crypto.ServerProof(n.cfg.ServerKey, n.id)
 	}
 	return st
 }

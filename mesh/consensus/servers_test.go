@@ -1,0 +1,96 @@
+package consensus
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+)
+
+// voterNames lists the voters in n's configuration.
+func voterNames(n *tnode) []string {
+	var out []string
+	for _, s := range n.status().Servers {
+		if s.Voter {
+			out = append(out, s.Name)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func waitVoterSet(t *testing.T, timeout time.Duration, n *tnode, want ...string) {
+	t.Helper()
+	slices.Sort(want)
+	eventually(t, timeout, fmt.Sprintf("voters %v", want), func() error {
+		if got := voterNames(n); !slices.Equal(got, want) {
+			return fmt.Errorf("voters %v (servers %+v)", got, n.status().Servers)
+		}
+		return nil
+	})
+}
+
+// TestServerKeyNamesTheVoters: with a server key on three hosts, only they
+// vote; a member without it never becomes a voter, even one that says it
+// holds the key, and even when it was a voter first.
+func TestServerKeyNamesTheVoters(t *testing.T) {
+	c := newCluster(t)
+	key := []byte("0123456789abcdef0123456789abcdef")
+	// d joins first and becomes a voter while a has no key peers yet.
+	a := c.add("a", false)
+	a.serverKey = key
+	a.start()
+	waitVoters := func() {}
+	_ = waitVoters
+	d := c.add("d", true)
+	e := c.add("e", true)
+	e.claimsKey = true // hostile: says it holds the key
+	d.start()
+	e.start()
+	b := c.add("b", true)
+	b.serverKey = key
+	cc := c.add("c", true)
+	cc.serverKey = key
+	b.start()
+	cc.start()
+	waitVoterSet(t, 40*time.Second, a, "a", "b", "c")
+	// And it stays so.
+	time.Sleep(2 * time.Second)
+	if got := voterNames(a); !slices.Equal(got, []string{"a", "b", "c"}) {
+		t.Fatalf("voters became %v", got)
+	}
+}
+
+// TestServerNeverAndAlways: a --server=never host is demoted and never
+// promoted; an --server=always host takes the place of an auto voter.
+func TestServerNeverAndAlways(t *testing.T) {
+	c := newCluster(t)
+	a := c.add("a", false)
+	a.start()
+	b := c.add("b", true)
+	cc := c.add("c", true)
+	b.start()
+	cc.start()
+	waitVoterSet(t, 30*time.Second, a, "a", "b", "c")
+	// c restarts as --server=never: it is demoted.
+	cc.kill()
+	cc.server = ServerNever
+	cc.start()
+	waitVoterSet(t, 30*time.Second, a, "a", "b")
+	// d comes with --server=always: it becomes the third voter.
+	d := c.add("d", true)
+	d.server = ServerAlways
+	d.start()
+	waitVoterSet(t, 30*time.Second, a, "a", "b", "d")
+	// e also --server=always: an auto voter (never the leader) makes room.
+	e := c.add("e", true)
+	e.server = ServerAlways
+	e.start()
+	eventually(t, 30*time.Second, "e a voter", func() error {
+		v := voterNames(a)
+		if !slices.Contains(v, "e") || !slices.Contains(v, "d") || slices.Contains(v, "c") || len(v) != 3 {
+			return fmt.Errorf("voters %v", v)
+		}
+		return nil
+	})
+}
