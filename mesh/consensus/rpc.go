@@ -96,20 +96,20 @@ func (n *Node) speaksFor(peer crypto.NodeID, req *request) (crypto.NodeID, error
 		}
 	})
 	age := time.Since(time.Unix(c.Time, 0))
+	var err error
 	switch {
 	case c.Method != req.Method || c.For != req.For || c.RaftAddr != req.RaftAddr:
-		err := fmt.Errorf("the claim of node %s is for another request", req.For.Short())
+		err = fmt.Errorf("the claim of node %s is for another request", req.For.Short())
+	case c.Cluster != n.ClusterID():
+		err = fmt.Errorf("the claim of node %s is for cluster %q", req.For.Short(), c.Cluster)
+	case boot == "" || c.BootID != boot:
+		err = fmt.Errorf("the claim of node %s is not of its registered run", req.For.Short())
+	case age > claimMaxAge || age < -claimMaxAge:
+		err = fmt.Errorf("the claim of node %s was signed %s ago (clocks apart?)", req.For.Short(), age.Round(time.Second))
+	}
+	if err != nil {
 		n.metrics.refused("forward-unproven")
 		return crypto.NodeID{}, err
-	case c.Cluster != n.ClusterID():
-		n.metrics.refused("forward-unproven")
-		return crypto.NodeID{}, fmt.Errorf("the claim of node %s is for cluster %q", req.For.Short(), c.Cluster)
-	case boot == "" || c.BootID != boot:
-		n.metrics.refused("forward-unproven")
-		return crypto.NodeID{}, fmt.Errorf("the claim of node %s is not of its registered run", req.For.Short())
-	case age > claimMaxAge || age < -claimMaxAge:
-		n.metrics.refused("forward-unproven")
-		return crypto.NodeID{}, fmt.Errorf("the claim of node %s was signed %s from now (clocks apart?)", req.For.Short(), age.Round(time.Second))
 	}
 	return req.For, nil
 }
