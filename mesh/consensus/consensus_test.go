@@ -49,6 +49,12 @@ type cluster struct {
 	natted map[string]bool
 	// raft, when set, replaces testRaft for nodes started afterwards.
 	raft func() *raft.Config
+	// cut[from][to] refuses consensus dials from one node to another
+	// while gossip still shows both alive (a firewalled port).
+	cut map[string]map[string]bool
+	// redirect[from][addr] sends a node's dials of addr to another
+	// address: someone else answers there.
+	redirect map[string]map[string]string
 }
 
 type tconn struct {
@@ -88,6 +94,9 @@ type tnode struct {
 	server    ServerMode
 	serverKey []byte
 	claimsKey bool
+	// fakeCluster makes a node without a Node (a test's hostile server)
+	// look alive in gossip, a member of this cluster.
+	fakeCluster string
 }
 
 func newCluster(t *testing.T) *cluster {
@@ -115,11 +124,13 @@ func (m membership) Members() []Member {
 	defer m.c.mu.Unlock()
 	var out []Member
 	for name, n := range m.c.nodes {
-		alive := n.node != nil && m.c.side[name] == m.c.side[m.self]
+		alive := (n.node != nil || n.fakeCluster != "") && m.c.side[name] == m.c.side[m.self]
 		mem := Member{Name: name, ID: n.id.ID(), RaftAddr: n.addr, Alive: alive, Self: name == m.self, BehindNAT: m.c.natted[name],
 			Server: cmp.Or(n.server, ServerAuto), ClaimsServerKey: n.claimsKey || len(n.serverKey) > 0}
 		if n.node != nil {
 			mem.ClusterID = n.node.ClusterID()
+		} else {
+			mem.ClusterID = n.fakeCluster
 		}
 		out = append(out, mem)
 	}
@@ -188,8 +199,11 @@ func (c *cluster) dial(from string) DialFunc {
 				to = name
 			}
 		}
-		blocked := to != "" && c.side[to] != c.side[from]
+		blocked := to != "" && (c.side[to] != c.side[from] || c.cut[from][to])
 		natted := c.natted[to]
+		if r, ok := c.redirect[from][addr]; ok {
+			addr = r
+		}
 		c.mu.Unlock()
 		if blocked {
 			return nil, errors.New("partitioned")

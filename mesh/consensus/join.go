@@ -31,6 +31,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -210,47 +211,185 @@ func (n *Node) refused(err error) {
 	n.setJoinErr(err)
 }
 
-// join registers through members of an existing cluster, then starts Raft
-// and asks to be admitted.
+// join registers with the leader of an existing cluster, then starts Raft
+// and asks to be admitted. The leader is the one most members name, and
+// the joining node checks over TLS that it answers at its address: a
+// single member's word could make any node this node's leader, from
+// which it would take its configuration and catalog.
 func (n *Node) join(ctx context.Context, cluster []Member) {
 	entry, err := n.registration(false)
 	if err != nil {
 		n.setJoinErr(err)
 		return
 	}
-	rand.Shuffle(len(cluster), func(i, j int) { cluster[i], cluster[j] = cluster[j], cluster[i] })
-	for _, m := range cluster {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		resp, _, err := n.call(cctx, m.RaftAddr, &request{Method: methodApply, Entry: entry})
-		if err == nil && resp.Err == "" {
-			if refusal := resp.Result.Err(); refusal != nil {
-				cancel()
-				n.refused(refusal)
-				return
-			}
-			resp, _, err = n.call(cctx, m.RaftAddr, &request{Method: methodStatus})
-		}
-		cancel()
-		if err != nil || resp.Err != "" || resp.Status == nil {
-			n.setJoinErr(fmt.Errorf("registering through %s: %v%s", m.Name, err, resp.Err))
-			continue
-		}
-		n.mu.Lock()
-		n.admittedBy = resp.Status.LeaderID
-		n.mu.Unlock()
-		if err := n.startRaft(nil); err != nil {
-			n.setJoinErr(err)
-			return
-		}
-		n.mu.Lock()
-		n.registered = true
-		n.mu.Unlock()
-		n.setJoinErr(nil)
-		n.log.Info("joined the cluster", "cluster", resp.Status.ClusterID, "via", m.Name, "generation", n.gen)
-		n.askAdmission(ctx)
-		n.notify()
+	lid, laddr, err := n.confirmedLeader(ctx, cluster)
+	if err != nil {
+		n.setJoinErr(err)
 		return
 	}
+	resp, direct, err := n.toLeader(ctx, lid, laddr, cluster, &request{Method: methodApply, Entry: entry})
+	if err != nil {
+		n.setJoinErr(fmt.Errorf("registering with the cluster: %w", err))
+		return
+	}
+	if refusal := resp.Result.Err(); refusal != nil {
+		if !direct {
+			// A member that passed the entry on could have made the
+			// refusal up: only the leader's own is final.
+			n.setJoinErr(fmt.Errorf("registering through a member: %w", refusal))
+			return
+		}
+		n.refused(refusal)
+		return
+	}
+	n.mu.Lock()
+	n.admittedBy = lid
+	n.mu.Unlock()
+	if err := n.startRaft(nil); err != nil {
+		n.setJoinErr(err)
+		return
+	}
+	n.mu.Lock()
+	n.registered = true
+	n.mu.Unlock()
+	n.setJoinErr(nil)
+	n.log.Info("joined the cluster", "cluster", clusterOf(cluster), "leader_id", lid.Short(), "direct", direct, "generation", n.gen)
+	n.askAdmission(ctx)
+	n.notify()
+}
+
+// leaderAsks caps how many members a node asks who leads.
+const leaderAsks = 5
+
+// confirmedLeader asks members who leads the cluster and returns the
+// leader that most of those that answered name, and at least two of them
+// when two members not behind NAT exist (a member behind NAT may be out
+// of this node's reach). The leader must be such a member itself: voters
+// never are behind NAT. One hostile member cannot make itself, or anyone,
+// this node's leader.
+func (n *Node) confirmedLeader(ctx context.Context, members []Member) (crypto.NodeID, string, error) {
+	public := map[crypto.NodeID]bool{}
+	for _, m := range members {
+		if !m.BehindNAT {
+			public[m.ID] = true
+		}
+	}
+	// Members this node can surely dial first.
+	ask := slices.Clone(members)
+	slices.SortStableFunc(ask, func(a, b Member) int {
+		switch {
+		case a.BehindNAT == b.BehindNAT:
+			return 0
+		case b.BehindNAT:
+			return -1
+		}
+		return 1
+	})
+	ask = ask[:min(len(ask), leaderAsks)]
+	if len(ask) == 0 {
+		return crypto.NodeID{}, "", errors.New("no member of the cluster in sight")
+	}
+	type named struct {
+		id   crypto.NodeID
+		addr string
+	}
+	answers := make([]*named, len(ask))
+	var wg sync.WaitGroup
+	for i, m := range ask {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			resp, err := n.callID(cctx, m.RaftAddr, m.ID, &request{Method: methodStatus})
+			if err != nil || resp.Status == nil {
+				return
+			}
+			answers[i] = &named{resp.Status.LeaderID, resp.Status.LeaderAddr}
+		}()
+	}
+	wg.Wait()
+	votes := map[named]int{}
+	answered := 0
+	var best named
+	for _, a := range answers {
+		if a == nil {
+			continue
+		}
+		answered++
+		if a.id.IsZero() {
+			continue
+		}
+		votes[*a]++
+		if votes[*a] > votes[best] {
+			best = *a
+		}
+	}
+	need := min(2, len(public))
+	switch {
+	case answered == 0:
+		return crypto.NodeID{}, "", fmt.Errorf("none of %d members asked says who leads the cluster (are their consensus ports open?)", len(ask))
+	case votes[best] == 0:
+		return crypto.NodeID{}, "", fmt.Errorf("none of %d members that answered knows a leader", answered)
+	case 2*votes[best] <= answered || votes[best] < need:
+		return crypto.NodeID{}, "", fmt.Errorf("members disagree on the leader: %d of %d that answered name node %s", votes[best], answered, best.id.Short())
+	case !public[best.id]:
+		return crypto.NodeID{}, "", fmt.Errorf("the leader members name, node %s, is not a member this node sees reachable", best.id.Short())
+	}
+	return best.id, best.addr, nil
+}
+
+// knownLeader is the leader this node's Raft follows (its voters are the
+// only nodes it takes Raft traffic from), else the one members confirm.
+func (n *Node) knownLeader(ctx context.Context, members []Member) (crypto.NodeID, string, error) {
+	if addr, id := n.leader(); addr != "" && !id.IsZero() {
+		return id, addr, nil
+	}
+	return n.confirmedLeader(ctx, members)
+}
+
+// toLeader sends a request to the leader lid, checking that lid answers
+// at laddr; failing that, through the members, which pass it on (a join
+// or leave then carries this node's signed claim). direct says whether
+// the answer is the leader's own.
+func (n *Node) toLeader(ctx context.Context, lid crypto.NodeID, laddr string, members []Member, req *request) (resp response, direct bool, err error) {
+	var last error = errNoLeader
+	if !lid.IsZero() && laddr != "" {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, err := n.callID(cctx, laddr, lid, req)
+		cancel()
+		if err == nil && resp.Err == "" {
+			return resp, true, nil
+		}
+		last = errors.Join(err, errString(resp.Err))
+	}
+	if req.Method == methodJoin || req.Method == methodLeave {
+		n.sign(req, clusterOf(members))
+	}
+	for _, m := range members {
+		if m.ID == lid || ctx.Err() != nil {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, err := n.callID(cctx, m.RaftAddr, m.ID, req)
+		cancel()
+		if err == nil && resp.Err == "" {
+			return resp, false, nil
+		}
+		last = errors.Join(err, errString(resp.Err))
+		n.log.Debug("sending to the leader through a member", "method", req.Method, "via", m.Name, "err", last)
+	}
+	return response{}, false, last
+}
+
+// clusterOf is the cluster of members (clusterMembers lists one).
+func clusterOf(members []Member) string {
+	for _, m := range members {
+		if m.ClusterID != "" {
+			return m.ClusterID
+		}
+	}
+	return ""
 }
 
 // register registers this run with the leader (a node with Raft state).
@@ -315,27 +454,21 @@ func (n *Node) ensureAdmitted(ctx context.Context) {
 	n.askAdmission(ctx)
 }
 
-// askAdmission asks the leader, through any member, to add this node to
-// the Raft configuration, and learns who the leader is.
+// askAdmission asks the leader to add this node to the Raft
+// configuration: directly, else through members. Until this node has a
+// configuration of its own, it takes Raft traffic only from that leader.
 func (n *Node) askAdmission(ctx context.Context) {
-	for _, m := range n.clusterMembers() {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		st, _, err := n.call(cctx, m.RaftAddr, &request{Method: methodStatus})
-		if err == nil && st.Status != nil && !st.Status.LeaderID.IsZero() {
-			n.mu.Lock()
-			n.admittedBy = st.Status.LeaderID
-			n.mu.Unlock()
-			var resp response
-			resp, _, err = n.call(cctx, m.RaftAddr, &request{Method: methodJoin, RaftAddr: n.cfg.Advertise})
-			if err == nil && resp.Err != "" {
-				err = errors.New(resp.Err)
-			}
-		}
-		cancel()
-		if err == nil {
-			return
-		}
-		n.log.Debug("asking to be admitted", "via", m.Name, "err", err)
+	members := n.clusterMembers()
+	lid, laddr, err := n.knownLeader(ctx, members)
+	if err != nil {
+		n.log.Debug("asking to be admitted", "err", err)
+		return
+	}
+	n.mu.Lock()
+	n.admittedBy = lid
+	n.mu.Unlock()
+	if _, _, err := n.toLeader(ctx, lid, laddr, members, &request{Method: methodJoin, RaftAddr: n.cfg.Advertise}); err != nil {
+		n.log.Debug("asking to be admitted", "leader_id", lid.Short(), "err", err)
 	}
 }
 
@@ -390,7 +523,7 @@ func (n *Node) send(ctx context.Context, entry []byte) (catalog.Result, uint64, 
 	}
 	var last error = errNoLeader
 	if addr, _ := n.leader(); addr != "" {
-		resp, _, err := n.call(ctx, addr, &request{Method: methodApply, Entry: entry})
+		resp, err := n.callLeader(ctx, &request{Method: methodApply, Entry: entry})
 		if err == nil && resp.Err == "" {
 			return resp.Result, resp.Index, nil
 		}
@@ -493,22 +626,33 @@ func (n *Node) Leave(ctx context.Context) error {
 			return fmt.Errorf("handing over leadership: %w", err)
 		}
 	}
-	for _, m := range n.clusterMembers() {
-		resp, _, err := n.call(ctx, m.RaftAddr, &request{Method: methodLeave})
-		if err == nil && resp.Err == "" {
-			return nil
-		}
+	members := n.clusterMembers()
+	lid, laddr, err := n.knownLeader(ctx, members)
+	if err != nil {
+		n.log.Debug("leaving: no leader confirmed; asking members to pass it on", "err", err)
 	}
-	return errors.New("no member could take this node out of the configuration")
+	if _, _, err := n.toLeader(ctx, lid, laddr, members, &request{Method: methodLeave}); err != nil {
+		return fmt.Errorf("no member could take this node out of the configuration: %w", err)
+	}
+	return nil
 }
 
-// admit adds a registered node to the configuration as a non-voter.
-func (n *Node) admit(who crypto.NodeID, addr string) error {
+// admit adds a registered node to the configuration as a non-voter, for
+// a join that who asked for itself: over TLS (direct), or by a claim it
+// signed that a member passed on. It never gives one server's address to
+// another, and never moves a voter for a member that passed a join on: a
+// node answering at a voter's address could vote in its place. A voter
+// that asks itself to move (a new address after a restart) is moved as a
+// non-voter; the autopilot promotes it again once it answers there.
+func (n *Node) admit(who crypto.NodeID, addr string, direct bool) error {
 	if _, ok := n.registeredID(who); !ok {
 		return fmt.Errorf("node %s is not registered", who.Short())
 	}
 	if addr == "" {
 		return errors.New("no consensus address")
+	}
+	if who == n.id {
+		return errors.New("the leader does not admit itself")
 	}
 	r := n.raftServer()
 	if r == nil {
@@ -518,12 +662,33 @@ func (n *Node) admit(who crypto.NodeID, addr string) error {
 	if err := f.Error(); err != nil {
 		return err
 	}
+	id := raft.ServerID(who.String())
+	moveVoter := false
 	for _, s := range f.Configuration().Servers {
-		if s.ID == raft.ServerID(who.String()) && s.Address == raft.ServerAddress(addr) {
+		switch {
+		case s.ID == id && s.Address == raft.ServerAddress(addr):
 			return nil
+		case s.Address == raft.ServerAddress(addr):
+			n.metrics.refused("join-address-taken")
+			return fmt.Errorf("address %s is server %s's", addr, shortID(string(s.ID)))
+		case s.ID == id && s.Suffrage != raft.Nonvoter:
+			moveVoter = true
 		}
 	}
-	if err := r.AddNonvoter(raft.ServerID(who.String()), raft.ServerAddress(addr), 0, applyTimeout).Error(); err != nil {
+	if moveVoter {
+		if !direct {
+			n.metrics.refused("join-moves-voter")
+			return fmt.Errorf("node %s is a voter at another address; only its own request over TLS moves it", who.Short())
+		}
+		n.log.Warn("a voter asks to move: making it a non-voter at its new address", "node_id", who.Short(), "addr", addr)
+		if err := r.RemoveServer(id, 0, applyTimeout).Error(); err != nil {
+			if errors.Is(err, raft.ErrNotLeader) {
+				return errNotLeader
+			}
+			return fmt.Errorf("removing voter %s to move it: %w", who.Short(), err)
+		}
+	}
+	if err := r.AddNonvoter(id, raft.ServerAddress(addr), 0, applyTimeout).Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) {
 			return errNotLeader
 		}

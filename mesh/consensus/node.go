@@ -276,6 +276,7 @@ func New(cfg Config) (*Node, error) {
 	n.mux.rpc = n.serveRPC
 	n.mux.refused = n.metrics.refused
 	n.mux.lookup = n.lookupAddr
+	n.mux.raftPeer = n.configServerAt
 	return n, nil
 }
 

@@ -35,6 +35,83 @@ type request struct {
 	Forwarded bool `json:"forwarded,omitempty"`
 	// For is the identity a forwarded join or leave speaks for.
 	For crypto.NodeID `json:"for,omitzero"`
+	// Claim and Sig are For's own signed statement of a forwarded join
+	// or leave (forwardClaim), which the leader checks: the member that
+	// passes the request on is not trusted to say whom it is for.
+	// Compatibility: nodes of before these fields drop them (encoding/json
+	// ignores unknown fields), and a leader of before ignores them.
+	Claim []byte `json:"claim,omitempty"`
+	Sig   []byte `json:"sig,omitempty"`
+}
+
+// forwardClaim is what a node signs when a member may pass its join or
+// leave on to the leader. It is bound to the request, the cluster and
+// this run of the node (a restarted node has a new boot ID, so a claim
+// of an earlier run is worthless), and it expires.
+type forwardClaim struct {
+	Method   string        `json:"method"`
+	For      crypto.NodeID `json:"for"`
+	RaftAddr string        `json:"raft_addr,omitempty"`
+	Cluster  string        `json:"cluster"`
+	BootID   string        `json:"boot"`
+	// Time is when it was signed (Unix seconds).
+	Time int64 `json:"time"`
+}
+
+const (
+	claimPurpose = "consensus forwarded request v1"
+	// claimMaxAge is how far a claim's time may be from the leader's
+	// clock. It is generous for clocks that drift: the boot ID already
+	// makes a claim useless once its node restarts.
+	claimMaxAge = 10 * time.Minute
+)
+
+// sign attaches this node's claim to a join or leave that a member may
+// pass on to the leader of cluster.
+func (n *Node) sign(req *request, cluster string) {
+	req.Claim = mustJSON(forwardClaim{Method: req.Method, For: n.id, RaftAddr: req.RaftAddr, Cluster: cluster, BootID: n.bootID, Time: time.Now().Unix()})
+	req.Sig = n.cfg.Identity.Sign(claimPurpose, req.Claim)
+}
+
+// speaksFor returns the identity a join or leave acts for: the peer's
+// own, proven by the TLS handshake, or, for a request a member passed
+// on, the identity whose signed claim it carries.
+func (n *Node) speaksFor(peer crypto.NodeID, req *request) (crypto.NodeID, error) {
+	if !req.Forwarded {
+		return peer, nil
+	}
+	if len(req.Claim) == 0 || !req.For.Verify(claimPurpose, req.Claim, req.Sig) {
+		n.metrics.refused("forward-unproven")
+		return crypto.NodeID{}, fmt.Errorf("a %s passed on for node %s does not carry its signed claim (is the forwarding member older than this leader? the node asks the leader directly too)", req.Method, req.For.Short())
+	}
+	var c forwardClaim
+	if err := json.Unmarshal(req.Claim, &c); err != nil {
+		n.metrics.refused("forward-unproven")
+		return crypto.NodeID{}, fmt.Errorf("reading the claim of node %s: %w", req.For.Short(), err)
+	}
+	var boot string
+	n.fsm.Read(func(s *catalog.State) {
+		if node, ok := s.NodeByID(req.For); ok {
+			boot = node.BootID
+		}
+	})
+	age := time.Since(time.Unix(c.Time, 0))
+	var err error
+	switch {
+	case c.Method != req.Method || c.For != req.For || c.RaftAddr != req.RaftAddr:
+		err = fmt.Errorf("the claim of node %s is for another request", req.For.Short())
+	case c.Cluster != n.ClusterID():
+		err = fmt.Errorf("the claim of node %s is for cluster %q", req.For.Short(), c.Cluster)
+	case boot == "" || c.BootID != boot:
+		err = fmt.Errorf("the claim of node %s is not of its registered run", req.For.Short())
+	case age > claimMaxAge || age < -claimMaxAge:
+		err = fmt.Errorf("the claim of node %s was signed %s ago (clocks apart?)", req.For.Short(), age.Round(time.Second))
+	}
+	if err != nil {
+		n.metrics.refused("forward-unproven")
+		return crypto.NodeID{}, err
+	}
+	return req.For, nil
 }
 
 type response struct {
@@ -128,20 +205,21 @@ func (n *Node) handleRPC(ctx context.Context, peer crypto.NodeID, req *request) 
 		st.YourGeneration = n.generationOf(peer)
 		return response{Status: &st}
 	}
-	who := peer
 	if req.Forwarded {
 		// Only a member of the cluster passes requests on, and only
-		// once: the identity a join or leave is for came from it.
+		// once. What it passes on acts only for whoever signed it: an
+		// entry is signed, a join or leave carries a signed claim.
 		if _, ok := n.registeredID(peer); !ok {
 			n.metrics.refused("forward-not-member")
 			return response{Err: "only registered members forward requests"}
 		}
-		who = req.For
 	}
 	if !n.isLeader() {
 		if req.Forwarded {
 			return response{NotLeader: true, Err: "not the leader"}
 		}
+		// The claim, if any, goes along: a node of before claims does
+		// not sign, and a leader of before does not need it.
 		fwd := *req
 		fwd.Forwarded, fwd.For = true, peer
 		resp, err := n.callLeader(ctx, &fwd)
@@ -158,12 +236,20 @@ func (n *Node) handleRPC(ctx context.Context, peer crypto.NodeID, req *request) 
 		}
 		return response{Result: r, Index: index}
 	case methodJoin:
-		if err := n.admit(who, req.RaftAddr); err != nil {
+		who, err := n.speaksFor(peer, req)
+		if err == nil {
+			err = n.admit(who, req.RaftAddr, !req.Forwarded)
+		}
+		if err != nil {
 			return response{Err: err.Error(), NotLeader: errors.Is(err, errNotLeader)}
 		}
 		return response{}
 	case methodLeave:
-		if err := n.removeServer(who); err != nil {
+		who, err := n.speaksFor(peer, req)
+		if err == nil {
+			err = n.removeServer(who)
+		}
+		if err != nil {
 			return response{Err: err.Error(), NotLeader: errors.Is(err, errNotLeader)}
 		}
 		return response{}
@@ -196,14 +282,25 @@ func (n *Node) call(ctx context.Context, addr string, req *request) (response, c
 	return resp, peer, nil
 }
 
-// callLeader sends a request to the leader this node knows of.
+// callID sends one request to the node want at addr, and refuses the
+// answer of any other node there.
+func (n *Node) callID(ctx context.Context, addr string, want crypto.NodeID, req *request) (response, error) {
+	resp, peer, err := n.call(ctx, addr, req)
+	if err == nil && peer != want {
+		n.metrics.refused("wrong-peer")
+		return response{}, fmt.Errorf("node %s answered at %s in the place of node %s", peer.Short(), addr, want.Short())
+	}
+	return resp, err
+}
+
+// callLeader sends a request to the leader this node's Raft knows of,
+// checking that the leader is who answers at its address.
 func (n *Node) callLeader(ctx context.Context, req *request) (response, error) {
-	addr, _ := n.leader()
-	if addr == "" {
+	addr, id := n.leader()
+	if addr == "" || id.IsZero() {
 		return response{}, errNoLeader
 	}
-	resp, _, err := n.call(ctx, addr, req)
-	return resp, err
+	return n.callID(ctx, addr, id, req)
 }
 
 var (

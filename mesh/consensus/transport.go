@@ -48,6 +48,9 @@ type mux struct {
 	// parked here.
 	lookup func(addr string) (id crypto.NodeID, behindNAT, ok bool)
 	park   *parkLot
+	// raftPeer finds the server the Raft configuration has at an
+	// address: Raft dials addresses, and only that server may answer.
+	raftPeer func(addr string) (crypto.NodeID, bool)
 
 	raftConns chan net.Conn
 	closed    chan struct{}
@@ -205,11 +208,59 @@ func (s *streamLayer) Close() error { return nil }
 
 func (s *streamLayer) Addr() net.Addr { return s.addr }
 
+// Dial opens a Raft stream to the server the latest configuration has at
+// address, and refuses any other node that answers there: a member with
+// the cluster key could otherwise take a voter's place (vote, acknowledge
+// entries it never stored).
 func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	if s.m.raftPeer == nil {
+		return nil, errors.New("no Raft configuration to check peers against")
+	}
+	want, ok := s.m.raftPeer(string(address))
+	if !ok {
+		s.m.refuse("raft-dial-unknown")
+		return nil, fmt.Errorf("no single server at %s in the Raft configuration", address)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	c, _, err := s.m.dialStream(ctx, string(address), streamRaft)
-	return c, err
+	c, peer, err := s.m.dialStream(ctx, string(address), streamRaft)
+	if err != nil {
+		return nil, err
+	}
+	if peer != want {
+		c.Close()
+		s.m.refuse("raft-dial-identity")
+		s.m.log.Warn("refusing a Raft connection: another node answers at a server's address", "addr", string(address), "want_id", want.Short(), "peer_id", peer.Short())
+		return nil, fmt.Errorf("node %s answered at %s in the place of server %s", peer.Short(), address, want.Short())
+	}
+	return c, nil
+}
+
+// configServerAt finds the one server that the latest Raft configuration
+// has at addr.
+func (n *Node) configServerAt(addr string) (crypto.NodeID, bool) {
+	r := n.raftServer()
+	if r == nil {
+		return crypto.NodeID{}, false
+	}
+	f := r.GetConfiguration()
+	if f.Error() != nil {
+		return crypto.NodeID{}, false
+	}
+	var found crypto.NodeID
+	count := 0
+	for _, s := range f.Configuration().Servers {
+		if string(s.Address) != addr {
+			continue
+		}
+		id, err := crypto.ParseNodeID(string(s.ID))
+		if err != nil {
+			return crypto.NodeID{}, false
+		}
+		found = id
+		count++
+	}
+	return found, count == 1
 }
 
 // tcpAddr is a net.Addr for the advertised address, which Raft puts into
