@@ -7,11 +7,18 @@ import (
 	"time"
 )
 
-// Apply applies a log entry at index, appended by the leader at time at.
+// Apply applies a log entry without endorsement (protocol 1), as
+// ApplyLog does.
+func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
+	return s.ApplyLog(index, at, entry, nil)
+}
+
+// ApplyLog applies a log entry at index, appended by the leader at time
+// at with the Raft log Extensions ext (the leader's endorsement, if any).
 // It is deterministic: every node applying the same entries in the same
 // order reaches the same state and the same results. A refused command
 // changes nothing but Index.
-func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
+func (s *State) ApplyLog(index uint64, at time.Time, entry, ext []byte) Result {
 	s.Index = index
 	sig, c, err := DecodeSigned(entry)
 	if err != nil {

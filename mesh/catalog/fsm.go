@@ -60,7 +60,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 		f.mu.Unlock()
 		return nil
 	}
-	r := f.state.Apply(l.Index, l.AppendedAt, l.Data)
+	r := f.state.ApplyLog(l.Index, l.AppendedAt, l.Data, l.Extensions)
 	f.notifyLocked()
 	f.mu.Unlock()
 	if f.onApply != nil {
