@@ -1,5 +1,15 @@
 package catalog
 
+import (
+	"cmp"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/wgmesh/wgmesh/crypto"
+)
+
 // Bounds on what members can make the catalog hold. Every replica keeps
 // the whole catalog in memory, writes it to disk, and sends it to every
 // joining host as a snapshot (at most maxSnapshotBytes): a table any
@@ -32,3 +42,65 @@ const (
 	// with its old state directory.
 	MaxForgotten = 1024
 )
+
+func (n *Network) countBlocksOf(node string) int {
+	count := 0
+	for _, owner := range n.Blocks {
+		if owner == node {
+			count++
+		}
+	}
+	return count
+}
+
+func blocksLimit(node string, subnet netip.Prefix) Result {
+	return refuse(CodeLimit, "node %s holds %d blocks of network %s, the most one node can: give back blocks it does not use",
+		node, MaxBlocksPerNode, subnet)
+}
+
+// makeRoomForNetwork checks that node may create a network of subnet,
+// dropping the oldest deleted network's record if the table is full.
+func (s *State) makeRoomForNetwork(node string, subnet netip.Prefix) (Result, bool) {
+	own := 0
+	for _, n := range s.Networks {
+		if !n.Deleted && n.CreatedBy == node {
+			own++
+		}
+	}
+	if own >= MaxNetworksPerNode {
+		return refuse(CodeLimit, "node %s created %d networks of the cluster, the most one node can: remove networks it does not use",
+			node, MaxNetworksPerNode), false
+	}
+	if _, replaces := s.Networks[subnet]; replaces || len(s.Networks) < MaxNetworks {
+		return Result{}, true
+	}
+	var oldest *Network
+	for _, n := range s.Networks {
+		if n.Deleted && (oldest == nil || n.DeletedIndex < oldest.DeletedIndex ||
+			n.DeletedIndex == oldest.DeletedIndex && ComparePrefix(n.Subnet, oldest.Subnet) < 0) {
+			oldest = n
+		}
+	}
+	if oldest == nil {
+		return refuse(CodeLimit, "the cluster holds %d networks, the most it can: remove networks that are not used", MaxNetworks), false
+	}
+	delete(s.Networks, oldest.Subnet)
+	return Result{}, true
+}
+
+// pruneForgotten drops the oldest tombstones of forgotten identities
+// (by the log index of the forget, then identity) until at most keep
+// remain. The order depends on the state alone, so every replica drops
+// the same ones.
+func (s *State) pruneForgotten(keep int) {
+	if len(s.Forgotten) <= keep {
+		return
+	}
+	ids := slices.Collect(maps.Keys(s.Forgotten))
+	slices.SortFunc(ids, func(a, b crypto.NodeID) int {
+		return cmp.Or(cmp.Compare(s.Forgotten[a].Index, s.Forgotten[b].Index), strings.Compare(a.String(), b.String()))
+	})
+	for _, id := range ids[:len(ids)-keep] {
+		delete(s.Forgotten, id)
+	}
+}

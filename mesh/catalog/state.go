@@ -193,7 +193,7 @@ func NewState() *State {
 
 // Clone returns a deep copy: readers get one and may keep it.
 func (s *State) Clone() *State {
-	c := &State{ClusterID: s.ClusterID, Index: s.Index,
+	c := &State{ClusterID: s.ClusterID, Index: s.Index, Protocol: s.Protocol,
 		Nodes:     make(map[string]*Node, len(s.Nodes)),
 		Forgotten: maps.Clone(s.Forgotten),
 		Networks:  make(map[netip.Prefix]*Network, len(s.Networks)),
