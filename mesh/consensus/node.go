@@ -702,14 +702,18 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 	if r == nil || r.State() != raft.Leader {
 		return catalog.Result{}, 0, errNotLeader
 	}
-	if refusal, ok := n.precheck(entry); !ok {
+	refusal, ext, ok := n.precheck(entry)
+	if !ok {
 		return refusal, 0, nil
 	}
 	timeout := applyTimeout
 	if d, ok := ctx.Deadline(); ok {
 		timeout = min(timeout, time.Until(d))
 	}
-	f := r.Apply(entry, timeout)
+	// The member's signed command goes into the log as it came; the
+	// leader's endorsement, if any, goes into the entry's Extensions
+	// (endorse.go), which no member can set.
+	f := r.ApplyLog(raft.Log{Data: entry, Extensions: ext}, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			return catalog.Result{}, 0, errNotLeader
@@ -727,14 +731,15 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 }
 
 // precheck refuses, before it reaches the log, a command that the state
-// machine would refuse for its signature, and a registration of a name
+// machine would refuse for its signature, a registration of a name
 // that gossip shows running at another address (a cloned host with a copy
-// of the node's identity).
-func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
+// of the node's identity), and what the leader's own checks refuse
+// (endorse.go); it returns the Extensions of the command's log entry.
+func (n *Node) precheck(entry []byte) (catalog.Result, []byte, bool) {
 	sig, c, err := catalog.DecodeSigned(entry)
 	if err != nil {
 		n.metrics.refused("command-invalid")
-		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, false
+		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, nil, false
 	}
 	var members []Member
 	if c.Op == catalog.OpRegister {
@@ -769,9 +774,14 @@ func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 	})
 	if refusal != nil {
 		n.metrics.refused(string(refusal.Code))
-		return *refusal, false
+		return *refusal, nil, false
 	}
-	return catalog.Result{}, true
+	ext, refusal := n.endorse(c)
+	if refusal != nil {
+		n.metrics.refused(string(refusal.Code))
+		return *refusal, nil, false
+	}
+	return catalog.Result{}, ext, true
 }
 
 // Refusal is the cluster's refusal of this node, if any: a taken name,
