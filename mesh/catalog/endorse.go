@@ -1,9 +1,6 @@
 package catalog
 
-import (
-	"encoding/json"
-	"fmt"
-)
+import "encoding/json"
 
 // Protocol versions of the catalog's log entries.
 //
@@ -72,11 +69,4 @@ func DecodeEndorsement(b []byte) (*Endorsement, error) {
 		return nil, invalid("leader endorsement of protocol %d", e.Protocol)
 	}
 	return &e, nil
-}
-
-func (e *Endorsement) String() string {
-	if e == nil {
-		return "legacy"
-	}
-	return fmt.Sprintf("protocol %d, checked %v", e.Protocol, e.Checked)
 }
