@@ -224,9 +224,35 @@ func (m *Mesh) DeleteNetwork(ctx context.Context, subnet netip.Prefix) error {
 		}
 		return fmt.Errorf("containers still use network %s on %s: %w", subnet, strings.Join(where, ", "), ErrInUse)
 	}
-	_, err := m.propose(ctx, &catalog.Command{Op: catalog.OpDeleteNetwork, Delete: &catalog.DeleteNetwork{Subnet: subnet}})
-	return err
+	r, err := m.propose(ctx, &catalog.Command{Op: catalog.OpDeleteNetwork, Delete: &catalog.DeleteNetwork{Subnet: subnet}})
+	switch {
+	case errors.Is(err, catalog.ErrInUse):
+		// The leader's gossip view saw containers that this node's did not.
+		return fmt.Errorf("%w (%w)", err, ErrInUse)
+	case err != nil:
+		return err
+	case r.Network != nil && !r.Network.Deleted:
+		// A leader that could not check the network unused removes only
+		// this node's blocks (catalog protocol 2).
+		holders := map[string]bool{}
+		for _, owner := range r.Network.Blocks {
+			holders[owner] = true
+		}
+		return fmt.Errorf("this host's blocks of network %s are given back, but %s still hold blocks of it and the cluster's leader "+
+			"could not check that they are unused; the network goes once they give them back: %w",
+			subnet, strings.Join(slices.Sorted(maps.Keys(holders)), ", "), ErrInUse)
+	}
+	return nil
 }
+
+// NetworkUsers lets the cluster's leader check, from its own gossip view,
+// that no host has containers on a network before it removes it for every
+// host (consensus.NetworkUsers).
+func (ms membership) NetworkUsers(subnet netip.Prefix) map[string]int {
+	return ms.m.View().Users(subnet)
+}
+
+var _ consensus.NetworkUsers = membership{}
 
 // BlockRequest says which block a node wants.
 type BlockRequest struct {
@@ -285,6 +311,10 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 		return fmt.Errorf("forgetting %s: %w (gossip says %s); stop its agent first, or wait until gossip reports it failed", node, ErrAlive, mem.State)
 	}
 	if _, err := m.propose(ctx, &catalog.Command{Op: catalog.OpForget, Forget: &catalog.Forget{Name: node}}); err != nil {
+		if errors.Is(err, catalog.ErrAlive) {
+			// The leader's gossip view sees the node, this one's not.
+			return fmt.Errorf("forgetting %s: %w (%w)", node, err, ErrAlive)
+		}
 		return fmt.Errorf("forgetting %s: %w", node, err)
 	}
 	m.mu.Lock()

@@ -7,12 +7,33 @@ import (
 	"time"
 )
 
-// Apply applies a log entry at index, appended by the leader at time at.
+// Apply applies a log entry without endorsement (protocol 1), as
+// ApplyLog does.
+func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
+	return s.ApplyLog(index, at, entry, nil)
+}
+
+// ApplyLog applies a log entry at index, appended by the leader at time
+// at with the Raft log Extensions ext (the leader's endorsement, if any).
 // It is deterministic: every node applying the same entries in the same
 // order reaches the same state and the same results. A refused command
-// changes nothing but Index.
-func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
+// changes nothing but Index (and Protocol: the leader chose the entry's
+// format, whatever becomes of the command).
+//
+// An entry without endorsement applies with the rules of protocol 1, as
+// wgmesh before protocol 2 applies it, so that replicas of both agree
+// while a cluster is upgraded host by host; an endorsed entry applies
+// with the rules of protocol 2 (see Protocol).
+func (s *State) ApplyLog(index uint64, at time.Time, entry, ext []byte) Result {
 	s.Index = index
+	end, err := DecodeEndorsement(ext)
+	if err != nil {
+		return refuse(CodeInvalid, "%v", err)
+	}
+	if end != nil {
+		s.Protocol = max(s.Protocol, end.Protocol)
+	}
+	e := applying{index: index, at: at, end: end}
 	sig, c, err := DecodeSigned(entry)
 	if err != nil {
 		return refuse(CodeInvalid, "%v", err)
@@ -25,13 +46,19 @@ func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
 		if s.ClusterID != "" {
 			return refuse(CodeInvalid, "cluster %s is already initialised", s.ClusterID)
 		}
+		if r, ok := e.registrable(&c.Init.Register); !ok {
+			return r
+		}
 		s.ClusterID = c.Init.ClusterID
-		return s.register(c.Node, c.BootID, &c.Init.Register, at)
+		return s.register(e, c.Node, c.BootID, &c.Init.Register)
 	case OpRegister:
 		if s.ClusterID == "" {
 			return refuse(CodeNotInitialised, "the cluster is not initialised")
 		}
-		return s.register(c.Node, c.BootID, c.Register, at)
+		if r, ok := e.registrable(c.Register); !ok {
+			return r
+		}
+		return s.register(e, c.Node, c.BootID, c.Register)
 	}
 	if s.ClusterID == "" {
 		return refuse(CodeNotInitialised, "the cluster is not initialised")
@@ -52,18 +79,15 @@ func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
 	var r Result
 	switch c.Op {
 	case OpEnsureNetwork:
-		r = s.ensureNetwork(c.Node, c.Network, at)
+		r = s.ensureNetwork(e, c.Node, c.Network)
 	case OpSetSpec:
 		r = s.setSpec(c.Spec)
 	case OpDeleteNetwork:
-		if n, ok := s.Live(c.Delete.Subnet); ok {
-			n.Deleted, n.DeletedBy, n.DeletedAt = true, c.Node, at
-			clear(n.Blocks)
-		}
+		r = s.deleteNetwork(e, c.Node, c.Delete.Subnet)
 	case OpReserve:
-		r = s.reserve(c.Node, c.Reserve)
+		r = s.reserve(e, c.Node, c.Reserve)
 	case OpClaim:
-		r = s.claim(c.Node, c.Claim)
+		r = s.claim(e, c.Node, c.Claim)
 	case OpRelease:
 		if nw, ok := s.Live(c.Release.Subnet); ok {
 			for _, b := range c.Release.Blocks {
@@ -73,13 +97,39 @@ func (s *State) Apply(index uint64, at time.Time, entry []byte) Result {
 			}
 		}
 	case OpAdopt:
-		r = s.adopt(c.Node, c.Adopt)
+		r = s.adopt(e, c.Node, c.Adopt)
 	case OpForget:
-		r = s.forget(c.Node, c.Forget.Name, at)
+		r = s.forget(e, c.Node, c.Forget.Name)
 	}
 	// The result's network is for the caller, not worth keeping.
 	n.LastSeq, n.LastResult = c.Seq, Result{Code: r.Code, Message: r.Message, Block: r.Block}
 	return r
+}
+
+// applying is the entry being applied: where it is in the log, when the
+// leader appended it, and the leader's endorsement (nil: protocol 1).
+type applying struct {
+	index uint64
+	at    time.Time
+	end   *Endorsement
+}
+
+// rules2 reports whether the entry applies with the rules of protocol 2.
+func (e applying) rules2() bool { return e.end != nil }
+
+// checked reports whether the leader checked the command (see
+// Endorsement.Checked).
+func (e applying) checked() bool { return e.end != nil && e.end.Checked }
+
+// registrable refuses, under protocol 2, a node that speaks an older
+// one: it would apply the cluster's entries with older rules than every
+// other replica, and hold a state of its own.
+func (e applying) registrable(r *Register) (Result, bool) {
+	if e.rules2() && r.Protocol < e.end.Protocol {
+		return refuse(CodeOutdated, "this cluster runs catalog protocol %d, and this node's wgmesh speaks %d: upgrade wgmesh on this host",
+			e.end.Protocol, max(r.Protocol, ProtocolLegacy)), false
+	}
+	return Result{}, true
 }
 
 // authenticate checks that a command is signed by the identity it speaks
@@ -99,7 +149,8 @@ func (s *State) authenticate(sig Signed, c *Command) (Result, bool) {
 	return Result{}, true
 }
 
-func (s *State) register(name, boot string, r *Register, at time.Time) Result {
+func (s *State) register(e applying, name, boot string, r *Register) Result {
+	at := e.at
 	if f, ok := s.Forgotten[r.ID]; ok {
 		return refuse(CodeForgotten, "this node's identity was forgotten by the cluster (it was node %s, forgotten by %s at %s); "+
 			"a forgotten node cannot come back: remove its state directory to join as a new node", f.Name, f.By, f.At.UTC().Format(time.RFC3339))
@@ -110,7 +161,12 @@ func (s *State) register(name, boot string, r *Register, at time.Time) Result {
 	}
 	n, ok := s.Nodes[name]
 	if !ok {
-		s.Nodes[name] = &Node{Name: name, ID: r.ID, Addr: r.Addr, BootID: boot, Generation: r.Generation, Registered: at, Seen: at}
+		if e.rules2() && len(s.Nodes) >= MaxNodes {
+			return refuse(CodeLimit, "the cluster holds %d nodes, the most it can: remove nodes that are gone for good "+
+				"(`wgmesh forget NODE` on a healthy host) before another can join", MaxNodes)
+		}
+		s.Nodes[name] = &Node{Name: name, ID: r.ID, Addr: r.Addr, BootID: boot, Generation: r.Generation, Registered: at, Seen: at,
+			Protocol: r.Protocol}
 		return Result{}
 	}
 	if n.ID != r.ID {
@@ -128,10 +184,12 @@ func (s *State) register(name, boot string, r *Register, at time.Time) Result {
 	}
 	n.Addr, n.BootID, n.Generation, n.Seen = r.Addr, boot, r.Generation, at
 	n.LastSeq, n.LastResult = 0, Result{}
+	n.Protocol = r.Protocol
 	return Result{}
 }
 
-func (s *State) ensureNetwork(node string, e *EnsureNetwork, at time.Time) Result {
+func (s *State) ensureNetwork(ap applying, node string, e *EnsureNetwork) Result {
+	at := ap.at
 	bits := e.BlockBits
 	if bits == 0 {
 		bits = DefaultBlockBits(e.Subnet)
@@ -152,6 +210,11 @@ func (s *State) ensureNetwork(node string, e *EnsureNetwork, at time.Time) Resul
 				e.Subnet, other.Subnet, other.name())
 		}
 	}
+	if ap.rules2() {
+		if r, ok := s.makeRoomForNetwork(node, e.Subnet); !ok {
+			return r
+		}
+	}
 	n := &Network{Subnet: e.Subnet, BlockBits: bits, Gateway: e.Gateway,
 		Blocks: map[netip.Prefix]string{}, CreatedBy: node, Created: at}
 	if !n.Gateway.IsValid() && !e.HostGateways {
@@ -168,7 +231,7 @@ func (n *Network) name() string {
 	return "unnamed"
 }
 
-func (s *State) reserve(node string, r *Reserve) Result {
+func (s *State) reserve(e applying, node string, r *Reserve) Result {
 	n, ok := s.Live(r.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", r.Subnet)
@@ -178,6 +241,9 @@ func (s *State) reserve(node string, r *Reserve) Result {
 	}
 	if owner, b, ok := n.Owner(r.Addr); ok && owner != node {
 		return refuse(CodeBlockTaken, "address %s is in block %s of node %s, which may have given it to a container", r.Addr, b, owner)
+	}
+	if e.rules2() && len(n.Aux) >= MaxAux {
+		return refuse(CodeLimit, "network %s has %d reserved addresses, the most it can", r.Subnet, MaxAux)
 	}
 	n.Aux = append(n.Aux, r.Addr)
 	slices.SortFunc(n.Aux, netip.Addr.Compare)
@@ -213,17 +279,21 @@ func (n *Network) overlapping(p netip.Prefix) (netip.Prefix, string, bool) {
 	return found, n.Blocks[found], found.IsValid()
 }
 
-func (s *State) claim(node string, c *Claim) Result {
+func (s *State) claim(e applying, node string, c *Claim) Result {
 	n, ok := s.Live(c.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
 	}
+	full := e.rules2() && n.countBlocksOf(node) >= MaxBlocksPerNode
 	if c.Containing.IsValid() {
 		if owner, b, ok := n.Owner(c.Containing); ok {
 			if owner == node {
 				return Result{Block: b}
 			}
 			return refuse(CodeBlockTaken, "address %s is in block %s of node %s", c.Containing, b, owner)
+		}
+		if full {
+			return blocksLimit(node, c.Subnet)
 		}
 		// The biggest free block up to the network's size: a smaller one
 		// fits between blocks already taken.
@@ -235,6 +305,9 @@ func (s *State) claim(node string, c *Claim) Result {
 			}
 		}
 		return refuse(CodeBlockTaken, "address %s is taken", c.Containing)
+	}
+	if full {
+		return blocksLimit(node, c.Subnet)
 	}
 	b, ok := pickBlock(n, node, c.Within)
 	if !ok {
@@ -248,7 +321,7 @@ func (s *State) claim(node string, c *Claim) Result {
 	return Result{Block: b}
 }
 
-func (s *State) adopt(node string, a *Adopt) Result {
+func (s *State) adopt(e applying, node string, a *Adopt) Result {
 	n, ok := s.Live(a.Subnet)
 	if !ok {
 		return refuse(CodeNoNetwork, "no network %s in the cluster", a.Subnet)
@@ -263,13 +336,24 @@ func (s *State) adopt(node string, a *Adopt) Result {
 		slices.Sort(taken)
 		return refuse(CodeBlockTaken, "blocks held by %s before the upgrade are taken: %v", node, taken)
 	}
+	if e.rules2() {
+		have := n.countBlocksOf(node)
+		for _, b := range a.Blocks {
+			if n.Blocks[b] != node {
+				have++
+			}
+		}
+		if have > MaxBlocksPerNode {
+			return blocksLimit(node, a.Subnet)
+		}
+	}
 	for _, b := range a.Blocks {
 		n.Blocks[b] = node
 	}
 	return Result{}
 }
 
-func (s *State) forget(by, name string, at time.Time) Result {
+func (s *State) forget(e applying, by, name string) Result {
 	if by == name {
 		return refuse(CodeInvalid, "a node cannot forget itself")
 	}
@@ -277,8 +361,19 @@ func (s *State) forget(by, name string, at time.Time) Result {
 	if !ok {
 		return refuse(CodeNotRegistered, "no node %s in the cluster", name)
 	}
+	if e.rules2() && !e.checked() {
+		// Whether the node is down is known to gossip, not to the log:
+		// only the leader's check that it is lets a member forget it.
+		return refuse(CodeNotEndorsed, "forgetting node %s needs the leader's check that gossip does not see it; "+
+			"this entry has none", name)
+	}
 	delete(s.Nodes, name)
-	s.Forgotten[n.ID] = Forgotten{Name: name, By: by, At: at}
+	f := Forgotten{Name: name, By: by, At: e.at}
+	if e.rules2() {
+		f.Index = e.index
+		s.pruneForgotten(MaxForgotten - 1)
+	}
+	s.Forgotten[n.ID] = f
 	for _, nw := range s.Networks {
 		for b, owner := range nw.Blocks {
 			if owner == name {
@@ -287,4 +382,31 @@ func (s *State) forget(by, name string, at time.Time) Result {
 		}
 	}
 	return Result{}
+}
+
+// deleteNetwork removes a network. Under protocol 2, a member's command
+// gives back the member's own blocks only, unless the leader checked that
+// no host uses the network; the network goes once no host holds a block
+// of it. (Under protocol 1 it goes at once, with every block.)
+func (s *State) deleteNetwork(e applying, node string, subnet netip.Prefix) Result {
+	n, ok := s.Live(subnet)
+	if !ok {
+		return Result{}
+	}
+	if e.rules2() && !e.checked() {
+		for b, owner := range n.Blocks {
+			if owner == node {
+				delete(n.Blocks, b)
+			}
+		}
+		if len(n.Blocks) > 0 {
+			return Result{Network: n.Clone()}
+		}
+	}
+	n.Deleted, n.DeletedBy, n.DeletedAt = true, node, e.at
+	if e.rules2() {
+		n.DeletedIndex = e.index
+	}
+	clear(n.Blocks)
+	return Result{Network: n.Clone()}
 }

@@ -21,6 +21,8 @@ type node struct {
 	boot string
 	gen  uint64
 	seq  uint64
+	// protocol is what it advertises when it registers.
+	protocol int
 }
 
 func newNode(t testing.TB, name string) *node {
@@ -31,7 +33,7 @@ func newNode(t testing.TB, name string) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &node{name: name, id: id, boot: name + "-boot1", gen: 1}
+	return &node{name: name, id: id, boot: name + "-boot1", gen: 1, protocol: Protocol}
 }
 
 func (n *node) sign(t testing.TB, c *Command) []byte {
@@ -49,7 +51,7 @@ func (n *node) sign(t testing.TB, c *Command) []byte {
 }
 
 func (n *node) reg() Register {
-	return Register{ID: n.id.ID(), Addr: netip.MustParseAddr("192.0.2.1"), Generation: n.gen}
+	return Register{ID: n.id.ID(), Addr: netip.MustParseAddr("192.0.2.1"), Generation: n.gen, Protocol: n.protocol}
 }
 
 func (n *node) init(t testing.TB, clusterID string) []byte {

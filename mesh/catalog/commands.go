@@ -76,6 +76,10 @@ type Register struct {
 	ID         crypto.NodeID `json:"id"`
 	Addr       netip.Addr    `json:"addr"`
 	Generation uint64        `json:"generation"`
+	// Protocol is the highest catalog protocol the registering node
+	// speaks (see Protocol). wgmesh before it sent none (0, read as
+	// ProtocolLegacy); older replicas ignore the field.
+	Protocol int `json:"protocol,omitempty"`
 }
 
 // EnsureNetwork creates a network. BlockBits 0 takes the default for the
@@ -307,6 +311,9 @@ func (r *Register) validate() error {
 	if r.Generation == 0 || r.Generation > 1<<62 {
 		return invalid("registration generation out of range")
 	}
+	if r.Protocol < 0 || r.Protocol > 1<<20 {
+		return invalid("registration protocol out of range")
+	}
 	return nil
 }
 
@@ -467,6 +474,13 @@ const (
 	CodeNoFreeBlock     Code = "no-free-block"
 	CodeBlockTaken      Code = "block-taken"
 	CodeNotInitialised  Code = "not-initialised"
+	// Codes of protocol 2 (see Protocol). wgmesh before it shows them
+	// as the message they come with.
+	CodeNotEndorsed Code = "not-endorsed"
+	CodeAlive       Code = "alive"
+	CodeInUse       Code = "in-use"
+	CodeLimit       Code = "limit"
+	CodeOutdated    Code = "outdated"
 )
 
 // Result is a command's outcome.
@@ -518,6 +532,11 @@ var (
 	ErrNoFreeBlock     = &Error{Code: CodeNoFreeBlock}
 	ErrBlockTaken      = &Error{Code: CodeBlockTaken}
 	ErrNotInitialised  = &Error{Code: CodeNotInitialised}
+	ErrNotEndorsed     = &Error{Code: CodeNotEndorsed}
+	ErrAlive           = &Error{Code: CodeAlive}
+	ErrInUse           = &Error{Code: CodeInUse}
+	ErrLimit           = &Error{Code: CodeLimit}
+	ErrOutdated        = &Error{Code: CodeOutdated}
 )
 
 func invalid(format string, args ...any) error {

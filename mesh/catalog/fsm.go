@@ -94,7 +94,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 		}
 	}
 	f.restored = false
-	r := f.state.Apply(l.Index, l.AppendedAt, l.Data)
+	r := f.state.ApplyLog(l.Index, l.AppendedAt, l.Data, l.Extensions)
 	f.notifyLocked()
 	f.mu.Unlock()
 	if f.onApply != nil {

@@ -28,6 +28,12 @@ type State struct {
 	// so that two clusters that meet by gossip can tell each other apart.
 	ClusterID string `json:"cluster_id"`
 	Index     uint64 `json:"index"`
+	// Protocol is the highest protocol of an entry applied so far (0
+	// until the first endorsed entry; see Protocol). Once the cluster
+	// switched, its leaders endorse every entry, whatever the nodes
+	// advertise: a member cannot switch the cluster back by
+	// registering as an old node.
+	Protocol int `json:"protocol,omitempty"`
 	// Nodes by name.
 	Nodes map[string]*Node `json:"nodes"`
 	// Forgotten identities may never register again.
@@ -58,6 +64,10 @@ type Node struct {
 	// was lost, and gets the answer of the first application.
 	LastSeq    uint64 `json:"last_seq,omitempty"`
 	LastResult Result `json:"last_result,omitzero"`
+	// Protocol is what the node advertised when it last registered, for
+	// the leader's choice of entry format only: Apply never reads it,
+	// since a replica of an older wgmesh did not record it.
+	Protocol int `json:"protocol,omitempty"`
 }
 
 // Forgotten records a node an operator declared gone for good.
@@ -65,6 +75,9 @@ type Forgotten struct {
 	Name string    `json:"name"`
 	By   string    `json:"by"`
 	At   time.Time `json:"at"`
+	// Index is the log index of the forget, for dropping the oldest
+	// tombstone first (0: forgotten by an entry of protocol 1).
+	Index uint64 `json:"index,omitempty"`
 }
 
 // Network is a wgmesh network as the whole cluster knows it.
@@ -90,6 +103,9 @@ type Network struct {
 	Deleted   bool      `json:"deleted,omitempty"`
 	DeletedBy string    `json:"deleted_by,omitempty"`
 	DeletedAt time.Time `json:"deleted_at,omitzero"`
+	// DeletedIndex is the log index of the deletion, for dropping the
+	// oldest tombstone first (0: deleted by an entry of protocol 1).
+	DeletedIndex uint64 `json:"deleted_index,omitempty"`
 }
 
 // Spec is what `docker network create` was given, so that every host can
@@ -177,7 +193,7 @@ func NewState() *State {
 
 // Clone returns a deep copy: readers get one and may keep it.
 func (s *State) Clone() *State {
-	c := &State{ClusterID: s.ClusterID, Index: s.Index,
+	c := &State{ClusterID: s.ClusterID, Index: s.Index, Protocol: s.Protocol,
 		Nodes:     make(map[string]*Node, len(s.Nodes)),
 		Forgotten: maps.Clone(s.Forgotten),
 		Networks:  make(map[netip.Prefix]*Network, len(s.Networks)),

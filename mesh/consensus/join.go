@@ -177,7 +177,7 @@ func newClusterID() string {
 // registration is this run's registration entry (or, for the node that
 // bootstrapped, the cluster's first entry).
 func (n *Node) registration(init bool) ([]byte, error) {
-	reg := catalog.Register{ID: n.id, Addr: n.cfg.Addr, Generation: n.gen}
+	reg := catalog.Register{ID: n.id, Addr: n.cfg.Addr, Generation: n.gen, Protocol: catalog.Protocol}
 	c := &catalog.Command{Op: catalog.OpRegister, Node: n.cfg.Name, BootID: n.bootID, Register: &reg}
 	if init {
 		c = &catalog.Command{Op: catalog.OpInit, Node: n.cfg.Name, BootID: n.bootID, Init: &catalog.Init{ClusterID: newClusterID(), Register: reg}}

@@ -701,14 +701,18 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 	if r == nil || r.State() != raft.Leader {
 		return catalog.Result{}, 0, errNotLeader
 	}
-	if refusal, ok := n.precheck(entry); !ok {
+	refusal, ext, ok := n.precheck(entry)
+	if !ok {
 		return refusal, 0, nil
 	}
 	timeout := applyTimeout
 	if d, ok := ctx.Deadline(); ok {
 		timeout = min(timeout, time.Until(d))
 	}
-	f := r.Apply(entry, timeout)
+	// The member's signed command goes into the log as it came; the
+	// leader's endorsement, if any, goes into the entry's Extensions
+	// (endorse.go), which no member can set.
+	f := r.ApplyLog(raft.Log{Data: entry, Extensions: ext}, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			return catalog.Result{}, 0, errNotLeader
@@ -726,14 +730,15 @@ func (n *Node) applyLocal(ctx context.Context, entry []byte) (catalog.Result, ui
 }
 
 // precheck refuses, before it reaches the log, a command that the state
-// machine would refuse for its signature, and a registration of a node
+// machine would refuse for its signature, a registration of a node
 // whose registered run is still alive (a cloned host with a copy of the
-// node's identity, clone.go).
-func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
+// node's identity, clone.go), and what the leader's own checks refuse
+// (endorse.go); it returns the Extensions of the command's log entry.
+func (n *Node) precheck(entry []byte) (catalog.Result, []byte, bool) {
 	sig, c, err := catalog.DecodeSigned(entry)
 	if err != nil {
 		n.metrics.refused("command-invalid")
-		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, false
+		return catalog.Result{Code: catalog.CodeInvalid, Message: err.Error()}, nil, false
 	}
 	var refusal *catalog.Result
 	var registered catalog.Node
@@ -761,9 +766,14 @@ func (n *Node) precheck(entry []byte) (catalog.Result, bool) {
 	}
 	if refusal != nil {
 		n.metrics.refused(string(refusal.Code))
-		return *refusal, false
+		return *refusal, nil, false
 	}
-	return catalog.Result{}, true
+	ext, refusal := n.endorse(c)
+	if refusal != nil {
+		n.metrics.refused(string(refusal.Code))
+		return *refusal, nil, false
+	}
+	return catalog.Result{}, ext, true
 }
 
 // Refusal is the cluster's refusal of this node, if any: a taken name,
