@@ -127,3 +127,22 @@ func TestPluginExposesAgentFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagHelpAgreesWithREADME checks help texts that once contradicted
+// the README: a host behind NAT leaves --advertise-addr unset, and
+// --bind-addr is where every listener of the agent's but WireGuard's binds.
+func TestFlagHelpAgreesWithREADME(t *testing.T) {
+	var f agentFlags
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	f.register(fs)
+	adv := fs.Lookup("advertise-addr").Usage
+	if strings.Contains(adv, "set it behind NAT") || !strings.Contains(adv, "leave it unset behind NAT") {
+		t.Errorf("--advertise-addr help %q: the README says a host behind NAT leaves it unset", adv)
+	}
+	bind := fs.Lookup("bind-addr").Usage
+	for _, what := range []string{"gossip", "consensus", "relay"} {
+		if !strings.Contains(bind, what) {
+			t.Errorf("--bind-addr help %q does not name %s, which listens there too", bind, what)
+		}
+	}
+}
