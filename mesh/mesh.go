@@ -449,7 +449,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader,
+		Features:   featureHeader | featureRelayBind,
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {
