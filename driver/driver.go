@@ -139,6 +139,7 @@ type Driver struct {
 	// relays for others (relayhost.go).
 	paths     *paths
 	relayHost *relayHost
+	binder    *relayBinder
 	recheck   *time.Timer
 	metrics   *metrics
 
@@ -177,6 +178,7 @@ func New(cfg Config) (*Driver, error) {
 		stagger:   newStagger(),
 		paths:     newPaths(cfg.Logger.With("component", "paths"), cfg.PunchTimeout, cfg.DirectRetry, cfg.Keepalive),
 		relayHost: newRelayHost(),
+		binder:    newRelayBinder(cfg.Logger.With("component", "paths")),
 		metrics:   newMetrics(),
 
 		syncKick: make(chan struct{}, 1),
@@ -226,6 +228,11 @@ func (d *Driver) Restore(ctx context.Context) error {
 // It checks endpoints (checkEndpoints) when it starts, every
 // ResyncInterval, and after a join.
 func (d *Driver) Run(ctx context.Context) error {
+	defer func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		_ = d.binder.close()
+	}()
 	resync := time.NewTicker(d.cfg.ResyncInterval)
 	defer resync.Stop()
 	retry := time.NewTimer(0)
@@ -284,6 +291,9 @@ func (d *Driver) applyLocked(ctx context.Context) error {
 	v := d.cfg.Mesh.View()
 	cfg := d.desiredLocked(v)
 	d.serveRelayLocked(v, time.Now())
+	// Binds before WireGuard's first handshake through a new session:
+	// the relay drops an end's handshakes until it has bound.
+	d.binder.sendLocked(time.Now(), v, d.key, d.paths)
 	return d.cfg.DataPlane.Apply(ctx, cfg)
 }
 
@@ -343,6 +353,7 @@ func (d *Driver) evaluatePaths(ctx context.Context) bool {
 		}
 	} else {
 		d.serveRelayLocked(v, now)
+		d.binder.sendLocked(now, v, d.key, d.paths)
 	}
 	return d.paths.busy()
 }

@@ -83,6 +83,21 @@ type path struct {
 	started bool
 	// pathMTU is the path MTU of the last decision.
 	pathMTU int
+	// failed are the relays that did not work for the pair (no session,
+	// or no handshake through it, within the punch timeout), each left
+	// out until its time; relayFails counts such failures in a row, for
+	// the backoff. waitVia is the relay the pair is to go through, and
+	// waitSince when it became so.
+	failed     map[string]time.Time
+	relayFails int
+	waitVia    string
+	waitSince  time.Time
+}
+
+// excluded reports whether relay failed for the pair lately.
+func (p *path) excluded(relay string, now time.Time) bool {
+	until, ok := p.failed[relay]
+	return ok && now.Before(until)
 }
 
 // paths holds every peer's path. Not safe for concurrent use: the driver
@@ -199,27 +214,65 @@ func directEndpoint(p mesh.Peer, peerMember mesh.Member, now time.Time) netip.Ad
 	return p.Endpoint
 }
 
-// chooseRelay picks the relay for a pair on a network: of the members that
-// relay, are registered and alive, and are neither of the pair, the one
-// with the highest hash of its name and the pair's. Both hosts of the pair
-// pick the same while their views agree.
-func chooseRelay(v *mesh.View, subnet netip.Prefix, a, b string) string {
+// usableRelay reports whether a member may relay the pair a, b: it
+// relays, is registered and alive, and is neither of the pair.
+func usableRelay(v *mesh.View, name, a, b string) bool {
+	m, ok := v.Members[name]
+	return ok && name != a && name != b && m.Relay() && m.Registered && m.State == mesh.Alive
+}
+
+// chooseRelay picks the relay for a pair on a network: of the usable
+// relays that skip does not leave out and that have a port left, the one
+// least loaded (its open sessions, other than the pair's, per port it
+// has), and of those equally loaded the one with the highest hash of its
+// name and the pair's. Both hosts of the pair pick the same while their
+// views agree; where they differ, the lower-named host's pick counts
+// (pairRelay). A pair keeps its relay while it works (pickRelay): load
+// steers only new choices, so pairs do not chase each other around.
+func chooseRelay(v *mesh.View, subnet netip.Prefix, a, b string, skip func(string) bool) string {
 	if a > b {
 		a, b = b, a
 	}
-	best, bestScore := "", uint64(0)
+	load := map[string]int{}
+	for _, r := range v.Sessions {
+		if r.Port != 0 && !(r.Subnet == subnet && r.A == a && r.B == b) {
+			load[r.Relay]++
+		}
+	}
+	best, bestLoad, bestScore := "", 0.0, uint64(0)
 	for _, name := range slices.Sorted(maps.Keys(v.Members)) {
-		m := v.Members[name]
-		if name == a || name == b || !m.Relay() || !m.Registered || m.State != mesh.Alive {
+		if !usableRelay(v, name, a, b) || skip != nil && skip(name) {
 			continue
 		}
+		ports := max(int(v.Members[name].RelayPorts)-1, 1)
+		if load[name] >= ports {
+			continue
+		}
+		l := float64(load[name]) / float64(ports)
 		h := fnv.New64a()
 		h.Write([]byte(name + "|" + a + "|" + b + "|" + subnet.String()))
-		if s := h.Sum64(); best == "" || s > bestScore {
-			best, bestScore = name, s
+		if s := h.Sum64(); best == "" || l < bestLoad || l == bestLoad && s > bestScore {
+			best, bestLoad, bestScore = name, l, s
 		}
 	}
 	return best
+}
+
+// pickRelay is the relay this host names for the pair: the lower-named
+// peer's choice if it names one (so that both name the same and no
+// second relay opens a session for nothing), else the one this host
+// named, else a new choice; never one that failed for the pair lately.
+func (p *path) pickRelay(now time.Time, v *mesh.View, subnet netip.Prefix, peer mesh.Peer) string {
+	ok := func(name string) bool {
+		return name != "" && usableRelay(v, name, v.Self, peer.Node) && !p.excluded(name, now)
+	}
+	switch {
+	case peer.Node < v.Self && peer.HasWant && ok(peer.Wants.Via):
+		return peer.Wants.Via
+	case p.wanting && ok(p.want.Via):
+		return p.want.Via
+	}
+	return chooseRelay(v, subnet, v.Self, peer.Node, func(name string) bool { return p.excluded(name, now) })
 }
 
 // pairRelay is the pair's decision: relayed while either host wants it,
@@ -273,9 +326,9 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 	self := v.Members[v.Self]
 	peerMember := v.Members[peer.Node]
 	expect := expectDirect(self.NAT, peer, peerMember, now)
-	relay := chooseRelay(v, subnet, v.Self, peer.Node)
+	relay := p.pickRelay(now, v, subnet, peer)
 	before, wasWanting := p.want, p.wanting
-	relayed, _ := pairRelay(v.Self, p, peer)
+	relayed, via := pairRelay(v.Self, p, peer)
 	fail := func(why string) {
 		tries := min(p.tries(peer)+1, 1000)
 		p.attempt = time.Time{}
@@ -290,6 +343,13 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 		}
 		p.noRelay = false
 		p.want, p.wanting = mesh.RelayWant{Via: relay, Tries: tries}, true
+	}
+	if relayed && p.attempt.IsZero() && p.started {
+		ps.checkRelay(now, v, subnet, p, peer, via)
+		relayed, _ = pairRelay(v.Self, p, peer)
+		relay = p.pickRelay(now, v, subnet, peer)
+	} else if !relayed {
+		p.waitVia = ""
 	}
 	if !p.started {
 		// A new peer: try direct (decide has begun the attempt), unless
@@ -351,6 +411,47 @@ func (ps *paths) step(now time.Time, v *mesh.View, subnet netip.Prefix, peer mes
 		}
 	}
 	return p.wanting != wasWanting || p.want != before
+}
+
+// checkRelay checks the relay the pair goes through, as a direct path is
+// checked: a relay that opens no session for the pair (it refused, its
+// ports exhausted), or through which no handshake comes within the punch
+// timeout (its relay port firewalled, a bind that failed), or whose
+// session stops, is left out for a while (backing off like direct
+// retries) and this host names the next one; with none left, the pair
+// has no relay that works (status says so) until one is let in again.
+func (ps *paths) checkRelay(now time.Time, v *mesh.View, subnet netip.Prefix, p *path, peer mesh.Peer, via string) {
+	if via != p.waitVia {
+		p.waitVia, p.waitSince = via, now
+	}
+	var why string
+	switch {
+	case p.relayed && p.via == via:
+		if ps.broken(p, now) {
+			why = "no WireGuard handshake through it within " + ps.punchTimeout.String()
+		} else if !p.handshake.IsZero() && !p.handshake.Before(p.since) {
+			p.relayFails, p.noRelay = 0, false
+			delete(p.failed, via)
+		}
+	case now.Sub(p.waitSince) >= ps.punchTimeout:
+		why = "it opened no session for the pair within " + ps.punchTimeout.String()
+	}
+	if why == "" || p.excluded(via, now) {
+		return
+	}
+	p.relayFails = min(p.relayFails+1, 1000)
+	if p.failed == nil {
+		p.failed = map[string]time.Time{}
+	}
+	p.failed[via] = now.Add(ps.backoff(p.relayFails))
+	next := p.pickRelay(now, v, subnet, peer)
+	ps.log.Warn("relay does not work for peer: "+why, "network", subnet, "peer", peer.Node, "relay", via, "next", next,
+		"retry_in", ps.backoff(p.relayFails))
+	p.waitVia, p.waitSince = next, now
+	p.want, p.wanting, p.noRelay = mesh.RelayWant{Via: next, Tries: p.tries(peer)}, true, next == ""
+	if next == "" {
+		p.retryAt = now.Add(ps.backoff(p.relayFails))
+	}
 }
 
 // broken reports whether an established direct session stopped working.
@@ -503,14 +604,21 @@ type pathInfo struct {
 	noRelay  bool
 	since    time.Time
 	endpoint netip.AddrPort
+	// failedRelays are the relays that did not work for the pair lately.
+	failedRelays []string
 }
 
-func (ps *paths) info(k pathKey, peer mesh.Peer, self string) pathInfo {
+func (ps *paths) info(k pathKey, peer mesh.Peer, self string, now time.Time) pathInfo {
 	p, ok := ps.m[k]
 	if !ok {
 		return pathInfo{mode: "trying"}
 	}
 	in := pathInfo{mode: "direct", via: p.via, pathMTU: p.pathMTU, noRelay: p.noRelay, since: p.since, endpoint: p.endpoint}
+	for _, name := range slices.Sorted(maps.Keys(p.failed)) {
+		if p.excluded(name, now) {
+			in.failedRelays = append(in.failedRelays, name)
+		}
+	}
 	relayed, via := pairRelay(self, p, peer)
 	switch {
 	case p.relayed:

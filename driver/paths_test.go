@@ -2,8 +2,10 @@ package driver
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"net/netip"
+	"strconv"
 	"testing"
 	"time"
 
@@ -24,8 +26,10 @@ type pathWorld struct {
 	// direct: whether WireGuard's packets pass directly between x and y;
 	// gossip: whether their gossip does (what tells them to try).
 	direct, gossip bool
-	// relayPort is the session the relay opens while asked.
+	// relayPort is the session the relay r opens while asked.
 	relayPort uint16
+	// relays are the members that relay, r first.
+	relays []*simRelay
 	// punches counts the times the two hosts started over toward each
 	// other directly.
 	handshakes int
@@ -46,8 +50,29 @@ type simHost struct {
 
 var relayAddr = netip.MustParseAddr("192.0.2.100")
 
+// simRelay is a relay: alive in gossip; opens a session for the pair when
+// asked unless refuses; forwards it unless dead (a firewalled relay port).
+type simRelay struct {
+	name     string
+	addr     netip.Addr
+	port     uint16
+	refuses  bool
+	dead     bool
+	sessions int // other pairs' sessions it relays (its load)
+}
+
+func (r *simRelay) endpoint() netip.AddrPort { return netip.AddrPortFrom(r.addr, r.port) }
+
+// addRelay adds a relay besides r.
+func (w *pathWorld) addRelay(name string, i byte) *simRelay {
+	r := &simRelay{name: name, addr: netip.AddrFrom4([4]byte{192, 0, 2, 100 + i}), port: 51900 + uint16(i)}
+	w.relays = append(w.relays, r)
+	return r
+}
+
 func newPathWorld(t *testing.T, natX, natY mesh.NATKind) *pathWorld {
 	w := &pathWorld{t: t, now: time.Unix(1_000_000, 0), subnet: netip.MustParsePrefix("10.60.0.0/16"), hosts: map[string]*simHost{}, relayPort: 51907}
+	w.relays = []*simRelay{{name: "r", addr: relayAddr, port: w.relayPort}}
 	w.hosts["x"] = &simHost{name: "x", nat: natX, addr: netip.MustParseAddr("10.1.0.2"), public: netip.MustParseAddrPort("198.51.100.1:51820"),
 		paths: newPaths(slog.New(slog.DiscardHandler), 8*time.Second, time.Minute, 25*time.Second)}
 	w.hosts["y"] = &simHost{name: "y", nat: natY, addr: netip.MustParseAddr("10.2.0.2"), public: netip.MustParseAddrPort("198.51.100.2:51820"),
@@ -77,13 +102,20 @@ func (w *pathWorld) view(h *simHost) (*mesh.View, mesh.Peer) {
 		}
 		v.Members[x.name] = m
 	}
-	v.Members["r"] = mesh.Member{NodeInfo: mesh.NodeInfo{Name: "r", Addr: relayAddr, NAT: mesh.NATNone, RelayPort: 51900, RelayPorts: 100},
-		State: mesh.Alive, Registered: true, PathMTU: 1280}
-	for _, x := range []*simHost{h, o} {
-		for _, want := range x.wishes {
-			if want.Via == "r" {
-				v.Sessions = []mesh.RelaySession{{Relay: "r", Subnet: w.subnet, A: "x", B: "y", Port: w.relayPort, MTU: 1400}}
+	for _, r := range w.relays {
+		v.Members[r.name] = mesh.Member{NodeInfo: mesh.NodeInfo{Name: r.name, Addr: r.addr, NAT: mesh.NATNone, RelayPort: 51900, RelayPorts: 100},
+			State: mesh.Alive, Registered: true, PathMTU: 1280}
+		for i := range r.sessions {
+			v.Sessions = append(v.Sessions, mesh.RelaySession{Relay: r.name, Subnet: w.subnet, A: "p" + strconv.Itoa(i), B: "q", Port: 51950 + uint16(i)})
+		}
+		asked := false
+		for _, x := range []*simHost{h, o} {
+			for _, want := range x.wishes {
+				asked = asked || want.Via == r.name
 			}
+		}
+		if asked && !r.refuses {
+			v.Sessions = append(v.Sessions, mesh.RelaySession{Relay: r.name, Subnet: w.subnet, A: "x", B: "y", Port: r.port, MTU: 1400})
 		}
 	}
 	p := mesh.Peer{Node: o.name, PublicKey: crypto.PublicKey{o.name[0]}, Endpoint: netip.AddrPortFrom(o.addr, 51820), NAT: o.nat, State: mesh.Alive}
@@ -107,8 +139,10 @@ func (w *pathWorld) tick(d time.Duration) {
 		}
 	}
 	x, y := w.hosts["x"], w.hosts["y"]
-	relayEP := netip.AddrPortFrom(relayAddr, w.relayPort)
-	viaRelay := x.dec.endpoint == relayEP && y.dec.endpoint == relayEP
+	viaRelay := false
+	for _, r := range w.relays {
+		viaRelay = viaRelay || !r.dead && x.dec.endpoint == r.endpoint() && y.dec.endpoint == r.endpoint()
+	}
 	directly := w.direct && x.dec.endpoint == y.public && y.dec.endpoint == x.public
 	if viaRelay || directly {
 		for _, h := range []*simHost{x, y} {
@@ -149,7 +183,7 @@ func (w *pathWorld) both(mode string) bool {
 		o := w.other(h)
 		v, p := w.view(h)
 		_ = v
-		if h.paths.info(pathKey{w.subnet, o.name}, p, h.name).mode != mode || h.session.IsZero() {
+		if h.paths.info(pathKey{w.subnet, o.name}, p, h.name, w.now).mode != mode || h.session.IsZero() {
 			return false
 		}
 	}
@@ -222,7 +256,7 @@ func TestPathRetriesBackOff(t *testing.T) {
 	for w.now.Sub(start) < 10*time.Minute {
 		w.tick(250 * time.Millisecond)
 		_, p := w.view(w.hosts["x"])
-		trying := w.hosts["x"].paths.info(pathKey{w.subnet, "y"}, p, "x").mode == "trying"
+		trying := w.hosts["x"].paths.info(pathKey{w.subnet, "y"}, p, "x", w.now).mode == "trying"
 		if trying && !wasTrying {
 			attempts = append(attempts, w.now)
 		}
@@ -324,6 +358,116 @@ func TestFlipFirst(t *testing.T) {
 		// The peer, deciding the same, must come out the other way.
 		if got := first(c.peerKey, c.peerNAT, c.selfKey, c.selfNAT, c.tries); got == c.want {
 			t.Errorf("%s: both hosts decide the same", c.name)
+		}
+	}
+}
+
+// pairVia is the relay the pair x, y is relayed through, when both are.
+func (w *pathWorld) pairVia() string {
+	x, y := w.hosts["x"], w.hosts["y"]
+	if !w.both("relayed") || x.dec.via != y.dec.via {
+		return ""
+	}
+	return x.dec.via
+}
+
+// TestPathRelayThatDoesNotForward: the relay the pair picks is alive in
+// gossip and opens the session, but its port is blocked. With no
+// handshake through it within the punch timeout the pair moves to the
+// next relay, and stays there.
+func TestPathRelayThatDoesNotForward(t *testing.T) {
+	w := newPathWorld(t, mesh.NATSymmetric, mesh.NATSymmetric)
+	w.gossip = true
+	w.addRelay("r2", 2)
+	w.addRelay("r3", 3)
+	v, _ := w.view(w.hosts["x"])
+	first := chooseRelay(v, w.subnet, "x", "y", nil)
+	for _, r := range w.relays {
+		r.dead = r.name == first
+	}
+	took := w.run(time.Minute, "relayed through a live relay", func() bool { v := w.pairVia(); return v != "" && v != first })
+	if took > 20*time.Second {
+		t.Errorf("leaving the dead relay %s took %s, want about the punch timeout (8 s)", first, took)
+	}
+	via := w.pairVia()
+	for range 2400 {
+		w.tick(250 * time.Millisecond)
+		if w.pairVia() != via {
+			t.Fatalf("left the working relay %s: %+v", via, w.hosts["x"].dec)
+		}
+	}
+}
+
+// TestPathRelayRefuses: the relay picked never opens a session (its
+// ports are exhausted): the pair asks the next one.
+func TestPathRelayRefuses(t *testing.T) {
+	w := newPathWorld(t, mesh.NATSymmetric, mesh.NATSymmetric)
+	w.gossip = true
+	w.addRelay("r2", 2)
+	v, _ := w.view(w.hosts["x"])
+	first := chooseRelay(v, w.subnet, "x", "y", nil)
+	for _, r := range w.relays {
+		r.refuses = r.name == first
+	}
+	took := w.run(time.Minute, "relayed through the other relay", func() bool { v := w.pairVia(); return v != "" && v != first })
+	if took > 20*time.Second {
+		t.Errorf("leaving the refusing relay %s took %s", first, took)
+	}
+}
+
+// TestPathNoRelayWorks: every relay is dead. Status says so, and the
+// relays are tried again, backing off; once one works the pair uses it.
+func TestPathNoRelayWorks(t *testing.T) {
+	w := newPathWorld(t, mesh.NATSymmetric, mesh.NATSymmetric)
+	w.gossip = true
+	w.addRelay("r2", 2)
+	for _, r := range w.relays {
+		r.dead = true
+	}
+	info := func() pathInfo {
+		_, p := w.view(w.hosts["x"])
+		return w.hosts["x"].paths.info(pathKey{w.subnet, "y"}, p, "x", w.now)
+	}
+	w.run(time.Minute, "no relay works", func() bool { return len(info().failedRelays) == 2 && info().noRelay })
+	asks, last := 0, ""
+	for range 4 * 60 * 20 {
+		w.tick(250 * time.Millisecond)
+		if via := w.hosts["x"].wishes["y"].Via; via != last {
+			if via != "" {
+				asks++
+			}
+			last = via
+		}
+	}
+	// Without backoff a relay would be asked every 8 s, 150 times in 20
+	// minutes; backing off from 1 minute, doubling, far fewer.
+	if asks < 2 || asks > 12 {
+		t.Errorf("%d relays asked in 20 minutes with every relay dead, want a few, backing off", asks)
+	}
+	for _, r := range w.relays {
+		r.dead = false
+	}
+	w.run(40*time.Minute, "relayed again", func() bool { return w.pairVia() != "" })
+	for range 40 {
+		w.tick(250 * time.Millisecond)
+	}
+	if in := info(); in.noRelay || in.mode != "relayed" {
+		t.Errorf("relayed, yet status says no relay works: %+v", in)
+	}
+}
+
+// TestPathSpreadsPairsByLoad: of two relays, new pairs go to the one with
+// fewer sessions, whatever the hash says.
+func TestPathSpreadsPairsByLoad(t *testing.T) {
+	for i := range 12 {
+		w := newPathWorld(t, mesh.NATSymmetric, mesh.NATSymmetric)
+		w.subnet = netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/16", 60+i))
+		w.gossip = true
+		w.relays[0].sessions = 40
+		w.addRelay("r2", 2)
+		w.run(30*time.Second, "relayed", func() bool { return w.pairVia() != "" })
+		if via := w.pairVia(); via != "r2" {
+			t.Errorf("network %s: relayed through %s (40 sessions), not r2 (none)", w.subnet, via)
 		}
 	}
 }

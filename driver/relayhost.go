@@ -2,6 +2,7 @@ package driver
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"maps"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/relay"
 	"github.com/wgmesh/wgmesh/mesh"
 )
@@ -57,6 +59,9 @@ type relayHost struct {
 	refused map[relayPair]string
 	serving bool
 	setErr  error
+	// key is this host's WireGuard key, which the ends' bind keys
+	// derive from.
+	key crypto.PrivateKey
 }
 
 func newRelayHost() *relayHost {
@@ -85,6 +90,7 @@ func (d *Driver) serveRelayLocked(v *mesh.View, now time.Time) {
 		return
 	}
 	rh.serving = true
+	rh.key = d.key
 	sessions, records := rh.update(v, now, d.cfg.RelayPort, d.cfg.RelayPorts, d.cfg.RelayPerNode)
 	rh.setErr = d.cfg.Relay.Set(sessions)
 	if rh.setErr != nil {
@@ -161,7 +167,21 @@ func (rh *relayHost) update(v *mesh.View, now time.Time, first, count uint16, pe
 	for _, pair := range slices.SortedFunc(maps.Keys(rh.ports), comparePairs) {
 		port := rh.ports[pair]
 		a, b := v.Members[pair.a], v.Members[pair.b]
-		sessions = append(sessions, relay.Session{Port: port, A: a.PublicKey, B: b.PublicKey})
+		ss := relay.Session{Port: port, A: a.PublicKey, B: b.PublicKey}
+		// An end that sends binds must bind; an old agent's end, which
+		// sends none, is learned from its handshakes (package relay).
+		var errA, errB error
+		if a.RelayBinds() {
+			ss.KeyA, errA = relay.BindKey(rh.key, a.PublicKey)
+		}
+		if b.RelayBinds() {
+			ss.KeyB, errB = relay.BindKey(rh.key, b.PublicKey)
+		}
+		if err := errors.Join(errA, errB); err != nil {
+			rh.refused[pair] = err.Error()
+			continue
+		}
+		sessions = append(sessions, ss)
 		records = append(records, mesh.RelaySession{Subnet: pair.subnet, A: pair.a, B: pair.b, Port: port,
 			MTU: minPositive(a.PathMTU, b.PathMTU)})
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/driver/relay"
 	"github.com/wgmesh/wgmesh/mesh"
 )
 
@@ -87,5 +88,37 @@ func TestRelayHostLimits(t *testing.T) {
 	rh = newRelayHost()
 	if _, records := rh.update(v, time.Unix(1000, 0), 51900, 2, 64); len(records) != 1 {
 		t.Fatalf("port limit: %+v", records)
+	}
+}
+
+// TestRelayHostBindKeys: an end that sends binds (its node advertises it)
+// gets its bind key in the session, derived from this host's WireGuard key
+// and the end's; an old agent's end gets none, and is learned from its
+// handshakes as before.
+func TestRelayHostBindKeys(t *testing.T) {
+	self, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	endKey, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := relayView(map[string]map[string]mesh.RelayWant{"a": {"b": {Via: "r"}}}, "a", "b")
+	a := v.Members["a"]
+	a.PublicKey, a.Features = endKey.Public(), mesh.FeatureRelayBind
+	v.Members["a"] = a
+	rh := newRelayHost()
+	rh.key = self
+	sessions, _ := rh.update(v, time.Unix(1000, 0), 51900, 4, 64)
+	if len(sessions) != 1 {
+		t.Fatalf("sessions %+v", sessions)
+	}
+	want, err := relay.BindKey(endKey, self.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := sessions[0]; s.KeyA != want || s.KeyB != ([32]byte{}) {
+		t.Fatalf("bind keys: A %x (want the end's), B %x (want none: b sends no binds)", s.KeyA[:4], s.KeyB[:4])
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/wgmesh/wgmesh/crypto"
@@ -191,7 +192,7 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 			ns.Interface = planes[i].Interface
 		}
 		for _, p := range v.Peers(n.Subnet) {
-			path := d.paths.info(pathKey{n.Subnet, p.Node}, p, v.Self)
+			path := d.paths.info(pathKey{n.Subnet, p.Node}, p, v.Self, now)
 			ps := PeerStatus{Node: p.Node, State: p.State, PublicKey: p.PublicKey, Endpoint: path.endpoint, AllowedIPs: p.AllowedIPs,
 				Path: path.mode, Via: path.via, PathMTU: path.pathMTU, RouteMTU: routeMTU(path.pathMTU, path.endpoint, n.MTU)}
 			if !ps.Endpoint.IsValid() {
@@ -208,6 +209,10 @@ func (d *Driver) Status(ctx context.Context) (*Status, error) {
 				}
 			}
 			switch {
+			case path.noRelay && len(path.failedRelays) > 0:
+				st.Problems = append(st.Problems, fmt.Sprintf("network %s: no direct path to %s, and no relay works: %s opened no session "+
+					"for the pair or passed no handshake within --punch-timeout (each is tried again later; 'wgmesh status' on it tells why)",
+					n.Subnet, p.Node, strings.Join(path.failedRelays, ", ")))
 			case path.noRelay:
 				st.Problems = append(st.Problems, fmt.Sprintf("network %s: no direct path to %s, and no member relays (a host members reach at its own address relays with --relay-ports open)",
 					n.Subnet, p.Node))

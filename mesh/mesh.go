@@ -468,7 +468,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader | m.cfg.serverFeatures(),
+		Features:   featureHeader | featureRelayBind | m.cfg.serverFeatures(),
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {

@@ -78,7 +78,19 @@ const (
 	featureServerAlways
 	featureServerNever
 	featureServerKey
+	// featureRelayBind: the node sends its relays binds (driver/relay),
+	// and as a relay requires them of ends that have this bit. Old
+	// agents lack it: their relays get no binds, and as ends they are
+	// learned from handshakes alone.
+	featureRelayBind
 )
+
+// FeatureRelayBind is featureRelayBind, for tests elsewhere.
+const FeatureRelayBind = featureRelayBind
+
+// RelayBinds reports whether the node's software sends and checks relay
+// binds (featureRelayBind).
+func (n NodeInfo) RelayBinds() bool { return n.Features&featureRelayBind != 0 }
 
 // NetworkEntry is one node's state in one network. The subnet is the
 // network's identity across the mesh: Docker gives the same network a

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"encoding/json"
+	"flag"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,5 +65,84 @@ func TestSystemdUnit(t *testing.T) {
 	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
 	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// notInPlugin lists the agent flags a managed plugin deliberately does not
+// take, with the reason: everything else a user may need must be settable
+// there (docker plugin set) as its WGMESH_* variable.
+var notInPlugin = map[string]string{
+	"state-dir":      "the state mount's destination is fixed; its source is the mount's settable source",
+	"plugin-socket":  "Docker finds a managed plugin's socket where plugin.json's interface.socket says",
+	"control-socket": "follows WGMESH_RUN_DIR (RUN-DIR/control.sock), which the host reaches through the state mount",
+	"docker-host":    "the docker mount's destination is fixed; its source is the mount's settable source",
+}
+
+// TestPluginExposesAgentFlags checks that every agent flag a user may set
+// is a settable variable of the managed plugin, and that the plugin lists
+// no variable the agent does not know.
+func TestPluginExposesAgentFlags(t *testing.T) {
+	b, err := os.ReadFile("plugin.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Env []struct {
+			Name     string   `json:"name"`
+			Settable []string `json:"settable"`
+		} `json:"env"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatalf("plugin.json: %v", err)
+	}
+	env := map[string]bool{}
+	for _, e := range cfg.Env {
+		env[e.Name] = slices.Contains(e.Settable, "value")
+	}
+	var f agentFlags
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	f.register(fs)
+	flags := map[string]bool{}
+	fs.VisitAll(func(fl *flag.Flag) {
+		flags[envName(fl.Name)] = true
+		settable, listed := env[envName(fl.Name)]
+		_, skipped := notInPlugin[fl.Name]
+		switch {
+		case skipped && listed:
+			t.Errorf("--%s is in plugin.json and in notInPlugin", fl.Name)
+		case !skipped && !listed:
+			t.Errorf("--%s: plugin.json has no %s (add it, or say in notInPlugin why not)", fl.Name, envName(fl.Name))
+		case listed && !settable:
+			t.Errorf("%s in plugin.json is not settable", envName(fl.Name))
+		}
+	})
+	for name := range env {
+		if !flags[name] {
+			t.Errorf("plugin.json lists %s, which is no agent flag", name)
+		}
+	}
+	for name := range notInPlugin {
+		if fs.Lookup(name) == nil {
+			t.Errorf("notInPlugin lists --%s, which is no agent flag", name)
+		}
+	}
+}
+
+// TestFlagHelpAgreesWithREADME checks help texts that once contradicted
+// the README: a host behind NAT leaves --advertise-addr unset, and
+// --bind-addr is where every listener of the agent's but WireGuard's binds.
+func TestFlagHelpAgreesWithREADME(t *testing.T) {
+	var f agentFlags
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	f.register(fs)
+	adv := fs.Lookup("advertise-addr").Usage
+	if strings.Contains(adv, "set it behind NAT") || !strings.Contains(adv, "leave it unset behind NAT") {
+		t.Errorf("--advertise-addr help %q: the README says a host behind NAT leaves it unset", adv)
+	}
+	bind := fs.Lookup("bind-addr").Usage
+	for _, what := range []string{"gossip", "consensus", "relay"} {
+		if !strings.Contains(bind, what) {
+			t.Errorf("--bind-addr help %q does not name %s, which listens there too", bind, what)
+		}
 	}
 }

@@ -7,18 +7,36 @@
 // needs no header to tell sessions apart, and both ends configure the
 // relay's address and that port as the other's WireGuard endpoint.
 //
-// A session knows the WireGuard public keys of its two ends, nothing
-// secret: WireGuard's handshake messages carry a MAC keyed with the
-// receiver's public key (mac1), which the relay checks to learn which end
-// sent a handshake, and so where each end's packets come from (its NAT
-// mapping toward this port). Packets are forwarded only between the two
-// addresses so learned; anything else is dropped. Public keys travel
-// only in encrypted gossip, a handshake is learned from once (a replayed
-// one moves nobody), and the relay is no reflector: it sends only to an
-// address that sent it a handshake for that session.
+// A session knows the WireGuard public keys of its two ends: WireGuard's
+// handshake messages carry a MAC keyed with the receiver's public key
+// (mac1), which the relay checks to learn which end sent a handshake, and
+// so where each end's packets come from (its NAT mapping toward this
+// port). Packets are forwarded only between the two addresses so
+// learned; anything else is dropped. A handshake is learned from once (a
+// replayed one moves nobody), and the relay sends only to an address that
+// sent it a handshake for that session.
+//
+// mac1 proves only knowledge of a public key, which every member and
+// every former member has. So each end also has a bind key with the relay
+// (BindKey), from the X25519 of the end's and the relay's WireGuard keys:
+// only the two know it, and it never travels. The end sends the session
+// port a small bind (AppendBind: a timestamp and a MAC with that key) at
+// least every BindEvery, from its host; the relay takes an end's
+// handshakes only from the IP address of its latest valid bind. A bind
+// cannot come from WireGuard's own socket (the kernel's WireGuard owns it),
+// so it pins the end's address, not its port, which the handshake still
+// gives: behind a NAT that maps each destination to a port of its own,
+// the bind's port and WireGuard's differ, but the address is the NAT's.
+// A forged handshake from anywhere else moves nobody, and so no traffic
+// can be turned at a third party; one whose source forges the end's own
+// address can still move the end to another port of that address.
+//
+// An end without a bind key (an agent that predates binds, which sends
+// none) is learned from its handshakes alone, as before.
 package relay
 
 import (
+	"crypto/hmac"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -34,6 +52,7 @@ import (
 	"unsafe"
 
 	"golang.org/x/crypto/blake2s"
+	"golang.org/x/crypto/curve25519"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
@@ -46,6 +65,9 @@ type Session struct {
 	Port uint16
 	// A and B are the WireGuard public keys of the two ends.
 	A, B crypto.PublicKey
+	// KeyA and KeyB are the ends' bind keys (BindKey); zero for an end
+	// that sends no binds.
+	KeyA, KeyB [32]byte
 }
 
 // Config configures a Server.
@@ -105,7 +127,7 @@ func (s *Server) Set(sessions []Session) error {
 		want[ss.Port] = ss
 	}
 	for port, cur := range s.sessions {
-		if w, ok := want[port]; !ok || w.A != cur.A || w.B != cur.B {
+		if w, ok := want[port]; !ok || w != cur.Session {
 			cur.close()
 			delete(s.sessions, port)
 		}
@@ -148,6 +170,13 @@ func (s *Server) Close() error {
 	return nil
 }
 
+// bound is what an end's binds told: the address they came from, and the
+// latest timestamp (each bind must be newer: a replayed one is dropped).
+type bound struct {
+	addr netip.Addr
+	at   int64
+}
+
 // maxPacket is the largest datagram forwarded: WireGuard's data message
 // for a 9000-byte MTU, with room.
 const maxPacket = 9216
@@ -173,6 +202,8 @@ type session struct {
 	udpA, udpB *net.UDPAddr
 	seen       [64][16]byte // mac1 of recent handshakes
 	next       int
+	// bindA and bindB: the ends' latest valid binds (with a bind key).
+	bindA, bindB bound
 
 	pAB, pBA, bAB, bBA, dropped atomic.Uint64
 }
@@ -338,6 +369,10 @@ func (r *session) loop() {
 			}
 			for off := 0; off < len(buf); off += seg {
 				pkt := buf[off:min(off+seg, len(buf))]
+				if isBind(pkt) {
+					r.bind(pkt, src, now)
+					continue
+				}
 				dst, toB, ok := r.route(pkt, src)
 				if !ok || !r.limit.take(len(pkt), now) {
 					r.dropped.Add(1)
@@ -409,6 +444,15 @@ func (r *session) route(msg []byte, src netip.AddrPort) (dst *net.UDPAddr, toB, 
 		default:
 			return nil, false, false
 		}
+		bnd, key := r.bindA, r.KeyA
+		if !fromA {
+			bnd, key = r.bindB, r.KeyB
+		}
+		if key != ([32]byte{}) && bnd.addr != src.Addr() {
+			// Not from where the end's binds come from: a forgery, or
+			// an end that has not bound yet.
+			return nil, false, false
+		}
 		if !r.replayedLocked(mac) {
 			if fromA && r.addrA != src {
 				r.log.Debug("relayed end A is at a new address", "addr", src)
@@ -430,6 +474,41 @@ func (r *session) route(msg []byte, src netip.AddrPort) (dst *net.UDPAddr, toB, 
 		return r.udpA, false, r.addrA.IsValid()
 	}
 	return nil, false, false
+}
+
+// bind takes an end's bind: valid for one of the ends' keys, for this
+// port, newer than that end's last and not too far from this host's
+// clock. It pins the end to the bind's address; an end pinned elsewhere
+// than its learned address is sent nothing until its next handshake.
+func (r *session) bind(msg []byte, src netip.AddrPort, now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, end := range []struct {
+		key   [32]byte
+		bnd   *bound
+		addr  *netip.AddrPort
+		udp   **net.UDPAddr
+		label string
+	}{{r.KeyA, &r.bindA, &r.addrA, &r.udpA, "A"}, {r.KeyB, &r.bindB, &r.addrB, &r.udpB, "B"}} {
+		at, ok := checkBind(msg, end.key, r.Port)
+		if !ok {
+			continue
+		}
+		if at <= end.bnd.at || now.Sub(time.Unix(0, at)).Abs() > BindSkew {
+			r.dropped.Add(1)
+			return
+		}
+		end.bnd.at = at
+		if end.bnd.addr != src.Addr() {
+			r.log.Debug("relayed end "+end.label+" bound at a new address", "addr", src.Addr())
+			end.bnd.addr = src.Addr()
+		}
+		if end.addr.IsValid() && end.addr.Addr() != src.Addr() {
+			*end.addr, *end.udp = netip.AddrPort{}, nil
+		}
+		return
+	}
+	r.dropped.Add(1)
 }
 
 // replayedLocked reports whether a handshake was seen before, and
@@ -507,6 +586,72 @@ func checkMAC1(msg []byte, key [blake2s.Size]byte) bool {
 	var got [macSize]byte
 	copy(got[:], msg[off:off+macSize])
 	return sum == got
+}
+
+// Binds: "wgmb", the session port, the sender's clock in nanoseconds,
+// and a keyed BLAKE2s-128 of those (a MAC with the end's bind key). The
+// first byte is no WireGuard message type.
+const (
+	bindMagic   = "wgmb"
+	sizeBind    = len(bindMagic) + 2 + 8 + macSize
+	labelBind   = "wgmesh relay bind v1"
+	bindMACFrom = sizeBind - macSize
+)
+
+// BindEvery is how often an end sends its relay a bind; BindSkew how far
+// a bind's timestamp may be from the relay's clock.
+const (
+	BindEvery = 10 * time.Second
+	BindSkew  = 5 * time.Minute
+)
+
+// BindKey is the bind key of an end and a relay, from one's WireGuard
+// private key and the other's public key: X25519, hashed with a label of
+// its own (the raw X25519 result is also what WireGuard's handshake
+// between the two mixes in, and must not serve twice).
+func BindKey(priv crypto.PrivateKey, pub crypto.PublicKey) ([32]byte, error) {
+	var key [32]byte
+	k := priv.Bytes()
+	defer clear(k[:])
+	ss, err := curve25519.X25519(k[:], pub[:])
+	if err != nil {
+		return key, fmt.Errorf("deriving a relay bind key: %w", err)
+	}
+	defer clear(ss)
+	h, _ := blake2s.New256(ss)
+	h.Write([]byte(labelBind))
+	copy(key[:], h.Sum(nil))
+	return key, nil
+}
+
+// AppendBind appends to dst an end's bind for the session on port, made
+// at at.
+func AppendBind(dst []byte, key [32]byte, port uint16, at time.Time) []byte {
+	start := len(dst)
+	dst = append(dst, bindMagic...)
+	dst = binary.BigEndian.AppendUint16(dst, port)
+	dst = binary.BigEndian.AppendUint64(dst, uint64(at.UnixNano()))
+	return append(dst, bindMAC(dst[start:], key)...)
+}
+
+func isBind(msg []byte) bool {
+	return len(msg) == sizeBind && string(msg[:len(bindMagic)]) == bindMagic
+}
+
+func bindMAC(body []byte, key [32]byte) []byte {
+	h, _ := blake2s.New128(key[:])
+	h.Write(body)
+	return h.Sum(nil)
+}
+
+// checkBind checks a bind against an end's key (a zero key checks
+// nothing) and the session's port, and returns its timestamp.
+func checkBind(msg []byte, key [32]byte, port uint16) (int64, bool) {
+	if key == ([32]byte{}) || !isBind(msg) || binary.BigEndian.Uint16(msg[len(bindMagic):]) != port ||
+		!hmac.Equal(bindMAC(msg[:bindMACFrom], key), msg[bindMACFrom:]) {
+		return 0, false
+	}
+	return int64(binary.BigEndian.Uint64(msg[len(bindMagic)+2:])), true
 }
 
 // bucket is a token bucket of bytes; nil never limits.

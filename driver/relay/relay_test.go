@@ -293,3 +293,153 @@ func TestRealWireGuardThroughRelay(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// bindEnd is one end of a relayed pair as the driver runs it: WireGuard's
+// socket, and another socket on the same address that sends binds.
+type bindEnd struct {
+	wg, binder *net.UDPConn
+	pub        crypto.PublicKey
+	key        [32]byte // its bind key with the relay
+}
+
+func newBindEnd(t *testing.T, ip string, relayKey crypto.PrivateKey) *bindEnd {
+	t.Helper()
+	priv, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &bindEnd{pub: priv.Public()}
+	for _, c := range []**net.UDPConn{&e.wg, &e.binder} {
+		*c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(ip)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { (*c).Close() })
+	}
+	// The end derives the key from its private key and the relay's
+	// public key; the relay from the other two: they must agree.
+	if e.key, err = BindKey(priv, relayKey.Public()); err != nil {
+		t.Fatal(err)
+	}
+	if k, err := BindKey(relayKey, e.pub); err != nil || k != e.key {
+		t.Fatalf("the relay derives another bind key (%v)", err)
+	}
+	return e
+}
+
+func (e *bindEnd) bind(t *testing.T, relay *net.UDPAddr, at time.Time) []byte {
+	t.Helper()
+	msg := AppendBind(nil, e.key, uint16(relay.Port), at)
+	if _, err := e.binder.WriteToUDP(msg, relay); err != nil {
+		t.Fatal(err)
+	}
+	return msg
+}
+
+// TestForgedHandshakeMovesNobody: anyone who knows an end's public key
+// (every member, every former member) can make a handshake message the
+// relay takes for the other end's. With bind keys, the relay learns an
+// end's address only from a handshake that comes from the address of the
+// end's latest bind, so a forged one moves nobody and reflects nothing.
+func TestForgedHandshakeMovesNobody(t *testing.T) {
+	relayKey, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := newBindEnd(t, "127.0.0.2", relayKey), newBindEnd(t, "127.0.0.4", relayKey)
+	stranger := listenOn(t, "127.0.0.3")
+	s := New(Config{BindAddr: loopback})
+	defer s.Close()
+	port := freeUDPPort(t)
+	if err := s.Set([]Session{{Port: port, A: a.pub, B: b.pub, KeyA: a.key, KeyB: b.key}}); err != nil {
+		t.Fatal(err)
+	}
+	relay := net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, port))
+
+	// Before binding, an end's handshakes teach the relay nothing.
+	_, _ = a.wg.WriteToUDP(handshake(msgInitiation, b.pub), relay)
+	_, _ = b.wg.WriteToUDP(handshake(msgInitiation, a.pub), relay)
+	expectNothing(t, a.wg)
+	now := time.Now()
+	a.bind(t, relay, now)
+	b.bind(t, relay, now)
+	time.Sleep(50 * time.Millisecond)
+	initA := handshake(msgInitiation, b.pub)
+	_, _ = a.wg.WriteToUDP(initA, relay)
+	initB := handshake(msgInitiation, a.pub)
+	_, _ = b.wg.WriteToUDP(initB, relay)
+	expect(t, a.wg, initB)
+	data := append([]byte{4, 0, 0, 0}, bytes.Repeat([]byte{7}, 200)...)
+	_, _ = a.wg.WriteToUDP(data, relay)
+	expect(t, b.wg, data)
+
+	// A stranger forges a fresh initiation "from A" (mac1 keyed with B's
+	// public key): A stays where it is.
+	_, _ = stranger.WriteToUDP(handshake(msgInitiation, b.pub), relay)
+	time.Sleep(50 * time.Millisecond)
+	_, _ = b.wg.WriteToUDP(data[:60], relay)
+	expect(t, a.wg, data[:60])
+	expectNothing(t, stranger)
+
+	// Nor does a bind of A's replayed from the stranger's address, or a
+	// bind made with another key, or one for another port, or a stale one.
+	_, _ = stranger.WriteToUDP(a.bind(t, relay, now.Add(time.Millisecond)), relay)
+	wrong := *a
+	wrong.key[0] ^= 1
+	_, _ = stranger.WriteToUDP(AppendBind(nil, wrong.key, port, time.Now()), relay)
+	_, _ = stranger.WriteToUDP(AppendBind(nil, a.key, port+1, time.Now()), relay)
+	_, _ = stranger.WriteToUDP(AppendBind(nil, a.key, port, time.Now().Add(-time.Hour)), relay)
+	time.Sleep(50 * time.Millisecond)
+	_, _ = stranger.WriteToUDP(handshake(msgInitiation, b.pub), relay)
+	time.Sleep(50 * time.Millisecond)
+	_, _ = b.wg.WriteToUDP(data[:70], relay)
+	expect(t, a.wg, data[:70])
+	expectNothing(t, stranger)
+
+	// A moves (a new NAT mapping, another address): its bind from there,
+	// then its handshake, move it; the old address gets nothing more.
+	moved := newBindEnd(t, "127.0.0.5", relayKey)
+	moved.key, moved.pub = a.key, a.pub
+	moved.bind(t, relay, time.Now())
+	time.Sleep(50 * time.Millisecond)
+	_, _ = moved.wg.WriteToUDP(handshake(msgInitiation, b.pub), relay)
+	time.Sleep(50 * time.Millisecond)
+	_, _ = b.wg.WriteToUDP(data[:80], relay)
+	expect(t, moved.wg, data[:80])
+	expectNothing(t, a.wg)
+}
+
+// TestUnboundEndsLearnFromHandshakes: an end without a bind key (an old
+// agent, which sends no binds) is learned from its handshakes as before.
+func TestUnboundEndsLearnFromHandshakes(t *testing.T) {
+	relayKey, err := crypto.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newBindEnd(t, "127.0.0.2", relayKey)
+	old := listenOn(t, "127.0.0.4")
+	kOld := pubKey(t)
+	s := New(Config{BindAddr: loopback})
+	defer s.Close()
+	port := freeUDPPort(t)
+	if err := s.Set([]Session{{Port: port, A: a.pub, B: kOld, KeyA: a.key}}); err != nil {
+		t.Fatal(err)
+	}
+	relay := net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, port))
+	a.bind(t, relay, time.Now())
+	time.Sleep(50 * time.Millisecond)
+	_, _ = a.wg.WriteToUDP(handshake(msgInitiation, kOld), relay)
+	initB := handshake(msgInitiation, a.pub)
+	_, _ = old.WriteToUDP(initB, relay)
+	expect(t, a.wg, initB)
+}
+
+func listenOn(t *testing.T, ip string) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(ip)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
