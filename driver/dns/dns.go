@@ -111,8 +111,8 @@ type Server struct {
 	fwd   *forwarder
 	table atomic.Pointer[Table]
 	stats counters
-	// inFlight bounds the queries being answered (maxInFlight); limit
-	// what each source may ask.
+	// inFlight bounds the queries waiting for upstreams (maxInFlight);
+	// limit what each source may ask.
 	inFlight chan struct{}
 	limit    *sourceLimiter
 
@@ -249,14 +249,9 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		}
 		return
 	}
-	select {
-	case s.inFlight <- struct{}{}:
-		defer func() { <-s.inFlight }()
-	default:
-		s.stats.overloaded.Add(1)
-		_ = w.WriteMsg(new(dns.Msg).SetRcode(q, dns.RcodeServerFailure))
-		return
-	}
+	// Answers from the mesh and the cache take microseconds (a source
+	// the watcher does not know may wait for Docker, but the watcher
+	// bounds those waits); only queries that go upstream need a place.
 	if resp := s.answer(w.RemoteAddr(), q); resp != nil {
 		s.stats.answered.Add(1)
 		s.reply(w, proto, q, resp)
@@ -265,6 +260,14 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 	if m, ok := s.fwd.cached(q); ok {
 		s.stats.cached.Add(1)
 		s.reply(w, proto, q, m)
+		return
+	}
+	select {
+	case s.inFlight <- struct{}{}:
+		defer func() { <-s.inFlight }()
+	default:
+		s.stats.overloaded.Add(1)
+		_ = w.WriteMsg(new(dns.Msg).SetRcode(q, dns.RcodeServerFailure))
 		return
 	}
 	m, err := s.fwd.forward(proto, q)

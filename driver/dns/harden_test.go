@@ -43,7 +43,7 @@ func startRawUpstream(t *testing.T, handle func(pc net.PacketConn, from net.Addr
 				return
 			}
 			q := new(dns.Msg)
-			if q.Unpack(buf[:n]) != nil || len(q.Question) != 1 {
+			if q.Unpack(buf[:n]) != nil || len(q.Question) != 1 || q.Response {
 				continue
 			}
 			if q.Question[0].Name == "probe." {

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -202,12 +203,16 @@ func TestHostile(t *testing.T) {
 
 	// Flat: in-flight work drains within the upstream timeout.
 	var g int
-	eventuallyT(t, 5*time.Second, func() error {
-		if g = runtime.NumGoroutine(); g > baseG+5 {
-			return fmt.Errorf("%d goroutines, %d before", g, baseG)
+	for end := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if g = runtime.NumGoroutine(); g <= baseG+5 {
+			break
 		}
-		return nil
-	})
+		if time.Now().After(end) {
+			var sb strings.Builder
+			_ = pprof.Lookup("goroutine").WriteTo(&sb, 1)
+			t.Fatalf("%d goroutines, %d before:\n%s", g, baseG, sb.String())
+		}
+	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)
 	growth := int64(after.HeapAlloc) - int64(before.HeapAlloc)

@@ -11,9 +11,9 @@ import (
 // then tries its next server) or, for a source over its rate, drops
 // the query: an answer would go to an address that may be forged.
 const (
-	// maxInFlight bounds the queries being answered at once (each holds
-	// a goroutine: waiting on Docker for an unknown source, or on an
-	// upstream).
+	// maxInFlight bounds the queries waiting for upstreams (a goroutine
+	// each; the watcher bounds those waiting for Docker, and the others
+	// take microseconds).
 	maxInFlight = 128
 	// sourceRate and sourceBurst are what one source address may ask,
 	// per second and at once; maxSources bounds the addresses tracked.
