@@ -13,6 +13,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver"
+	"github.com/wgmesh/wgmesh/driver/dns"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 )
@@ -142,6 +143,8 @@ func TestPrintStatus(t *testing.T) {
 		Relay: []driver.RelayStatus{{Network: netip.MustParsePrefix("10.60.0.0/16"), A: "h5", B: "h6", Port: 51903,
 			AddrA: netip.MustParseAddrPort("198.51.100.5:1234"), BytesAB: 4096, BytesBA: 1024}},
 		Problems: []string{"node h2 (192.0.2.2) failed"},
+		DNS: &dns.Status{Addr: netip.MustParseAddrPort("169.254.53.53:53"), Docker: &dns.DaemonDNS{Servers: []string{"169.254.53.53"}},
+			Notes: []string{"while the agent is down or restarting, containers here resolve no outside names"}},
 	}
 	var b bytes.Buffer
 	printStatus(&b, st, now)
@@ -156,6 +159,7 @@ func TestPrintStatus(t *testing.T) {
 		"h4    192.0.2.4  alive  -      -    none, relays",
 		"10.60.0.0/16  h5 – h6  51903  198.51.100.5:1234, -  4.0KiB, 1.0KiB  0",
 		"PROBLEMS:", "! node h2 (192.0.2.2) failed",
+		"dns 169.254.53.53: 0 names here", "\n  note: while the agent is down or restarting, containers here resolve no outside names\n",
 	} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, b.String())

@@ -28,6 +28,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,6 +36,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/netutil"
 
 	"github.com/wgmesh/wgmesh/mesh"
 )
@@ -109,13 +111,17 @@ type Server struct {
 	fwd   *forwarder
 	table atomic.Pointer[Table]
 	stats counters
+	// inFlight bounds the queries waiting for upstreams (maxInFlight);
+	// limit what each source may ask.
+	inFlight chan struct{}
+	limit    *sourceLimiter
 
 	mu        sync.Mutex
 	listenErr error
 }
 
 type counters struct {
-	answered, forwarded, cached, failed, unknown atomic.Uint64
+	answered, forwarded, cached, failed, unknown, limited, overloaded atomic.Uint64
 }
 
 // New creates a server with the names the mesh has now. It starts
@@ -127,7 +133,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "dns"), fwd: newForwarder(cfg.Upstreams, cfg.UpstreamTimeout, cfg.CacheSize)}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "dns"), fwd: newForwarder(cfg.Upstreams, cfg.UpstreamTimeout, cfg.CacheSize),
+		inFlight: make(chan struct{}, maxInFlight), limit: newSourceLimiter(sourceRate, sourceBurst, maxSources)}
 	s.refresh()
 	return s, nil
 }
@@ -211,7 +218,10 @@ func (s *Server) listen(ctx context.Context) (*dns.Server, *dns.Server, error) {
 		return nil, nil, err
 	}
 	udp := &dns.Server{PacketConn: pc, Handler: s, ReadTimeout: 2 * time.Second}
-	tcp := &dns.Server{Listener: l, Handler: s, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second}
+	// Each TCP connection holds a goroutine: a bounded number are
+	// accepted, the others wait in the kernel's backlog.
+	tcp := &dns.Server{Listener: netutil.LimitListener(l, maxTCPConns), Handler: s, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+		MaxTCPQueries: 128}
 	return udp, tcp, nil
 }
 
@@ -231,27 +241,36 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		return
 	}
 	proto := w.LocalAddr().Network()
+	if src, ok := addrOf(w.RemoteAddr()); ok && !s.limit.allow(src, time.Now()) {
+		s.stats.limited.Add(1)
+		if proto == "tcp" {
+			// Not forged: a TCP peer completed a handshake.
+			_ = w.WriteMsg(new(dns.Msg).SetRcode(q, dns.RcodeServerFailure))
+		}
+		return
+	}
+	// Answers from the mesh and the cache take microseconds (a source
+	// the watcher does not know may wait for Docker, but the watcher
+	// bounds those waits); only queries that go upstream need a place.
 	if resp := s.answer(w.RemoteAddr(), q); resp != nil {
 		s.stats.answered.Add(1)
-		size := dns.MaxMsgSize
-		if proto != "tcp" {
-			size = dns.MinMsgSize
-			if opt := q.IsEdns0(); opt != nil {
-				size = max(size, int(opt.UDPSize()))
-			}
-		}
-		resp.Truncate(size)
-		_ = w.WriteMsg(resp)
+		s.reply(w, proto, q, resp)
 		return
 	}
 	if m, ok := s.fwd.cached(q); ok {
 		s.stats.cached.Add(1)
-		_ = w.WriteMsg(m)
+		s.reply(w, proto, q, m)
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.UpstreamTimeout*time.Duration(max(1, len(s.cfg.Upstreams))))
-	defer cancel()
-	m, err := s.fwd.forward(ctx, proto, q)
+	select {
+	case s.inFlight <- struct{}{}:
+		defer func() { <-s.inFlight }()
+	default:
+		s.stats.overloaded.Add(1)
+		_ = w.WriteMsg(new(dns.Msg).SetRcode(q, dns.RcodeServerFailure))
+		return
+	}
+	m, err := s.fwd.forward(proto, q)
 	if err != nil {
 		s.stats.failed.Add(1)
 		s.log.Debug("forwarding a query failed", "name", q.Question[0].Name, "err", err)
@@ -260,8 +279,29 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		return
 	}
 	s.stats.forwarded.Add(1)
-	m.Id = q.Id
-	_ = w.WriteMsg(m)
+	s.reply(w, proto, q, m)
+}
+
+// reply sends resp, an answer to q from the mesh, the cache or an
+// upstream, as the answer to q: q's ID and question, an OPT record only
+// if q had one, and no bigger than q's transport and EDNS size allow
+// (truncated, with TC set, else), so that a small query never gets a
+// big answer over UDP.
+func (s *Server) reply(w dns.ResponseWriter, proto string, q, resp *dns.Msg) {
+	resp.Id = q.Id
+	resp.Question = []dns.Question{q.Question[0]}
+	resp.RecursionDesired, resp.CheckingDisabled = q.RecursionDesired, q.CheckingDisabled
+	resp.Extra = slices.DeleteFunc(resp.Extra, func(rr dns.RR) bool { return rr.Header().Rrtype == dns.TypeOPT })
+	size := dns.MinMsgSize
+	if opt := q.IsEdns0(); opt != nil {
+		resp.SetEdns0(upstreamUDPSize, opt.Do())
+		size = max(size, int(opt.UDPSize()))
+	}
+	if proto == "tcp" {
+		size = dns.MaxMsgSize
+	}
+	resp.Truncate(size)
+	_ = w.WriteMsg(resp)
 }
 
 // answer answers q from the mesh's names of the asking container's
@@ -357,6 +397,9 @@ type ServerStats struct {
 	// answered; Unknown: from an address that is no wgmesh container's
 	// (forwarded or cached as well).
 	Answered, Forwarded, Cached, Failed, Unknown uint64
+	// Limited: dropped, its source over its rate; Overloaded: answered
+	// SERVFAIL, too many queries in flight.
+	Limited, Overloaded uint64 `json:",omitempty"`
 	// Names is how many (name, address) pairs the server knows.
 	Names int
 	// ListenError is why the server is not listening, if it is not.
@@ -366,7 +409,8 @@ type ServerStats struct {
 // Stats reports the server's counters.
 func (s *Server) Stats() ServerStats {
 	st := ServerStats{Answered: s.stats.answered.Load(), Forwarded: s.stats.forwarded.Load(), Cached: s.stats.cached.Load(),
-		Failed: s.stats.failed.Load(), Unknown: s.stats.unknown.Load(), Names: s.table.Load().Len()}
+		Failed: s.stats.failed.Load(), Unknown: s.stats.unknown.Load(), Limited: s.stats.limited.Load(), Overloaded: s.stats.overloaded.Load(),
+		Names: s.table.Load().Len()}
 	s.mu.Lock()
 	if s.listenErr != nil {
 		st.ListenError = s.listenErr.Error()

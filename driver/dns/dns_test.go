@@ -462,3 +462,23 @@ func TestPeerPID(t *testing.T) {
 		t.Error("no socket, no error")
 	}
 }
+
+// TestFallbackNote: with the agent as dockerd's only DNS server, status
+// says how to keep outside names working while the agent is down; with
+// a second server, or without the setting, it does not.
+func TestFallbackNote(t *testing.T) {
+	ours := netip.MustParseAddr("169.254.53.53")
+	if n := fallbackNote(DaemonDNS{Servers: []string{"169.254.53.53"}}, ours); !strings.Contains(n, `"dns": ["169.254.53.53", "<resolver>"]`) {
+		t.Errorf("only server: %q", n)
+	}
+	for _, d := range []DaemonDNS{{Servers: []string{"169.254.53.53", "192.0.2.53"}}, {}, {Servers: []string{"192.0.2.53"}}} {
+		if n := fallbackNote(d, ours); n != "" {
+			t.Errorf("%v: %q", d.Servers, n)
+		}
+	}
+	st := &Status{Addr: netip.MustParseAddrPort("169.254.53.53:53"), Docker: &DaemonDNS{Servers: []string{"169.254.53.53"}}}
+	st.Notes = append(st.Notes, fallbackNote(*st.Docker, ours))
+	if s := st.Summary(); !strings.Contains(s, "\n  note: while the agent is down") {
+		t.Errorf("summary: %q", s)
+	}
+}

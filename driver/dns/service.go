@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -131,6 +132,9 @@ type Status struct {
 	// Known is how many containers of every host the mesh has names for.
 	Known    int      `json:"known"`
 	Problems []string `json:"problems,omitempty"`
+	// Notes are advice that is no problem (the health check ignores
+	// them). A new optional field: an older CLI ignores it.
+	Notes []string `json:"notes,omitempty"`
 }
 
 // Status reports the service's state and its problems.
@@ -145,6 +149,9 @@ func (s *Service) Status(names mesh.NameStats) *Status {
 	if st.Docker != nil {
 		if p := daemonProblem(*st.Docker, s.cfg.Listen.Addr()); p != "" {
 			st.Problems = append(st.Problems, p)
+		}
+		if n := fallbackNote(*st.Docker, s.cfg.Listen.Addr()); n != "" {
+			st.Notes = append(st.Notes, n)
 		}
 	}
 	if st.Server.ListenError != "" {
@@ -162,15 +169,32 @@ func (s *Service) Status(names mesh.NameStats) *Status {
 	return st
 }
 
-// Summary is a one-line account of the service, for `wgmesh status`.
+// fallbackNote is the advice for a dockerd that has the server at addr
+// as its only DNS server: dockerd forwards only to it, so while the agent
+// is down or restarting every container on the host loses outside names
+// (README, "Names across hosts").
+func fallbackNote(d DaemonDNS, addr netip.Addr) string {
+	if len(d.Servers) != 1 || d.Servers[0] != addr.String() {
+		return ""
+	}
+	return fmt.Sprintf(`while the agent is down or restarting, containers here resolve no outside names: dockerd forwards them only to %s; `+
+		`add a resolver containers can reach (not a 127.x address) as a fallback, "dns": ["%s", "<resolver>"], and restart Docker`, addr, addr)
+}
+
+// Summary is a one-line account of the service, for `wgmesh status`,
+// with a line for each note.
 func (st *Status) Summary() string {
 	docker := "dockerd's setting unknown (" + st.DockerCheck + ")"
 	if st.Docker != nil {
 		docker = "dockerd forwards to " + formatList(st.Docker.Servers)
 	}
+	var notes strings.Builder
+	for _, n := range st.Notes {
+		notes.WriteString("\n  note: " + n)
+	}
 	return fmt.Sprintf("dns %s: %d names here, %d in the mesh; %s; upstreams %s; answered %d, forwarded %d, cached %d, failed %d",
 		st.Addr.Addr(), st.Watcher.Names, st.Known, docker, orNone(formatAddrs(st.Upstreams)), st.Server.Answered, st.Server.Forwarded,
-		st.Server.Cached, st.Server.Failed)
+		st.Server.Cached, st.Server.Failed) + notes.String()
 }
 
 func formatList(s []string) string {

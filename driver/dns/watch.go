@@ -89,6 +89,11 @@ type Watcher struct {
 	cfg  WatcherConfig
 	log  *slog.Logger
 	kick chan struct{}
+	// kickUnknown asks for a look for an address the watcher does not
+	// know; such looks are spaced by unknownLookEvery. waiters bounds the
+	// queries waiting for one.
+	kickUnknown chan struct{}
+	waiters     chan struct{}
 
 	mu sync.Mutex
 	// cache holds inspected containers; an event about one drops it,
@@ -116,6 +121,17 @@ var _ Clients = (*Watcher)(nil)
 // not looked up again; an event about a container clears it sooner.
 const negativeFor = 30 * time.Second
 
+// Bounds on what queries from addresses the watcher does not know may
+// cost, when they come from many (forged) addresses: the looks at Docker
+// they cause are spaced by unknownLookEvery, at most maxUnknownWaiters
+// wait for one (the others are taken for no container's at once, and
+// not remembered), and the negative cache holds maxNegative addresses.
+const (
+	unknownLookEvery  = 500 * time.Millisecond
+	maxUnknownWaiters = 64
+	maxNegative       = 4096
+)
+
 // NewWatcher creates a watcher. It starts nothing; Run does.
 func NewWatcher(cfg WatcherConfig) (*Watcher, error) {
 	if cfg.Docker == nil || cfg.Names == nil || cfg.DriverName == "" {
@@ -131,6 +147,7 @@ func NewWatcher(cfg WatcherConfig) (*Watcher, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Watcher{cfg: cfg, log: cfg.Logger.With("component", "dns"), kick: make(chan struct{}, 1),
+		kickUnknown: make(chan struct{}, 1), waiters: make(chan struct{}, maxUnknownWaiters),
 		cache: map[string]Container{}, dirty: map[string]bool{}, index: map[netip.Addr][]netip.Prefix{}, negative: map[netip.Addr]time.Time{},
 		doneCh: make(chan struct{})}, nil
 }
@@ -151,6 +168,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 	t := time.NewTicker(w.cfg.Resync)
 	defer t.Stop()
 	failing := false
+	var lastUnknown time.Time
 	for {
 		err := w.look(ctx)
 		switch {
@@ -170,12 +188,39 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case <-w.kick:
 			// Gather the events of one change (a compose project
 			// starting, say) into one look.
+			if !sleep(ctx, w.cfg.Debounce) {
+				return nil
+			}
+		case <-w.kickUnknown:
+			// An event meanwhile makes the look sooner; it serves the
+			// waiting queries as well.
+			wait := time.NewTimer(max(w.cfg.Debounce, time.Until(lastUnknown.Add(unknownLookEvery))))
 			select {
 			case <-ctx.Done():
+				wait.Stop()
 				return nil
-			case <-time.After(w.cfg.Debounce):
+			case <-wait.C:
+			case <-w.kick:
+				wait.Stop()
+				if !sleep(ctx, w.cfg.Debounce) {
+					return nil
+				}
 			}
+			lastUnknown = time.Now()
 		}
+	}
+}
+
+// sleep waits for d, or until ctx is done, and reports whether ctx is
+// still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
@@ -346,7 +391,8 @@ func shortID(id string) string {
 // at Docker once more (a container's first query may come before its
 // start event): it waits, within ctx, for a look that starts after the
 // query came. An address that is still unknown then is not looked up
-// again for negativeFor, or until the next event.
+// again for negativeFor, or until the next event. When too many queries
+// wait already, it does not wait (see maxUnknownWaiters).
 func (w *Watcher) Networks(ctx context.Context, addr netip.Addr) []netip.Prefix {
 	w.mu.Lock()
 	if s, ok := w.index[addr]; ok {
@@ -359,13 +405,22 @@ func (w *Watcher) Networks(ctx context.Context, addr netip.Addr) []netip.Prefix 
 	}
 	target := w.started + 1
 	w.mu.Unlock()
-	w.kickLoop()
+	select {
+	case w.waiters <- struct{}{}:
+		defer func() { <-w.waiters }()
+	default:
+		return nil
+	}
+	select {
+	case w.kickUnknown <- struct{}{}:
+	default:
+	}
 	for {
 		w.mu.Lock()
 		if w.done >= target {
 			s, ok := w.index[addr]
 			if !ok {
-				w.negative[addr] = time.Now().Add(negativeFor)
+				w.addNegativeLocked(addr)
 			}
 			w.mu.Unlock()
 			return s
@@ -378,6 +433,24 @@ func (w *Watcher) Networks(ctx context.Context, addr netip.Addr) []netip.Prefix 
 		case <-ch:
 		}
 	}
+}
+
+// addNegativeLocked remembers that addr is no container's, within
+// maxNegative: when it is full of live entries, addr is not remembered
+// (its next query waits for a look again, within the bounds above).
+func (w *Watcher) addNegativeLocked(addr netip.Addr) {
+	now := time.Now()
+	if len(w.negative) >= maxNegative {
+		for a, until := range w.negative {
+			if now.After(until) {
+				delete(w.negative, a)
+			}
+		}
+		if len(w.negative) >= maxNegative {
+			return
+		}
+	}
+	w.negative[addr] = now.Add(negativeFor)
 }
 
 // WatcherStats is what the watcher reports in status.
