@@ -76,11 +76,6 @@ type path struct {
 	handshake time.Time
 	rx        int64
 	rxAt      time.Time
-	// tx is the bytes sent; trying is when they first grew after the
-	// last handshake went stale (WireGuard sends handshake initiations
-	// to send anything then).
-	tx     int64
-	trying time.Time
 	inUse     netip.AddrPort
 	// flip: the peer sends first (see the stagger).
 	flip bool
@@ -88,6 +83,12 @@ type path struct {
 	started bool
 	// pathMTU is the path MTU of the last decision.
 	pathMTU int
+
+	// tx is the bytes sent; trying is when they first grew after the
+	// last handshake went stale (WireGuard sends handshake initiations
+	// to send anything then).
+	tx     int64
+	trying time.Time
 }
 
 // paths holds every peer's path. Not safe for concurrent use: the driver
