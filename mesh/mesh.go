@@ -371,6 +371,7 @@ func (m *Mesh) bindGossip() error {
 		return errors.New("the gossip transport must be node-aware")
 	}
 	m.gossipNet = newGossipTransport(nat, m.cfg.Name)
+	m.gossipNet.setGeneration(m.gen)
 	m.gossipNet.setKeyring(m.cfg.Keyring)
 	if m.cfg.RelayPort != 0 {
 		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))
@@ -449,7 +450,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader,
+		Features:   featureHeader | featureReplayProof,
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {
@@ -734,8 +735,8 @@ func (m *Mesh) step(ctx context.Context) error {
 	m.mu.Unlock()
 
 	m.gossipNet.setHints(hints)
-	for _, to := range reflect {
-		m.gossipNet.askReflection(to)
+	for _, r := range reflect {
+		m.gossipNet.askReflection(r.name, r.to)
 	}
 
 	if updateMeta {

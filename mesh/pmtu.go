@@ -207,8 +207,8 @@ func (p *pmtuProber) loop(ctx context.Context) {
 func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, st *pathState) error {
 	timeout := 4 * p.rtt(name)
 	timeout = min(max(timeout, 150*time.Millisecond), time.Second)
-	probe := func(ctx context.Context, size int) (bool, error) { return p.t.probe(ctx, to, size, timeout) }
-	fits := func(size int) bool { return p.t.fits(to, size) }
+	probe := func(ctx context.Context, size int) (bool, error) { return p.t.probe(ctx, name, to, size, 2, timeout) }
+	fits := func(size int) bool { return p.t.fits(name, to, size) }
 	p.mu.Lock()
 	prev, local, fails, rounds := st.MTU, st.local, st.fails, st.rounds
 	if st.to != to {

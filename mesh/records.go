@@ -71,6 +71,10 @@ const (
 	// featureHeader: the node reads the sender header in front of
 	// gossip datagrams (gossipnet.go).
 	featureHeader uint32 = 1 << iota
+	// featureReplayProof: the node reads header version 2, which
+	// carries its sender's generation (gossipnet.go), and echoes
+	// reflection requests' nonces.
+	featureReplayProof
 )
 
 // NetworkEntry is one node's state in one network. The subnet is the
