@@ -109,8 +109,9 @@ type Config struct {
 	// carry the relay sessions, which the driver serves. The node offers
 	// them only while members see it at the address it advertises.
 	RelayPort, RelayPorts uint16
-	// PMTUInterval is how often the path MTU to each member reached
-	// directly is confirmed (pmtu.go); 0 means 30 s, negative turns
+	// PMTUInterval times path MTU probes to each member reached
+	// directly (pmtu.go): a sixth of it between confirmations, ten of it
+	// between searches for a larger value; 0 means 30 s, negative turns
 	// probing off.
 	PMTUInterval time.Duration
 	// NameTombstoneTTL is how long removed container names are
