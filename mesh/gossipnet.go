@@ -198,17 +198,17 @@ func (h routeHint) version() byte {
 	return 0
 }
 
-// versionFor is the header version for the member name: the newest it
-// reads, version 2 for a member not known yet (probes and reflection
-// requests go only to known members).
+// versionFor is the header version of probes and reflection requests
+// for the member name: the newest it reads; version 1, which every
+// version reads, for a member whose info has not arrived yet (its
+// answer matters, not its sighting of this node).
 func (t *gossipTransport) versionFor(name string) byte {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	h, ok := t.hints[name]
-	if !ok || h.version() == 0 {
+	if h := t.hints[name]; h.ReplayProof {
 		return hdrV2
 	}
-	return h.version()
+	return hdrV1
 }
 
 func (t *gossipTransport) setHints(h map[string]routeHint) {

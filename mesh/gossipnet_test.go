@@ -302,6 +302,7 @@ func TestReflectionIsNoSighting(t *testing.T) {
 	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindGossip, []byte("g")), From: gossipPort, Timestamp: time.Now()}
 	recv(t, node)
 	// The node asks; the relay answers its request.
+	node.setHints(map[string]routeHint{"relay": {Header: true, ReplayProof: true}})
 	node.askReflection("relay", netip.MustParseAddrPort("192.0.2.1:51900"))
 	h, nonce, _, err := relay.open(pipe.last)
 	if err != nil || h.kind != kindReflect {

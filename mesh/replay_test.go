@@ -116,6 +116,8 @@ func TestReflectionBoundToRequest(t *testing.T) {
 	defer asker.Shutdown()
 	defer relay.Shutdown()
 	relayAt := netip.MustParseAddrPort(relay.reflector.LocalAddr().String())
+	hints := map[string]routeHint{"relay": {Header: true, ReplayProof: true}}
+	asker.setHints(hints)
 	asker.askReflection("relay", relayAt)
 	var first sighting
 	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -137,6 +139,7 @@ func TestReflectionBoundToRequest(t *testing.T) {
 	pipe := newPipe()
 	other := newGossipTransport(pipe, "other")
 	other.setKeyring(keys("k"))
+	other.setHints(hints)
 	other.start()
 	defer other.Shutdown()
 	pipe.in <- &memberlist.Packet{Buf: answer.Buf, From: answer.From, Timestamp: time.Now()}
