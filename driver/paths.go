@@ -92,6 +92,12 @@ type path struct {
 	relayFails int
 	waitVia    string
 	waitSince  time.Time
+
+	// tx is the bytes sent; trying is when they first grew after the
+	// last handshake went stale (WireGuard sends handshake initiations
+	// to send anything then).
+	tx     int64
+	trying time.Time
 }
 
 // excluded reports whether relay failed for the pair lately.
@@ -152,6 +158,10 @@ func (ps *paths) observe(k pathKey, st dataplane.PeerStatus, taken, now time.Tim
 		}
 		p.rx = st.RxBytes
 	}
+	if st.TxBytes > p.tx && (p.handshake.IsZero() || now.Sub(p.handshake) > handshakeStale) && !p.trying.After(p.handshake) {
+		p.trying = now
+	}
+	p.tx = st.TxBytes
 }
 
 // forget drops the paths of subnet's peers not in keep; with keep nil,
@@ -457,6 +467,13 @@ func (ps *paths) checkRelay(now time.Time, v *mesh.View, subnet netip.Prefix, p 
 // broken reports whether an established direct session stopped working.
 func (ps *paths) broken(p *path, now time.Time) bool {
 	if p.handshake.IsZero() || now.Sub(p.handshake) > handshakeStale {
+		if ps.keepalive <= 0 && !p.handshake.IsZero() {
+			// Without keepalives WireGuard handshakes only while it
+			// sends: an idle session goes stale and still works. It is
+			// broken when WireGuard has tried to send for a punch
+			// timeout and no handshake came.
+			return p.trying.After(p.handshake) && now.Sub(p.trying) > ps.punchTimeout
+		}
 		return !p.since.IsZero() && now.Sub(p.since) > ps.punchTimeout
 	}
 	if ps.keepalive > 0 && !p.rxAt.IsZero() && now.Sub(p.rxAt) > 2*ps.keepalive+15*time.Second {

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/crypto"
 )
 
 // gossipTransport wraps memberlist's transport to make gossip work with
@@ -27,15 +30,33 @@ import (
 // encrypted packets do not say outside their encryption. So each
 // datagram carries a small header, in front of memberlist's packet:
 //
-//	0xE7 | version 1 | kind | name length | name | sequence (8) | tag (16) | body
+//	0xE7 | version 2 | kind | name length | name | generation (8) | sequence (8) | tag (16) | body
 //
 // The tag is an HMAC (SHA-256, cut to 16 bytes) over everything else,
-// keyed from the cluster key: only a member can make one. A sighting
+// keyed from the cluster key: only a member can make one. The generation
+// counts the sender's runs (stored durably, consensus.nextGeneration;
+// NodeInfo.Version carries it too), the sequence counts its packets
+// within the run, from the wall clock's nanoseconds at start. A sighting
 // (the sender's name and the packet's source) is learned only from a
-// packet whose sequence number is higher than any before from that
-// sender, so a replayed packet cannot move a member's address; packets
-// are delivered to memberlist either way. Member names in the header are
-// no secret: they are also in memberlist's own packets to new members.
+// packet whose (generation, sequence) is higher than any before from
+// that sender's identity, and whose generation is no older than the one
+// the sender publishes: there is no window after which an old packet is
+// believed again, and a run whose clock went back is still believed, as
+// its generation is higher. So a replayed packet cannot move a member's
+// address; packets are delivered to memberlist either way (it drops
+// duplicates itself). Member names in the header are no secret: they
+// are also in memberlist's own packets to new members.
+//
+// Rolling upgrades: agents of 559f90d and before send and read only
+// version 1, without the generation, and refuse any other version. A
+// node publishes featureReplayProof when it reads version 2; packets go
+// out as version 2 only to members that publish it, as version 1 to
+// those that publish only featureHeader. Version 1 packets are believed
+// only from members that do not publish featureReplayProof (a v2 node's
+// version 1 packets are meant for old nodes: elsewhere they are
+// replays), with the sender's published generation standing in for the
+// one the packet lacks: strictly increasing sequence within it, no
+// window.
 //
 // The same header carries path MTU probes and their acknowledgements
 // (pmtu.go), so that probes use the gossip port and its NAT mappings.
@@ -49,7 +70,9 @@ type gossipTransport struct {
 	df    dfWriter // nil: no path MTU probes
 	self  string
 
-	keys    atomic.Pointer[[][]byte]
+	keys atomic.Pointer[[][]byte]
+	// gen is this node's generation; seq its last packet's sequence.
+	gen     uint64
 	seq     atomic.Uint64
 	packets chan *memberlist.Packet
 	done    chan struct{}
@@ -65,17 +88,34 @@ type gossipTransport struct {
 	reflections map[string]sighting
 	hints       map[string]routeHint
 	waiting     map[uint64]chan struct{}
+	// asked: reflection requests not answered yet, by nonce (relays
+	// reading version 2), or by relay (older relays, which echo no
+	// nonce).
+	asked    map[[nonceLen]byte]reflectAsk
+	askedOld map[string]reflectAsk
 	// refused counts packets dropped for a bad tag.
 	refused uint64
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
 
-// sighting is where a member's packets last came from.
+// sighting is where a member's packets last came from; id, gen and
+// seq mark the newest packet believed.
 type sighting struct {
 	Addr netip.AddrPort
 	At   time.Time
+	id   crypto.NodeID
+	gen  uint64
 	seq  uint64
+}
+
+// reflectAsk is a reflection request awaiting its answer.
+type reflectAsk struct {
+	relay string
+	at    time.Time
+	// minSeq: an older relay's answer must be sealed after the request,
+	// so after every packet of it seen before.
+	minSeq uint64
 }
 
 // routeHint is what the member's own published info says about reaching
@@ -86,12 +126,18 @@ type routeHint struct {
 	Public     netip.AddrPort
 	BehindNAT  bool
 	Header     bool
+	// ReplayProof: it reads header version 2. ID and Gen are its
+	// identity and the generation it publishes (0: unknown).
+	ReplayProof bool
+	ID          crypto.NodeID
+	Gen         uint64
 }
 
 // Header constants.
 const (
 	hdrMagic     byte = 0xE7
-	hdrVersion   byte = 1
+	hdrV1        byte = 1
+	hdrV2        byte = 2
 	kindGossip   byte = 0
 	kindProbe    byte = 1
 	kindProbeAck byte = 2
@@ -99,7 +145,11 @@ const (
 	kindReflectd byte = 4
 	tagLen            = 16
 	maxNameLen        = 255
+	nonceLen          = 16
 )
+
+// reflectWait is how long a reflection request waits for its answer.
+const reflectWait = 10 * time.Second
 
 // sightingTTL is how long a sighting is used to route to a member.
 const sightingTTL = 2 * time.Minute
@@ -111,10 +161,14 @@ var errBehindNAT = errors.New("behind NAT: it connects out itself")
 
 func newGossipTransport(inner memberlist.NodeAwareTransport, self string) *gossipTransport {
 	t := &gossipTransport{inner: inner, self: self, packets: make(chan *memberlist.Packet), done: make(chan struct{}),
-		sightings: map[string]sighting{}, reflections: map[string]sighting{}, hints: map[string]routeHint{}, waiting: map[uint64]chan struct{}{}}
+		sightings: map[string]sighting{}, reflections: map[string]sighting{}, hints: map[string]routeHint{}, waiting: map[uint64]chan struct{}{},
+		asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{}}
 	if df, ok := inner.(dfWriter); ok {
 		t.df = df
 	}
+	// Within a generation the sequence only grows; seeding it from the
+	// wall clock also keeps it growing across runs without a state
+	// directory (tests), whose generation stays 1.
 	t.seq.Store(uint64(time.Now().UnixNano()))
 	empty := [][]byte{}
 	t.keys.Store(&empty)
@@ -133,6 +187,30 @@ func (t *gossipTransport) setKeyring(ring [][]byte) {
 	t.keys.Store(&keys)
 }
 
+// version is the header version the member reads, 0 for none.
+func (h routeHint) version() byte {
+	switch {
+	case h.ReplayProof:
+		return hdrV2
+	case h.Header:
+		return hdrV1
+	}
+	return 0
+}
+
+// versionFor is the header version of probes and reflection requests
+// for the member name: the newest it reads; version 1, which every
+// version reads, for a member whose info has not arrived yet (its
+// answer matters, not its sighting of this node).
+func (t *gossipTransport) versionFor(name string) byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if h := t.hints[name]; h.ReplayProof {
+		return hdrV2
+	}
+	return hdrV1
+}
+
 func (t *gossipTransport) setHints(h map[string]routeHint) {
 	t.mu.Lock()
 	t.hints = h
@@ -148,20 +226,43 @@ func (t *gossipTransport) start() {
 	}
 }
 
-// seal prepends the header to body.
+// setGeneration sets this node's generation (its run), before start.
+func (t *gossipTransport) setGeneration(gen uint64) { t.gen = gen }
+
+// seal prepends the current header to body.
 func (t *gossipTransport) seal(kind byte, body []byte) []byte {
+	b, _ := t.sealV(hdrV2, kind, body)
+	return b
+}
+
+// headLen is the header's length in front of the body.
+func (t *gossipTransport) headLen(ver byte) int {
+	n := 4 + len(t.self) + 8 + tagLen
+	if ver >= hdrV2 {
+		n += 8
+	}
+	return n
+}
+
+// sealV prepends a header of version ver to body, and returns the
+// packet's sequence number.
+func (t *gossipTransport) sealV(ver, kind byte, body []byte) ([]byte, uint64) {
 	name := t.self
-	b := make([]byte, 0, 4+len(name)+8+tagLen+len(body))
-	b = append(b, hdrMagic, hdrVersion, kind, byte(len(name)))
+	seq := t.seq.Add(1)
+	b := make([]byte, 0, t.headLen(ver)+len(body))
+	b = append(b, hdrMagic, ver, kind, byte(len(name)))
 	b = append(b, name...)
-	b = binary.BigEndian.AppendUint64(b, t.seq.Add(1))
+	if ver >= hdrV2 {
+		b = binary.BigEndian.AppendUint64(b, t.gen)
+	}
+	b = binary.BigEndian.AppendUint64(b, seq)
 	tagAt := len(b)
 	b = append(b, make([]byte, tagLen)...)
 	b = append(b, body...)
 	if keys := *t.keys.Load(); len(keys) > 0 {
 		copy(b[tagAt:], tag(keys[0], b[:tagAt], body))
 	}
-	return b
+	return b, seq
 }
 
 func tag(key, head, body []byte) []byte {
@@ -172,8 +273,10 @@ func tag(key, head, body []byte) []byte {
 }
 
 type header struct {
+	ver  byte
 	kind byte
 	name string
+	gen  uint64 // 0 in version 1
 	seq  uint64
 }
 
@@ -185,15 +288,24 @@ func (t *gossipTransport) open(b []byte) (h header, body []byte, ok bool, err er
 	if len(b) < 4 || b[0] != hdrMagic {
 		return header{}, b, false, nil
 	}
-	if b[1] != hdrVersion {
-		return header{}, nil, true, fmt.Errorf("%w: version %d", errBadHeader, b[1])
+	ver := b[1]
+	if ver != hdrV1 && ver != hdrV2 {
+		return header{}, nil, true, fmt.Errorf("%w: version %d", errBadHeader, ver)
 	}
 	n := int(b[3])
-	if n == 0 || len(b) < 4+n+8+tagLen {
+	nums := 8
+	if ver >= hdrV2 {
+		nums = 16
+	}
+	if n == 0 || len(b) < 4+n+nums+tagLen {
 		return header{}, nil, true, fmt.Errorf("%w: truncated", errBadHeader)
 	}
-	h = header{kind: b[2], name: string(b[4 : 4+n]), seq: binary.BigEndian.Uint64(b[4+n:])}
-	tagAt := 4 + n + 8
+	h = header{ver: ver, kind: b[2], name: string(b[4 : 4+n])}
+	if ver >= hdrV2 {
+		h.gen = binary.BigEndian.Uint64(b[4+n:])
+	}
+	h.seq = binary.BigEndian.Uint64(b[4+n+nums-8:])
+	tagAt := 4 + n + nums
 	body = b[tagAt+tagLen:]
 	if keys := *t.keys.Load(); len(keys) > 0 {
 		good := false
@@ -240,7 +352,7 @@ func (t *gossipTransport) loopPackets() {
 				t.ackProbe(h, body, from)
 				continue
 			case kindProbeAck:
-				t.probeAcked(h.seq, body)
+				t.probeAcked(h, body)
 				continue
 			case kindReflectd:
 				t.reflected(h, body, p.Timestamp)
@@ -276,16 +388,45 @@ func (t *gossipTransport) sighted(h header, from netip.AddrPort, at time.Time) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	cur, ok := t.sightings[h.name]
-	// A sender that restarted with a lower sequence (its clock went
-	// back) is believed again once its last sighting is old.
-	if ok && h.seq <= cur.seq && at.Sub(cur.At) < 10*time.Second {
+	gen, ok := t.freshLocked(h)
+	if !ok {
 		return
 	}
 	if at.IsZero() {
 		at = time.Now()
 	}
-	t.sightings[h.name] = sighting{Addr: from, At: at, seq: h.seq}
+	id := t.hints[h.name].ID
+	if id == (crypto.NodeID{}) {
+		id = t.sightings[h.name].id
+	}
+	t.sightings[h.name] = sighting{Addr: from, At: at, id: id, gen: gen, seq: h.seq}
+}
+
+// freshLocked reports whether a packet is newer than every packet of its
+// sender believed so far, and its sender's generation.
+func (t *gossipTransport) freshLocked(h header) (uint64, bool) {
+	hint := t.hints[h.name]
+	gen := h.gen
+	if h.ver < hdrV2 {
+		if hint.ReplayProof {
+			// Sent to a node of an older version, or replayed.
+			return 0, false
+		}
+		gen = hint.Gen
+	} else if gen < hint.Gen {
+		// A packet of an earlier run.
+		return 0, false
+	}
+	cur, ok := t.sightings[h.name]
+	var none crypto.NodeID
+	if !ok || cur.id != none && hint.ID != none && cur.id != hint.ID {
+		// A new sender, or a name taken over by a new identity.
+		return gen, true
+	}
+	if gen < cur.gen || gen == cur.gen && h.seq <= cur.seq {
+		return 0, false
+	}
+	return gen, true
 }
 
 // sightingsCopy returns the current sightings.
@@ -304,15 +445,15 @@ func (t *gossipTransport) forget(name string) {
 
 // route is where packets for the member name go: where its packets come
 // from, else where it says members see it, else addr (the address it
-// advertises).
-func (t *gossipTransport) route(name, addr string) (string, bool) {
+// advertises); and the header version it reads (0: none).
+func (t *gossipTransport) route(name, addr string) (string, byte) {
 	if name == "" {
-		return addr, false
+		return addr, 0
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	h, hinted := t.hints[name]
-	header := hinted && h.Header
+	h := t.hints[name]
+	header := h.version()
 	if s, ok := t.sightings[name]; ok && time.Since(s.At) < sightingTTL {
 		return s.Addr.String(), header
 	}
@@ -335,9 +476,9 @@ func (t *gossipTransport) WriteTo(b []byte, addr string) (time.Time, error) {
 
 // WriteToAddress implements memberlist.NodeAwareTransport.
 func (t *gossipTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
-	dst, header := t.route(a.Name, a.Addr)
-	if header {
-		b = t.seal(kindGossip, b)
+	dst, ver := t.route(a.Name, a.Addr)
+	if ver != 0 {
+		b, _ = t.sealV(ver, kindGossip, b)
 	}
 	return t.inner.WriteToAddress(b, memberlist.Address{Addr: dst, Name: a.Name})
 }
@@ -402,15 +543,44 @@ func (t *gossipTransport) Shutdown() error {
 	return err
 }
 
-// askReflection asks the relay at to say where this node's gossip port's
-// packets come from; the answer arrives as a sealed packet (reflected).
-func (t *gossipTransport) askReflection(to netip.AddrPort) {
-	_, _ = t.inner.WriteTo(t.seal(kindReflect, nil), to.String())
+// askReflection asks the relay (a member, at to) to say where this
+// node's gossip port's packets come from; the answer arrives as a sealed
+// packet (reflected), and is believed only as the answer to this
+// request: a relay of this version echoes the request's random nonce; an
+// older one (header version 1) must answer with a packet it sealed after
+// the request.
+func (t *gossipTransport) askReflection(relay string, to netip.AddrPort) {
+	var nonce [nonceLen]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return
+	}
+	ver := t.versionFor(relay)
+	now := time.Now()
+	t.mu.Lock()
+	for n, a := range t.asked {
+		if now.Sub(a.at) > reflectWait {
+			delete(t.asked, n)
+		}
+	}
+	for n, a := range t.askedOld {
+		if now.Sub(a.at) > reflectWait {
+			delete(t.askedOld, n)
+		}
+	}
+	if ver >= hdrV2 {
+		t.asked[nonce] = reflectAsk{relay: relay, at: now}
+	} else {
+		t.askedOld[relay] = reflectAsk{relay: relay, at: now, minSeq: t.sightings[relay].seq}
+	}
+	t.mu.Unlock()
+	// An older relay reads no body; the nonce does no harm there.
+	b, _ := t.sealV(ver, kindReflect, nonce[:])
+	_, _ = t.inner.WriteTo(b, to.String())
 }
 
 // loopReflect answers members' reflection requests with the source of
 // their request: a sealed reply, so only members ask and only members
-// believe the answer.
+// believe the answer; to a request of header version 2, with its nonce.
 func (t *gossipTransport) loopReflect() {
 	defer t.wg.Done()
 	buf := make([]byte, 2048)
@@ -424,27 +594,55 @@ func (t *gossipTransport) loopReflect() {
 				continue
 			}
 		}
-		h, _, sealed, err := t.open(buf[:n])
+		h, body, sealed, err := t.open(buf[:n])
 		if err != nil || !sealed || h.kind != kindReflect {
 			continue
 		}
 		from = unmapPort(from)
 		b, _ := from.MarshalBinary()
-		_, _ = t.reflector.WriteToUDPAddrPort(t.seal(kindReflectd, b), from)
+		if h.ver >= hdrV2 {
+			if len(body) < nonceLen {
+				continue
+			}
+			b = append(append([]byte(nil), body[:nonceLen]...), b...)
+		}
+		pkt, _ := t.sealV(h.ver, kindReflectd, b)
+		_, _ = t.reflector.WriteToUDPAddrPort(pkt, from)
 	}
 }
 
+// reflected takes a relay's answer to a reflection request, if it answers
+// a request this node made and has not had answered yet.
 func (t *gossipTransport) reflected(h header, body []byte, at time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := time.Now()
+	if h.ver >= hdrV2 {
+		if len(body) < nonceLen {
+			return
+		}
+		nonce := [nonceLen]byte(body[:nonceLen])
+		ask, ok := t.asked[nonce]
+		if !ok || ask.relay != h.name || now.Sub(ask.at) > reflectWait {
+			return
+		}
+		delete(t.asked, nonce)
+		body = body[nonceLen:]
+	} else {
+		ask, ok := t.askedOld[h.name]
+		if !ok || t.hints[h.name].ReplayProof || h.seq <= ask.minSeq || now.Sub(ask.at) > reflectWait {
+			return
+		}
+		delete(t.askedOld, h.name)
+	}
 	var a netip.AddrPort
 	if err := a.UnmarshalBinary(body); err != nil || !a.IsValid() {
 		return
 	}
 	if at.IsZero() {
-		at = time.Now()
+		at = now
 	}
-	t.mu.Lock()
 	t.reflections[h.name] = sighting{Addr: a, At: at}
-	t.mu.Unlock()
 }
 
 // reflectionsCopy returns the latest reflection from each relay.
@@ -465,15 +663,15 @@ func ipOverhead(a netip.Addr) int {
 // errTooBig: the local interface's MTU is below the probe.
 var errTooBig = errors.New("larger than the outgoing interface's MTU")
 
-// probe sends two path MTU probes of size bytes (whole IP packets) with
-// DF set to a member at to, and reports whether either was acknowledged
-// within timeout.
-func (t *gossipTransport) probe(ctx context.Context, to netip.AddrPort, size int, timeout time.Duration) (bool, error) {
+// probe sends copies path MTU probes of size bytes (whole IP packets)
+// with DF set to the member name at to, and reports whether any was
+// acknowledged within timeout.
+func (t *gossipTransport) probe(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
 	if t.df == nil {
 		return false, errors.New("the gossip transport cannot send path MTU probes")
 	}
-	headLen := 4 + len(t.self) + 8 + tagLen
-	pad := size - ipOverhead(to.Addr()) - headLen
+	ver := t.versionFor(name)
+	pad := size - ipOverhead(to.Addr()) - t.headLen(ver)
 	if pad < 2 {
 		return false, fmt.Errorf("probe of %d bytes is too small", size)
 	}
@@ -488,9 +686,8 @@ func (t *gossipTransport) probe(ctx context.Context, to netip.AddrPort, size int
 		}
 		t.mu.Unlock()
 	}()
-	for range 2 {
-		pkt := t.seal(kindProbe, body)
-		seq := binary.BigEndian.Uint64(pkt[4+len(t.self):])
+	for range max(copies, 1) {
+		pkt, seq := t.sealV(ver, kindProbe, body)
 		t.mu.Lock()
 		t.waiting[seq] = acked
 		t.mu.Unlock()
@@ -518,17 +715,19 @@ func (t *gossipTransport) probe(ctx context.Context, to netip.AddrPort, size int
 
 // fits reports whether a probe of size bytes leaves the local interface
 // (it is sent, once; an answer is not waited for).
-func (t *gossipTransport) fits(to netip.AddrPort, size int) bool {
+func (t *gossipTransport) fits(name string, to netip.AddrPort, size int) bool {
 	if t.df == nil {
 		return false
 	}
-	pad := size - ipOverhead(to.Addr()) - (4 + len(t.self) + 8 + tagLen)
+	ver := t.versionFor(name)
+	pad := size - ipOverhead(to.Addr()) - t.headLen(ver)
 	if pad < 2 {
 		return true
 	}
 	body := make([]byte, pad)
 	binary.BigEndian.PutUint16(body, uint16(size))
-	return !isMsgSize(t.df.WriteDF(t.seal(kindProbe, body), to))
+	pkt, _ := t.sealV(ver, kindProbe, body)
+	return !isMsgSize(t.df.WriteDF(pkt, to))
 }
 
 // ackProbe answers a probe with a small packet from the gossip socket,
@@ -540,10 +739,12 @@ func (t *gossipTransport) ackProbe(h header, body []byte, from netip.AddrPort) {
 	ack := make([]byte, 10)
 	binary.BigEndian.PutUint64(ack, h.seq)
 	copy(ack[8:], body[:2])
-	_, _ = t.inner.WriteTo(t.seal(kindProbeAck, ack), from.String())
+	// In the probe's header version: the prober reads it.
+	pkt, _ := t.sealV(h.ver, kindProbeAck, ack)
+	_, _ = t.inner.WriteTo(pkt, from.String())
 }
 
-func (t *gossipTransport) probeAcked(_ uint64, body []byte) {
+func (t *gossipTransport) probeAcked(_ header, body []byte) {
 	if len(body) < 10 {
 		return
 	}

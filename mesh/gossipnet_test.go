@@ -260,11 +260,11 @@ func TestProbesOverSockets(t *testing.T) {
 	}()
 	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(bn.Port()))
 	ctx := context.Background()
-	if ok, err := a.probe(ctx, to, 1400, time.Second); err != nil || !ok {
+	if ok, err := a.probe(ctx, "b", to, 1400, 2, time.Second); err != nil || !ok {
 		t.Fatalf("probe of 1400 bytes: %v %v", ok, err)
 	}
 	// Loopback's MTU is 65536: a probe above it is refused locally, at once.
-	if ok, err := a.probe(ctx, to, 70000, time.Second); ok || !errors.Is(err, errTooBig) && err == nil {
+	if ok, err := a.probe(ctx, "b", to, 70000, 2, time.Second); ok || !errors.Is(err, errTooBig) && err == nil {
 		t.Fatalf("probe above the interface MTU: %v %v", ok, err)
 	}
 	// b now knows where a's probes come from.
@@ -272,7 +272,7 @@ func TestProbesOverSockets(t *testing.T) {
 		t.Fatalf("b saw a at %s, a's port is %d", s.Addr, an.Port())
 	}
 	// Reflection: b answers from its relay port where a's packets come from.
-	a.askReflection(netip.MustParseAddrPort(b.reflector.LocalAddr().String()))
+	a.askReflection("b", netip.MustParseAddrPort(b.reflector.LocalAddr().String()))
 	deadline := time.Now().Add(2 * time.Second)
 	for {
 		if r, ok := a.reflectionsCopy()["b"]; ok {
@@ -301,8 +301,15 @@ func TestReflectionIsNoSighting(t *testing.T) {
 	gossipPort := &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 7946}
 	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindGossip, []byte("g")), From: gossipPort, Timestamp: time.Now()}
 	recv(t, node)
+	// The node asks; the relay answers its request.
+	node.setHints(map[string]routeHint{"relay": {Header: true, ReplayProof: true}})
+	node.askReflection("relay", netip.MustParseAddrPort("192.0.2.1:51900"))
+	h, nonce, _, err := relay.open(pipe.last)
+	if err != nil || h.kind != kindReflect {
+		t.Fatalf("request %+v %v", h, err)
+	}
 	seen, _ := netip.MustParseAddrPort("198.51.100.9:4000").MarshalBinary()
-	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindReflectd, seen), From: &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 51900}, Timestamp: time.Now()}
+	pipe.in <- &memberlist.Packet{Buf: relay.seal(kindReflectd, append(nonce, seen...)), From: &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 51900}, Timestamp: time.Now()}
 	pipe.in <- &memberlist.Packet{Buf: []byte("sync"), From: gossipPort, Timestamp: time.Now()}
 	recv(t, node)
 	if s := node.sightingsCopy()["relay"]; s.Addr.Port() != 7946 {

@@ -113,8 +113,9 @@ type Config struct {
 	// (consensus/servers.go): --server and --server-key-file.
 	Server    consensus.ServerMode
 	ServerKey []byte
-	// PMTUInterval is how often the path MTU to each member reached
-	// directly is confirmed (pmtu.go); 0 means 30 s, negative turns
+	// PMTUInterval times path MTU probes to each member reached
+	// directly (pmtu.go): a sixth of it between confirmations, ten of it
+	// between searches for a larger value; 0 means 30 s, negative turns
 	// probing off.
 	PMTUInterval time.Duration
 	// NameTombstoneTTL is how long removed container names are
@@ -390,6 +391,7 @@ func (m *Mesh) bindGossip() error {
 		return errors.New("the gossip transport must be node-aware")
 	}
 	m.gossipNet = newGossipTransport(nat, m.cfg.Name)
+	m.gossipNet.setGeneration(m.gen)
 	m.gossipNet.setKeyring(m.cfg.Keyring)
 	if m.cfg.RelayPort != 0 {
 		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))
@@ -468,7 +470,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader | featureRelayBind | m.cfg.serverFeatures(),
+		Features:   featureHeader | featureRelayBind | featureReplayProof | m.cfg.serverFeatures(),
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {
@@ -753,8 +755,8 @@ func (m *Mesh) step(ctx context.Context) error {
 	m.mu.Unlock()
 
 	m.gossipNet.setHints(hints)
-	for _, to := range reflect {
-		m.gossipNet.askReflection(to)
+	for _, r := range reflect {
+		m.gossipNet.askReflection(r.name, r.to)
 	}
 
 	if updateMeta {

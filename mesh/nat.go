@@ -318,10 +318,16 @@ func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []outObs) {
 	}
 }
 
+// reflectTarget is a relay to ask for a reflection, and where.
+type reflectTarget struct {
+	name string
+	to   netip.AddrPort
+}
+
 // reflectTargetsLocked lists the relays to ask for a reflection now: each
 // every reflectEvery, a new one at once.
-func (m *Mesh) reflectTargetsLocked(now time.Time) []netip.AddrPort {
-	var out []netip.AddrPort
+func (m *Mesh) reflectTargetsLocked(now time.Time) []reflectTarget {
+	var out []reflectTarget
 	seen := map[netip.AddrPort]bool{}
 	for name, rec := range m.rep.infos {
 		n := rec.info
@@ -332,7 +338,7 @@ func (m *Mesh) reflectTargetsLocked(now time.Time) []netip.AddrPort {
 		seen[to] = true
 		if now.Sub(m.reflectAsked[to]) >= reflectEvery {
 			m.reflectAsked[to] = now
-			out = append(out, to)
+			out = append(out, reflectTarget{name, to})
 		}
 	}
 	for to := range m.reflectAsked {
@@ -340,7 +346,7 @@ func (m *Mesh) reflectTargetsLocked(now time.Time) []netip.AddrPort {
 			delete(m.reflectAsked, to)
 		}
 	}
-	slices.SortFunc(out, netip.AddrPort.Compare)
+	slices.SortFunc(out, func(a, b reflectTarget) int { return a.to.Compare(b.to) })
 	return out
 }
 
@@ -350,7 +356,10 @@ func (m *Mesh) routeHintsLocked() map[string]routeHint {
 	for name, rec := range m.rep.infos {
 		n := rec.info
 		hint := routeHint{Advertised: netip.AddrPortFrom(n.Addr, n.GossipPort), BehindNAT: n.NAT.Behind(),
-			Header: n.Features&featureHeader != 0}
+			Header: n.Features&featureHeader != 0, ReplayProof: n.Features&featureReplayProof != 0,
+			// The upper half of an info's version is its node's
+			// generation (versionLocked), in every version so far.
+			ID: n.ID, Gen: n.Version >> 32}
 		if n.NAT == NATConsistent {
 			hint.Public = n.Seen
 		}

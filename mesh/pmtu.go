@@ -23,14 +23,23 @@ import (
 //
 // A search halves the range between the largest size acknowledged and
 // the smallest lost or refused one, down to the byte, from the last known
-// value first. A known value is confirmed every interval with one probe
-// of its size; two confirmations lost in a row start a new search (the
-// path shrank), and every growEvery intervals a search from the known
-// value up looks for a path that grew (or a value that came out low,
-// from a search while packets were lost).
+// value first. A known value is confirmed often and cheaply: one probe of
+// its size every interval/6 (5 s by default). A lost confirmation is
+// repeated at once with two copies (one lost datagram is no shrink), and
+// if that is lost too, a search below the known value finds the new
+// size: a path that shrinks is noticed within about 6 s. Every growEvery
+// intervals a search from the known value up looks for a path that grew
+// (or a value that came out low, from a search while packets were lost).
+//
+// Nothing but an acknowledged probe lowers or raises a known value: a
+// search in which every probe is lost says the path is down, not small,
+// and keeps it (with no value yet, the protocol's minimum, 576 bytes for
+// IPv4 and 1280 for IPv6, which every path must take); a member whose
+// gossip stops coming directly keeps its last value too, as its
+// WireGuard path may well work.
 
 // PathMTU is the path MTU to a member: the largest IP packet that
-// crosses, 0 if unknown.
+// crosses, 0 if unknown; At is when a probe last confirmed it.
 type PathMTU struct {
 	MTU int       `json:"mtu"`
 	At  time.Time `json:"at"`
@@ -82,20 +91,7 @@ func searchPMTU(ctx context.Context, probe probeFunc, fits fitsFunc, lo, hi, fir
 		return 0, local, nil
 	}
 	good, bad := 0, local+1
-	try := func(size int) error {
-		ok, err := probe(ctx, size)
-		switch {
-		case errors.Is(err, errTooBig):
-			bad = min(bad, size)
-		case err != nil:
-			return err
-		case ok:
-			good = max(good, size)
-		default:
-			bad = min(bad, size)
-		}
-		return nil
-	}
+	try := func(size int) error { return tryProbe(ctx, probe, size, &good, &bad) }
 	if first >= lo && first < local {
 		if err := try(first); err != nil {
 			return 0, local, err
@@ -107,26 +103,58 @@ func searchPMTU(ctx context.Context, probe probeFunc, fits fitsFunc, lo, hi, fir
 			return 0, local, err
 		}
 	}
-	for {
-		base := max(good, lo-1)
-		if bad-base <= pmtuGranularity {
-			break
-		}
-		if err := try(max(base+(bad-base)/2, lo)); err != nil {
-			return 0, local, err
-		}
+	if good, err = bisect(ctx, probe, lo, good, bad); err != nil {
+		return 0, local, err
 	}
 	return good, local, nil
 }
 
+// bisect finds the largest size in [lo, bad) that passes, halving the
+// range between good (passed; 0 for none yet) and bad (lost or
+// refused). It returns 0 if even lo does not pass.
+func bisect(ctx context.Context, probe probeFunc, lo, good, bad int) (int, error) {
+	for {
+		base := max(good, lo-1)
+		if bad-base <= pmtuGranularity {
+			return good, nil
+		}
+		if err := tryProbe(ctx, probe, max(base+(bad-base)/2, lo), &good, &bad); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// tryProbe probes size and narrows good and bad by the answer.
+func tryProbe(ctx context.Context, probe probeFunc, size int, good, bad *int) error {
+	ok, err := probe(ctx, size)
+	switch {
+	case errors.Is(err, errTooBig):
+		*bad = min(*bad, size)
+	case err != nil:
+		return err
+	case ok:
+		*good = max(*good, size)
+	default:
+		*bad = min(*bad, size)
+	}
+	return nil
+}
+
 // pmtuProber measures the path MTU to every member reached directly.
 type pmtuProber struct {
-	t        *gossipTransport
 	interval time.Duration
+	// confirmEvery: how often a known value is confirmed.
+	confirmEvery time.Duration
 	// rtt returns the gossip round trip to a member, 0 if unknown.
 	rtt func(name string) time.Duration
 	// changed is called when a member's path MTU changes.
 	changed func()
+
+	// The transport, and seams for tests.
+	sightings func() map[string]sighting
+	probe     func(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error)
+	fits      func(name string, to netip.AddrPort, size int) bool
+	now       func() time.Time
 
 	mu    sync.Mutex
 	paths map[string]*pathState
@@ -136,13 +164,24 @@ type pathState struct {
 	PathMTU
 	local   int // the interface's limit toward the member
 	checked time.Time
-	fails   int
-	rounds  int
-	to      netip.AddrPort
+	// grown: when a search last looked for a larger value.
+	grown time.Time
+	// next: when the path is due again.
+	next time.Time
+	to   netip.AddrPort
 }
 
 func newPMTUProber(t *gossipTransport, interval time.Duration, rtt func(string) time.Duration, changed func()) *pmtuProber {
-	return &pmtuProber{t: t, interval: interval, rtt: rtt, changed: changed, paths: map[string]*pathState{}}
+	return &pmtuProber{interval: interval, confirmEvery: confirmEvery(interval), rtt: rtt, changed: changed,
+		sightings: t.sightingsCopy, probe: t.probe, fits: t.fits, now: time.Now, paths: map[string]*pathState{}}
+}
+
+// confirmEvery is how often a known path MTU is confirmed, for a given
+// --pmtu-interval: often enough to notice a shrink within seconds, and
+// cheap (one datagram to each member reached directly, and its small
+// acknowledgement).
+func confirmEvery(interval time.Duration) time.Duration {
+	return max(interval/6, time.Second)
 }
 
 // results returns the path MTU of each member measured.
@@ -158,8 +197,7 @@ func (p *pmtuProber) results() map[string]PathMTU {
 	return out
 }
 
-// loop probes until ctx is done. It works through the members due, one
-// at a time, so that it never sends more than a few probes at once.
+// loop probes until ctx is done.
 func (p *pmtuProber) loop(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -169,87 +207,122 @@ func (p *pmtuProber) loop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		now := time.Now()
-		sightings := p.t.sightingsCopy()
-		p.mu.Lock()
-		for name := range p.paths {
-			if s, ok := sightings[name]; !ok || now.Sub(s.At) > sightingTTL {
-				delete(p.paths, name)
-			}
-		}
-		p.mu.Unlock()
-		for _, name := range slices.Sorted(maps.Keys(sightings)) {
-			s := sightings[name]
-			if now.Sub(s.At) > directFor {
-				continue
-			}
-			p.mu.Lock()
-			st, ok := p.paths[name]
-			if !ok {
-				st = &pathState{local: pmtuMaxSize}
-				p.paths[name] = st
-			}
-			due := now.Sub(st.checked) >= p.interval || st.to != s.Addr
-			p.mu.Unlock()
-			if !due {
-				continue
-			}
-			if err := p.check(ctx, name, s.Addr, st); err != nil {
-				if ctx.Err() != nil {
-					return
-				}
-			}
+		if p.round(ctx) != nil && ctx.Err() != nil {
+			return
 		}
 	}
+}
+
+// round works through the members due, one at a time, so that it never
+// sends more than a few probes at once.
+func (p *pmtuProber) round(ctx context.Context) error {
+	now := p.now()
+	sightings := p.sightings()
+	p.mu.Lock()
+	for name := range p.paths {
+		// Only a member forgotten loses its value (see above).
+		if _, ok := sightings[name]; !ok {
+			delete(p.paths, name)
+		}
+	}
+	p.mu.Unlock()
+	for _, name := range slices.Sorted(maps.Keys(sightings)) {
+		s := sightings[name]
+		if now.Sub(s.At) > directFor {
+			continue
+		}
+		p.mu.Lock()
+		st, ok := p.paths[name]
+		if !ok {
+			st = &pathState{local: pmtuMaxSize}
+			p.paths[name] = st
+		}
+		due := !now.Before(st.next) || st.to != s.Addr
+		p.mu.Unlock()
+		if !due {
+			continue
+		}
+		if err := p.check(ctx, name, s.Addr, st); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // check confirms or searches the path MTU to one member.
 func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, st *pathState) error {
 	timeout := 4 * p.rtt(name)
 	timeout = min(max(timeout, 150*time.Millisecond), time.Second)
-	probe := func(ctx context.Context, size int) (bool, error) { return p.t.probe(ctx, to, size, timeout) }
-	fits := func(size int) bool { return p.t.fits(to, size) }
+	probe := func(ctx context.Context, size int) (bool, error) { return p.probe(ctx, name, to, size, 2, timeout) }
+	fits := func(size int) bool { return p.fits(name, to, size) }
 	p.mu.Lock()
-	prev, local, fails, rounds := st.MTU, st.local, st.fails, st.rounds
-	if st.to != to {
-		prev, local, fails = 0, pmtuMaxSize, 0
+	prev, local, grown := st.MTU, st.local, st.grown
+	moved := st.to != to
+	if moved {
+		// Another address: the last value is the first guess, and the
+		// interface's limit is found again.
+		local = pmtuMaxSize
 	}
 	p.mu.Unlock()
-	search := prev == 0
-	if !search {
-		ok, err := probe(ctx, prev)
+	lo := minProbe(to.Addr())
+	start := p.now()
+	mtu, next := prev, start.Add(p.confirmEvery)
+	// confirmed: a probe was acknowledged.
+	confirmed := false
+	var err error
+	switch {
+	case prev == 0 || moved:
+		var found int
+		found, local, err = searchPMTU(ctx, probe, fits, lo, pmtuMaxSize, prev)
+		grown = start
+		mtu, confirmed = p.keep(found, prev, lo), found > 0
+		if found == 0 {
+			next = start.Add(p.interval)
+		}
+	default:
+		var ok bool
+		ok, err = p.probe(ctx, name, to, prev, 1, timeout)
+		if err == nil && !ok {
+			// One datagram lost is no shrink: again, twice.
+			ok, err = probe(ctx, prev)
+		}
+		confirmed = ok
 		switch {
 		case errors.Is(err, errTooBig):
-			search = true // the interface shrank
+			// The interface shrank: start over.
+			var found int
+			found, local, err = searchPMTU(ctx, probe, fits, lo, pmtuMaxSize, 0)
+			mtu, confirmed = p.keep(found, prev, lo), found > 0
 		case err != nil:
-			return err
 		case !ok:
-			fails++
-			search = fails >= 2
-		default:
-			fails = 0
+			// The path shrank, or is down: look below.
+			var found int
+			found, err = bisect(ctx, probe, lo, 0, prev)
+			mtu, confirmed = p.keep(found, prev, lo), found > 0
+			if found == 0 {
+				next = start.Add(p.interval)
+			}
+		case p.now().Sub(grown) >= growEvery*p.interval && prev < local:
 			// Now and then search again, from this value up: the path
 			// may have grown, or a search under loss came out low.
-			search = rounds%growEvery == growEvery-1 && prev < local
+			var found int
+			found, local, err = searchPMTU(ctx, probe, fits, lo, pmtuMaxSize, prev)
+			grown = start
+			mtu = p.keep(found, prev, lo)
 		}
 	}
-	mtu := prev
-	if search {
-		var err error
-		if mtu, local, err = searchPMTU(ctx, probe, fits, minProbe(to.Addr()), pmtuMaxSize, prev); err != nil {
-			return err
-		}
-		fails = 0
+	if err != nil {
+		return err
 	}
-	now := time.Now()
+	now := p.now()
 	p.mu.Lock()
 	if cur, ok := p.paths[name]; !ok || cur != st {
 		p.mu.Unlock()
 		return nil
 	}
 	changed := st.MTU != mtu
-	st.MTU, st.local, st.fails, st.rounds, st.checked, st.to = mtu, local, fails, rounds+1, now, to
-	if fails == 0 {
+	st.MTU, st.local, st.checked, st.grown, st.next, st.to = mtu, local, now, grown, next, to
+	if confirmed || st.At.IsZero() {
 		st.At = now
 	}
 	p.mu.Unlock()
@@ -257,4 +330,17 @@ func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, 
 		p.changed()
 	}
 	return nil
+}
+
+// keep is the path MTU after a search that found found: that, else
+// (nothing acknowledged: the path is down, not small) the last value,
+// else the protocol's minimum.
+func (p *pmtuProber) keep(found, prev, lo int) int {
+	switch {
+	case found > 0:
+		return found
+	case prev > 0:
+		return prev
+	}
+	return lo
 }

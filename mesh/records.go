@@ -83,6 +83,10 @@ const (
 	// agents lack it: their relays get no binds, and as ends they are
 	// learned from handshakes alone.
 	featureRelayBind
+	// featureReplayProof: the node reads header version 2, which
+	// carries its sender's generation (gossipnet.go), and echoes
+	// reflection requests' nonces.
+	featureReplayProof
 )
 
 // FeatureRelayBind is featureRelayBind, for tests elsewhere.

@@ -107,7 +107,7 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	fs.Int64Var(&f.relayRate, "relay-rate", 0, "bytes per second each relayed pair may send through this host (0: no limit)")
 	fs.DurationVar(&f.punchTimeout, "punch-timeout", 8*time.Second, "how long a direct path to a peer (through NAT or not) may take to bring a handshake before the pair is relayed")
 	fs.DurationVar(&f.directRetry, "direct-retry", time.Minute, "least time a relayed pair waits before trying a direct path again (doubles with each failure, up to 30m)")
-	fs.DurationVar(&f.pmtuInterval, "pmtu-interval", 30*time.Second, "how often the path MTU to each host is confirmed; a path that shrank is noticed within two of these")
+	fs.DurationVar(&f.pmtuInterval, "pmtu-interval", 30*time.Second, "path MTU timing: the known value to each host is confirmed every sixth of this (a shrink is noticed within that and a search), a larger one looked for every ten")
 	fs.StringVar(&f.server, "server", string(consensus.ServerAuto), "whether this host may vote in consensus: auto (when members can reach it), always (ahead of auto hosts) or never; see docs/threat-model.md")
 	fs.StringVar(&f.serverKeyFile, "server-key-file", "", "file with the server key, mode 0600 (create with 'wgmesh keygen'): give it only to the hosts that may vote, and a leader that holds it promotes no other host")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
