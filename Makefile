@@ -29,7 +29,7 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak lint tidy-check plugin clean
+.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak docs lint tidy-check plugin clean
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -69,6 +69,9 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e/
+
+docs: ## docs/flags.md from the agent's own flags (TestFlagsDoc fails when it is out of date)
+	$(GO) test ./cmd/wgmesh -count=1 -run '^TestFlagsDoc$$' -update-docs
 
 tidy-check: ## go.mod and go.sum are tidy
 	$(GO) mod tidy -diff
