@@ -478,8 +478,15 @@ func (s *safety) step() string {
 	case r < 50:
 		n := s.pick(run)
 		subnet := safetySubnets[s.rng.IntN(len(safetySubnets))]
-		err := s.allocate(n, subnet, netip.Addr{})
 		s.counts["allocate"]++
+		if s.rng.IntN(4) == 0 {
+			// A static address (docker run --ip), maybe in another
+			// node's block: refused then.
+			want := randomAddr(s.rng, subnet)
+			err := s.allocate(n, subnet, want)
+			return fmt.Sprintf("%s allocates %s (%v)", n.name, want, err)
+		}
+		err := s.allocate(n, subnet, netip.Addr{})
 		return fmt.Sprintf("%s allocates in %s (%v)", n.name, subnet, err)
 	case r < 56:
 		// Give an empty block back.
@@ -687,7 +694,15 @@ func (s *safety) hostile(run []*simNode) string {
 	if !target.IsValid() {
 		target = randomAddr(s.rng, subnet)
 	}
-	cmd := &catalog.Command{Op: catalog.OpClaim, Node: victim.name, BootID: "forged", Seq: 1 << 40,
+	// With the victim's current boot ID and next sequence number, which
+	// every member's catalog shows: only the signature is wrong.
+	boot, seq := "forged", uint64(1<<40)
+	s.evil.m.node.FSM().Read(func(st *catalog.State) {
+		if n, ok := st.Nodes[victim.name]; ok {
+			boot, seq = n.BootID, n.LastSeq+1
+		}
+	})
+	cmd := &catalog.Command{Op: catalog.OpClaim, Node: victim.name, BootID: boot, Seq: seq,
 		Claim: &catalog.Claim{Subnet: subnet, Containing: target}}
 	signed, _ := catalog.Sign(cmd, s.evil.id)
 	ctx, cancel := context.WithTimeout(context.Background(), safetyTimeout)
@@ -698,7 +713,7 @@ func (s *safety) hostile(run []*simNode) string {
 	}
 	// And a forget of the victim, who is alive.
 	ctx, cancel = context.WithTimeout(context.Background(), safetyTimeout)
-	forget := &catalog.Command{Op: catalog.OpForget, Node: victim.name, BootID: "forged", Seq: 1 << 40, Forget: &catalog.Forget{Name: run[0].name}}
+	forget := &catalog.Command{Op: catalog.OpForget, Node: victim.name, BootID: boot, Seq: seq + 1, Forget: &catalog.Forget{Name: run[0].name}}
 	signed, _ = catalog.Sign(forget, s.evil.id)
 	r, err = s.evil.m.node.SubmitSigned(ctx, signed.Encode())
 	cancel()
