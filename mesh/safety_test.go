@@ -820,6 +820,33 @@ func runSafety(t *testing.T, seed uint64, steps int) {
 	}
 	time.Sleep(3 * time.Second)
 	s.check("the final heal")
+	// Healed and all back, the cluster must work again: a leader, and
+	// every replica at its index. A crash that lost what a node had
+	// acknowledged (an unsynced log) can leave it with neither.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		// The catalog's index counts commands only, not Raft's
+		// configuration entries: compare it with the leader's.
+		leader, _, ok := s.honestLeader()
+		err := fmt.Errorf("no leader")
+		if ok {
+			err = nil
+			want := leader.m.node.FSM().Index()
+			for _, n := range s.running() {
+				if i := n.m.node.FSM().Index(); !n.rolledBack && i < want {
+					err = fmt.Errorf("%s applied %d of the leader's %d", n.name, i, want)
+				}
+			}
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30s after the final heal, the cluster has not recovered: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.check("the recovery")
 	var kinds []string
 	faults := 0
 	for _, k := range slices.Sorted(maps.Keys(s.counts)) {
