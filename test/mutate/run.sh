@@ -47,7 +47,7 @@ run() {
 		rc=$?
 		[ $rc -eq 124 ] || [ $rc -eq 137 ] && { echo "timed out at seed $seed"; return 3; }
 		if [ $rc -ne 0 ]; then
-			echo "seed $seed: $(grep -m1 -E 'safety_test.go:[0-9]+: (after|evil|an operator|a claim|a forget|.* took the)|panic:|build failed' <<<"$out" | sed 's/^ *//' | cut -c1-220)"
+			echo "seed $seed: $(grep -E 'safety_test.go:[0-9]+: |panic:|build failed' <<<"$out" | grep -vE ': (step|seed) [0-9]+|to run it again' | head -1 | sed 's/^ *//' | cut -c1-220)"
 			return 1
 		fi
 	done
