@@ -29,7 +29,7 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak docs lint tidy-check plugin clean
+.PHONY: build lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak mutate docs lint tidy-check plugin clean
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -181,6 +181,15 @@ SOAK_TIMEOUT ?= 60m
 SOAK_FLAGS ?=
 soak: lab ## the randomized safety test for thousands of steps; report in bench/results
 	bin/wgmesh-lab soak -go $(GO) -steps $(WGMESH_SOAK_STEPS) -seed '$(WGMESH_SOAK_SEED)' -timeout $(SOAK_TIMEOUT) $(SOAK_FLAGS) -out bench/results
+
+# make mutate checks the randomized safety test against deliberate bugs
+# (test/mutate/mutations.txt): each is applied to a copy of the tree and
+# must make the test fail on fixed seeds. Not part of make test.
+MUTATE_SEEDS ?= 1 2 3
+MUTATE_STEPS ?= 40
+MUTATE_TIMEOUT ?= 300
+mutate: ## the safety test must catch every deliberate bug of test/mutate
+	GO=$(GO) MUTATE_SEEDS='$(MUTATE_SEEDS)' MUTATE_STEPS=$(MUTATE_STEPS) MUTATE_TIMEOUT=$(MUTATE_TIMEOUT) test/mutate/run.sh
 
 bench: deps build lab bin/wireguard-go baseline ## benchmarks side by side; report in bench/results
 	bin/wgmesh-lab bench -binary bin/wgmesh -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out bench/results

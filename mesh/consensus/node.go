@@ -17,6 +17,7 @@
 package consensus
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -37,6 +38,7 @@ import (
 	"github.com/hashicorp/raft"
 	wal "github.com/hashicorp/raft-wal"
 	"github.com/hashicorp/raft-wal/metadb"
+	"github.com/hashicorp/raft-wal/segment"
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/internal/logbridge"
@@ -463,8 +465,14 @@ func openWAL(dir string, log *slog.Logger) (*wal.WAL, func() error, error) {
 	// The WAL does not close a meta store it opened itself, which would
 	// keep its lock past Close: give it one we close.
 	meta := &metadb.BoltMetaDB{}
-	w, err := wal.Open(dir, wal.WithSegmentSize(4<<20), wal.WithMetaStore(meta),
-		wal.WithLogger(logbridge.Hclog(log, "raft-wal", hclog.Warn)))
+	files, size := func(*wal.WAL) {}, 4<<20 // the real file system
+	if WALForTest != nil {
+		vfs, testSize := WALForTest(dir)
+		files = wal.WithSegmentFiler(segment.NewFiler(dir, vfs))
+		size = cmp.Or(testSize, size)
+	}
+	w, err := wal.Open(dir, wal.WithSegmentSize(size), wal.WithMetaStore(meta),
+		wal.WithLogger(logbridge.Hclog(log, "raft-wal", hclog.Warn)), files)
 	if err != nil {
 		meta.Close()
 		return nil, nil, fmt.Errorf("opening Raft log %s: %w", dir, err)

@@ -2,7 +2,7 @@
 //
 //	wgmesh-lab demo [-hosts 3] [-binary bin/wgmesh] [-keep]
 //	wgmesh-lab bench [flags]
-//	wgmesh-lab soak [-steps 3000] [-seed N] [-timeout 60m] [-out bench/results]
+//	wgmesh-lab soak [-steps 3000] [-seed N] [-timeout 60m] [-out bench/results] [-strict 1]
 //
 // demo builds the hosts (network namespaces, each with its own dockerd
 // and wgmesh agent, joined by gossip), creates one wgmesh network on
@@ -44,7 +44,7 @@ func main() {
 		os.Exit(soakMain(os.Args[2:]))
 	}
 	if len(os.Args) < 2 || os.Args[1] != "demo" {
-		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim,nat] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-nat-samples N] [-clusters N,...] [-sim-sizes N,...]\n       wgmesh-lab soak [-steps N] [-seed N] [-timeout D] [-out DIR] [-go PATH] [-race]")
+		fmt.Fprintln(os.Stderr, "usage: wgmesh-lab demo [-hosts N] [-binary PATH] [-keep]\n       wgmesh-lab bench [-smoke] [-binary PATH] [-wireguard-go PATH] [-out DIR] [-runs N] [-duration D] [-parts data,control,claims,sim,nat] [-vm=false] [-baseline PATH -baseline-rev REV] [-claim-samples N] [-nat-samples N] [-clusters N,...] [-sim-sizes N,...]\n       wgmesh-lab soak [-steps N] [-seed N] [-timeout D] [-out DIR] [-go PATH] [-race] [-strict 1|kind,...]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet("demo", flag.ExitOnError)
@@ -261,6 +261,7 @@ func soakMain(args []string) int {
 	logDir := fs.String("log-dir", "bin/soak", "directory for the test's whole output, <time>.log")
 	goCmd := fs.String("go", "go", "the go command")
 	race := fs.Bool("race", false, "with the race detector (several times slower)")
+	strict := fs.String("strict", "", `WGMESH_SAFETY_STRICT: "1" for every fault kind that finds a hole not fixed yet, or "kind,kind"`)
 	_ = fs.Parse(args)
 	if *steps < 1 || *timeout <= 0 {
 		fmt.Fprintln(os.Stderr, "soak: -steps and -timeout must be positive")
@@ -283,7 +284,7 @@ func soakMain(args []string) int {
 		}
 	}
 	cfg := bench.SoakConfig{Go: *goCmd, Dir: ".", Steps: *steps, Seed: seed, Timeout: *timeout,
-		LogFile: filepath.Join(*logDir, name+".log"), Log: os.Stdout}
+		LogFile: filepath.Join(*logDir, name+".log"), Log: os.Stdout, Strict: *strict}
 	if *race {
 		cfg.TestFlags = append(cfg.TestFlags, "-race")
 	}
