@@ -254,12 +254,14 @@ func TestEvictCompromisedMember(t *testing.T) {
 	// Evil claims nothing: its own network needs a block, and no
 	// consensus connection of its is left to get one.
 	cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
-	if n, err := evil.Plugin().CreateNetwork(cctx, "10.82.0.0/16"); err == nil {
-		if _, err := evil.Plugin().Attach(cctx, n); err == nil {
-			t.Errorf("%s, evicted, still claims address blocks", evil.Name)
-		} else {
-			t.Logf("evicted host's claim: %v", err)
-		}
+	n, err := evil.Plugin().CreateNetwork(cctx, "10.82.0.0/16")
+	if err == nil {
+		_, err = evil.Plugin().Attach(cctx, n)
+	}
+	if err == nil {
+		t.Errorf("%s, evicted, still claims address blocks", evil.Name)
+	} else {
+		t.Logf("the evicted host's claim: %v", err)
 	}
 	ccancel()
 
