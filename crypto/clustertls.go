@@ -43,6 +43,9 @@ type ClusterTLS struct {
 	// leafFor is the primary key the leaf was signed for.
 	leafFor []byte
 	now     func() time.Time
+	// guarded are the live connections Guard registered, with the
+	// certificate chain each peer presented.
+	guarded map[*GuardedConn]struct{}
 }
 
 // insecureSeed stands in for a cluster key when gossip runs without one.
@@ -62,8 +65,27 @@ func NewClusterTLS(id Identity, ring Keyring) (*ClusterTLS, error) {
 }
 
 // SetKeyring switches to a new keyring: new connections present a
-// certificate of its primary key and accept certificates of all its keys.
+// certificate of its primary key and accept certificates of all its keys;
+// connections made before whose peer's certificate no longer verifies
+// are cut (see Rekey).
 func (c *ClusterTLS) SetKeyring(ring Keyring) error {
+	_, err := c.Rekey(ring)
+	return err
+}
+
+// Rekey is SetKeyring, and returns how many guarded connections (Guard)
+// it cut because their peer's certificate does not verify under the new
+// keyring. Removing a key must cut off a host holding only that key, an
+// evicted one, and not only refuse its next handshake: TLS checks a
+// certificate once, so a Raft connection made before would otherwise
+// carry on for as long as the host keeps it open.
+//
+// Rolling upgrades: nothing new goes on the wire. A cut peer, of any
+// version, sees its connection close, as after a network fault, and dials
+// again (Raft and the RPC client do); it gets in if it holds a key of the
+// new ring. A rotation done as the README says cuts only connections made
+// under a key that every good host has since dropped.
+func (c *ClusterTLS) Rekey(ring Keyring) (cut int, err error) {
 	keys := ring
 	if len(keys) == 0 {
 		keys = Keyring{insecureSeed}
@@ -72,18 +94,68 @@ func (c *ClusterTLS) SetKeyring(ring Keyring) error {
 	for _, k := range keys {
 		ca, _, err := clusterCA(k)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		roots.AddCert(ca)
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.ring = keys
 	c.roots = roots
 	if !bytes.Equal(c.leafFor, keys.Primary()) {
 		c.leaf, c.leafFor = nil, nil
 	}
-	return nil
+	conns := make([]*GuardedConn, 0, len(c.guarded))
+	for g := range c.guarded {
+		conns = append(conns, g)
+	}
+	c.mu.Unlock()
+	for _, g := range conns {
+		if c.verifyWith(roots, g.peer) == nil {
+			continue
+		}
+		c.mu.Lock()
+		delete(c.guarded, g)
+		c.mu.Unlock()
+		// The socket, not the TLS session: closing that would send a
+		// close_notify, which may wait on a peer that does not read.
+		_ = g.NetConn().Close()
+		cut++
+	}
+	return cut, nil
+}
+
+// GuardedConn is a TLS connection that a keyring change cuts once its
+// peer's certificate no longer verifies (ClusterTLS.Guard).
+type GuardedConn struct {
+	*tls.Conn
+	c    *ClusterTLS
+	peer [][]byte
+}
+
+// Guard registers conn, whose handshake is complete, with c: a later
+// SetKeyring cuts it if the peer's certificate does not verify under the
+// new keyring. Closing the returned connection unregisters it.
+func (c *ClusterTLS) Guard(conn *tls.Conn) *GuardedConn {
+	var raw [][]byte
+	for _, cert := range conn.ConnectionState().PeerCertificates {
+		raw = append(raw, cert.Raw)
+	}
+	g := &GuardedConn{Conn: conn, c: c, peer: raw}
+	c.mu.Lock()
+	if c.guarded == nil {
+		c.guarded = map[*GuardedConn]struct{}{}
+	}
+	c.guarded[g] = struct{}{}
+	c.mu.Unlock()
+	return g
+}
+
+// Close unregisters the connection and closes it.
+func (g *GuardedConn) Close() error {
+	g.c.mu.Lock()
+	delete(g.c.guarded, g)
+	g.c.mu.Unlock()
+	return g.Conn.Close()
 }
 
 // clusterCA derives the certificate authority of a cluster key.
@@ -156,6 +228,13 @@ func (c *ClusterTLS) certificate() (*tls.Certificate, error) {
 // verify checks a peer's certificate chain against the authorities of the
 // current keyring.
 func (c *ClusterTLS) verify(raw [][]byte) error {
+	c.mu.Lock()
+	roots := c.roots
+	c.mu.Unlock()
+	return c.verifyWith(roots, raw)
+}
+
+func (c *ClusterTLS) verifyWith(roots *x509.CertPool, raw [][]byte) error {
 	if len(raw) == 0 {
 		return errors.New("peer sent no certificate")
 	}
@@ -163,9 +242,6 @@ func (c *ClusterTLS) verify(raw [][]byte) error {
 	if err != nil {
 		return fmt.Errorf("parsing peer certificate: %w", err)
 	}
-	c.mu.Lock()
-	roots := c.roots
-	c.mu.Unlock()
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: c.now(),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return fmt.Errorf("peer certificate is not signed for this cluster (a different cluster key?): %w", err)

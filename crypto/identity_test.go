@@ -3,6 +3,7 @@ package crypto
 import (
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -194,5 +195,96 @@ func TestClusterTLS(t *testing.T) {
 	}
 	if _, _, err := tlsPair(t, r, a); err != nil {
 		t.Errorf("after both rotated: %v", err)
+	}
+}
+
+// TestRekeyCutsConnectionsOfRemovedKeys: a guarded connection stays up
+// while its peer's key is in the ring (during a rotation) and is cut the
+// moment the key is removed, as an evicted host's must be; connections
+// not guarded are left alone.
+func TestRekeyCutsConnectionsOfRemovedKeys(t *testing.T) {
+	ids := make([]Identity, 2)
+	for i := range ids {
+		ids[i], _ = GenerateIdentity()
+	}
+	k1, _ := GenerateClusterKey()
+	k2, _ := GenerateClusterKey()
+	old, _ := ParseClusterKey(k1)
+	fresh, _ := ParseClusterKey(k2)
+	server, err := NewClusterTLS(ids[0], Keyring{old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evicted, err := NewClusterTLS(ids[1], Keyring{old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan *GuardedConn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		tc := tls.Server(c, server.ServerConfig())
+		if _, err := Handshake(tc, 5*time.Second); err != nil {
+			c.Close()
+			close(accepted)
+			return
+		}
+		accepted <- server.Guard(tc)
+	}()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tc := tls.Client(c, evicted.ClientConfig())
+	if _, err := Handshake(tc, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	g := <-accepted
+	if g == nil {
+		t.Fatal("the server refused the handshake")
+	}
+	defer g.Close()
+	// usable checks the connection carries a byte from the evicted end.
+	usable := func() error {
+		if _, err := tc.Write([]byte{1}); err != nil {
+			return err
+		}
+		_ = g.SetReadDeadline(time.Now().Add(2 * time.Second))
+		var b [1]byte
+		_, err := io.ReadFull(g, b[:])
+		return err
+	}
+	if err := usable(); err != nil {
+		t.Fatalf("before the rotation: %v", err)
+	}
+	for _, step := range []Keyring{{old, fresh}, {fresh, old}} {
+		if cut, err := server.Rekey(step); err != nil || cut != 0 {
+			t.Fatalf("rotation step of %d keys: cut %d, %v", len(step), cut, err)
+		}
+		if err := usable(); err != nil {
+			t.Fatalf("while the old key is still in the ring: %v", err)
+		}
+	}
+	cut, err := server.Rekey(Keyring{fresh})
+	if err != nil || cut != 1 {
+		t.Fatalf("removing the old key cut %d connections (%v), want 1", cut, err)
+	}
+	if err := usable(); err == nil {
+		t.Fatal("the connection of a host holding only the removed key is still usable")
+	}
+	server.mu.Lock()
+	left := len(server.guarded)
+	server.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d connections still guarded after the cut", left)
 	}
 }

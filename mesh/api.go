@@ -382,14 +382,17 @@ func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
 			}
 		}
 	}
-	if err := m.tls.SetKeyring(ring); err != nil {
+	// Consensus connections of peers whose certificate only a removed
+	// key signed are cut: an evicted host keeps none of them.
+	cut, err := m.tls.Rekey(ring)
+	if err != nil {
 		return err
 	}
 	m.gossipNet.setKeyring(ring)
 	m.mu.Lock()
 	m.cfg.Keyring = ring
 	m.mu.Unlock()
-	m.log.Info("cluster keyring updated", "keys", len(ring))
+	m.log.Info("cluster keyring updated", "keys", len(ring), "consensus_connections_cut", cut)
 	return nil
 }
 

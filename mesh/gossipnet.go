@@ -436,6 +436,13 @@ func (t *gossipTransport) sightingsCopy() map[string]sighting {
 	return maps.Clone(t.sightings)
 }
 
+// refusedPackets counts packets dropped for a bad header.
+func (t *gossipTransport) refusedPackets() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.refused
+}
+
 // forget drops a member's sighting (it was forgotten).
 func (t *gossipTransport) forget(name string) {
 	t.mu.Lock()

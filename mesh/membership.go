@@ -204,7 +204,9 @@ type Stats struct {
 	SentMessages, SentBytes, ReceivedMessages, ReceivedBytes uint64
 	// Names counts the part of the above that is container names.
 	Names NameTraffic `json:"names"`
-	// Refused counts gossip records refused, by reason.
+	// Refused counts gossip records refused, by reason, and as
+	// "packet-bad-header" the packets refused for a header that does not
+	// verify under the cluster keys.
 	Refused map[string]uint64
 }
 
@@ -213,6 +215,16 @@ func (m *Mesh) Stats() Stats {
 	m.mu.Lock()
 	refused := maps.Clone(m.rep.refused)
 	m.mu.Unlock()
+	if m.gossipNet != nil {
+		// Packets whose header does not verify: from a host without a
+		// key of this ring, an evicted one say. memberlist never sees them.
+		if n := m.gossipNet.refusedPackets(); n > 0 {
+			if refused == nil {
+				refused = map[string]uint64{}
+			}
+			refused["packet-bad-header"] = n
+		}
+	}
 	return Stats{
 		SentMessages: m.stats.sentMsgs.Load(), SentBytes: m.stats.sentBytes.Load(),
 		ReceivedMessages: m.stats.recvMsgs.Load(), ReceivedBytes: m.stats.recvBytes.Load(),

@@ -23,7 +23,6 @@ package consensus
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"maps"
@@ -355,7 +354,7 @@ func (n *Node) parkOnce(ctx context.Context, t parkTarget) error {
 	n.mux.wg.Add(1)
 	go func() {
 		defer n.mux.wg.Done()
-		n.mux.dispatch(c.(*tls.Conn), peer, kind[0])
+		n.mux.dispatch(c, peer, kind[0])
 	}()
 	return nil
 }

@@ -100,18 +100,20 @@ func (m *mux) handle(c net.Conn) {
 		c.Close()
 		return
 	}
+	// Guarded: a keyring change that drops the peer's key cuts it.
+	gc := m.tls.Guard(tc)
 	var kind [1]byte
-	_ = tc.SetReadDeadline(time.Now().Add(handshakeTimeout))
-	if _, err := io.ReadFull(tc, kind[:]); err != nil {
-		tc.Close()
+	_ = gc.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	if _, err := io.ReadFull(gc, kind[:]); err != nil {
+		gc.Close()
 		return
 	}
-	_ = tc.SetReadDeadline(time.Time{})
-	m.dispatch(tc, peer, kind[0])
+	_ = gc.SetReadDeadline(time.Time{})
+	m.dispatch(gc, peer, kind[0])
 }
 
 // dispatch hands an authenticated stream of the given kind to its server.
-func (m *mux) dispatch(tc *tls.Conn, peer crypto.NodeID, kind byte) {
+func (m *mux) dispatch(tc net.Conn, peer crypto.NodeID, kind byte) {
 	switch kind {
 	case streamRaft:
 		if m.allowRaft == nil || !m.allowRaft(peer) {
@@ -169,11 +171,12 @@ func (m *mux) dialDirect(ctx context.Context, addr string, kind byte) (net.Conn,
 		c.Close()
 		return nil, crypto.NodeID{}, err
 	}
-	if _, err := tc.Write([]byte{kind}); err != nil {
-		tc.Close()
+	gc := m.tls.Guard(tc)
+	if _, err := gc.Write([]byte{kind}); err != nil {
+		gc.Close()
 		return nil, crypto.NodeID{}, fmt.Errorf("writing to %s: %w", addr, err)
 	}
-	return tc, peer, nil
+	return gc, peer, nil
 }
 
 func (m *mux) close() {

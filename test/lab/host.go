@@ -38,6 +38,34 @@ func (h *Host) PluginDir() string { return filepath.Join(h.Dir, "plugins") }
 func (h *Host) AgentLog() string  { return filepath.Join(h.Dir, "agent.log") }
 func (h *Host) DockerLog() string { return filepath.Join(h.Dir, "dockerd.log") }
 
+// KeyFile is the cluster key file the host's agent reads: the lab's, or
+// with Config.OwnKeyFiles one of the host's own.
+func (h *Host) KeyFile() string {
+	if h.lab.cfg.OwnKeyFiles {
+		return filepath.Join(h.Dir, "cluster.key")
+	}
+	return h.lab.KeyFile
+}
+
+// WriteKeyFile replaces the host's cluster key file (Config.OwnKeyFiles)
+// with keys, one a line, primary first, as an operator rotating the key
+// would: written aside and renamed over it, so that the agent, which
+// watches the file, never reads half of it.
+func (h *Host) WriteKeyFile(keys ...string) error {
+	if !h.lab.cfg.OwnKeyFiles {
+		return errors.New("lab: the hosts share one key file (Config.OwnKeyFiles is off)")
+	}
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(strings.TrimSpace(k) + "\n")
+	}
+	tmp := h.KeyFile() + ".new"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, h.KeyFile())
+}
+
 // StartDocker starts the host's dockerd and waits until it answers.
 // extra are more daemon flags, such as --live-restore. The host's other
 // methods (StartAgent, say) may run while it waits: an engine may not
@@ -180,7 +208,7 @@ func (h *Host) AgentArgs(extra ...string) []string {
 		"--node-name", h.Name,
 		"--advertise-addr", h.Addr.String(),
 		"--join", h.lab.Seeds(h),
-		"--cluster-key-file", h.lab.KeyFile,
+		"--cluster-key-file", h.KeyFile(),
 		"--state-dir", filepath.Join(h.Dir, "state"),
 		"--run-dir", h.RunDir(),
 		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),

@@ -93,6 +93,10 @@ type Config struct {
 	// SyncNetworks lets agents create networks created elsewhere. Off by
 	// default: most tests choose on which hosts a network exists.
 	SyncNetworks bool
+	// OwnKeyFiles gives each host a cluster key file of its own
+	// (Host.KeyFile), a copy of the lab's, so that a test can change the
+	// keys of some hosts and not others: a rotation that leaves one out.
+	OwnKeyFiles bool
 	// Sites places the hosts, by index (host N is Sites[N-1]); hosts
 	// past its end sit on the underlay.
 	Sites []Site
@@ -296,6 +300,13 @@ func (l *Lab) build(ctx context.Context) error {
 	l.KeyFile = filepath.Join(l.Dir, "cluster.key")
 	if err := os.WriteFile(l.KeyFile, []byte(key), 0o600); err != nil {
 		return err
+	}
+	if l.cfg.OwnKeyFiles {
+		for _, h := range l.Hosts {
+			if err := h.WriteKeyFile(key); err != nil {
+				return err
+			}
+		}
 	}
 	if l.cfg.Docker {
 		n := l.cfg.DockerHosts
