@@ -13,7 +13,9 @@
 // this server, and each query comes from the asking container's own
 // address. The server finds the container by that address (Clients),
 // answers the names of the wgmesh networks that container is on, and
-// forwards everything else to the host's own resolvers.
+// forwards everything else to the host's own resolvers. It answers no
+// one but this host and its containers (local.go): a neighbour on the
+// LAN that routes the address to the host gets nothing.
 //
 //	container ──▶ 127.0.0.11 (Docker) ──▶ 169.254.53.53 (this server) ──▶ upstream resolvers
 //	              local names              names of the container's         outside names
@@ -211,7 +213,10 @@ const (
 func (s *Server) listen(ctx context.Context) (*dns.Server, *dns.Server, error) {
 	var lc net.ListenConfig
 	addr := s.cfg.Listen.String()
-	pc, err := lc.ListenPacket(ctx, "udp", addr)
+	// The link of each datagram from the first one on: what the kernel
+	// queues before the option is set comes without it.
+	ulc := net.ListenConfig{Control: recvLink(s.cfg.Listen.Addr().Is4())}
+	pc, err := ulc.ListenPacket(ctx, "udp", addr)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -2,15 +2,18 @@ package dns
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
 
 	"github.com/wgmesh/wgmesh/driver/dns/hostaddr"
 )
@@ -261,6 +264,22 @@ func (s *Sources) tcp(src netip.Addr) bool {
 		return src.IsLoopback()
 	}
 	return s.nets.Load().tcp(src)
+}
+
+// recvLink asks a UDP socket, before it is bound, for the link of each
+// datagram it receives.
+func recvLink(v4 bool) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if v4 {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
+			}
+		})
+		return errors.Join(err, serr)
+	}
 }
 
 // pendingAddr is the source of a datagram that came in on a link Sources
