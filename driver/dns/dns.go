@@ -13,7 +13,9 @@
 // this server, and each query comes from the asking container's own
 // address. The server finds the container by that address (Clients),
 // answers the names of the wgmesh networks that container is on, and
-// forwards everything else to the host's own resolvers.
+// forwards everything else to the host's own resolvers. It answers no
+// one but this host and its containers (local.go): a neighbour on the
+// LAN that routes the address to the host gets nothing.
 //
 //	container ──▶ 127.0.0.11 (Docker) ──▶ 169.254.53.53 (this server) ──▶ upstream resolvers
 //	              local names              names of the container's         outside names
@@ -77,7 +79,10 @@ type Config struct {
 	ClientTimeout   time.Duration
 	// CacheSize bounds the cache of upstream answers.
 	CacheSize int
-	Logger    *slog.Logger
+	// Sources tells the queries of this host from others'; nil takes
+	// only what arrives on loopback (see local.go).
+	Sources *Sources
+	Logger  *slog.Logger
 }
 
 // DefaultConfig returns the defaults; Listen, Clients and Names must be
@@ -121,7 +126,7 @@ type Server struct {
 }
 
 type counters struct {
-	answered, forwarded, cached, failed, unknown, limited, overloaded atomic.Uint64
+	answered, forwarded, cached, failed, unknown, limited, overloaded, foreign atomic.Uint64
 }
 
 // New creates a server with the names the mesh has now. It starts
@@ -208,19 +213,30 @@ const (
 func (s *Server) listen(ctx context.Context) (*dns.Server, *dns.Server, error) {
 	var lc net.ListenConfig
 	addr := s.cfg.Listen.String()
-	pc, err := lc.ListenPacket(ctx, "udp", addr)
+	// The link of each datagram from the first one on: what the kernel
+	// queues before the option is set comes without it.
+	ulc := net.ListenConfig{Control: recvLink(s.cfg.Listen.Addr().Is4())}
+	pc, err := ulc.ListenPacket(ctx, "udp", addr)
 	if err != nil {
 		return nil, nil, err
+	}
+	gc, err := newGatedConn(pc.(*net.UDPConn), s.cfg.Sources, &s.stats.foreign)
+	if err != nil {
+		pc.Close()
+		return nil, nil, fmt.Errorf("asking for the link of each query: %w", err)
 	}
 	l, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		pc.Close()
 		return nil, nil, err
 	}
-	udp := &dns.Server{PacketConn: pc, Handler: s, ReadTimeout: 2 * time.Second}
+	// Only queries from this host get past gc and the listener (see
+	// local.go).
+	udp := &dns.Server{PacketConn: gc, Handler: s, ReadTimeout: 2 * time.Second}
 	// Each TCP connection holds a goroutine: a bounded number are
 	// accepted, the others wait in the kernel's backlog.
-	tcp := &dns.Server{Listener: netutil.LimitListener(l, maxTCPConns), Handler: s, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+	gl := &gatedListener{Listener: l, sources: s.cfg.Sources, dropped: &s.stats.foreign}
+	tcp := &dns.Server{Listener: netutil.LimitListener(gl, maxTCPConns), Handler: s, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
 		MaxTCPQueries: 128}
 	return udp, tcp, nil
 }
@@ -241,6 +257,10 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		return
 	}
 	proto := w.LocalAddr().Network()
+	if p, ok := w.RemoteAddr().(*pendingAddr); ok && !s.admitPending(p) {
+		s.stats.foreign.Add(1)
+		return
+	}
 	if src, ok := addrOf(w.RemoteAddr()); ok && !s.limit.allow(src, time.Now()) {
 		s.stats.limited.Add(1)
 		if proto == "tcp" {
@@ -280,6 +300,21 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 	}
 	s.stats.forwarded.Add(1)
 	s.reply(w, proto, q, m)
+}
+
+// admitPending decides on a datagram that came in on a link the server's
+// Sources did not know, after a fresh look at the host's links.
+func (s *Server) admitPending(p *pendingAddr) bool {
+	src, ok := addrOf(p.UDPAddr)
+	if !ok {
+		return false
+	}
+	if s.cfg.Sources.udp(p.ifindex, src) == unknownLink {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ClientTimeout)
+		s.cfg.Sources.await(ctx)
+		cancel()
+	}
+	return s.cfg.Sources.udp(p.ifindex, src) == local
 }
 
 // reply sends resp, an answer to q from the mesh, the cache or an
@@ -359,6 +394,8 @@ func (s *Server) header(name string, t uint16) dns.RR_Header {
 
 func addrOf(a net.Addr) (netip.Addr, bool) {
 	switch a := a.(type) {
+	case *pendingAddr:
+		return addrOf(a.UDPAddr)
 	case *net.UDPAddr:
 		ip, ok := netip.AddrFromSlice(a.IP)
 		return ip.Unmap(), ok
@@ -398,8 +435,9 @@ type ServerStats struct {
 	// (forwarded or cached as well).
 	Answered, Forwarded, Cached, Failed, Unknown uint64
 	// Limited: dropped, its source over its rate; Overloaded: answered
-	// SERVFAIL, too many queries in flight.
-	Limited, Overloaded uint64 `json:",omitempty"`
+	// SERVFAIL, too many queries in flight; Foreign: dropped, not from
+	// this host. (Optional fields: an older CLI ignores them.)
+	Limited, Overloaded, Foreign uint64 `json:",omitempty"`
 	// Names is how many (name, address) pairs the server knows.
 	Names int
 	// ListenError is why the server is not listening, if it is not.
@@ -410,7 +448,8 @@ type ServerStats struct {
 func (s *Server) Stats() ServerStats {
 	st := ServerStats{Answered: s.stats.answered.Load(), Forwarded: s.stats.forwarded.Load(), Cached: s.stats.cached.Load(),
 		Failed: s.stats.failed.Load(), Unknown: s.stats.unknown.Load(), Limited: s.stats.limited.Load(), Overloaded: s.stats.overloaded.Load(),
-		Names: s.table.Load().Len()}
+		Foreign: s.stats.foreign.Load(),
+		Names:   s.table.Load().Len()}
 	s.mu.Lock()
 	if s.listenErr != nil {
 		st.ListenError = s.listenErr.Error()

@@ -18,9 +18,17 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/test/netnstest"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain runs the tests as root in a network namespace of their own
+// (where netnstest.Main checks for leaked goroutines), else as they are.
+func TestMain(m *testing.M) {
+	if os.Geteuid() == 0 {
+		os.Exit(netnstest.Main(m))
+	}
+	goleak.VerifyTestMain(m)
+}
 
 var (
 	red  = netip.MustParsePrefix("10.60.0.0/16")

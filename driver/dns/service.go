@@ -41,9 +41,10 @@ type ServiceConfig struct {
 // Service runs the DNS server and the watcher of Docker's containers, and
 // checks that dockerd sends its queries to the server.
 type Service struct {
-	cfg ServiceConfig
-	srv *Server
-	w   *Watcher
+	cfg     ServiceConfig
+	srv     *Server
+	w       *Watcher
+	sources *Sources
 
 	mu      sync.Mutex
 	daemon  *DaemonDNS
@@ -74,20 +75,33 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		scfg = DefaultConfig()
 	}
 	scfg.Listen, scfg.Upstreams, scfg.Clients, scfg.Names, scfg.Logger = cfg.Listen, cfg.Upstreams, w, cfg.Mesh, cfg.Logger
+	// Containers reach the server from Docker's bridge networks; a
+	// Docker that cannot list them leaves the server to loopback.
+	var sources *Sources
+	if bl, ok := cfg.Docker.(BridgeLister); ok {
+		sources = NewSources(bl.BridgeSubnets, nil, cfg.Logger)
+	} else {
+		cfg.Logger.Warn("Docker's bridge networks are unknown: the DNS server answers only queries from the host itself", "component", "dns")
+	}
+	scfg.Sources = sources
 	srv, err := New(scfg)
 	if err != nil {
 		return nil, err
 	}
-	return &Service{cfg: cfg, srv: srv, w: w}, nil
+	return &Service{cfg: cfg, srv: srv, w: w, sources: sources}, nil
 }
 
 // Run runs the server and the watcher until ctx is done.
 func (s *Service) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	errs := make([]error, 2)
+	errs := make([]error, 3)
 	wg.Add(2)
 	go func() { defer wg.Done(); errs[0] = s.srv.Run(ctx) }()
 	go func() { defer wg.Done(); errs[1] = s.w.Run(ctx) }()
+	if s.sources != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[2] = s.sources.Run(ctx) }()
+	}
 	if s.cfg.DockerSocket != "" {
 		t := time.NewTicker(daemonCheckEvery)
 	loop:

@@ -127,3 +127,30 @@ func (c *Client) Events(ctx context.Context) (<-chan dns.Event, <-chan error) {
 	}()
 	return out, errc
 }
+
+var _ dns.BridgeLister = (*Client)(nil)
+
+// BridgeSubnets implements dns.BridgeLister: the IPv4 subnets of the
+// networks of Docker's bridge driver (docker0, user-defined bridges,
+// docker_gwbridge), whose containers reach the DNS server through
+// their bridge. Other drivers' subnets are not the host's alone: a
+// macvlan network's may be the LAN's.
+func (c *Client) BridgeSubnets(ctx context.Context) ([]netip.Prefix, error) {
+	list, err := c.c.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("driver", "bridge")})
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, n := range list.Items {
+		// Whatever the filter takes, only the bridge driver's count.
+		if n.Driver != "bridge" {
+			continue
+		}
+		for _, cfg := range n.IPAM.Config {
+			if cfg.Subnet.IsValid() && cfg.Subnet.Addr().Is4() {
+				out = append(out, cfg.Subnet.Masked())
+			}
+		}
+	}
+	return out, nil
+}

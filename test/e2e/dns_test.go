@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -306,4 +307,82 @@ networks:
 	if out, err := h2.Docker(ctx, "exec", "front-web-1", "nslookup", "back-api-1"); err != nil {
 		t.Fatalf("nslookup back-api-1: %v\n%s", err, out)
 	}
+}
+
+// TestNamesNeighbour: the agent's DNS server answers this host's
+// containers only. A machine on the host's LAN segment that routes
+// lab.DNSAddr to the host gets no answer, over UDP or TCP, while on that
+// host a container on a wgmesh network, one on a bridge network and the
+// wgmesh network, and one on a bridge network only still resolve (the
+// first two a remote container's name, all three an outside name).
+func TestNamesNeighbour(t *testing.T) {
+	ctx := testCtx(t)
+	h1, h2 := theLab.Hosts[0], theLab.Hosts[1]
+	out := outsideDNS(t)
+	network(t, "dnb", "10.105.0.0/16", nil, h1, h2)
+	far := container(t, h2, "nbfar", "dnb", nil)
+	if _, err := h1.Docker(ctx, "network", "create", "-d", "bridge", "--subnet", "172.30.5.0/24", "nbbr"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = h1.Docker(context.Background(), "rm", "-f", "nbboth", "nbbridge")
+		_, _ = h1.Docker(context.Background(), "network", "rm", "nbbr")
+	})
+	container(t, h1, "nbmesh", "dnb", nil)
+	container(t, h1, "nbboth", "nbbr", nil)
+	if _, err := h1.Docker(ctx, "network", "connect", "dnb", "nbboth"); err != nil {
+		t.Fatal(err)
+	}
+	container(t, h1, "nbbridge", "nbbr", nil)
+
+	nb, err := theLab.AddNeighbour(ctx, "nb", netip.MustParseAddr("192.168.77.60"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nb.Close)
+	if out, err := nb.Exec(ctx, "ip", "route", "add", lab.DNSAddr+"/32", "via", h1.Addr.String()); err != nil {
+		t.Fatalf("routing %s to h1: %v\n%s", lab.DNSAddr, err, out)
+	}
+
+	// This host's containers resolve first: the agent is serving.
+	for _, c := range []struct {
+		ctr    string
+		remote bool
+	}{{"nbmesh", true}, {"nbboth", true}, {"nbbridge", false}} {
+		r := newResolver(t, h1, c.ctr)
+		if c.remote {
+			r.waitName("nbfar", []string{far}, 10*time.Second)
+		}
+		r.waitName("outside.test", []string{lab.WANServer}, 10*time.Second)
+	}
+
+	// The neighbour asks the agent directly, over UDP and TCP, for an
+	// outside name (recursion) and a mesh name.
+	before := out.Queries()
+	server := netip.AddrPortFrom(netip.MustParseAddr(lab.DNSAddr), 53).String()
+	for _, proto := range []string{"udp", "tcp"} {
+		for _, name := range []string{"outside.test", "nbfar"} {
+			err := lab.InNetNS(nb.NSPath(), func() error {
+				c := &dns.Client{Net: proto, Timeout: 2 * time.Second}
+				m, _, err := c.Exchange(new(dns.Msg).SetQuestion(dns.Fqdn(name), dns.TypeA), server)
+				if err == nil {
+					return fmt.Errorf("answered %s", strings.ReplaceAll(m.String(), "\n", " "))
+				}
+				return nil
+			})
+			if err != nil {
+				t.Errorf("a neighbour asking %s over %s: %v", name, proto, err)
+			}
+		}
+	}
+	if n := out.Queries() - before; n != 0 {
+		t.Errorf("the neighbour's queries made the agent ask upstream %d times", n)
+	}
+	// They reached the agent, which dropped them (so the test shows the
+	// agent's doing, not a path that does not exist).
+	if st := status(t, h1); st.DNS == nil || st.DNS.Server.Foreign < 4 {
+		t.Errorf("h1 dropped fewer than the neighbour's 4 queries: %+v", st.DNS)
+	}
+	// The containers still resolve afterwards.
+	newResolver(t, h1, "nbmesh").waitName("outside.test", []string{lab.WANServer}, 5*time.Second)
 }

@@ -43,6 +43,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -139,6 +140,9 @@ type Lab struct {
 
 	mu     sync.Mutex
 	closed bool
+	// neighbours are the namespaces AddNeighbour made and Close has not
+	// removed.
+	neighbours []string
 }
 
 // Host is one simulated host.
@@ -458,6 +462,12 @@ func (l *Lab) Close() error {
 			}
 		}
 	}
+	l.mu.Lock()
+	neighbours := slices.Clone(l.neighbours)
+	l.mu.Unlock()
+	for _, ns := range neighbours {
+		_, _ = run(ctx, "ip", "netns", "del", ns)
+	}
 	for _, ns := range []string{l.WAN, l.Switch} {
 		if _, err := run(ctx, "ip", "netns", "del", ns); err != nil && !strings.Contains(err.Error(), "No such file") {
 			errs = append(errs, err)
@@ -594,4 +604,52 @@ func imageTar() (*bytes.Buffer, error) {
 		return nil, err
 	}
 	return &buf, nil
+}
+
+// Neighbour is a namespace on the underlay that is none of the lab's
+// hosts: another machine on the hosts' LAN segment.
+type Neighbour struct {
+	lab  *Lab
+	NS   string
+	Addr netip.Addr
+}
+
+// NSPath is the neighbour's network namespace.
+func (n *Neighbour) NSPath() string { return "/run/netns/" + n.NS }
+
+// AddNeighbour plugs a namespace with addr (on UnderlayPrefix) into the
+// underlay as <prefix>-<name>. Close removes it; the lab's Close does
+// too, if the test did not.
+func (l *Lab) AddNeighbour(ctx context.Context, name string, addr netip.Addr) (*Neighbour, error) {
+	if !netip.MustParsePrefix(UnderlayPrefix).Contains(addr) {
+		return nil, fmt.Errorf("lab: neighbour address %s is not on the underlay %s", addr, UnderlayPrefix)
+	}
+	n := &Neighbour{lab: l, NS: l.Prefix + "-" + name, Addr: addr}
+	steps := [][]string{{"ip", "netns", "add", n.NS}, {"ip", "-n", n.NS, "link", "set", "lo", "up"}}
+	steps = append(steps, l.plug(n.NS, name, addr.String(), 0)...)
+	l.mu.Lock()
+	l.neighbours = append(l.neighbours, n.NS)
+	l.mu.Unlock()
+	for _, s := range steps {
+		if _, err := run(ctx, s[0], s[1:]...); err != nil {
+			n.Close()
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+// Exec runs a command in the neighbour's namespace.
+func (n *Neighbour) Exec(ctx context.Context, name string, args ...string) (string, error) {
+	return run(ctx, "ip", append([]string{"netns", "exec", n.NS, name}, args...)...)
+}
+
+// Close removes the neighbour's namespace, and with it its link.
+func (n *Neighbour) Close() {
+	_, _ = run(context.Background(), "ip", "netns", "del", n.NS)
+	n.lab.mu.Lock()
+	defer n.lab.mu.Unlock()
+	if i := slices.Index(n.lab.neighbours, n.NS); i >= 0 {
+		n.lab.neighbours = slices.Delete(n.lab.neighbours, i, i+1)
+	}
 }

@@ -102,3 +102,45 @@ func retryDump[T any](f func() (T, error)) (T, error) {
 	}
 	return v, err
 }
+
+// LinkAddrs are the IPv4 addresses of one link of the host, with their
+// prefix lengths (172.18.0.1/16).
+type LinkAddrs struct {
+	Index int
+	Addrs []netip.Prefix
+}
+
+// List returns the host's links that have IPv4 addresses, with their
+// addresses, in one dump of the kernel's table.
+func List() ([]LinkAddrs, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return h.AddrList(nil, unix.AF_INET) })
+	if err != nil {
+		return nil, fmt.Errorf("listing the host's addresses: %w", err)
+	}
+	byLink := map[int]*LinkAddrs{}
+	var out []*LinkAddrs
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IPNet.IP)
+		if !ok {
+			continue
+		}
+		ones, _ := a.IPNet.Mask.Size()
+		l := byLink[a.LinkIndex]
+		if l == nil {
+			l = &LinkAddrs{Index: a.LinkIndex}
+			byLink[a.LinkIndex] = l
+			out = append(out, l)
+		}
+		l.Addrs = append(l.Addrs, netip.PrefixFrom(ip.Unmap(), ones))
+	}
+	res := make([]LinkAddrs, len(out))
+	for i, l := range out {
+		res[i] = *l
+	}
+	return res, nil
+}

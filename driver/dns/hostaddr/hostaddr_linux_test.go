@@ -71,3 +71,29 @@ func TestEnsure(t *testing.T) {
 		t.Fatalf("after removal: %v", got)
 	}
 }
+
+// TestList: the host's IPv4 addresses by link, wgmesh's among lo's.
+func TestList(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	if err := Ensure(netip.MustParseAddr("169.254.53.53")); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = Remove() })
+	links, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lo, _ := net.InterfaceByName(LinkName)
+	var got []netip.Prefix
+	for _, l := range links {
+		if l.Index == lo.Index {
+			got = l.Addrs
+		}
+	}
+	// Other tests may leave addresses of their own.
+	for _, w := range []string{"127.0.0.1/8", "169.254.53.53/32"} {
+		if !slices.Contains(got, netip.MustParsePrefix(w)) {
+			t.Errorf("lo (%d) has %v, without %s; all: %+v", lo.Index, got, w, links)
+		}
+	}
+}
