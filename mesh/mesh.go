@@ -226,8 +226,8 @@ type Mesh struct {
 	pmtu      *pmtuProber
 	// raftListener is the consensus port's listener.
 	raftListener net.Listener
-	queue     *memberlist.TransmitLimitedQueue
-	kick      chan struct{}
+	queue        *memberlist.TransmitLimitedQueue
+	kick         chan struct{}
 	// changes is signalled (never blocking) whenever the View may differ.
 	changes chan struct{}
 	stats   gossipStats
