@@ -380,6 +380,9 @@ func meshError(what string, err error) error {
 		return forbidden("%s: %v", what, err)
 	case errors.Is(err, catalog.ErrInvalid):
 		return invalidParam("%s: %v", what, err)
+	case errors.Is(err, mesh.ErrUnreachable):
+		return &Error{KindSystem, fmt.Errorf("%s: the cluster's members are up, but this host's consensus connections to them time out: "+
+			"packets are lost on the way (see `wgmesh status`); networks already here keep working: %w", what, err)}
 	case errors.Is(err, mesh.ErrNoLeader):
 		return &Error{KindSystem, fmt.Errorf("%s: no quorum: the cluster's leader cannot be reached, because most of its voters are down "+
 			"or cut off from this host (see `wgmesh status`); networks already here keep working: %w", what, err)}

@@ -22,6 +22,9 @@ var (
 	ErrNetworkConflict = catalog.ErrNetworkConflict
 	ErrNotMember       = consensus.ErrNotMember
 	ErrNoLeader        = consensus.ErrNoLeader
+	// ErrUnreachable is ErrNoLeader when the members asked are up but
+	// consensus connections to them time out.
+	ErrUnreachable = consensus.ErrUnreachable
 	// ErrInUse refuses removing a network that containers use.
 	ErrInUse = errors.New("network in use")
 	// ErrAlive refuses forgetting a node that gossip sees.

@@ -167,6 +167,7 @@ func (m *Mesh) Problems() []string {
 			"if they are gone for good, see `wgmesh recover`")
 	}
 	v := m.View()
+	out = append(out, unreachableProblems(cs.Unreachable, v, m.cfg.raftPort())...)
 	for _, name := range slices.Sorted(maps.Keys(v.Members)) {
 		mem := v.Members[name]
 		if mem.Self || mem.Registered || !mem.State.Reachable() {
@@ -251,4 +252,27 @@ func mustJSON(v any) []byte {
 		panic(err) // only our own plain types are marshalled
 	}
 	return b
+}
+
+// unreachableProblems describes the members gossip reaches whose
+// consensus connections time out (consensus/health.go): packets are lost
+// on the way, and which ones the path MTU may tell.
+func unreachableProblems(us []consensus.Unreachable, v *View, raftPort int) []string {
+	var out []string
+	for _, u := range us {
+		mem, ok := v.Members[u.Name]
+		if !ok || !mem.State.Reachable() {
+			// Down, or unknown: gossip says so already.
+			continue
+		}
+		cause := fmt.Sprintf("a firewall on the way drops TCP to port %d, or the path loses larger packets "+
+			"without ICMP \"fragmentation needed\" coming back (a path MTU black hole)", raftPort)
+		if mem.PathMTU > 0 {
+			cause += fmt.Sprintf("; the path MTU measured to %s is %d bytes", u.Name, mem.PathMTU)
+		}
+		out = append(out, fmt.Sprintf("consensus: gossip reaches node %s, but this node's consensus connections to it (%s) time out "+
+			"(%d since %s; last: %s): %s; until they work, this node may claim no address block",
+			u.Name, u.Addr, u.Count, u.Since.Format(time.TimeOnly), u.Err, cause))
+	}
+	return out
 }

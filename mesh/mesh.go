@@ -224,8 +224,10 @@ type Mesh struct {
 	gossipNet *gossipTransport
 	sockets   *netTransport
 	pmtu      *pmtuProber
-	queue     *memberlist.TransmitLimitedQueue
-	kick      chan struct{}
+	// raftListener is the consensus port's listener.
+	raftListener net.Listener
+	queue        *memberlist.TransmitLimitedQueue
+	kick         chan struct{}
 	// changes is signalled (never blocking) whenever the View may differ.
 	changes chan struct{}
 	stats   gossipStats
@@ -340,8 +342,18 @@ func New(cfg Config) (*Mesh, error) {
 	l := cfg.RaftListener
 	if l == nil {
 		hostPort := net.JoinHostPort(cfg.BindAddr, strconv.Itoa(cfg.raftPort()))
-		if l, err = net.Listen("tcp", hostPort); err != nil {
+		lc := net.ListenConfig{Control: mssControl(func(netip.Addr) int { return controlMTU })}
+		if l, err = lc.Listen(context.Background(), "tcp", hostPort); err != nil {
 			return nil, fmt.Errorf("consensus port: %w", err)
+		}
+	}
+	m.raftListener = l
+	dial := cfg.RaftDial
+	if dial == nil {
+		// The agent's own TCP keeps its packets within the path (tcpmss.go).
+		dial = func(ctx context.Context, addr string) (net.Conn, error) {
+			d := net.Dialer{Control: mssControl(m.controlMTUTo)}
+			return d.DialContext(ctx, "tcp", addr)
 		}
 	}
 	if cfg.RaftListener != nil {
@@ -350,7 +362,7 @@ func New(cfg Config) (*Mesh, error) {
 	advertise := net.JoinHostPort(addr.String(), strconv.Itoa(m.cfg.raftPort()))
 	ccfg := consensus.Config{
 		Name: cfg.Name, Identity: cfg.Identity, TLS: tlsc, Addr: addr, Dir: cfg.StateDir,
-		Listener: l, Advertise: advertise, Dial: cfg.RaftDial, Membership: membership{m}, Logger: cfg.Logger,
+		Listener: l, Advertise: advertise, Dial: dial, Membership: membership{m}, Logger: cfg.Logger,
 		Raft: cfg.Consensus.Raft, StableWait: cfg.Consensus.StableWait, DeadVoterTimeout: cfg.Consensus.DeadVoterTimeout,
 		DeadNonvoterTimeout: cfg.Consensus.DeadNonvoterTimeout, Tick: cfg.Consensus.Tick, MaxVoters: cfg.Consensus.MaxVoters,
 		Server: cfg.Server, ServerKey: cfg.ServerKey,
@@ -383,6 +395,7 @@ func (m *Mesh) bindGossip() error {
 		if err != nil {
 			return err
 		}
+		t.mtu = m.controlMTUTo
 		m.sockets, inner = t, t
 		m.cfg.BindPort = t.Port()
 	}
@@ -411,9 +424,26 @@ func (m *Mesh) bindGossip() error {
 		interval = 30 * time.Second
 	}
 	if interval > 0 && m.gossipNet.df != nil {
-		m.pmtu = newPMTUProber(m.gossipNet, interval, m.rttOf, m.touch)
+		m.pmtu = newPMTUProber(m.gossipNet, interval, m.rttOf, func() {
+			m.setListenersMSS()
+			m.touch()
+		})
 	}
 	return nil
+}
+
+// setListenersMSS sets the MSS of the TCP listeners for the path MTUs
+// now known (tcpmss.go).
+func (m *Mesh) setListenersMSS() {
+	mtu := m.listenMTU()
+	for _, l := range []net.Listener{m.raftListener, m.sockets.listener()} {
+		if l == nil {
+			continue
+		}
+		if err := setListenerMSS(l, mtu); err != nil {
+			m.log.Debug("setting the MSS of a listener", "addr", l.Addr().String(), "err", err)
+		}
+	}
 }
 
 // rttOf is the last gossip round trip to a member.

@@ -36,6 +36,9 @@ type netTransport struct {
 	df     *net.UDPConn
 	port   int
 	family int
+	// mtu is the packet size of TCP to an address (tcpmss.go); nil
+	// leaves the kernel's.
+	mtu func(netip.Addr) int
 
 	packets chan *memberlist.Packet
 	streams chan net.Conn
@@ -86,10 +89,14 @@ func newNetTransport(addr string, port int, log *slog.Logger) (*netTransport, er
 }
 
 func bindNetTransport(network string, family int, ip netip.Addr, port int, log *slog.Logger) (*netTransport, error) {
-	tl, err := net.ListenTCP("tcp"+network, net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, uint16(port))))
+	// Until path MTUs are known, what the listener accepts keeps to
+	// controlMTU (tcpmss.go).
+	lc := net.ListenConfig{Control: mssControl(func(netip.Addr) int { return controlMTU })}
+	l, err := lc.Listen(context.Background(), "tcp"+network, netip.AddrPortFrom(ip, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("gossip port (TCP): %w", err)
 	}
+	tl := l.(*net.TCPListener)
 	port = tl.Addr().(*net.TCPAddr).Port
 	hostPort := net.JoinHostPort(ip.String(), strconv.Itoa(port))
 	udp, err := listenUDP("udp"+network, hostPort, family, pmtuDiscDont(family))
@@ -260,7 +267,18 @@ func (t *netTransport) PacketCh() <-chan *memberlist.Packet { return t.packets }
 // DialTimeout implements memberlist.Transport.
 func (t *netTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
 	d := net.Dialer{Timeout: timeout}
+	if t.mtu != nil {
+		d.Control = mssControl(t.mtu)
+	}
 	return d.Dial("tcp", addr)
+}
+
+// listener is the gossip port's TCP listener; nil on a nil transport.
+func (t *netTransport) listener() net.Listener {
+	if t == nil {
+		return nil
+	}
+	return t.tcp
 }
 
 // DialAddressTimeout implements memberlist.NodeAwareTransport.

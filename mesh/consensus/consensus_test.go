@@ -55,6 +55,10 @@ type cluster struct {
 	// redirect[from][addr] sends a node's dials of addr to another
 	// address: someone else answers there.
 	redirect map[string]map[string]string
+	// hole[a][b]: on connections between a and b, whichever dialled,
+	// the dialler's writes larger than this many bytes vanish, as
+	// packets do in a path MTU black hole.
+	hole map[string]map[string]int
 }
 
 type tconn struct {
@@ -201,6 +205,7 @@ func (c *cluster) dial(from string) DialFunc {
 		}
 		blocked := to != "" && (c.side[to] != c.side[from] || c.cut[from][to])
 		natted := c.natted[to]
+		hole := max(c.hole[from][to], c.hole[to][from])
 		if r, ok := c.redirect[from][addr]; ok {
 			addr = r
 		}
@@ -213,6 +218,9 @@ func (c *cluster) dial(from string) DialFunc {
 		}
 		var d net.Dialer
 		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil && hole > 0 {
+			conn = holeConn{conn, hole}
+		}
 		if err == nil && to != "" {
 			c.mu.Lock()
 			c.conns = append(c.conns, tconn{from, to, conn})

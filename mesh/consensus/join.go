@@ -52,6 +52,12 @@ var ErrDisk = errors.New("this node cannot write its state directory")
 // most voters are down, or cut off from this node.
 var ErrNoLeader = errors.New("no leader of the cluster can be reached")
 
+// ErrUnreachable is ErrNoLeader when the members this node asked are up
+// (gossip reaches them) but its consensus connections to them time out:
+// not a lost quorum but a path or a firewall that loses packets (see
+// Status.Unreachable).
+var ErrUnreachable = fmt.Errorf("%w: members are up, but this node's consensus connections to them time out", ErrNoLeader)
+
 func lower(a, b Member) bool {
 	return cmp.Or(cmp.Compare(a.Name, b.Name), strings.Compare(a.ID.String(), b.ID.String())) < 0
 }
@@ -522,12 +528,21 @@ func (n *Node) send(ctx context.Context, entry []byte) (catalog.Result, uint64, 
 		}
 	}
 	var last error = errNoLeader
+	// stalled: every member asked, and there was one, timed out.
+	asked, stalled := 0, 0
+	note := func(resp response, err error) {
+		asked++
+		if err != nil && isTimeout(err) {
+			stalled++
+		}
+		last = errors.Join(err, errString(resp.Err))
+	}
 	if addr, _ := n.leader(); addr != "" {
 		resp, err := n.callLeader(ctx, &request{Method: methodApply, Entry: entry})
 		if err == nil && resp.Err == "" {
 			return resp.Result, resp.Index, nil
 		}
-		last = errors.Join(err, errString(resp.Err))
+		note(resp, err)
 	}
 	for _, m := range n.clusterMembers() {
 		if ctx.Err() != nil {
@@ -537,7 +552,10 @@ func (n *Node) send(ctx context.Context, entry []byte) (catalog.Result, uint64, 
 		if err == nil && resp.Err == "" {
 			return resp.Result, resp.Index, nil
 		}
-		last = errors.Join(err, errString(resp.Err))
+		note(resp, err)
+	}
+	if asked > 0 && stalled == asked {
+		return catalog.Result{}, 0, fmt.Errorf("%w: %w", ErrUnreachable, last)
 	}
 	return catalog.Result{}, 0, fmt.Errorf("%w: %w", ErrNoLeader, last)
 }

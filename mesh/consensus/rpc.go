@@ -273,10 +273,14 @@ func (n *Node) call(ctx context.Context, addr string, req *request) (response, c
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	if err := writeFrame(conn, req); err != nil {
+		n.mux.health.record(addr, err)
 		return response{}, peer, fmt.Errorf("sending to %s: %w", addr, err)
 	}
 	var resp response
 	if err := readFrame(conn, &resp); err != nil {
+		if ctx.Err() == nil {
+			n.mux.health.record(addr, err)
+		}
 		return response{}, peer, fmt.Errorf("reading the answer of %s: %w", addr, err)
 	}
 	return resp, peer, nil

@@ -25,6 +25,9 @@ type Status struct {
 	AppliedIndex uint64 `json:"applied_index,omitempty"`
 	Generation   uint64 `json:"generation"`
 	Stats        Stats  `json:"stats"`
+	// Unreachable lists members whose consensus connections time out
+	// (health.go), with their names where gossip knows the address.
+	Unreachable []Unreachable `json:"unreachable,omitempty"`
 }
 
 // ServerStatus is a server of the Raft configuration.
@@ -39,7 +42,7 @@ func (n *Node) Status() Status {
 	n.mu.Lock()
 	r, registered, fatal, joinErr, shutdown, diskErr := n.raft, n.registered, n.fatal, n.joinErr, n.shutdown, n.diskErr
 	n.mu.Unlock()
-	st := Status{Registered: registered, Generation: n.gen, Stats: n.metrics.stats()}
+	st := Status{Registered: registered, Generation: n.gen, Stats: n.metrics.stats(), Unreachable: n.unreachable()}
 	var state *catalog.State
 	n.fsm.Read(func(s *catalog.State) {
 		st.ClusterID = s.ClusterID
@@ -111,3 +114,22 @@ func (n *Node) peerStatus() PeerStatus {
 
 // Identity returns this node's boot ID and generation (for gossip).
 func (n *Node) Identity() (bootID string, generation uint64) { return n.bootID, n.gen }
+
+// unreachable lists the members whose consensus connections time out,
+// named by the addresses members advertise.
+func (n *Node) unreachable() []Unreachable {
+	out := n.mux.health.list()
+	if len(out) == 0 {
+		return nil
+	}
+	names := map[string]string{}
+	for _, m := range n.cfg.Membership.Members() {
+		if !m.Self && m.RaftAddr != "" {
+			names[m.RaftAddr] = m.Name
+		}
+	}
+	for i := range out {
+		out[i].Name = names[out[i].Addr]
+	}
+	return out
+}

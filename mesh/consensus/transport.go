@@ -52,6 +52,9 @@ type mux struct {
 	// address: Raft dials addresses, and only that server may answer.
 	raftPeer func(addr string) (crypto.NodeID, bool)
 
+	// health tracks dialled connections that time out (health.go).
+	health *connHealth
+
 	raftConns chan net.Conn
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -65,7 +68,7 @@ func newMux(l net.Listener, tls *crypto.ClusterTLS, dial DialFunc, log *slog.Log
 			return d.DialContext(ctx, "tcp", addr)
 		}
 	}
-	return &mux{l: l, tls: tls, dial: dial, log: log, raftConns: make(chan net.Conn), closed: make(chan struct{}), park: newParkLot()}
+	return &mux{l: l, tls: tls, dial: dial, log: log, health: newConnHealth(), raftConns: make(chan net.Conn), closed: make(chan struct{}), park: newParkLot()}
 }
 
 // serve accepts connections until the mux is closed.
@@ -159,6 +162,7 @@ func (m *mux) dialStream(ctx context.Context, addr string, kind byte) (net.Conn,
 func (m *mux) dialDirect(ctx context.Context, addr string, kind byte) (net.Conn, crypto.NodeID, error) {
 	c, err := m.dial(ctx, addr)
 	if err != nil {
+		m.health.record(addr, err)
 		return nil, crypto.NodeID{}, err
 	}
 	tc := tls.Client(c, m.tls.ClientConfig())
@@ -169,8 +173,14 @@ func (m *mux) dialDirect(ctx context.Context, addr string, kind byte) (net.Conn,
 	peer, err := crypto.Handshake(tc, timeout)
 	if err != nil {
 		c.Close()
+		if timeout >= time.Second {
+			// A handshake takes a few round trips; one cut short
+			// by the caller's tight deadline says little.
+			m.health.record(addr, err)
+		}
 		return nil, crypto.NodeID{}, err
 	}
+	m.health.record(addr, nil)
 	gc := m.tls.Guard(tc)
 	if _, err := gc.Write([]byte{kind}); err != nil {
 		gc.Close()

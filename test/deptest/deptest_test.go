@@ -37,13 +37,13 @@ func TestImportDirection(t *testing.T) {
 		// Imports nothing of ours but internal helpers.
 		mod + "crypto": {mod + "mesh", mod + "driver", mod + "cmd", mod + "test"},
 		// Cluster-wide: no OS, no WireGuard, no Docker, nothing host-local.
-		mod + "mesh": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard", "github.com/docker/",
+		mod + "mesh": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard", "github.com/docker/",
 			"github.com/moby/", mod + "driver", mod + "cmd"},
 		// Desired state only; the implementations live below it.
-		mod + "driver/dataplane": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard/device", mod + "mesh", mod + "driver/dataplane/linux"},
+		mod + "driver/dataplane": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard/device", mod + "mesh", mod + "driver/dataplane/linux"},
 		// The driver talks to the kernel and to Docker only through its
 		// interfaces.
-		mod + "driver": {"github.com/vishvananda/", "golang.zx2c4.com/wireguard/device", "github.com/moby/", mod + "driver/dataplane/linux", mod + "cmd"},
+		mod + "driver": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard/device", "github.com/moby/", mod + "driver/dataplane/linux", mod + "cmd"},
 	}
 	for pkg, bans := range forbidden {
 		for _, d := range deps(t, pkg) {

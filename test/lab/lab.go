@@ -125,6 +125,11 @@ type Site struct {
 	// packets without a word on the way in (the underlay's bridge does)
 	// and answers them with ICMP on the way out (the router does).
 	UplinkMTU int
+	// DropFragNeeded makes the router drop ICMP "fragmentation needed"
+	// both ways, the ones it makes and the ones it forwards, as many
+	// firewalls do: with a smaller UplinkMTU, a black hole that says
+	// nothing either way.
+	DropFragNeeded bool
 }
 
 // Lab is a running set of simulated hosts.
@@ -361,6 +366,12 @@ func (l *Lab) natSteps(h *Host) ([][]string, error) {
 		ipt("-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"),
 		ipt("-A", "FORWARD", "-i", "eth0", "-j", "DROP"),
 	)
+	if h.Site.DropFragNeeded {
+		// Inserted first: the rules above accept ICMP errors as RELATED.
+		for _, chain := range []string{"OUTPUT", "FORWARD"} {
+			steps = append(steps, ipt("-I", chain, "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"))
+		}
+	}
 	return steps, nil
 }
 

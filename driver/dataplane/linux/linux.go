@@ -137,6 +137,9 @@ type network struct {
 	// have is what was last written to the WireGuard device; nil until
 	// known.
 	have *wgState
+	// mss is the TCP MSS clamp last written (mss.go), mssErr why the
+	// last write failed.
+	mss, mssErr string
 }
 
 // New returns a Linux data plane operating on the current network
@@ -335,7 +338,21 @@ func (d *DataPlane) applyNetwork(ctx context.Context, key crypto.PrivateKey, n *
 	if err != nil {
 		return err
 	}
-	return d.syncRoutes(st, n, link, present)
+	if err := d.syncRoutes(st, n, link, present); err != nil {
+		return err
+	}
+	// A kernel without nftables runs the network without the clamp:
+	// containers that take ICMP still find the path MTU themselves.
+	if err := d.syncMSS(st, wantMSS(link.Attrs().Name, n)); err != nil {
+		if err.Error() != st.mssErr {
+			d.log.Warn("no TCP MSS clamp in the network's namespace: containers that drop ICMP may stall across smaller paths",
+				"network", short(n.ID), "err", err)
+		}
+		st.mssErr = err.Error()
+	} else {
+		st.mssErr = ""
+	}
+	return nil
 }
 
 // ensureWireGuard makes sure the network's WireGuard link exists in its
