@@ -83,7 +83,7 @@ func (c *ClusterTLS) SetKeyring(ring Keyring) error {
 // Rolling upgrades: nothing new goes on the wire. A cut peer, of any
 // version, sees its connection close, as after a network fault, and dials
 // again (Raft and the RPC client do); it gets in if it holds a key of the
-// new ring. A rotation done as the README says cuts only connections made
+// new ring. A rotation done as docs/operations.md says cuts only connections made
 // under a key that every good host has since dropped.
 func (c *ClusterTLS) Rekey(ring Keyring) (cut int, err error) {
 	keys := ring

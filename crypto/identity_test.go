@@ -163,7 +163,7 @@ func TestClusterTLS(t *testing.T) {
 		t.Errorf("two insecure nodes: %v", err)
 	}
 
-	// Rotation as the README describes it: every node adds the new key
+	// Rotation as docs/operations.md describes it: every node adds the new key
 	// second, then makes it first, then drops the old one. Certificates
 	// are mutual, so at each step both sides must accept each other.
 	r := newTLS(idb, ring(k1, k2))

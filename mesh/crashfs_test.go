@@ -12,7 +12,7 @@ package mesh
 // Raft's snapshots, the WAL's bolt meta store) are written through os by
 // code that syncs before it renames, so a plain copy of them is what the
 // disk holds. That is an approximation: a mutation that drops one of
-// those syncs would go unseen (see test/mutate/README.md).
+// those syncs would go unseen (see test/mutate and docs/testing.md).
 
 import (
 	"errors"

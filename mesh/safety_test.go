@@ -11,7 +11,7 @@ package mesh
 // with the capabilities any member has, sends forwarded consensus requests
 // for a voter, forgets live nodes and deletes networks in its own name.
 //
-// After every step a checker asserts the promises the README makes: no
+// After every step a checker asserts the promises the docs make: no
 // two nodes hold overlapping blocks, no address is handed out twice, no
 // committed claim is lost (a block that held an address handed out is
 // still its node's in every replica that applied the claim), replicas at

@@ -128,16 +128,31 @@ func TestPluginExposesAgentFlags(t *testing.T) {
 	}
 }
 
-// TestFlagHelpAgreesWithREADME checks help texts that once contradicted
-// the README: a host behind NAT leaves --advertise-addr unset, and
-// --bind-addr is where every listener of the agent's but WireGuard's binds.
-func TestFlagHelpAgreesWithREADME(t *testing.T) {
+// TestFlagHelpAgreesWithDocs checks help texts that once contradicted
+// the documentation: a host behind NAT leaves --advertise-addr unset (the
+// README's quick start and docs/operations.md, Hosts behind NAT, say so,
+// and the test reads them to make sure they still do), and --bind-addr is
+// where every listener of the agent's but WireGuard's binds.
+func TestFlagHelpAgreesWithDocs(t *testing.T) {
+	for path, says := range map[string]string{
+		"../../README.md":          "Hosts behind NAT need no port forwarded to them and no `--advertise-addr`",
+		"../../docs/operations.md": "A host behind NAT leaves it unset",
+	} {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Line breaks of the Markdown may fall anywhere in the sentence.
+		if !strings.Contains(strings.Join(strings.Fields(string(b)), " "), says) {
+			t.Errorf("%s no longer says %q, which the --advertise-addr help agrees with: change both together", path, says)
+		}
+	}
 	var f agentFlags
 	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
 	f.register(fs)
 	adv := fs.Lookup("advertise-addr").Usage
 	if strings.Contains(adv, "set it behind NAT") || !strings.Contains(adv, "leave it unset behind NAT") {
-		t.Errorf("--advertise-addr help %q: the README says a host behind NAT leaves it unset", adv)
+		t.Errorf("--advertise-addr help %q: the docs say a host behind NAT leaves it unset", adv)
 	}
 	bind := fs.Lookup("bind-addr").Usage
 	for _, what := range []string{"gossip", "consensus", "relay"} {

@@ -186,7 +186,7 @@ func (s *Service) Status(names mesh.NameStats) *Status {
 // fallbackNote is the advice for a dockerd that has the server at addr
 // as its only DNS server: dockerd forwards only to it, so while the agent
 // is down or restarting every container on the host loses outside names
-// (README, "Names across hosts").
+// (docs/design.md, "Names across hosts").
 func fallbackNote(d DaemonDNS, addr netip.Addr) string {
 	if len(d.Servers) != 1 || d.Servers[0] != addr.String() {
 		return ""
