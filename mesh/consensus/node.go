@@ -447,7 +447,8 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 		_ = closeAll()
 		return nil, nil, nil, nil, err
 	}
-	return w, w, snaps, closeAll, nil
+	logs, wrapped := keepAfterSnapshot(w, snaps)
+	return logs, w, wrapped, closeAll, nil
 }
 
 func (n *Node) snapshotStore() (*raft.FileSnapshotStore, error) {
