@@ -447,7 +447,11 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 		_ = closeAll()
 		return nil, nil, nil, nil, err
 	}
-	logs, wrapped := keepAfterSnapshot(w, snaps)
+	logs, wrapped, err := keepAfterSnapshot(w, snaps)
+	if err != nil {
+		_ = closeAll()
+		return nil, nil, nil, nil, err
+	}
 	return logs, w, wrapped, closeAll, nil
 }
 
