@@ -447,7 +447,12 @@ func (n *Node) stores() (raft.LogStore, raft.StableStore, raft.SnapshotStore, fu
 		_ = closeAll()
 		return nil, nil, nil, nil, err
 	}
-	return w, w, snaps, closeAll, nil
+	logs, wrapped, err := keepAfterSnapshot(w, snaps)
+	if err != nil {
+		_ = closeAll()
+		return nil, nil, nil, nil, err
+	}
+	return logs, w, wrapped, closeAll, nil
 }
 
 func (n *Node) snapshotStore() (*raft.FileSnapshotStore, error) {
