@@ -148,7 +148,15 @@ func (v *View) BlocksOf(subnet netip.Prefix, node string) []netip.Prefix {
 }
 
 // OwnBlocks returns the blocks this node owns in subnet.
-func (v *View) OwnBlocks(subnet netip.Prefix) []netip.Prefix { return v.BlocksOf(subnet, v.Self) }
+//
+// Also of a deleted network: a host keeps its blocks of a network removed
+// from the cluster until it gives them back (catalog's deleteNetwork).
+func (v *View) OwnBlocks(subnet netip.Prefix) []netip.Prefix {
+	if n, ok := v.Catalog.Networks[subnet]; ok {
+		return n.BlocksOf(v.Self)
+	}
+	return nil
+}
 
 // Reserved returns the addresses no container of subnet may get.
 func (v *View) Reserved(subnet netip.Prefix) []netip.Addr {

@@ -81,5 +81,13 @@ func newDNS(f *agentFlags, m *mesh.Mesh, docker *dockerapi.Client, log *slog.Log
 	return dns.NewService(dns.ServiceConfig{
 		Listen: netip.AddrPortFrom(addr, 53), Upstreams: upstreams, Mesh: m, Docker: docker,
 		DriverName: f.driverName, DockerSocket: sock, Logger: log,
+		Links: func() ([]dns.LinkAddrs, error) {
+			ls, err := hostaddr.List()
+			out := make([]dns.LinkAddrs, 0, len(ls))
+			for _, l := range ls {
+				out = append(out, dns.LinkAddrs{Index: l.Index, Addrs: l.Addrs})
+			}
+			return out, err
+		},
 	})
 }

@@ -14,8 +14,6 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
-
-	"github.com/wgmesh/wgmesh/driver/dns/hostaddr"
 )
 
 // Who may ask. The server's address sits on lo, and Linux takes a packet
@@ -75,7 +73,16 @@ type localNets struct {
 	host    map[netip.Addr]bool
 }
 
-func newLocalNets(links []hostaddr.LinkAddrs, subnets []netip.Prefix) *localNets {
+// LinkAddrs are the IPv4 addresses of one link of the host, with their
+// prefix lengths (172.18.0.1/16). The agent lists them from the kernel
+// (dns/hostaddr); this package stays clear of netlink, as the driver's
+// packages do (test/deptest).
+type LinkAddrs struct {
+	Index int
+	Addrs []netip.Prefix
+}
+
+func newLocalNets(links []LinkAddrs, subnets []netip.Prefix) *localNets {
 	n := &localNets{known: map[int]bool{}, bridges: map[int][]netip.Prefix{}, host: map[netip.Addr]bool{}}
 	for _, l := range links {
 		n.known[l.Index] = true
@@ -137,7 +144,7 @@ func (n *localNets) tcp(src netip.Addr) bool {
 // sourcesResync, and when a query comes in on a link it has not seen.
 type Sources struct {
 	bridges func(context.Context) ([]netip.Prefix, error)
-	links   func() ([]hostaddr.LinkAddrs, error)
+	links   func() ([]LinkAddrs, error)
 	log     *slog.Logger
 	nets    atomic.Pointer[localNets]
 	kick    chan struct{}
@@ -156,10 +163,10 @@ type Sources struct {
 const sourcesResync = 30 * time.Second
 
 // NewSources creates Sources that learn Docker's bridge networks from
-// bridges and the host's links from links (nil: the kernel's).
-func NewSources(bridges func(context.Context) ([]netip.Prefix, error), links func() ([]hostaddr.LinkAddrs, error), log *slog.Logger) *Sources {
+// bridges and the host's links from links (nil: none known).
+func NewSources(bridges func(context.Context) ([]netip.Prefix, error), links func() ([]LinkAddrs, error), log *slog.Logger) *Sources {
 	if links == nil {
-		links = hostaddr.List
+		links = func() ([]LinkAddrs, error) { return nil, nil }
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

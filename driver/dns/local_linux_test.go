@@ -21,7 +21,7 @@ import (
 func TestLocalNets(t *testing.T) {
 	p := netip.MustParsePrefix
 	a := netip.MustParseAddr
-	links := []hostaddr.LinkAddrs{
+	links := []LinkAddrs{
 		{Index: 1, Addrs: []netip.Prefix{p("127.0.0.1/8"), p("169.254.53.53/32")}},
 		{Index: 2, Addrs: []netip.Prefix{p("192.168.1.10/24")}},  // the LAN
 		{Index: 3, Addrs: []netip.Prefix{p("172.18.0.1/16")}},    // docker_gwbridge
@@ -109,7 +109,7 @@ func TestServerDropsNeighbour(t *testing.T) {
 	up := startUpstream(t)
 	sources := NewSources(func(context.Context) ([]netip.Prefix, error) {
 		return []netip.Prefix{netip.MustParsePrefix("172.31.9.0/24"), netip.MustParsePrefix("172.31.10.0/24")}, nil
-	}, nil, nil)
+	}, kernelLinks, nil)
 	cfg := DefaultConfig()
 	cfg.Listen, cfg.Upstreams, cfg.Clients, cfg.Names, cfg.Sources = netip.MustParseAddrPort(listen), []netip.AddrPort{up.addr}, fakeClients{}, newFakeNames(), sources
 	s, err := New(cfg)
@@ -248,4 +248,14 @@ func inNS(ns *netnstest.NS, fn func() error) error {
 		errc <- ferr
 	}()
 	return <-errc
+}
+
+// kernelLinks lists the links of the test's namespace, as the agent does.
+func kernelLinks() ([]LinkAddrs, error) {
+	ls, err := hostaddr.List()
+	out := make([]LinkAddrs, 0, len(ls))
+	for _, l := range ls {
+		out = append(out, LinkAddrs{Index: l.Index, Addrs: l.Addrs})
+	}
+	return out, err
 }

@@ -32,6 +32,10 @@ type ServiceConfig struct {
 	// DockerSocket is the local dockerd's unix socket, whose DNS setting
 	// is checked; empty skips the check (a TCP Docker host).
 	DockerSocket string
+	// Links lists the host's links and their addresses (the agent gives
+	// dns/hostaddr's List); nil: none known, only loopback is answered
+	// besides Docker's bridges.
+	Links func() ([]LinkAddrs, error)
 	// Server tunes the server (zero: DefaultConfig); Listen, Upstreams,
 	// Clients and Names are set from the fields above.
 	Server Config
@@ -79,7 +83,7 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 	// Docker that cannot list them leaves the server to loopback.
 	var sources *Sources
 	if bl, ok := cfg.Docker.(BridgeLister); ok {
-		sources = NewSources(bl.BridgeSubnets, nil, cfg.Logger)
+		sources = NewSources(bl.BridgeSubnets, cfg.Links, cfg.Logger)
 	} else {
 		cfg.Logger.Warn("Docker's bridge networks are unknown: the DNS server answers only queries from the host itself", "component", "dns")
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -89,7 +90,9 @@ func (s *State) ApplyLog(index uint64, at time.Time, entry, ext []byte) Result {
 	case OpClaim:
 		r = s.claim(e, c.Node, c.Claim)
 	case OpRelease:
-		if nw, ok := s.Live(c.Release.Subnet); ok {
+		// Also a deleted network's: under protocol 2 its blocks stay
+		// with their hosts until each gives them back (deleteNetwork).
+		if nw, ok := s.Networks[c.Release.Subnet]; ok {
 			for _, b := range c.Release.Blocks {
 				if nw.Blocks[b] == c.Node {
 					delete(nw.Blocks, b)
@@ -204,8 +207,12 @@ func (s *State) ensureNetwork(ap applying, node string, e *EnsureNetwork) Result
 		}
 		return Result{Network: n.Clone()}
 	}
+	if old, ok := s.Networks[e.Subnet]; ok && old.Deleted && len(old.Blocks) > 0 {
+		return refuse(CodeNetworkConflict, "network %s was removed from the cluster, but %s still hold blocks of it: "+
+			"remove it on those hosts (docker network rm) before creating it again", e.Subnet, strings.Join(old.holders(), ", "))
+	}
 	for _, subnet := range s.Subnets() {
-		if other := s.Networks[subnet]; !other.Deleted && other.Subnet.Overlaps(e.Subnet) {
+		if other := s.Networks[subnet]; (!other.Deleted || len(other.Blocks) > 0) && other.Subnet.Overlaps(e.Subnet) {
 			return refuse(CodeNetworkConflict, "subnet %s overlaps network %s (%s) of the cluster; a subnet is one network across the mesh",
 				e.Subnet, other.Subnet, other.name())
 		}
@@ -405,8 +412,32 @@ func (s *State) deleteNetwork(e applying, node string, subnet netip.Prefix) Resu
 	}
 	n.Deleted, n.DeletedBy, n.DeletedAt = true, node, e.at
 	if e.rules2() {
+		// The leader saw no containers on the network, but gossip may
+		// lag behind a container started a moment ago: other hosts keep
+		// their blocks until each gives them back itself (its --sync-
+		// networks removes the network, Docker releases the pool), so
+		// no address can be handed out twice, whoever asked. The signer
+		// gives its own back at once.
 		n.DeletedIndex = e.index
+		for b, owner := range n.Blocks {
+			if owner == node {
+				delete(n.Blocks, b)
+			}
+		}
+		return Result{Network: n.Clone()}
 	}
 	clear(n.Blocks)
 	return Result{Network: n.Clone()}
+}
+
+// holders lists the nodes that hold blocks of n, sorted.
+func (n *Network) holders() []string {
+	var out []string
+	for _, owner := range n.Blocks {
+		if !slices.Contains(out, owner) {
+			out = append(out, owner)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -76,7 +76,7 @@ func (s *State) makeRoomForNetwork(node string, subnet netip.Prefix) (Result, bo
 	}
 	var oldest *Network
 	for _, n := range s.Networks {
-		if n.Deleted && (oldest == nil || n.DeletedIndex < oldest.DeletedIndex ||
+		if n.Deleted && len(n.Blocks) == 0 && (oldest == nil || n.DeletedIndex < oldest.DeletedIndex ||
 			n.DeletedIndex == oldest.DeletedIndex && ComparePrefix(n.Subnet, oldest.Subnet) < 0) {
 			oldest = n
 		}
