@@ -523,11 +523,16 @@ func TestLegacyUpgrade(t *testing.T) {
 		}
 		return nil
 	})
-	for _, name := range []string{"host-a", "host-b"} {
-		if _, err := os.Stat(filepath.Join(c.nodes[name].dir, legacyUpgraded)); err != nil {
-			t.Errorf("%s: old file not renamed: %v", name, err)
+	// The old file is renamed once the node's adoption committed, which
+	// a loaded machine may show a moment after the catalog has it.
+	eventually(t, 10*time.Second, func() error {
+		for _, name := range []string{"host-a", "host-b"} {
+			if _, err := os.Stat(filepath.Join(c.nodes[name].dir, legacyUpgraded)); err != nil {
+				return fmt.Errorf("%s: old file not renamed: %w", name, err)
+			}
 		}
-	}
+		return nil
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	b, err := claim(ctx, c.nodes["host-b"])
