@@ -91,10 +91,18 @@ type safety struct {
 	history []string
 }
 
-// strictKinds are the fault kinds that, on the code of 559f90d, find
-// holes other branches fix; they run with WGMESH_SAFETY_STRICT=1 (all of
-// them) or WGMESH_SAFETY_STRICT=kind,kind. Their random draws happen
-// either way, so a seed runs the same other steps.
+// strictKinds are the fault kinds that found holes in the code of
+// 559f90d. Those in onByDefault run always (the holes are fixed);
+// WGMESH_SAFETY_STRICT=1 runs every one, WGMESH_SAFETY_STRICT=kind,kind
+// those named besides, and WGMESH_SAFETY_STRICT=0 none. Their random
+// draws happen either way, so a seed runs the same other steps.
+//
+// rollback stays off by default: with every fix in, seed 2 still finds a
+// voter restored from an old copy that is not refused in time while the
+// leader lost power and the third voter is cut off (see the closing
+// notes); it is a known hole, not a flaky test.
+var onByDefault = []string{"hostile-forward", "hostile-forget", "hostile-delete", "snapshot-crash"}
+
 var strictKinds = map[string]string{
 	"hostile-forward": "forwarded consensus requests act for For on trust (consensus/rpc.go)",
 	"hostile-forget":  "the catalog applies a member's forget of a live node (catalog/apply.go)",
@@ -119,7 +127,11 @@ func strictFromEnv(t testing.TB) map[string]bool {
 	v := os.Getenv("WGMESH_SAFETY_STRICT")
 	out := map[string]bool{}
 	switch v {
-	case "", "0":
+	case "0":
+	case "":
+		for _, k := range onByDefault {
+			out[k] = true
+		}
 	case "1", "all":
 		for k := range strictKinds {
 			out[k] = true
@@ -129,6 +141,9 @@ func strictFromEnv(t testing.TB) map[string]bool {
 			if _, ok := strictKinds[k]; !ok {
 				t.Fatalf("WGMESH_SAFETY_STRICT: no fault kind %q (have %v)", k, slices.Sorted(maps.Keys(strictKinds)))
 			}
+			out[k] = true
+		}
+		for _, k := range onByDefault {
 			out[k] = true
 		}
 	}
@@ -381,7 +396,9 @@ func (s *safety) checkReplicas(step string) {
 						continue
 					}
 					owner := "nobody"
-					if nw, ok := r.state.Live(subnet); ok {
+					// A deleted network's blocks stay with their hosts
+					// until each gives them back (catalog deleteNetwork).
+					if nw, ok := r.state.Networks[subnet]; ok {
 						if o, _, ok := nw.Owner(a); ok {
 							owner = o
 						}
@@ -1017,7 +1034,7 @@ func (s *safety) hostileCatalog(run []*simNode) string {
 	if err == nil && r.Code == catalog.CodeOK {
 		var lost []string
 		s.evil.m.node.FSM().Read(func(st *catalog.State) {
-			nw, ok := st.Live(subnet)
+			nw, ok := st.Networks[subnet]
 			for b, owner := range before {
 				if owner != s.evil.name && (!ok || nw.Blocks[b] != owner) {
 					lost = append(lost, fmt.Sprintf("%s of %s", b, owner))
