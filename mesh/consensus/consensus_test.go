@@ -172,6 +172,14 @@ func (m membership) Joined() bool {
 	return false
 }
 
+// set runs f with the cluster locked: every node's membership reads the
+// test nodes' fields.
+func (c *cluster) set(f func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f()
+}
+
 // add creates a node (not started).
 func (c *cluster) add(name string, seeds bool) *tnode {
 	c.t.Helper()

@@ -177,7 +177,7 @@ func TestCloneWithSameAddress(t *testing.T) {
 	// The clone: b's identity and name, and b's generation as a copy of
 	// its running state directory holds it. Its address is b's.
 	clone := c.add("b-clone", true)
-	clone.id, clone.name = b.id, "b"
+	c.set(func() { clone.id, clone.name = b.id, "b" })
 	if err := writeNodeFile(clone.dir, nodeFile{Generation: regB.Generation}); err != nil {
 		t.Fatal(err)
 	}

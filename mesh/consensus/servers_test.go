@@ -38,19 +38,16 @@ func TestServerKeyNamesTheVoters(t *testing.T) {
 	key := []byte("0123456789abcdef0123456789abcdef")
 	// d joins first and becomes a voter while a has no key peers yet.
 	a := c.add("a", false)
-	a.serverKey = key
+	c.set(func() { a.serverKey = key })
 	a.start()
-	waitVoters := func() {}
-	_ = waitVoters
 	d := c.add("d", true)
 	e := c.add("e", true)
-	e.claimsKey = true // hostile: says it holds the key
+	c.set(func() { e.claimsKey = true }) // hostile: says it holds the key
 	d.start()
 	e.start()
 	b := c.add("b", true)
-	b.serverKey = key
 	cc := c.add("c", true)
-	cc.serverKey = key
+	c.set(func() { b.serverKey, cc.serverKey = key, key })
 	b.start()
 	cc.start()
 	waitVoterSet(t, 40*time.Second, a, "a", "b", "c")
@@ -74,17 +71,17 @@ func TestServerNeverAndAlways(t *testing.T) {
 	waitVoterSet(t, 30*time.Second, a, "a", "b", "c")
 	// c restarts as --server=never: it is demoted.
 	cc.kill()
-	cc.server = ServerNever
+	c.set(func() { cc.server = ServerNever })
 	cc.start()
 	waitVoterSet(t, 30*time.Second, a, "a", "b")
 	// d comes with --server=always: it becomes the third voter.
 	d := c.add("d", true)
-	d.server = ServerAlways
+	c.set(func() { d.server = ServerAlways })
 	d.start()
 	waitVoterSet(t, 30*time.Second, a, "a", "b", "d")
 	// e also --server=always: an auto voter (never the leader) makes room.
 	e := c.add("e", true)
-	e.server = ServerAlways
+	c.set(func() { e.server = ServerAlways })
 	e.start()
 	eventually(t, 30*time.Second, "e a voter", func() error {
 		v := voterNames(a)
