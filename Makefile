@@ -184,7 +184,8 @@ soak: lab ## the randomized safety test for thousands of steps; report in bench/
 
 # make mutate checks the randomized safety test against deliberate bugs
 # (test/mutate/mutations.txt): each is applied to a copy of the tree and
-# must make the test fail on fixed seeds. Not part of make test.
+# must make the test fail on fixed seeds, with the default fault kinds or
+# those its line names. Not part of make test.
 MUTATE_SEEDS ?= 1 2 3
 MUTATE_STEPS ?= 40
 MUTATE_TIMEOUT ?= 300

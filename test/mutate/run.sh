@@ -3,6 +3,8 @@
 # bug of mutations.txt to a copy of the tree and runs the safety test on
 # fixed seeds; a mutation is caught when the test fails. Prints, per
 # mutation, caught or missed and the time, and ends "N caught, M missed".
+# A mutation whose patch does not apply, or whose tree does not build, is
+# reported n/a, neither caught nor missed.
 #
 #   MUTATE_SEEDS   seeds to run (default "1 2 3"); one failing is enough
 #   MUTATE_STEPS   steps per seed (default 40)
@@ -10,7 +12,9 @@
 #   MUTATE_ONLY    run only the mutations whose names match this regexp
 #   GO             the go command (default: go)
 #
-# Each set of strict fault kinds is also run once without any mutation
+# The third column of mutations.txt names fault kinds to run besides the
+# default ones (WGMESH_SAFETY_STRICT); "-" runs the default ones only.
+# Each set of fault kinds is also run once without any mutation
 # (the baseline): a mutation "caught" where its baseline fails says only
 # that the code has the bug already (the hole is not fixed yet).
 set -uo pipefail
@@ -38,7 +42,7 @@ copy() {
 run() {
 	local dir=$1 strict=$2 deadline=$((SECONDS + limit)) seed out rc
 	[ "$strict" = "-" ] && strict=""
-	(cd "$dir" && $go vet ./mesh/consensus/ ./mesh/catalog/ >"$work/vet.log" 2>&1) || { echo "does not build: $(head -3 "$work/vet.log" | tr '\n' ' ')"; return 2; }
+	(cd "$dir" && $go vet ./mesh/ ./mesh/consensus/ ./mesh/catalog/ >"$work/vet.log" 2>&1) || { echo "does not build: $(head -3 "$work/vet.log" | tr '\n' ' ')"; return 2; }
 	for seed in $seeds; do
 		local left=$((deadline - SECONDS))
 		[ $left -le 0 ] && { echo "timed out"; return 3; }
@@ -57,9 +61,10 @@ run() {
 
 declare -A baseline
 caught=0 missed=0 na=0
-printf '%-24s %-22s %6s  %s\n' mutation result time detail
+printf '%-26s %-23s %6s  %s\n' mutation result time detail
 while IFS='|' read -r name patch strict what; do
 	name=$(xargs <<<"$name"); patch=$(xargs <<<"$patch"); strict=$(xargs <<<"$strict")
+	what=$(sed 's/^ *//; s/ *$//' <<<"$what") # not xargs: it takes quotes apart
 	[[ -z "$name" || "$name" == \#* ]] && continue
 	[[ "$name" =~ $only ]] || continue
 	if [ -z "${baseline[$strict]+x}" ]; then
@@ -67,11 +72,11 @@ while IFS='|' read -r name patch strict what; do
 		start=$SECONDS
 		detail=$(run "$dir" "$strict"); rc=$?
 		if [ $rc -eq 0 ]; then baseline[$strict]=pass; else baseline[$strict]=FAILS; fi
-		printf '%-24s %-22s %5ss  %s\n' "(baseline, strict ${strict})" "${baseline[$strict]}" $((SECONDS - start)) "$detail"
+		printf '%-26s %-23s %5ss  %s\n' "(baseline, kinds ${strict})" "${baseline[$strict]}" $((SECONDS - start)) "$detail"
 	fi
 	dir="$work/$name"; rm -rf "$dir"; copy "$dir"
-	if [ "$patch" != "-" ] && ! (cd "$dir" && patch -p1 -s --dry-run <"$here/$patch" >/dev/null 2>&1 && patch -p1 -s <"$here/$patch" >/dev/null); then
-		printf '%-24s %-22s %6s  %s\n' "$name" "n/a (does not apply)" - "$what"
+	if [ "$patch" != "-" ] && ! ([ -f "$here/$patch" ] && cd "$dir" && patch -p1 -s --dry-run <"$here/$patch" >/dev/null 2>&1 && patch -p1 -s <"$here/$patch" >/dev/null); then
+		printf '%-26s %-23s %6s  %s\n' "$name" "n/a (does not apply)" - "$what"
 		na=$((na + 1)); rm -rf "$dir"; continue
 	fi
 	start=$SECONDS
@@ -83,8 +88,10 @@ while IFS='|' read -r name patch strict what; do
 	*) result=MISSED; missed=$((missed + 1)) ;;
 	esac
 	[ "$result" = caught ] && [ "${baseline[$strict]}" = FAILS ] && result="caught (baseline fails)"
-	printf '%-24s %-22s %5ss  %s\n' "$name" "$result" "$took" "$what; $detail"
+	printf '%-26s %-23s %5ss  %s\n' "$name" "$result" "$took" "$what; $detail"
 	rm -rf "$dir"
 done <"$here/mutations.txt"
-echo "$caught caught, $missed missed${na:+, $na n/a}"
+summary="$caught caught, $missed missed"
+[ $na -gt 0 ] && summary+=", $na n/a"
+echo "$summary"
 [ $missed -eq 0 ]
