@@ -319,7 +319,7 @@ func TestNamesNeighbour(t *testing.T) {
 	ctx := testCtx(t)
 	h1, h2 := theLab.Hosts[0], theLab.Hosts[1]
 	out := outsideDNS(t)
-	network(t, "dnb", "10.105.0.0/16", nil, h1, h2)
+	network(t, "dnb", "10.122.0.0/16", nil, h1, h2)
 	far := container(t, h2, "nbfar", "dnb", nil)
 	if _, err := h1.Docker(ctx, "network", "create", "-d", "bridge", "--subnet", "172.30.5.0/24", "nbbr"); err != nil {
 		t.Fatal(err)
