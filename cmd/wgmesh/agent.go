@@ -432,8 +432,16 @@ func rotateKeys(ctx context.Context, path string, m *mesh.Mesh, d *driver.Driver
 	if err := crypto.StorePrivateKey(path, k); err != nil {
 		return err
 	}
+	// The devices take the new key before the peers hear of it: a peer
+	// that handshook with the new public key while this host still
+	// answered with the old one would be ignored, and would only try
+	// again after WireGuard's rekey timeout (5 s of lost traffic). This
+	// way a peer's packets are dropped only until gossip brings the key.
+	// The key is announced even if a device refused it: the stored key
+	// is what every device gets from now on.
+	err = d.SetPrivateKey(ctx, k)
 	m.SetPublicKey(k.Public())
-	if err := d.SetPrivateKey(ctx, k); err != nil {
+	if err != nil {
 		return fmt.Errorf("applying the new key: %w", err)
 	}
 	log.Info("WireGuard key rotated", "public_key", k.Public().String())

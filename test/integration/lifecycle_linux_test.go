@@ -85,15 +85,23 @@ func startPing(c *lab.Container, dst string, interval time.Duration, count int) 
 		total := time.Duration(count)*interval + 10*time.Second
 		ctx, cancel := context.WithTimeout(context.Background(), total+time.Minute)
 		defer cancel()
-		// -w: without a deadline, ping -c stops right after the last
-		// request and counts its reply, still in flight, as lost.
+		// No -w: with a deadline, iputils ping ends at the first ICMP
+		// error (a Destination Unreachable), and the pings it never
+		// sent would count as lost. Without one it waits, after the
+		// last request, at least an interval and twice the slowest
+		// reply seen, so the last reply is still counted.
 		p.out, _ = c.Exec(ctx, "ping", "-n", "-i", strconv.FormatFloat(interval.Seconds(), 'f', 3, 64),
-			"-c", strconv.Itoa(count), "-w", strconv.Itoa(int(total.Seconds())), dst)
+			"-c", strconv.Itoa(count), "-W", "2", dst)
 	}()
 	return p
 }
 
-var replyRE = regexp.MustCompile(`icmp_seq=(\d+) ttl`)
+var (
+	replyRE = regexp.MustCompile(`icmp_seq=(\d+) ttl`)
+	// An ICMP error ping got instead of a reply, as iputils prints it:
+	// "From 10.82.1.1 icmp_seq=42 Destination Host Unreachable".
+	icmpErrorRE = regexp.MustCompile(`(?m)^From .*$`)
+)
 
 // lost waits for the ping to end and returns the sequence numbers that
 // got no reply.
@@ -111,6 +119,13 @@ func (p *steadyPing) lost() []int {
 		}
 	}
 	return lost
+}
+
+// icmpErrors returns the ICMP errors the ping got, the first few: they
+// say where a lost packet was dropped.
+func (p *steadyPing) icmpErrors() []string {
+	<-p.done
+	return icmpErrorRE.FindAllString(p.out, 5)
 }
 
 func lostString(lost []int, of int, interval time.Duration) string {
@@ -192,6 +207,9 @@ func TestWireGuardKeyRotation(t *testing.T) {
 	}
 	lost := ping.lost()
 	t.Logf("WireGuard key rotation (%s WireGuard): %s", status(h1).Node.WGMode, lostString(lost, count, interval))
+	if errs := ping.icmpErrors(); len(errs) > 0 {
+		t.Logf("ICMP errors during the rotation: %q", errs)
+	}
 	fresh := status(h1).Node.PublicKey
 	if fresh == old {
 		t.Fatal("public key unchanged after rotate-keys")
