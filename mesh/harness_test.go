@@ -154,6 +154,12 @@ type cluster struct {
 	order   []string
 	// logLevel for the nodes' logs, which go to t.Log.
 	logLevel slog.Level
+	// slow multiplies the nodes' failure-detection and election timeouts
+	// (1 if zero). The tests' timeouts are tight for speed; a test that
+	// runs many nodes through many faults under the race detector, beside
+	// other packages on two cores, needs room, or false suspicions and
+	// elections keep it from ever settling.
+	slow time.Duration
 }
 
 type testNode struct {
@@ -179,23 +185,23 @@ func newCluster(t testing.TB) *cluster {
 	return &cluster{t: t, net: newNetwork(), keyring: crypto.Keyring{k}, nodes: map[string]*testNode{}, logLevel: slog.LevelInfo}
 }
 
-func fastMemberlist() *memberlist.Config {
+func fastMemberlistSlow(slow time.Duration) *memberlist.Config {
 	c := memberlist.DefaultLocalConfig()
-	c.ProbeInterval = 100 * time.Millisecond
-	c.ProbeTimeout = 50 * time.Millisecond
+	c.ProbeInterval = slow * 100 * time.Millisecond
+	c.ProbeTimeout = slow * 50 * time.Millisecond
 	c.SuspicionMult = 2
 	c.GossipInterval = 20 * time.Millisecond
 	c.PushPullInterval = time.Second
-	c.GossipToTheDeadTime = time.Second
-	c.TCPTimeout = 500 * time.Millisecond
+	c.GossipToTheDeadTime = slow * time.Second
+	c.TCPTimeout = slow * 500 * time.Millisecond
 	return c
 }
 
-func fastRaft() *raft.Config {
+func fastRaftSlow(slow time.Duration) *raft.Config {
 	c := raft.DefaultConfig()
-	c.HeartbeatTimeout = 300 * time.Millisecond
-	c.ElectionTimeout = 300 * time.Millisecond
-	c.LeaderLeaseTimeout = 150 * time.Millisecond
+	c.HeartbeatTimeout = slow * 300 * time.Millisecond
+	c.ElectionTimeout = slow * 300 * time.Millisecond
+	c.LeaderLeaseTimeout = slow * 150 * time.Millisecond
 	c.CommitTimeout = 10 * time.Millisecond
 	c.SnapshotThreshold = 64
 	c.TrailingLogs = 32
@@ -276,12 +282,13 @@ func (n *testNode) start() *testNode {
 	cfg.PublicKey = n.wgKey
 	cfg.WGMode = "userspace"
 	cfg.Keyring = c.keyring
-	cfg.Memberlist = fastMemberlist()
+	slow := max(c.slow, 1)
+	cfg.Memberlist = fastMemberlistSlow(slow)
 	cfg.Transport = &cutTransport{NodeAwareTransport: tr, self: n.name, net: c.net}
 	cfg.RaftListener = l
 	cfg.RaftDial = func(ctx context.Context, addr string) (net.Conn, error) { return c.net.dial(ctx, n.name, addr) }
-	cfg.Consensus = ConsensusTiming{Raft: fastRaft(), StableWait: 300 * time.Millisecond, DeadVoterTimeout: 2 * time.Second,
-		DeadNonvoterTimeout: 5 * time.Second, Tick: 50 * time.Millisecond}
+	cfg.Consensus = ConsensusTiming{Raft: fastRaftSlow(slow), StableWait: slow * 300 * time.Millisecond, DeadVoterTimeout: slow * 2 * time.Second,
+		DeadNonvoterTimeout: slow * 5 * time.Second, Tick: 50 * time.Millisecond}
 	cfg.ReconnectInterval = 200 * time.Millisecond
 	cfg.StateDir = n.dir
 	cfg.Logger = logger

@@ -217,7 +217,17 @@ type Node struct {
 	admittedBy crypto.NodeID
 	voters     map[crypto.NodeID]bool
 	votersAt   time.Time
-	registered bool
+	// A node that fell behind a configuration change does not know the
+	// current leader as a voter and refuses its Raft traffic: it would
+	// never catch up. refusedRaft is the last node so refused; the Run
+	// loop asks the members who leads, and confirmedLeader is the node
+	// they confirmed, whose traffic is then taken (leaderConfirm).
+	refusedRaft    crypto.NodeID
+	refusedAt      time.Time
+	confirmTried   time.Time
+	confirmedLdr   crypto.NodeID
+	confirmedLdrAt time.Time
+	registered     bool
 	// fatal is a refusal that stops this node from taking part: a taken
 	// name, a forgotten identity, a rolled-back state directory.
 	fatal error
@@ -344,6 +354,7 @@ func (n *Node) Run(ctx context.Context) error {
 	for {
 		changed := n.fsm.Changed()
 		n.step(ctx)
+		n.confirmRefusedLeader(ctx)
 		if time.Since(lastSave) >= saveCatalogEvery {
 			lastSave = time.Now()
 			n.saveCatalog()
@@ -679,10 +690,56 @@ func (n *Node) allowRaft(id crypto.NodeID) bool {
 	if !fresh || !voters[id] {
 		voters = n.refreshVoters(r)
 	}
-	if voters[id] {
+	if voters[id] || len(voters) == 0 && id == admitted {
 		return true
 	}
-	return len(voters) == 0 && id == admitted
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if id == n.confirmedLdr && time.Since(n.confirmedLdrAt) < leaderConfirmValid {
+		return true
+	}
+	n.refusedRaft, n.refusedAt = id, time.Now()
+	return false
+}
+
+// leaderConfirmValid is how long members' confirmation that a node leads
+// lets it send Raft traffic to a node whose configuration does not list
+// it; leaderConfirmEvery paces the asking.
+const (
+	leaderConfirmValid = 30 * time.Second
+	leaderConfirmEvery = time.Second
+)
+
+// confirmRefusedLeader asks the members who leads when this node lately
+// refused Raft traffic from a node its configuration does not list as a
+// voter. A node that was down or cut off while the voters changed knows
+// only the old ones; the new leader's traffic is what would bring it the
+// new configuration. It takes that traffic only from the leader most
+// members it asks name, as a joining node does (confirmedLeader): one
+// hostile member cannot pose as its leader.
+func (n *Node) confirmRefusedLeader(ctx context.Context) {
+	n.mu.Lock()
+	id, at := n.refusedRaft, n.refusedAt
+	if id.IsZero() || time.Since(at) > 5*time.Second || time.Since(n.confirmTried) < leaderConfirmEvery {
+		n.mu.Unlock()
+		return
+	}
+	n.refusedRaft = crypto.NodeID{}
+	n.confirmTried = time.Now()
+	n.mu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	lid, _, err := n.confirmedLeader(cctx, n.clusterMembers())
+	if err != nil || lid != id {
+		n.log.Debug("refused Raft traffic from a node that is not a voter here; the members do not confirm it leads",
+			"peer_id", id.Short(), "confirmed_leader", lid.Short(), "err", err)
+		return
+	}
+	n.mu.Lock()
+	n.confirmedLdr, n.confirmedLdrAt = id, time.Now()
+	n.mu.Unlock()
+	n.log.Info("taking Raft traffic from the leader the members confirm, which this node's configuration does not list as a voter yet (it fell behind)",
+		"leader_id", id.Short())
 }
 
 func (n *Node) refreshVoters(r *raft.Raft) map[crypto.NodeID]bool {

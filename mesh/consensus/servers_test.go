@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // voterNames lists the voters in n's configuration.
@@ -90,4 +92,71 @@ func TestServerNeverAndAlways(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestLaggingNodeTakesNewLeader: a node that was down while the voters
+// changed knows only the old ones, and took Raft traffic only from those:
+// the new leader, whose traffic would bring it the new configuration, was
+// refused for ever, and the node never caught up. It now takes that
+// traffic once most members it asks confirm that node leads.
+func TestLaggingNodeTakesNewLeader(t *testing.T) {
+	c := newCluster(t)
+	a := c.add("a", false)
+	a.start()
+	b, cc := c.add("b", true), c.add("c", true)
+	b.start()
+	cc.start()
+	waitVoterSet(t, 30*time.Second, a, "a", "b", "c")
+	d := c.add("d", true)
+	c.set(func() { d.server = ServerNever })
+	d.start()
+	eventually(t, 30*time.Second, "d registered and caught up", func() error {
+		if st := d.status(); !st.Registered || st.AppliedIndex < a.status().AppliedIndex {
+			return fmt.Errorf("d: registered %v, applied %d of %d", st.Registered, st.AppliedIndex, a.status().AppliedIndex)
+		}
+		return nil
+	})
+	d.kill()
+
+	// While d is down, e (--server=always) takes an auto voter's place,
+	// and then the lead.
+	e := c.add("e", true)
+	c.set(func() { e.server = ServerAlways })
+	e.start()
+	eventually(t, 30*time.Second, "e a voter", func() error {
+		if v := voterNames(a); !slices.Contains(v, "e") || len(v) != 3 {
+			return fmt.Errorf("voters %v", v)
+		}
+		return nil
+	})
+	eventually(t, 30*time.Second, "e leads", func() error {
+		for _, n := range []*tnode{a, b, cc, e} {
+			if r := n.node.raftServer(); r != nil && r.State() == raft.Leader && n != e {
+				if err := r.LeadershipTransferToServer(raft.ServerID(e.id.ID().String()), raft.ServerAddress(e.addr)).Error(); err != nil {
+					return err
+				}
+			}
+		}
+		if e.status().State != "leader" {
+			return fmt.Errorf("e is %s", e.status().State)
+		}
+		return nil
+	})
+	var gone string
+	for _, n := range []*tnode{a, b, cc} {
+		if !slices.Contains(voterNames(e), n.name) {
+			gone = n.name
+		}
+	}
+	want := e.status().AppliedIndex
+
+	// d comes back: its configuration has voters a, b and c, not e.
+	d.start()
+	eventually(t, 30*time.Second, "d caught up with leader e", func() error {
+		if st := d.status(); st.AppliedIndex < want {
+			return fmt.Errorf("d applied %d of %d (%s, leader %q, refused Raft streams %d)", st.AppliedIndex, want, st.State, st.Leader, st.Stats.Refused["raft-not-voter"])
+		}
+		return nil
+	})
+	t.Logf("d, down while %s made room for e and e took the lead, caught up with e", gone)
 }
