@@ -274,6 +274,7 @@ const leaderAsks = 5
 // never are behind NAT. One hostile member cannot make itself, or anyone,
 // this node's leader.
 func (n *Node) confirmedLeader(ctx context.Context, members []Member) (crypto.NodeID, string, error) {
+	members = n.askable(members)
 	public := map[crypto.NodeID]bool{}
 	for _, m := range members {
 		if !m.BehindNAT {
@@ -372,7 +373,7 @@ func (n *Node) toLeader(ctx context.Context, lid crypto.NodeID, laddr string, me
 	if req.Method == methodJoin || req.Method == methodLeave {
 		n.sign(req, clusterOf(members))
 	}
-	for _, m := range members {
+	for _, m := range n.askable(members) {
 		if m.ID == lid || ctx.Err() != nil {
 			continue
 		}
@@ -386,6 +387,24 @@ func (n *Node) toLeader(ctx context.Context, lid crypto.NodeID, laddr string, me
 		n.log.Debug("sending to the leader through a member", "method", req.Method, "via", m.Name, "err", last)
 	}
 	return response{}, false, last
+}
+
+// askable drops, when this node is behind NAT, the members behind NAT:
+// neither can dial the other, and they park connections only at members
+// that can be dialled (reverse.go). Asking one cost a wait for a parked
+// connection and a dial that times out, seconds each, and made a host
+// behind NAT miss a leader it could reach.
+func (n *Node) askable(members []Member) []Member {
+	selfBehind := false
+	for _, m := range n.cfg.Membership.Members() {
+		if m.Self {
+			selfBehind = m.BehindNAT
+		}
+	}
+	if !selfBehind {
+		return members
+	}
+	return slices.DeleteFunc(slices.Clone(members), func(m Member) bool { return m.BehindNAT })
 }
 
 // clusterOf is the cluster of members (clusterMembers lists one).
