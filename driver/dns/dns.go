@@ -23,6 +23,7 @@
 package dns
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -82,7 +83,11 @@ type Config struct {
 	// Sources tells the queries of this host from others'; nil takes
 	// only what arrives on loopback (see local.go).
 	Sources *Sources
-	Logger  *slog.Logger
+	// SourceRate and SourceBurst bound what one source address may ask,
+	// per second and at once (0: sourceRate and sourceBurst).
+	SourceRate  float64
+	SourceBurst int
+	Logger      *slog.Logger
 }
 
 // DefaultConfig returns the defaults; Listen, Clients and Names must be
@@ -139,7 +144,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "dns"), fwd: newForwarder(cfg.Upstreams, cfg.UpstreamTimeout, cfg.CacheSize),
-		inFlight: make(chan struct{}, maxInFlight), limit: newSourceLimiter(sourceRate, sourceBurst, maxSources)}
+		inFlight: make(chan struct{}, maxInFlight), limit: newSourceLimiter(cmp.Or(cfg.SourceRate, sourceRate), cmp.Or(cfg.SourceBurst, sourceBurst), maxSources)}
 	s.refresh()
 	return s, nil
 }

@@ -312,8 +312,11 @@ func flood(t *testing.T, server netip.AddrPort, n, nsrc int, query func(i int) *
 // TestServerRateLimitsSource: one source cannot take more than its share;
 // another is answered meanwhile.
 func TestServerRateLimitsSource(t *testing.T) {
+	// Bounds of a tenth of the defaults: a flood of the defaults' size
+	// would be limited by the machine as much as by the server.
+	const rate, burst = sourceRate / 10, sourceBurst / 10
 	s := startServer(t, Config{Clients: fakeClients{netip.MustParseAddr("127.0.3.1"): {red}, netip.MustParseAddr("127.0.0.2"): {red}},
-		Names: newFakeNames(rec("h1", "aaaaaaaaaaa1", red, "10.60.1.2", "web"))})
+		Names: newFakeNames(rec("h1", "aaaaaaaaaaa1", red, "10.60.1.2", "web")), SourceRate: rate, SourceBurst: burst})
 	c, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 3, 1)}, net.UDPAddrFromAddrPort(s.cfg.Listen))
 	if err != nil {
 		t.Fatal(err)
@@ -359,7 +362,7 @@ func TestServerRateLimitsSource(t *testing.T) {
 		t.Errorf("another source got %v during the flood", got)
 	}
 	k := <-answered
-	limit := sourceBurst + int(sourceRate*sent.Seconds()) + 50
+	limit := burst + int(rate*sent.Seconds()) + 50
 	t.Logf("%d of %d queries sent in %v answered (limit %d)", k, n, sent, limit)
 	if k > limit {
 		t.Errorf("one source got %d answers in %v", k, sent)
