@@ -185,7 +185,7 @@ func newCluster(t testing.TB) *cluster {
 	return &cluster{t: t, net: newNetwork(), keyring: crypto.Keyring{k}, nodes: map[string]*testNode{}, logLevel: slog.LevelInfo}
 }
 
-func fastMemberlistSlow(slow time.Duration) *memberlist.Config {
+func fastMemberlist(slow time.Duration) *memberlist.Config {
 	c := memberlist.DefaultLocalConfig()
 	c.ProbeInterval = slow * 100 * time.Millisecond
 	c.ProbeTimeout = slow * 50 * time.Millisecond
@@ -197,7 +197,7 @@ func fastMemberlistSlow(slow time.Duration) *memberlist.Config {
 	return c
 }
 
-func fastRaftSlow(slow time.Duration) *raft.Config {
+func fastRaft(slow time.Duration) *raft.Config {
 	c := raft.DefaultConfig()
 	c.HeartbeatTimeout = slow * 300 * time.Millisecond
 	c.ElectionTimeout = slow * 300 * time.Millisecond
@@ -283,11 +283,11 @@ func (n *testNode) start() *testNode {
 	cfg.WGMode = "userspace"
 	cfg.Keyring = c.keyring
 	slow := max(c.slow, 1)
-	cfg.Memberlist = fastMemberlistSlow(slow)
+	cfg.Memberlist = fastMemberlist(slow)
 	cfg.Transport = &cutTransport{NodeAwareTransport: tr, self: n.name, net: c.net}
 	cfg.RaftListener = l
 	cfg.RaftDial = func(ctx context.Context, addr string) (net.Conn, error) { return c.net.dial(ctx, n.name, addr) }
-	cfg.Consensus = ConsensusTiming{Raft: fastRaftSlow(slow), StableWait: slow * 300 * time.Millisecond, DeadVoterTimeout: slow * 2 * time.Second,
+	cfg.Consensus = ConsensusTiming{Raft: fastRaft(slow), StableWait: slow * 300 * time.Millisecond, DeadVoterTimeout: slow * 2 * time.Second,
 		DeadNonvoterTimeout: slow * 5 * time.Second, Tick: 50 * time.Millisecond}
 	cfg.ReconnectInterval = 200 * time.Millisecond
 	cfg.StateDir = n.dir
