@@ -2,17 +2,15 @@ package mesh
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -68,12 +66,8 @@ import (
 type gossipTransport struct {
 	inner memberlist.NodeAwareTransport
 	df    dfWriter // nil: no path MTU probes
-	self  string
-
-	keys atomic.Pointer[[][]byte]
-	// gen is this node's generation; seq its last packet's sequence.
-	gen     uint64
-	seq     atomic.Uint64
+	// sealer makes and checks the header.
+	*sealer
 	packets chan *memberlist.Packet
 	done    chan struct{}
 	stop    sync.Once
@@ -95,6 +89,14 @@ type gossipTransport struct {
 	askedOld map[string]reflectAsk
 	// refused counts packets dropped for a bad tag.
 	refused uint64
+
+	// streams are the streams for memberlist: every stream but a
+	// dialback request (dialback.go). sorting holds the streams whose
+	// first byte is awaited, closed on shutdown.
+	streams     chan net.Conn
+	streamsOnce sync.Once
+	sorting     map[net.Conn]struct{}
+	dialbacks   chan struct{}
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -133,21 +135,6 @@ type routeHint struct {
 	Gen         uint64
 }
 
-// Header constants.
-const (
-	hdrMagic     byte = 0xE7
-	hdrV1        byte = 1
-	hdrV2        byte = 2
-	kindGossip   byte = 0
-	kindProbe    byte = 1
-	kindProbeAck byte = 2
-	kindReflect  byte = 3
-	kindReflectd byte = 4
-	tagLen            = 16
-	maxNameLen        = 255
-	nonceLen          = 16
-)
-
 // reflectWait is how long a reflection request waits for its answer.
 const reflectWait = 10 * time.Second
 
@@ -160,31 +147,14 @@ const sightingTTL = 2 * time.Minute
 var errBehindNAT = errors.New("behind NAT: it connects out itself")
 
 func newGossipTransport(inner memberlist.NodeAwareTransport, self string) *gossipTransport {
-	t := &gossipTransport{inner: inner, self: self, packets: make(chan *memberlist.Packet), done: make(chan struct{}),
+	t := &gossipTransport{inner: inner, sealer: newSealer(self), packets: make(chan *memberlist.Packet), done: make(chan struct{}),
 		sightings: map[string]sighting{}, reflections: map[string]sighting{}, hints: map[string]routeHint{}, waiting: map[uint64]chan struct{}{},
-		asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{}}
+		asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{},
+		streams: make(chan net.Conn), sorting: map[net.Conn]struct{}{}, dialbacks: make(chan struct{}, dialbacksAtOnce)}
 	if df, ok := inner.(dfWriter); ok {
 		t.df = df
 	}
-	// Within a generation the sequence only grows; seeding it from the
-	// wall clock also keeps it growing across runs without a state
-	// directory (tests), whose generation stays 1.
-	t.seq.Store(uint64(time.Now().UnixNano()))
-	empty := [][]byte{}
-	t.keys.Store(&empty)
 	return t
-}
-
-// setKeyring derives the header keys from the cluster keys; the first
-// signs. No keys (--insecure) means tags are neither made nor checked.
-func (t *gossipTransport) setKeyring(ring [][]byte) {
-	keys := make([][]byte, 0, len(ring))
-	for _, k := range ring {
-		m := hmac.New(sha256.New, k)
-		m.Write([]byte("wgmesh gossip sender v1"))
-		keys = append(keys, m.Sum(nil))
-	}
-	t.keys.Store(&keys)
 }
 
 // version is the header version the member reads, 0 for none.
@@ -218,6 +188,7 @@ func (t *gossipTransport) setHints(h map[string]routeHint) {
 }
 
 func (t *gossipTransport) start() {
+	t.startStreams()
 	t.wg.Add(1)
 	go t.loopPackets()
 	if t.reflector != nil {
@@ -226,101 +197,17 @@ func (t *gossipTransport) start() {
 	}
 }
 
+// startStreams starts sorting incoming streams (dialback requests are
+// answered from then on), before start if need be.
+func (t *gossipTransport) startStreams() {
+	t.streamsOnce.Do(func() {
+		t.wg.Add(1)
+		go t.loopStreams()
+	})
+}
+
 // setGeneration sets this node's generation (its run), before start.
-func (t *gossipTransport) setGeneration(gen uint64) { t.gen = gen }
-
-// seal prepends the current header to body.
-func (t *gossipTransport) seal(kind byte, body []byte) []byte {
-	b, _ := t.sealV(hdrV2, kind, body)
-	return b
-}
-
-// headLen is the header's length in front of the body.
-func (t *gossipTransport) headLen(ver byte) int {
-	n := 4 + len(t.self) + 8 + tagLen
-	if ver >= hdrV2 {
-		n += 8
-	}
-	return n
-}
-
-// sealV prepends a header of version ver to body, and returns the
-// packet's sequence number.
-func (t *gossipTransport) sealV(ver, kind byte, body []byte) ([]byte, uint64) {
-	name := t.self
-	seq := t.seq.Add(1)
-	b := make([]byte, 0, t.headLen(ver)+len(body))
-	b = append(b, hdrMagic, ver, kind, byte(len(name)))
-	b = append(b, name...)
-	if ver >= hdrV2 {
-		b = binary.BigEndian.AppendUint64(b, t.gen)
-	}
-	b = binary.BigEndian.AppendUint64(b, seq)
-	tagAt := len(b)
-	b = append(b, make([]byte, tagLen)...)
-	b = append(b, body...)
-	if keys := *t.keys.Load(); len(keys) > 0 {
-		copy(b[tagAt:], tag(keys[0], b[:tagAt], body))
-	}
-	return b, seq
-}
-
-func tag(key, head, body []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write(head)
-	m.Write(body)
-	return m.Sum(nil)[:tagLen]
-}
-
-type header struct {
-	ver  byte
-	kind byte
-	name string
-	gen  uint64 // 0 in version 1
-	seq  uint64
-}
-
-var errBadHeader = errors.New("bad gossip header")
-
-// open parses and checks a sealed packet. ok is false for a packet
-// without a header (memberlist's own, from a node that sends none).
-func (t *gossipTransport) open(b []byte) (h header, body []byte, ok bool, err error) {
-	if len(b) < 4 || b[0] != hdrMagic {
-		return header{}, b, false, nil
-	}
-	ver := b[1]
-	if ver != hdrV1 && ver != hdrV2 {
-		return header{}, nil, true, fmt.Errorf("%w: version %d", errBadHeader, ver)
-	}
-	n := int(b[3])
-	nums := 8
-	if ver >= hdrV2 {
-		nums = 16
-	}
-	if n == 0 || len(b) < 4+n+nums+tagLen {
-		return header{}, nil, true, fmt.Errorf("%w: truncated", errBadHeader)
-	}
-	h = header{ver: ver, kind: b[2], name: string(b[4 : 4+n])}
-	if ver >= hdrV2 {
-		h.gen = binary.BigEndian.Uint64(b[4+n:])
-	}
-	h.seq = binary.BigEndian.Uint64(b[4+n+nums-8:])
-	tagAt := 4 + n + nums
-	body = b[tagAt+tagLen:]
-	if keys := *t.keys.Load(); len(keys) > 0 {
-		good := false
-		for _, k := range keys {
-			if hmac.Equal(b[tagAt:tagAt+tagLen], tag(k, b[:tagAt], body)) {
-				good = true
-				break
-			}
-		}
-		if !good {
-			return header{}, nil, true, fmt.Errorf("%w: bad tag", errBadHeader)
-		}
-	}
-	return h, body, true, nil
-}
+func (t *gossipTransport) setGeneration(gen uint64) { t.gen.Store(gen) }
 
 func (t *gossipTransport) loopPackets() {
 	defer t.wg.Done()
@@ -521,7 +408,76 @@ func (t *gossipTransport) dialable(name string) bool {
 }
 
 // StreamCh implements memberlist.Transport.
-func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.inner.StreamCh() }
+func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.streams }
+
+// streamSortWait bounds the wait for a stream's first byte: memberlist's
+// TCP timeout (its dialer writes first).
+const streamSortWait = 10 * time.Second
+
+// loopStreams hands each incoming stream to sortStream.
+func (t *gossipTransport) loopStreams() {
+	defer t.wg.Done()
+	in := t.inner.StreamCh()
+	for {
+		select {
+		case <-t.done:
+			return
+		case c := <-in:
+			t.mu.Lock()
+			if t.sorting == nil {
+				// Shut down.
+				t.mu.Unlock()
+				c.Close()
+				return
+			}
+			t.sorting[c] = struct{}{}
+			t.mu.Unlock()
+			t.wg.Add(1)
+			go t.sortStream(c)
+		}
+	}
+}
+
+// sortStream reads a stream's first byte: a dialback request is served
+// here, everything else goes to memberlist, first byte and all.
+func (t *gossipTransport) sortStream(c net.Conn) {
+	defer t.wg.Done()
+	_ = c.SetReadDeadline(time.Now().Add(streamSortWait))
+	var b [1]byte
+	_, err := io.ReadFull(c, b[:])
+	t.mu.Lock()
+	delete(t.sorting, c)
+	t.mu.Unlock()
+	if err != nil {
+		c.Close()
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	if b[0] == hdrMagic {
+		t.serveDialback(c)
+		return
+	}
+	select {
+	case t.streams <- &peekedConn{Conn: c, first: b[0], peeked: true}:
+	case <-t.done:
+		c.Close()
+	}
+}
+
+// peekedConn gives back a stream's first byte, read to sort it.
+type peekedConn struct {
+	net.Conn
+	first  byte
+	peeked bool
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) {
+	if c.peeked && len(p) > 0 {
+		p[0], c.peeked = c.first, false
+		return 1, nil
+	}
+	return c.Conn.Read(p)
+}
 
 // Shutdown implements memberlist.Transport.
 func (t *gossipTransport) Shutdown() error {
@@ -530,16 +486,25 @@ func (t *gossipTransport) Shutdown() error {
 		if t.reflector != nil {
 			t.reflector.Close()
 		}
+		t.mu.Lock()
+		for c := range t.sorting {
+			c.Close()
+		}
+		t.sorting = nil
+		t.mu.Unlock()
 	})
 	t.wg.Wait()
 	// The inner transport's UDP listener may be blocked handing over a
 	// packet that loopPackets will no longer take, and the inner
 	// Shutdown waits for that listener: drain until it has stopped.
-	in, stopped := t.inner.PacketCh(), make(chan struct{})
+	// So may its TCP listener, handing over a stream: close those.
+	in, streams, stopped := t.inner.PacketCh(), t.inner.StreamCh(), make(chan struct{})
 	go func() {
 		for {
 			select {
 			case <-in:
+			case c := <-streams:
+				c.Close()
 			case <-stopped:
 				return
 			}

@@ -35,6 +35,9 @@ func (p *pipeTransport) WriteTo(b []byte, addr string) (time.Time, error) {
 }
 func (p *pipeTransport) Shutdown() error { return nil }
 
+// StreamCh: no streams.
+func (p *pipeTransport) StreamCh() <-chan net.Conn { return nil }
+
 func keys(names ...string) [][]byte {
 	var out [][]byte
 	for _, n := range names {

@@ -359,6 +359,23 @@ func New(cfg Config) (*Mesh, error) {
 	if cfg.RaftListener != nil {
 		m.cfg.RaftPort = l.Addr().(*net.TCPAddr).Port
 	}
+	// Gossip is bound first: while this node asks its seeds how they see
+	// it (dialback.go), it answers the same question for nodes starting
+	// beside it.
+	if err := m.bindGossip(); err != nil {
+		l.Close()
+		return nil, err
+	}
+	if tl, ok := l.(*net.TCPListener); ok && cfg.AdvertiseAddr == "" && len(cfg.Join) > 0 {
+		if m.sockets != nil {
+			m.sockets.start()
+		}
+		m.gossipNet.startStreams()
+		ctx, cancel := context.WithTimeout(context.Background(), dialbackPatience+3*dialbackWait)
+		addr = discoverAddr(ctx, m.cfg, m.gossipNet.sealer, tl, addr, m.log)
+		cancel()
+		m.addr = addr
+	}
 	advertise := net.JoinHostPort(addr.String(), strconv.Itoa(m.cfg.raftPort()))
 	ccfg := consensus.Config{
 		Name: cfg.Name, Identity: cfg.Identity, TLS: tlsc, Addr: addr, Dir: cfg.StateDir,
@@ -369,13 +386,11 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if m.node, err = consensus.New(ccfg); err != nil {
 		l.Close()
+		_ = m.gossipNet.Shutdown()
 		return nil, err
 	}
 	_, m.gen = m.node.Identity()
-	if err := m.bindGossip(); err != nil {
-		m.node.Close()
-		return nil, err
-	}
+	m.gossipNet.setGeneration(m.gen)
 	if err := m.loadGossip(); err != nil {
 		m.log.Warn("ignoring saved gossip", "err", err)
 	}
@@ -404,7 +419,6 @@ func (m *Mesh) bindGossip() error {
 		return errors.New("the gossip transport must be node-aware")
 	}
 	m.gossipNet = newGossipTransport(nat, m.cfg.Name)
-	m.gossipNet.setGeneration(m.gen)
 	m.gossipNet.setKeyring(m.cfg.Keyring)
 	if m.cfg.RelayPort != 0 {
 		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))

@@ -43,6 +43,7 @@ type netTransport struct {
 	packets chan *memberlist.Packet
 	streams chan net.Conn
 	closed  atomic.Bool
+	started sync.Once
 	wg      sync.WaitGroup
 }
 
@@ -162,10 +163,12 @@ func (t *netTransport) Port() int { return t.port }
 
 // start starts the listeners' goroutines.
 func (t *netTransport) start() {
-	t.wg.Add(3)
-	go t.loopAccept()
-	go t.loopRead(t.udp)
-	go t.loopRead(t.df)
+	t.started.Do(func() {
+		t.wg.Add(3)
+		go t.loopAccept()
+		go t.loopRead(t.udp)
+		go t.loopRead(t.df)
+	})
 }
 
 func (t *netTransport) loopAccept() {
