@@ -77,9 +77,10 @@ func (f *agentFlags) register(fs *flag.FlagSet) {
 	host, _ := os.Hostname()
 	fs.StringVar(&f.nodeName, "node-name", host, "this node's unique name in the cluster")
 	fs.StringVar(&f.bindAddr, "bind-addr", "0.0.0.0", "address gossip (TCP and UDP), consensus (TCP) and the relay ports (UDP) listen on; WireGuard listens on every address")
-	fs.StringVar(&f.advertiseAddr, "advertise-addr", "", "address members reach this node at, for gossip and WireGuard: set it on a reachable host "+
-		"(also to a public address that is a 1:1 NAT), leave it unset behind NAT, where members tell the node how they see it "+
-		"(default: --bind-addr if it is one address, else the private address of the interface with the default route)")
+	fs.StringVar(&f.advertiseAddr, "advertise-addr", "", "address members reach this node at, for gossip, consensus and WireGuard: set it on a reachable host whose address is on its interface; "+
+		"leave it unset behind NAT, where members tell the node how they see it, and on a VM whose public address is a 1:1 NAT, which its seeds find "+
+		"by dialing it back (default: --bind-addr if it is one address, else the address seeds reach this node at unsolicited, else the private "+
+		"address of the interface with the default route)")
 	fs.IntVar(&f.gossipPort, "gossip-port", 7946, "gossip port, TCP and UDP")
 	fs.IntVar(&f.raftPort, "raft-port", 0, "consensus port, TCP, mutual TLS (default: gossip port + 1)")
 	fs.Var(&f.join, "join", "seed address(es) host[:port] to join, comma-separated or repeated")

@@ -204,19 +204,21 @@ func (h *Host) dockerLocked(ctx context.Context, args ...string) (string, error)
 
 // AgentArgs are the flags StartAgent gives this host's agent.
 func (h *Host) AgentArgs(extra ...string) []string {
-	args := []string{"agent",
-		"--node-name", h.Name,
-		"--advertise-addr", h.Addr.String(),
+	args := []string{"agent", "--node-name", h.Name}
+	if h.Site.NAT == "" {
+		args = append(args, "--advertise-addr", h.Addr.String())
+	}
+	args = append(args,
 		"--join", h.lab.Seeds(h),
 		"--cluster-key-file", h.KeyFile(),
 		"--state-dir", filepath.Join(h.Dir, "state"),
 		"--run-dir", h.RunDir(),
 		"--plugin-socket", filepath.Join(h.PluginDir(), "wgmesh.sock"),
 		"--control-socket", h.ControlSock(),
-		"--docker-host", "unix://" + h.DockerSock(),
-		"--sync-networks=" + strconv.FormatBool(h.lab.cfg.SyncNetworks),
+		"--docker-host", "unix://"+h.DockerSock(),
+		"--sync-networks="+strconv.FormatBool(h.lab.cfg.SyncNetworks),
 		"--log-level", "debug",
-	}
+	)
 	if !h.lab.cfg.NoNames {
 		// Names outside the mesh go to the lab's outside world, never to
 		// the machine's resolvers.

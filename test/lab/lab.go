@@ -23,7 +23,11 @@
 // --random-fully, a random port per destination), and drops what arrives
 // from outside unless it belongs to a connection its host began, on the
 // way to its host as on the way to itself, as home and cloud routers do.
-// Hosts behind NAT are not seeds: nobody can reach them first.
+// Hosts behind such a NAT are not seeds: nobody can reach them first.
+// A one-to-one router instead maps its address onto its host's both
+// ways, as a cloud maps a VM's public address: that host is reachable
+// there, and a seed. Hosts behind a router are told no address to
+// advertise: they find out, as a user's would.
 //
 // Every path a host uses is its own (Dir/hN/...): hosts share the machine's
 // filesystem. Everything the lab starts is stopped by PID in Close, and
@@ -113,6 +117,12 @@ const (
 	// NATRandom: MASQUERADE --random-fully: a random port for each
 	// destination (a "symmetric" NAT).
 	NATRandom = "random"
+	// NATOneToOne maps the router's address onto the host's, both ways
+	// (DNAT of everything that arrives, SNAT of everything the host
+	// sends): a cloud VM's public address, which is on none of its
+	// interfaces. Such a host is reachable, at the router's address,
+	// and can be a seed there.
+	NATOneToOne = "one-to-one"
 )
 
 // Site is where a host sits.
@@ -332,19 +342,28 @@ func (l *Lab) build(ctx context.Context) error {
 
 // natSteps puts h behind a router of its own (see the package comment).
 func (l *Lab) natSteps(h *Host) ([][]string, error) {
-	masq := []string{"-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"}
-	switch h.Site.NAT {
-	case NATPreserving:
-	case NATRandom:
-		masq = append(masq, "--random-fully")
-	default:
-		return nil, fmt.Errorf("lab: host %s: unknown NAT %q", h.Name, h.Site.NAT)
-	}
 	h.Router = fmt.Sprintf("%s-r%d", l.Prefix, h.Index)
 	h.Public = netip.MustParseAddr(fmt.Sprintf("192.168.77.%d", 100+h.Index))
 	h.Addr = netip.MustParseAddr(fmt.Sprintf("10.99.%d.2", h.Index))
 	r := h.Router
 	ipt := func(args ...string) []string { return append([]string{"ip", "netns", "exec", r, "iptables"}, args...) }
+	var nat [][]string
+	masq := ipt("-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE")
+	switch h.Site.NAT {
+	case NATPreserving:
+		nat = [][]string{masq}
+	case NATRandom:
+		nat = [][]string{append(masq, "--random-fully")}
+	case NATOneToOne:
+		nat = [][]string{
+			ipt("-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-d", h.Public.String(), "-j", "DNAT", "--to-destination", h.Addr.String()),
+			ipt("-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", h.Addr.String(), "-j", "SNAT", "--to-source", h.Public.String()),
+			// Everything mapped onto the host gets through.
+			ipt("-A", "FORWARD", "-i", "eth0", "-d", h.Addr.String(), "-j", "ACCEPT"),
+		}
+	default:
+		return nil, fmt.Errorf("lab: host %s: unknown NAT %q", h.Name, h.Site.NAT)
+	}
 	steps := [][]string{
 		{"ip", "netns", "add", r},
 		{"ip", "-n", r, "link", "set", "lo", "up"},
@@ -360,7 +379,9 @@ func (l *Lab) natSteps(h *Host) ([][]string, error) {
 		[]string{"ip", "-n", h.NetNS, "link", "set", "eth0", "up"},
 		[]string{"ip", "-n", h.NetNS, "route", "add", "default", "via", fmt.Sprintf("10.99.%d.1", h.Index)},
 		[]string{"ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
-		append([]string{"ip", "netns", "exec", r, "iptables"}, masq...),
+	)
+	steps = append(steps, nat...)
+	steps = append(steps,
 		ipt("-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"),
 		ipt("-A", "INPUT", "-i", "eth0", "-j", "DROP"),
 		ipt("-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"),
@@ -415,7 +436,8 @@ func (l *Lab) StartAgents(ctx context.Context, extra ...string) error {
 }
 
 // Seeds lists the seed hosts' addresses but h's, for --join: the hosts
-// others can reach, not those behind NAT.
+// others can reach, at the address they reach them at; not those behind
+// a NAT that lets nothing in.
 func (l *Lab) Seeds(except *Host) string {
 	var s []string
 	hosts := l.Hosts
@@ -423,8 +445,12 @@ func (l *Lab) Seeds(except *Host) string {
 		hosts = hosts[:n]
 	}
 	for _, h := range hosts {
-		if h != except && h.Site.NAT == "" {
+		switch {
+		case h == except:
+		case h.Site.NAT == "":
 			s = append(s, h.Addr.String())
+		case h.Site.NAT == NATOneToOne:
+			s = append(s, h.Public.String())
 		}
 	}
 	return strings.Join(s, ",")
