@@ -183,7 +183,7 @@ func (s *State) register(e applying, name, boot string, r *Register) Result {
 	if r.Generation <= n.Generation {
 		return refuse(CodeRolledBack, "node %s starts from state generation %d, but the cluster has seen generation %d of it (last at %s): "+
 			"its state directory is an older copy (a restored backup or VM snapshot), or another host runs with a copy of it; "+
-			"this node claims nothing until an operator fixes it (see README, Failures)", name, r.Generation, n.Generation, n.Addr)
+			"this node claims nothing until an operator fixes it (see docs/operations.md, Failures)", name, r.Generation, n.Generation, n.Addr)
 	}
 	n.Addr, n.BootID, n.Generation, n.Seen = r.Addr, boot, r.Generation, at
 	n.LastSeq, n.LastResult = 0, Result{}

@@ -89,7 +89,7 @@ func (n *Node) checkRollback(ctx context.Context) error {
 			return &catalog.Error{Code: catalog.CodeRolledBack, Message: fmt.Sprintf(
 				"node %s starts from state generation %d, but the member at %s has seen generation %d of it: "+
 					"its state directory is an older copy (a restored backup or VM snapshot), or another host runs with a copy of it; "+
-					"this node takes no part in consensus and claims nothing until an operator fixes it (see README, Failures)",
+					"this node takes no part in consensus and claims nothing until an operator fixes it (see docs/operations.md, Failures)",
 				n.cfg.Name, n.gen, a.addr, a.gen)}
 		}
 	}
