@@ -52,6 +52,9 @@ type Config struct {
 	// Engine is the Docker engine of the hosts with dockerd; zero is the
 	// lab's default.
 	Engine lab.Engine
+	// Profile samples one more TCP run of each data-plane case with perf
+	// (profile.go).
+	Profile bool
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
@@ -82,13 +85,13 @@ func (c *Config) SetParts(list string) error {
 // Full is the configuration of `make bench`.
 func Full() Config {
 	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15, ClaimSamples: 15,
-		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100}
+		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100, Profile: true}
 }
 
 // Smoke is a tiny run that checks the benchmark still works.
 func Smoke() Config {
 	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2, ClaimSamples: 2,
-		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10}
+		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10, Profile: true}
 }
 
 // Bench runs benchmarks.
@@ -296,6 +299,18 @@ func (b *Bench) measureCases(ctx context.Context, cases []*dataCase) ([]CaseResu
 	for i := range results {
 		results[i].summarize()
 	}
+	if b.cfg.Profile {
+		for i, c := range cases {
+			if c.skip != "" {
+				continue
+			}
+			stop := startServer(ctx, c)
+			p := b.profile(ctx, c)
+			stop()
+			results[i].Profile = &p
+			b.logf("profile %-17s %s", c.name, p.summary())
+		}
+	}
 	return results, nil
 }
 
@@ -316,6 +331,10 @@ func (r *CaseResult) summarize() {
 	r.PingAvgMs = pick(func(m Run) float64 { return m.PingAvgMs })
 	r.PingP99Ms = pick(func(m Run) float64 { return m.PingP99Ms })
 	r.CPUSecPerGB = pick(func(m Run) float64 { return m.CPUSecPerGB })
+	r.UserSecPerGB = pick(func(m Run) float64 { return m.UserSecPerGB })
+	r.SysSecPerGB = pick(func(m Run) float64 { return m.SysSecPerGB })
+	r.SoftirqSecPerGB = pick(func(m Run) float64 { return m.SoftirqSecPerGB })
+	r.EngineSecPerGB = pick(func(m Run) float64 { return m.EngineSecPerGB })
 }
 
 func (r *Report) dataCase(name string) *CaseResult {

@@ -32,6 +32,10 @@ type dataCase struct {
 	// serverIP is the address the client reaches the server at.
 	serverIP string
 	stop     func()
+	// engine lists the processes that do the WireGuard work (none for
+	// the kernel's); engineComm is their command name, for perf.
+	engine     func() []int
+	engineComm string
 }
 
 // CaseResult is the median of a data-plane case's runs.
@@ -44,7 +48,15 @@ type CaseResult struct {
 	PingAvgMs   float64 `json:"ping_avg_ms"`
 	PingP99Ms   float64 `json:"ping_p99_ms"`
 	CPUSecPerGB float64 `json:"cpu_seconds_per_gb"`
-	Runs        []Run   `json:"runs"`
+	// The CPU seconds per GB by kind, and those of the WireGuard
+	// process (profile.go).
+	UserSecPerGB    float64 `json:"user_seconds_per_gb"`
+	SysSecPerGB     float64 `json:"system_seconds_per_gb"`
+	SoftirqSecPerGB float64 `json:"softirq_seconds_per_gb"`
+	EngineSecPerGB  float64 `json:"engine_seconds_per_gb"`
+	Runs            []Run   `json:"runs"`
+	// Profile is perf's view of one more run, if taken.
+	Profile *Profile `json:"profile,omitempty"`
 	// Emulated is set for a case measured in a VM without KVM, whose
 	// figures compare only with that VM's own underlay.
 	Emulated bool `json:"emulated,omitempty"`
@@ -55,6 +67,13 @@ type Run struct {
 	TCP1Gbps, TCP4Gbps   float64
 	PingAvgMs, PingP99Ms float64
 	CPUSecPerGB          float64
+	// Of one stream's run, per GB: by kind, and the WireGuard process's.
+	UserSecPerGB, SysSecPerGB, SoftirqSecPerGB, EngineSecPerGB float64
+}
+
+// cpuCost is a TCP run's CPU time per GB received.
+type cpuCost struct {
+	Total, User, Sys, Softirq, Engine float64
 }
 
 func run(ctx context.Context, name string, args ...string) (string, error) {
@@ -153,9 +172,17 @@ func configureWG(ctx context.Context, h1, h2 *lab.Host, iface [2]string, subnet 
 // encryption engine as wgmesh's userspace path, without wgmesh.
 func (b *Bench) setupWireguardGo(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 	c := &dataCase{name: "wireguard-go", note: "standalone wireguard-go between the hosts, configured with wg(8), MTU 1340",
-		client: h1.Exec, server: h2.Exec, serverIP: "10.97.0.2"}
+		client: h1.Exec, server: h2.Exec, serverIP: "10.97.0.2", engineComm: "wireguard-go"}
 	ifaces := [2]string{"wgb" + h1.NetNS[3:9] + "a", "wgb" + h2.NetNS[3:9] + "b"}
 	var procs []*exec.Cmd
+	// nsenter execs wireguard-go, which keeps its PID.
+	c.engine = func() []int {
+		var pids []int
+		for _, p := range procs {
+			pids = append(pids, p.Process.Pid)
+		}
+		return pids
+	}
 	c.stop = func() {
 		// SIGTERM lets wireguard-go remove its UAPI socket, which a
 		// killed one leaves in the machine's /var/run/wireguard.
@@ -233,7 +260,8 @@ func setupVXLAN(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 // setupWgmesh runs two containers on a wgmesh network through Docker.
 func setupWgmesh(ctx context.Context, l *lab.Lab) (*dataCase, error) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
-	c := &dataCase{name: "wgmesh", note: "containers on a wgmesh network through real Docker (userspace WireGuard here), MTU 1340"}
+	c := &dataCase{name: "wgmesh", note: "containers on a wgmesh network through real Docker (userspace WireGuard here), MTU 1340",
+		engineComm: "wgmesh", engine: func() []int { return []int{h1.AgentPID(), h2.AgentPID()} }}
 	if err := l.CreateNetwork(ctx, "benchnet", "10.99.0.0/16", nil, h1, h2); err != nil {
 		return c, err
 	}
@@ -296,9 +324,11 @@ func (b *Bench) measure(ctx context.Context, c *dataCase) (Run, error) {
 	stopServer := startServer(ctx, c)
 	defer stopServer()
 	var err error
-	if r.TCP1Gbps, r.CPUSecPerGB, err = b.iperf(ctx, c, 1); err != nil {
+	var cost cpuCost
+	if r.TCP1Gbps, cost, err = b.iperf(ctx, c, 1); err != nil {
 		return r, err
 	}
+	r.CPUSecPerGB, r.UserSecPerGB, r.SysSecPerGB, r.SoftirqSecPerGB, r.EngineSecPerGB = cost.Total, cost.User, cost.Sys, cost.Softirq, cost.Engine
 	if r.TCP4Gbps, _, err = b.iperf(ctx, c, 4); err != nil {
 		return r, err
 	}
@@ -337,14 +367,18 @@ func cpuSeconds() float64 {
 
 // iperf runs one TCP test and returns Gbit/s received and CPU seconds
 // (of the whole machine: both hosts are on it) per GB moved.
-func (b *Bench) iperf(ctx context.Context, c *dataCase, streams int) (gbps, cpuPerGB float64, err error) {
+func (b *Bench) iperf(ctx context.Context, c *dataCase, streams int) (gbps float64, cost cpuCost, err error) {
+	var pids []int
+	if c.engine != nil {
+		pids = c.engine()
+	}
 	// The server may still be starting: retry while it refuses. iperf3 -J
 	// reports that in its JSON, and not always in its exit status.
 	for attempt := 0; ; attempt++ {
-		cpu0 := cpuSeconds()
+		cpu0, split0, eng0 := cpuSeconds(), readCPUSplit(), procCPU(pids)
 		out, err := c.client(ctx, "iperf3", "-c", c.serverIP, "-p", iperfPort, "-t", strconv.Itoa(int(b.cfg.Duration.Seconds())),
 			"-P", strconv.Itoa(streams), "-J")
-		cpu := cpuSeconds() - cpu0
+		cpu, split, eng := cpuSeconds()-cpu0, readCPUSplit().sub(split0), procCPU(pids)-eng0
 		var res struct {
 			Error string `json:"error"`
 			End   struct {
@@ -355,20 +389,21 @@ func (b *Bench) iperf(ctx context.Context, c *dataCase, streams int) (gbps, cpuP
 			} `json:"end"`
 		}
 		if jerr := json.Unmarshal([]byte(out), &res); jerr != nil && err == nil {
-			return 0, 0, fmt.Errorf("iperf3 output: %w", jerr)
+			return 0, cost, fmt.Errorf("iperf3 output: %w", jerr)
 		}
 		if strings.Contains(res.Error, "refused") && attempt < 30 {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
 		if err != nil {
-			return 0, 0, err
+			return 0, cost, err
 		}
 		gb := res.End.SumReceived.Bytes / 1e9
 		if gb == 0 {
-			return 0, 0, fmt.Errorf("iperf3 with %d streams moved nothing: %s", streams, res.Error)
+			return 0, cost, fmt.Errorf("iperf3 with %d streams moved nothing: %s", streams, res.Error)
 		}
-		return res.End.SumReceived.BitsPerSecond / 1e9, cpu / gb, nil
+		cost = cpuCost{Total: cpu / gb, User: split.User / gb, Sys: split.System / gb, Softirq: split.Softirq / gb, Engine: eng / gb}
+		return res.End.SumReceived.BitsPerSecond / 1e9, cost, nil
 	}
 }
 

@@ -142,6 +142,59 @@ func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
 	p("")
 	p("iperf3 TCP between the ends (%s); ping every 10 ms. CPU seconds per GB count the whole machine (both hosts", strings.Split(r.Config, ", ")[1])
 	p("run on it), iperf3 included, per GB received.")
+	r.cpuMarkdown(p)
+}
+
+// cpuMarkdown says where the CPU goes in each case (profile.go).
+func (r *Report) cpuMarkdown(p func(string, ...any)) {
+	p("")
+	p("### Where the CPU goes: one TCP stream, CPU seconds per GB received (medians)")
+	p("")
+	p("| case | all | user | system | softirq | the WireGuard process |")
+	p("|---|---|---|---|---|---|")
+	for _, c := range r.DataPlane {
+		if c.Skipped != "" || len(c.Runs) == 0 {
+			continue
+		}
+		eng := "(kernel or none)"
+		if c.EngineSecPerGB > 0 {
+			eng = fmt.Sprintf("%.2f", c.EngineSecPerGB)
+		}
+		p("| %s | %.2f | %.2f | %.2f | %.2f | %s |", c.Name, c.CPUSecPerGB, c.UserSecPerGB, c.SysSecPerGB, c.SoftirqSecPerGB, eng)
+	}
+	p("")
+	p("User, system and softirq split the machine's time (/proc/stat); the WireGuard process is standalone")
+	p("wireguard-go, or both wgmesh agents (their user and system time, /proc/PID/stat), a part of the rest.")
+	header := false
+	for _, c := range r.DataPlane {
+		if c.Profile == nil {
+			continue
+		}
+		if !header {
+			p("")
+			p("perf (cpu-clock, the whole machine) during one more run of each case, not counted above: the shares")
+			p("of the samples by command and binary (`[kernel]`: that command's time in the kernel), and the")
+			p("hottest functions of the WireGuard process.")
+			header = true
+		}
+		p("")
+		if c.Profile.Skipped != "" {
+			p("- **%s**: no profile: %s", c.Name, c.Profile.Skipped)
+			continue
+		}
+		var rows []string
+		for _, row := range c.Profile.ByCommand {
+			rows = append(rows, fmt.Sprintf("%s %.1f %%", row.What, row.Percent))
+		}
+		p("- **%s**: %s", c.Name, strings.Join(rows, "; "))
+		if len(c.Profile.Engine) > 0 {
+			rows = rows[:0]
+			for _, row := range c.Profile.Engine {
+				rows = append(rows, fmt.Sprintf("`%s` %.1f %%", row.What, row.Percent))
+			}
+			p("  - its hottest functions (share of its samples): %s", strings.Join(rows, "; "))
+		}
+	}
 }
 
 func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
