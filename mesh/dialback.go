@@ -68,6 +68,9 @@ const (
 	// back after the last answer. A start that asks seeds waits at most
 	// twice this.
 	dialbackWait = 2 * time.Second
+	// dialbackWaitMin is the least wait for connections back after the
+	// answers (more where the seeds are far: three times the slowest ask).
+	dialbackWaitMin = 500 * time.Millisecond
 	// maxDialbackFrame bounds a frame read from a stream.
 	maxDialbackFrame = 1024
 	// dialbackPatience: a node none of whose seeds answer, and that has
@@ -304,10 +307,12 @@ func askDialbacks(ctx context.Context, s *sealer, seeds []dialbackSeed, l *net.T
 	}()
 
 	var wg sync.WaitGroup
+	var slowest time.Duration
 	for n, i := range nonces {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			start := time.Now()
 			seen, err := askSeed(ctx, s, seeds[i].addr, n, port)
 			if err != nil {
 				log.Debug("asking a seed how it sees this host", "seed", seeds[i].name, "err", err)
@@ -315,14 +320,21 @@ func askDialbacks(ctx context.Context, s *sealer, seeds []dialbackSeed, l *net.T
 			}
 			mu.Lock()
 			answers[i].Seen = seen
+			slowest = max(slowest, time.Since(start))
 			mu.Unlock()
 		}()
 	}
 	wg.Wait()
 
 	// The answers are in; wait for the connections back from seeds that
-	// see this node elsewhere.
-	deadline := time.Now().Add(dialbackWait)
+	// see this node elsewhere. A seed connects back as soon as it has
+	// answered, so one arrives about a round trip after the answer; the
+	// ask took two (connect, then request and answer). A host behind a
+	// NAT that drops them waits this long for nothing at every start.
+	mu.Lock()
+	wait := min(max(3*slowest, dialbackWaitMin), dialbackWait)
+	mu.Unlock()
+	deadline := time.Now().Add(wait)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
 		mu.Lock()
 		waiting := false
