@@ -85,7 +85,6 @@ const (
 
 // dialbackAnswer is what one seed said.
 type dialbackAnswer struct {
-	Seed string
 	// Seen is the address the seed saw the request come from; invalid
 	// if the seed did not answer.
 	Seen netip.Addr
@@ -267,8 +266,7 @@ func resolveSeeds(ctx context.Context, seeds []string, port int, own func(netip.
 func askDialbacks(ctx context.Context, s *sealer, seeds []dialbackSeed, l *net.TCPListener, local netip.Addr, log *slog.Logger) []dialbackAnswer {
 	answers := make([]dialbackAnswer, len(seeds))
 	nonces := map[[nonceLen]byte]int{}
-	for i, sd := range seeds {
-		answers[i].Seed = sd.name
+	for i := range seeds {
 		var n [nonceLen]byte
 		if _, err := rand.Read(n[:]); err != nil {
 			return nil
