@@ -13,6 +13,8 @@ declare -A want=(
 	[iptables]=iptables
 	[ping]=iputils-ping
 	[iperf3]=iperf3
+	# make bench: GRO on the lab's underlay (lab.SetUnderlayGRO).
+	[ethtool]=ethtool
 	[wg]=wireguard-tools
 	[tcpdump]=tcpdump
 	[curl]=curl

@@ -55,6 +55,10 @@ type Config struct {
 	// Profile samples one more TCP run of each data-plane case with perf
 	// (profile.go).
 	Profile bool
+	// GRO measures every data-plane case a second time with GRO switched
+	// on along the underlay, as a real NIC has it (lab.SetUnderlayGRO),
+	// interleaved with the underlay as the lab makes it.
+	GRO bool
 }
 
 // SetParts keeps only the parts named in a comma-separated list of
@@ -85,13 +89,13 @@ func (c *Config) SetParts(list string) error {
 // Full is the configuration of `make bench`.
 func Full() Config {
 	return Config{Runs: 5, Duration: 5 * time.Second, Pings: 300, FirstPingSamples: 15, ClaimSamples: 15,
-		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100, Profile: true}
+		ClusterSizes: []int{3, 10, 25}, SimSizes: []int{100, 250, 500}, NATSamples: 10, NamesSimNodes: 100, Profile: true, GRO: true}
 }
 
 // Smoke is a tiny run that checks the benchmark still works.
 func Smoke() Config {
 	return Config{Runs: 1, Duration: time.Second, Pings: 20, FirstPingSamples: 2, ClaimSamples: 2,
-		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10, Profile: true}
+		ClusterSizes: []int{3}, SimSizes: []int{10}, SimQuick: true, NATSamples: 1, NamesSimNodes: 10, Profile: true, GRO: true}
 }
 
 // Bench runs benchmarks.
@@ -116,6 +120,7 @@ type Report struct {
 	Machine     string        `json:"machine"`
 	Config      string        `json:"config"`
 	DataPlane   []CaseResult  `json:"data_plane"`
+	Limit       *Limit        `json:"limit,omitempty"`
 	FirstPing   FirstPing     `json:"first_ping"`
 	Convergence []Convergence `json:"convergence"`
 	Claims      *Claims       `json:"claims,omitempty"`
@@ -237,7 +242,7 @@ func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 		return err
 	}
 	if !b.cfg.NoData {
-		if r.DataPlane, err = b.dataPlane(ctx, l); err != nil {
+		if r.DataPlane, r.Limit, err = b.dataPlane(ctx, l); err != nil {
 			return err
 		}
 	}
@@ -255,8 +260,8 @@ func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 }
 
 // dataPlane measures every case, round-robin so that drift of the machine
-// spreads over all of them alike.
-func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, error) {
+// spreads over all of them alike, then the limit they are measured against.
+func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, *Limit, error) {
 	cases, err := b.setupCases(ctx, l)
 	defer func() {
 		for _, c := range cases {
@@ -266,49 +271,86 @@ func (b *Bench) dataPlane(ctx context.Context, l *lab.Lab) ([]CaseResult, error)
 		}
 	}()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return b.measureCases(ctx, cases)
+	h1, h2 := l.Hosts[0], l.Hosts[1]
+	setGRO := func(ctx context.Context, on bool) error { return l.SetUnderlayGRO(ctx, on, h1, h2) }
+	results, err := b.measureCases(ctx, cases, setGRO)
+	if err != nil {
+		return nil, nil, err
+	}
+	b.logf("data plane: ChaCha20-Poly1305 on one core, for the limit")
+	lim := measureLimit(results, time.Second)
+	return results, &lim, nil
 }
 
-// measureCases runs every case Runs times, round-robin, and returns the
-// medians.
-func (b *Bench) measureCases(ctx context.Context, cases []*dataCase) ([]CaseResult, error) {
-	results := make([]CaseResult, len(cases))
-	for i, c := range cases {
-		results[i] = CaseResult{Name: c.name, Note: c.note, Skipped: c.skip}
+// measureCases runs every case Runs times, round-robin, on each setting of
+// the underlay (setGRO, when not nil and Config.GRO asks for it), and
+// returns the medians: the cases on the underlay as it is first, then the
+// same cases with GRO on.
+func (b *Bench) measureCases(ctx context.Context, cases []*dataCase, setGRO func(context.Context, bool) error) ([]CaseResult, error) {
+	underlays := []bool{false}
+	if b.cfg.GRO && setGRO != nil {
+		underlays = append(underlays, true)
+		// Leave the underlay as the lab made it for the parts after.
+		defer func() { _ = setGRO(context.WithoutCancel(ctx), false) }()
+	}
+	set := func(u int) error {
+		if setGRO == nil {
+			return nil
+		}
+		return setGRO(ctx, underlays[u])
+	}
+	n := len(cases)
+	results := make([]CaseResult, n*len(underlays))
+	for u, gro := range underlays {
+		for i, c := range cases {
+			results[u*n+i] = CaseResult{Name: c.name, Note: c.note, Skipped: c.skip, GRO: gro}
+		}
 	}
 	for run := range b.cfg.Runs {
-		// Each run starts one case later, so that whatever a case leaves
-		// behind does not always weigh on the same next one.
-		for k := range cases {
-			i := (k + run) % len(cases)
-			c := cases[i]
-			if c.skip != "" {
-				continue
+		// Each run starts with another underlay and one case later, so
+		// that whatever a case leaves behind does not always weigh on the
+		// same next one.
+		for uk := range underlays {
+			u := (uk + run) % len(underlays)
+			if err := set(u); err != nil {
+				return nil, err
 			}
-			m, err := b.measure(ctx, c)
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", c.name, err)
+			for k := range cases {
+				i := (k + run) % n
+				c := cases[i]
+				if c.skip != "" {
+					continue
+				}
+				m, err := b.measure(ctx, c)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", results[u*n+i].Label(), err)
+				}
+				results[u*n+i].Runs = append(results[u*n+i].Runs, m)
+				b.logf("run %d %-26s 1 stream %.2f Gbit/s, 4 streams %.2f Gbit/s, ping %.3f ms (p99 %.3f), %.1f CPU s/GB",
+					run+1, results[u*n+i].Label(), m.TCP1Gbps, m.TCP4Gbps, m.PingAvgMs, m.PingP99Ms, m.CPUSecPerGB)
 			}
-			results[i].Runs = append(results[i].Runs, m)
-			b.logf("run %d %-17s 1 stream %.2f Gbit/s, 4 streams %.2f Gbit/s, ping %.3f ms (p99 %.3f), %.1f CPU s/GB",
-				run+1, c.name, m.TCP1Gbps, m.TCP4Gbps, m.PingAvgMs, m.PingP99Ms, m.CPUSecPerGB)
 		}
 	}
 	for i := range results {
 		results[i].summarize()
 	}
 	if b.cfg.Profile {
-		for i, c := range cases {
-			if c.skip != "" {
-				continue
+		for u := range underlays {
+			if err := set(u); err != nil {
+				return nil, err
 			}
-			stop := startServer(ctx, c)
-			p := b.profile(ctx, c)
-			stop()
-			results[i].Profile = &p
-			b.logf("profile %-17s %s", c.name, p.summary())
+			for i, c := range cases {
+				if c.skip != "" {
+					continue
+				}
+				stop := startServer(ctx, c)
+				p := b.profile(ctx, c)
+				stop()
+				results[u*n+i].Profile = &p
+				b.logf("profile %-26s %s", results[u*n+i].Label(), p.summary())
+			}
 		}
 	}
 	return results, nil
@@ -337,9 +379,13 @@ func (r *CaseResult) summarize() {
 	r.EngineSecPerGB = pick(func(m Run) float64 { return m.EngineSecPerGB })
 }
 
-func (r *Report) dataCase(name string) *CaseResult {
+// dataCase is the named case on the underlay as the lab makes it.
+func (r *Report) dataCase(name string) *CaseResult { return r.dataCaseOn(name, false) }
+
+// dataCaseOn is the named case on the underlay with GRO on or off.
+func (r *Report) dataCaseOn(name string, gro bool) *CaseResult {
 	for i := range r.DataPlane {
-		if r.DataPlane[i].Name == name {
+		if r.DataPlane[i].Name == name && r.DataPlane[i].GRO == gro {
 			return &r.DataPlane[i]
 		}
 	}
@@ -361,6 +407,36 @@ func (r *Report) check() []Target {
 			target("wgmesh throughput ≥ 90 % of standalone wireguard-go (4 streams)", fmt.Sprintf("%.1f %%", ratio4*100), ratio4 >= 0.9),
 			target("wgmesh latency within 10 % of standalone wireguard-go (average)", fmt.Sprintf("%+.1f %%", (wm.PingAvgMs/wg.PingAvgMs-1)*100), wm.PingAvgMs <= wg.PingAvgMs*1.1),
 		)
+	}
+	// Issue 16's aims: ahead of stock wireguard-go on either underlay, and
+	// close to the machine's limit.
+	for _, gro := range []bool{false, true} {
+		wm, wg := r.dataCaseOn("wgmesh", gro), r.dataCaseOn("wireguard-go", gro)
+		if wm == nil || wg == nil || len(wm.Runs) == 0 || len(wg.Runs) == 0 {
+			continue
+		}
+		under := "the lab's underlay"
+		if gro {
+			under = "underlay with GRO on"
+		}
+		t = append(t, target(fmt.Sprintf("wgmesh ahead of standalone wireguard-go, %s (1 / 4 streams, medians)", under),
+			fmt.Sprintf("%.1f %% / %.1f %%", wm.TCP1Gbps/wg.TCP1Gbps*100, wm.TCP4Gbps/wg.TCP4Gbps*100),
+			wm.TCP1Gbps > wg.TCP1Gbps && wm.TCP4Gbps > wg.TCP4Gbps))
+	}
+	if l := r.Limit; l != nil {
+		for _, u := range l.Underlays {
+			wm := r.dataCaseOn("wgmesh", u.GRO)
+			if wm == nil || len(wm.Runs) == 0 || u.SecPerGB == 0 {
+				continue
+			}
+			under := "the lab's underlay"
+			if u.GRO {
+				under = "underlay with GRO on"
+			}
+			x := wm.CPUSecPerGB / u.SecPerGB
+			t = append(t, target(fmt.Sprintf("wgmesh within 2× of the machine's limit in CPU per GB, %s", under),
+				fmt.Sprintf("%.1f× (%.2f against %.2f s/GB)", x, wm.CPUSecPerGB, u.SecPerGB), x <= 2))
+		}
 	}
 	if len(r.FirstPing.Samples) > 0 {
 		t = append(t, target("docker run → first cross-host ping: median < 1 s",

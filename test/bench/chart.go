@@ -49,7 +49,7 @@ func (r *Report) WriteChart(path string) (written bool, err error) {
 	text(pad, pad+10, "TCP throughput between two simulated hosts (Gbit/s, median)", ink)
 	for i, c := range cases {
 		y := pad + 24 + i*rowH
-		text(pad, y+17, c.Name, ink)
+		text(pad, y+17, c.Label(), ink)
 		for j, v := range []float64{c.TCP1Gbps, c.TCP4Gbps} {
 			col := []color.Color{one, four}[j]
 			bw := int(v / top * barMax)

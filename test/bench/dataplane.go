@@ -11,6 +11,7 @@ import (
 	"math"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -60,6 +61,16 @@ type CaseResult struct {
 	// Emulated is set for a case measured in a VM without KVM, whose
 	// figures compare only with that VM's own underlay.
 	Emulated bool `json:"emulated,omitempty"`
+	// GRO: measured with GRO on along the underlay.
+	GRO bool `json:"underlay_gro,omitempty"`
+}
+
+// Label names the case and, if it is not the lab's own, its underlay.
+func (r CaseResult) Label() string {
+	if r.GRO {
+		return r.Name + ", GRO on"
+	}
+	return r.Name
 }
 
 // Run is one measurement of a case.
@@ -107,7 +118,7 @@ func (b *Bench) setupCases(ctx context.Context, l *lab.Lab) ([]*dataCase, error)
 	if err := add(vx, err); err != nil {
 		return cases, err
 	}
-	wm, err := setupWgmesh(ctx, l)
+	wm, err := setupWgmesh(ctx, l, commName(b.cfg.Binary))
 	if err := add(wm, err); err != nil {
 		return cases, err
 	}
@@ -258,10 +269,10 @@ func setupVXLAN(ctx context.Context, h1, h2 *lab.Host) (*dataCase, error) {
 }
 
 // setupWgmesh runs two containers on a wgmesh network through Docker.
-func setupWgmesh(ctx context.Context, l *lab.Lab) (*dataCase, error) {
+func setupWgmesh(ctx context.Context, l *lab.Lab, comm string) (*dataCase, error) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	c := &dataCase{name: "wgmesh", note: "containers on a wgmesh network through real Docker (userspace WireGuard here), MTU 1340",
-		engineComm: "wgmesh", engine: func() []int { return []int{h1.AgentPID(), h2.AgentPID()} }}
+		engineComm: comm, engine: func() []int { return []int{h1.AgentPID(), h2.AgentPID()} }}
 	if err := l.CreateNetwork(ctx, "benchnet", "10.99.0.0/16", nil, h1, h2); err != nil {
 		return c, err
 	}
@@ -294,6 +305,16 @@ func setupWgmesh(ctx context.Context, l *lab.Lab) (*dataCase, error) {
 			return c, errors.New("containers cannot reach each other")
 		}
 	}
+}
+
+// commName is the command name the kernel gives a process run from path:
+// its file name, cut to 15 bytes. perf selects processes by it.
+func commName(path string) string {
+	name := filepath.Base(path)
+	if len(name) > 15 {
+		name = name[:15]
+	}
+	return name
 }
 
 // setupKernelWG uses the kernel's WireGuard where the module exists.

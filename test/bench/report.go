@@ -116,33 +116,40 @@ func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
 		p("![throughput](%s)", r.chart)
 		p("")
 	}
-	var ref *CaseResult
-	if c := r.dataCase("wireguard-go"); c != nil && len(c.Runs) > 0 {
-		ref = c
-	}
 	p("| case | TCP 1 stream | TCP 4 streams | vs wireguard-go (1 / 4) | ping avg | ping p99 | CPU s per GB |")
 	p("|---|---|---|---|---|---|---|")
 	for _, c := range r.DataPlane {
 		if c.Skipped != "" {
-			p("| %s | skipped: %s | | | | | |", c.Name, c.Skipped)
+			p("| %s | skipped: %s | | | | | |", c.Label(), c.Skipped)
 			continue
 		}
 		vs := ""
 		if c.Emulated {
 			vs = "n/a: emulated"
-		} else if ref != nil {
+		} else if ref := r.dataCaseOn("wireguard-go", c.GRO); ref != nil && len(ref.Runs) > 0 {
 			vs = fmt.Sprintf("%.0f %% / %.0f %%", c.TCP1Gbps/ref.TCP1Gbps*100, c.TCP4Gbps/ref.TCP4Gbps*100)
 		}
-		p("| %s | %.2f Gbit/s | %.2f Gbit/s | %s | %.3f ms | %.3f ms | %.1f |", c.Name, c.TCP1Gbps, c.TCP4Gbps, vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)
+		p("| %s | %.2f Gbit/s | %.2f Gbit/s | %s | %.3f ms | %.3f ms | %.1f |", c.Label(), c.TCP1Gbps, c.TCP4Gbps, vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)
 	}
 	p("")
+	noted := map[string]bool{}
 	for _, c := range r.DataPlane {
-		p("- **%s**: %s", c.Name, c.Note)
+		if !noted[c.Name] {
+			p("- **%s**: %s", c.Name, c.Note)
+			noted[c.Name] = true
+		}
+	}
+	if r.dataCaseOn("raw underlay", true) != nil {
+		p("- **GRO on**: the same case with GRO switched on along the underlay (each host's eth0 and its bridge port, with")
+		p("  UDP GRO for forwarded packets), as a real NIC has it; the lab's veths have it off. Measured in the same rounds.")
 	}
 	p("")
 	p("iperf3 TCP between the ends (%s); ping every 10 ms. CPU seconds per GB count the whole machine (both hosts", strings.Split(r.Config, ", ")[1])
 	p("run on it), iperf3 included, per GB received.")
 	r.cpuMarkdown(p)
+	if r.Limit != nil {
+		r.Limit.markdown(r, p)
+	}
 }
 
 // cpuMarkdown says where the CPU goes in each case (profile.go).
@@ -160,7 +167,7 @@ func (r *Report) cpuMarkdown(p func(string, ...any)) {
 		if c.EngineSecPerGB > 0 {
 			eng = fmt.Sprintf("%.2f", c.EngineSecPerGB)
 		}
-		p("| %s | %.2f | %.2f | %.2f | %.2f | %s |", c.Name, c.CPUSecPerGB, c.UserSecPerGB, c.SysSecPerGB, c.SoftirqSecPerGB, eng)
+		p("| %s | %.2f | %.2f | %.2f | %.2f | %s |", c.Label(), c.CPUSecPerGB, c.UserSecPerGB, c.SysSecPerGB, c.SoftirqSecPerGB, eng)
 	}
 	p("")
 	p("User, system and softirq split the machine's time (/proc/stat); the WireGuard process is standalone")
@@ -179,14 +186,14 @@ func (r *Report) cpuMarkdown(p func(string, ...any)) {
 		}
 		p("")
 		if c.Profile.Skipped != "" {
-			p("- **%s**: no profile: %s", c.Name, c.Profile.Skipped)
+			p("- **%s**: no profile: %s", c.Label(), c.Profile.Skipped)
 			continue
 		}
 		var rows []string
 		for _, row := range c.Profile.ByCommand {
 			rows = append(rows, fmt.Sprintf("%s %.1f %%", row.What, row.Percent))
 		}
-		p("- **%s**: %s", c.Name, strings.Join(rows, "; "))
+		p("- **%s**: %s", c.Label(), strings.Join(rows, "; "))
 		if len(c.Profile.Engine) > 0 {
 			rows = rows[:0]
 			for _, row := range c.Profile.Engine {

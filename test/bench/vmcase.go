@@ -128,7 +128,7 @@ func GuestDataPlane(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("kernel WireGuard in the VM: %s", kwg.skip)
 	}
 	cases = append(cases, kwg)
-	results, err := b.measureCases(ctx, cases)
+	results, err := b.measureCases(ctx, cases, nil)
 	if err != nil {
 		return err
 	}

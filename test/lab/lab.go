@@ -690,3 +690,31 @@ func (n *Neighbour) Close() {
 		n.lab.neighbours = slices.Delete(n.lab.neighbours, i, i+1)
 	}
 }
+
+// SetUnderlayGRO switches receive offloads on (or back off) along the
+// underlay of the given hosts plugged straight into the bridge: GRO on
+// each host's eth0 and on its port of the bridge, and UDP GRO for
+// forwarded packets on the port, as a real NIC has them. A veth has GRO
+// off by default, so without this no UDP or TCP batch forms on the way
+// in and a WireGuard socket that asks for UDP GRO never gets one.
+func (l *Lab) SetUnderlayGRO(ctx context.Context, on bool, hosts ...*Host) error {
+	state := "off"
+	if on {
+		state = "on"
+	}
+	for _, h := range hosts {
+		if h.Site.NAT != "" {
+			return fmt.Errorf("%s: behind a router, not on the bridge", h.Name)
+		}
+		steps := [][]string{
+			{"ip", "netns", "exec", h.NetNS, "ethtool", "-K", "eth0", "gro", state},
+			{"ip", "netns", "exec", l.Switch, "ethtool", "-K", l.Prefix + "-" + h.Name, "gro", state, "rx-udp-gro-forwarding", state},
+		}
+		for _, s := range steps {
+			if _, err := run(ctx, s[0], s[1:]...); err != nil {
+				return fmt.Errorf("%s: underlay GRO %s: %w", h.Name, state, err)
+			}
+		}
+	}
+	return nil
+}

@@ -174,6 +174,7 @@ func benchMain(args []string) int {
 	sims := fs.String("sim-sizes", "", "simulated cluster sizes, comma-separated (empty: the default of the run)")
 	render := fs.String("render", "", "re-render the report in this JSON file (targets re-checked) and exit")
 	withVM := fs.Bool("vm", true, "measure kernel WireGuard in a VM (emulated; part of the data plane)")
+	gro := fs.Bool("gro", true, "measure every data-plane case also with GRO on along the underlay, as a real NIC has it")
 	namesSim := fs.Int("names-sim", -1, "nodes of the names simulation (0: none; default: the run's)")
 	engineDir := fs.String("engine-dir", "", "run the hosts' Docker from this directory (.ci/engine29.sh's) instead of Debian's docker.io")
 	_ = fs.Parse(args)
@@ -199,6 +200,7 @@ func benchMain(args []string) int {
 	}
 	cfg.Binary, cfg.WireguardGo, cfg.Log = *binary, *wg, os.Stdout
 	cfg.NoVM = !*withVM
+	cfg.GRO = *gro
 	cfg.Baseline, cfg.BaselineRev = *baseline, *baselineRev
 	if *claimSamples > 0 {
 		cfg.ClaimSamples = *claimSamples
