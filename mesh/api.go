@@ -326,7 +326,7 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 	delete(m.obs, node)
 	m.touchLocked()
 	m.mu.Unlock()
-	m.gossipNet.forget(node)
+	m.gossipNet.Forget(node)
 	m.log.Info("node forgotten", "peer", node)
 	m.kickLoop()
 	return nil
@@ -391,7 +391,7 @@ func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
 	if err != nil {
 		return err
 	}
-	m.gossipNet.setKeyring(ring)
+	m.gossipNet.SetKeyring(ring)
 	m.mu.Lock()
 	m.cfg.Keyring = ring
 	m.mu.Unlock()

@@ -219,7 +219,7 @@ func (m *Mesh) Stats() Stats {
 	if m.gossipNet != nil {
 		// Packets whose header does not verify: from a host without a
 		// key of this ring, an evicted one say. memberlist never sees them.
-		if n := m.gossipNet.refusedPackets(); n > 0 {
+		if n := m.gossipNet.Refused(); n > 0 {
 			if refused == nil {
 				refused = map[string]uint64{}
 			}

@@ -45,6 +45,7 @@ import (
 	"github.com/wgmesh/wgmesh/internal/logbridge"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 )
 
 // Config configures a Mesh.
@@ -219,10 +220,11 @@ type Mesh struct {
 
 	ml      atomic.Pointer[memberlist.Memberlist]
 	keyring atomic.Pointer[memberlist.Keyring]
-	// gossipNet is memberlist's transport (gossipnet.go), over sockets
-	// of its own (netTransport) unless Config.Transport is given.
-	gossipNet *gossipTransport
-	sockets   *netTransport
+	// gossipNet is memberlist's transport (package gossipnet), over
+	// sockets of its own (gossipnet.NetTransport) unless Config.Transport
+	// is given.
+	gossipNet *gossipnet.Transport
+	sockets   *gossipnet.NetTransport
 	pmtu      *pmtuProber
 	// raftListener is the consensus port's listener.
 	raftListener net.Listener
@@ -368,11 +370,11 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if tl, ok := l.(*net.TCPListener); ok && cfg.AdvertiseAddr == "" && len(cfg.Join) > 0 {
 		if m.sockets != nil {
-			m.sockets.start()
+			m.sockets.Start()
 		}
-		m.gossipNet.startStreams()
-		ctx, cancel := context.WithTimeout(context.Background(), dialbackPatience+3*dialbackWait)
-		addr = discoverAddr(ctx, m.cfg, m.gossipNet.sealer, tl, addr, m.log)
+		m.gossipNet.StartStreams()
+		ctx, cancel := context.WithTimeout(context.Background(), dialbackPatience+3*gossipnet.DialbackWait)
+		addr = discoverAddr(ctx, m.cfg, m.gossipNet, tl, addr, m.log)
 		cancel()
 		m.addr = addr
 	}
@@ -390,7 +392,7 @@ func New(cfg Config) (*Mesh, error) {
 		return nil, err
 	}
 	_, m.gen = m.node.Identity()
-	m.gossipNet.setGeneration(m.gen)
+	m.gossipNet.SetGeneration(m.gen)
 	if err := m.loadGossip(); err != nil {
 		m.log.Warn("ignoring saved gossip", "err", err)
 	}
@@ -406,11 +408,14 @@ func New(cfg Config) (*Mesh, error) {
 func (m *Mesh) bindGossip() error {
 	inner := m.cfg.Transport
 	if inner == nil {
-		t, err := newNetTransport(m.cfg.BindAddr, m.cfg.BindPort, m.log)
+		// The agent's own TCP keeps its packets within the path
+		// (tcpmss.go); until path MTUs are known, what the listener
+		// accepts keeps to controlMTU.
+		t, err := gossipnet.NewNetTransport(m.cfg.BindAddr, m.cfg.BindPort,
+			mssControl(func(netip.Addr) int { return controlMTU }), mssControl(m.controlMTUTo), m.log)
 		if err != nil {
 			return err
 		}
-		t.mtu = m.controlMTUTo
 		m.sockets, inner = t, t
 		m.cfg.BindPort = t.Port()
 	}
@@ -418,13 +423,14 @@ func (m *Mesh) bindGossip() error {
 	if !ok {
 		return errors.New("the gossip transport must be node-aware")
 	}
-	m.gossipNet = newGossipTransport(nat, m.cfg.Name)
-	m.gossipNet.setKeyring(m.cfg.Keyring)
+	m.gossipNet = gossipnet.New(nat, m.cfg.Name)
+	m.gossipNet.SetKeyring(m.cfg.Keyring)
 	if m.cfg.RelayPort != 0 {
 		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))
 		ua, err := net.ResolveUDPAddr("udp", hostPort)
+		var c *net.UDPConn
 		if err == nil {
-			m.gossipNet.reflector, err = net.ListenUDP("udp", ua)
+			c, err = net.ListenUDP("udp", ua)
 		}
 		if err != nil {
 			if m.sockets != nil {
@@ -432,12 +438,13 @@ func (m *Mesh) bindGossip() error {
 			}
 			return fmt.Errorf("relay port %d: %w", m.cfg.RelayPort, err)
 		}
+		m.gossipNet.SetReflector(c)
 	}
 	interval := m.cfg.PMTUInterval
 	if interval == 0 {
 		interval = 30 * time.Second
 	}
-	if interval > 0 && m.gossipNet.df != nil {
+	if interval > 0 && m.gossipNet.CanProbe() {
 		m.pmtu = newPMTUProber(m.gossipNet, interval, m.rttOf, func() {
 			m.setListenersMSS()
 			m.touch()
@@ -450,7 +457,7 @@ func (m *Mesh) bindGossip() error {
 // now known (tcpmss.go).
 func (m *Mesh) setListenersMSS() {
 	mtu := m.listenMTU()
-	for _, l := range []net.Listener{m.raftListener, m.sockets.listener()} {
+	for _, l := range []net.Listener{m.raftListener, m.sockets.Listener()} {
 		if l == nil {
 			continue
 		}
@@ -573,9 +580,9 @@ var ErrRefused = errors.New("the cluster refuses this node")
 func (m *Mesh) Run(ctx context.Context) error {
 	conf := m.memberlistConfig()
 	if m.sockets != nil {
-		m.sockets.start()
+		m.sockets.Start()
 	}
-	m.gossipNet.start()
+	m.gossipNet.Start()
 	ml, err := memberlist.Create(conf)
 	if err != nil {
 		m.node.Close()
@@ -688,11 +695,11 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 	conf.Ping = d
 	// Push/pull with a member behind NAT fails by design: it happens
 	// when that member dials out.
-	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"), errBehindNAT.Error())
+	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"), gossipnet.ErrBehindNAT.Error())
 	conf.LogOutput = nil
 	conf.Transport = m.gossipNet
 	// TCP fallback probes cannot reach a member behind NAT either.
-	conf.DisableTcpPingsForNode = func(name string) bool { return !m.gossipNet.dialable(name) }
+	conf.DisableTcpPingsForNode = func(name string) bool { return !m.gossipNet.Dialable(name) }
 	if len(m.cfg.Keyring) > 0 {
 		// Errors are impossible: crypto validated the key lengths.
 		ring, _ := memberlist.NewKeyring(m.cfg.Keyring, m.cfg.Keyring.Primary())
@@ -798,9 +805,9 @@ func (m *Mesh) step(ctx context.Context) error {
 	m.outbox = nil
 	m.mu.Unlock()
 
-	m.gossipNet.setHints(hints)
+	m.gossipNet.SetHints(hints)
 	for _, r := range reflect {
-		m.gossipNet.askReflection(r.name, r.to)
+		m.gossipNet.AskReflection(r.name, r.to)
 	}
 
 	if updateMeta {
@@ -891,10 +898,10 @@ func (m *Mesh) View() *View {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v := buildView(m.cfg.Name, cat, m.rep, m.self, m.live)
-	var sightings map[string]sighting
+	var sightings map[string]gossipnet.Sighting
 	var pmtus map[string]PathMTU
 	if m.gossipNet != nil {
-		sightings = m.gossipNet.sightingsCopy()
+		sightings = m.gossipNet.Sightings()
 	}
 	if m.pmtu != nil {
 		pmtus = m.pmtu.results()

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 )
 
 // How a node learns how others see it. A host behind NAT does not know
@@ -213,7 +215,7 @@ func (m *Mesh) reassessNATLocked(now time.Time) {
 		}
 	}
 	if t := m.gossipNet; t != nil {
-		for _, r := range t.reflectionsCopy() {
+		for _, r := range t.Reflections() {
 			if now.Sub(r.At) < observationTTL {
 				gossip = append(gossip, r.Addr)
 			}
@@ -245,9 +247,9 @@ func (m *Mesh) reassessNATLocked(now time.Time) {
 // to every member seen directly or over WireGuard, when what this node
 // sees changed or was last said observeEvery ago.
 func (m *Mesh) outgoingObservationsLocked(now time.Time) []outObs {
-	var sightings map[string]sighting
+	var sightings map[string]gossipnet.Sighting
 	if m.gossipNet != nil {
-		sightings = m.gossipNet.sightingsCopy()
+		sightings = m.gossipNet.Sightings()
 	}
 	subjects := map[string]bool{}
 	for name, s := range sightings {
@@ -351,11 +353,11 @@ func (m *Mesh) reflectTargetsLocked(now time.Time) []reflectTarget {
 }
 
 // routeHintsLocked is what the gossip transport needs to reach members.
-func (m *Mesh) routeHintsLocked() map[string]routeHint {
-	h := make(map[string]routeHint, len(m.rep.infos))
+func (m *Mesh) routeHintsLocked() map[string]gossipnet.RouteHint {
+	h := make(map[string]gossipnet.RouteHint, len(m.rep.infos))
 	for name, rec := range m.rep.infos {
 		n := rec.info
-		hint := routeHint{Advertised: netip.AddrPortFrom(n.Addr, n.GossipPort), BehindNAT: n.NAT.Behind(),
+		hint := gossipnet.RouteHint{Advertised: netip.AddrPortFrom(n.Addr, n.GossipPort), BehindNAT: n.NAT.Behind(),
 			Header: n.Features&featureHeader != 0, ReplayProof: n.Features&featureReplayProof != 0,
 			// The upper half of an info's version is its node's
 			// generation (versionLocked), in every version so far.

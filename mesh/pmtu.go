@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 )
 
 // Path MTU discovery between hosts. WireGuard's packets cross the
@@ -18,8 +20,9 @@ import (
 // dropped depends on the path, and the last is common enough. So every
 // node measures, for every member it reaches directly, the largest IP
 // packet that crosses: probes of a chosen size, sent from the gossip
-// port with DF set, which the member acknowledges (gossipnet.go). A lost
-// probe counts like a refused one: nothing relies on ICMP arriving.
+// port with DF set, which the member acknowledges (package gossipnet).
+// A lost probe counts like a refused one: nothing relies on ICMP
+// arriving.
 //
 // A search halves the range between the largest size acknowledged and
 // the smallest lost or refused one, down to the byte, from the last known
@@ -62,7 +65,8 @@ func minProbe(a netip.Addr) int {
 }
 
 // probeFunc sends a probe of size bytes and reports whether it was
-// acknowledged; errTooBig says the local interface cannot send it.
+// acknowledged; gossipnet.ErrTooBig says the local interface cannot
+// send it.
 type probeFunc func(ctx context.Context, size int) (bool, error)
 
 // fitsFunc reports whether the local interface sends a packet of size
@@ -128,7 +132,7 @@ func bisect(ctx context.Context, probe probeFunc, lo, good, bad int) (int, error
 func tryProbe(ctx context.Context, probe probeFunc, size int, good, bad *int) error {
 	ok, err := probe(ctx, size)
 	switch {
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, gossipnet.ErrTooBig):
 		*bad = min(*bad, size)
 	case err != nil:
 		return err
@@ -151,7 +155,7 @@ type pmtuProber struct {
 	changed func()
 
 	// The transport, and seams for tests.
-	sightings func() map[string]sighting
+	sightings func() map[string]gossipnet.Sighting
 	probe     func(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error)
 	fits      func(name string, to netip.AddrPort, size int) bool
 	now       func() time.Time
@@ -171,9 +175,9 @@ type pathState struct {
 	to   netip.AddrPort
 }
 
-func newPMTUProber(t *gossipTransport, interval time.Duration, rtt func(string) time.Duration, changed func()) *pmtuProber {
+func newPMTUProber(t *gossipnet.Transport, interval time.Duration, rtt func(string) time.Duration, changed func()) *pmtuProber {
 	return &pmtuProber{interval: interval, confirmEvery: confirmEvery(interval), rtt: rtt, changed: changed,
-		sightings: t.sightingsCopy, probe: t.probe, fits: t.fits, now: time.Now, paths: map[string]*pathState{}}
+		sightings: t.Sightings, probe: t.Probe, fits: t.Fits, now: time.Now, paths: map[string]*pathState{}}
 }
 
 // confirmEvery is how often a known path MTU is confirmed, for a given
@@ -288,7 +292,7 @@ func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, 
 		}
 		confirmed = ok
 		switch {
-		case errors.Is(err, errTooBig):
+		case errors.Is(err, gossipnet.ErrTooBig):
 			// The interface shrank: start over.
 			var found int
 			found, local, err = searchPMTU(ctx, probe, fits, lo, pmtuMaxSize, 0)

@@ -10,7 +10,43 @@ import (
 
 	"github.com/hashicorp/memberlist"
 	"golang.org/x/sys/unix"
+
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 )
+
+// pipeTransport is a NodeAwareTransport that keeps the last packet
+// written and lets the test feed packets in.
+type pipeTransport struct {
+	memberlist.NodeAwareTransport
+	in   chan *memberlist.Packet
+	last []byte
+}
+
+func newPipe() *pipeTransport { return &pipeTransport{in: make(chan *memberlist.Packet, 16)} }
+
+func (p *pipeTransport) PacketCh() <-chan *memberlist.Packet { return p.in }
+func (p *pipeTransport) WriteToAddress(b []byte, _ memberlist.Address) (time.Time, error) {
+	p.last = b
+	return time.Now(), nil
+}
+func (p *pipeTransport) WriteTo(b []byte, _ string) (time.Time, error) {
+	p.last = b
+	return time.Now(), nil
+}
+func (p *pipeTransport) Shutdown() error { return nil }
+
+// StreamCh: no streams.
+func (p *pipeTransport) StreamCh() <-chan net.Conn { return nil }
+
+func keys(names ...string) [][]byte {
+	var out [][]byte
+	for _, n := range names {
+		k := make([]byte, 32)
+		copy(k, n)
+		out = append(out, k)
+	}
+	return out
+}
 
 // forwardTransport hands what its owner sends to another transport's
 // input, as if from the owner's address.
@@ -43,8 +79,14 @@ func (f *fakePath) setMTU(mtu int) {
 	f.mu.Unlock()
 }
 
+// WriteDF makes the prober's transport a gossipnet.DFWriter.
 func (f *fakePath) WriteDF(b []byte, to netip.AddrPort) error {
-	size := len(b) + ipOverhead(to.Addr())
+	// The probe is a whole IP packet: the datagram, a UDP header and an
+	// IPv4 or IPv6 header.
+	size := len(b) + 8 + 40
+	if a := to.Addr(); a.Is4() || a.Is4In6() {
+		size = len(b) + 8 + 20
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if size > f.iface {
@@ -59,10 +101,11 @@ func (f *fakePath) WriteDF(b []byte, to netip.AddrPort) error {
 
 // probePair is a prober "a" and its peer "b" on a fake path.
 type probePair struct {
-	a, b   *gossipTransport
+	a, b   *gossipnet.Transport
 	path   *fakePath
 	bAddr  netip.AddrPort
 	aPipe  *pipeTransport
+	bPipe  *pipeTransport
 	prober *pmtuProber
 }
 
@@ -71,28 +114,34 @@ func newProbePair(t *testing.T, mtu int, interval time.Duration) *probePair {
 	aAddr := &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 7946}
 	bAddr := &net.UDPAddr{IP: net.IPv4(198, 51, 100, 2), Port: 7946}
 	aPipe, bPipe := newPipe(), newPipe()
-	a := newGossipTransport(aPipe, "a")
-	b := newGossipTransport(&forwardTransport{pipeTransport: bPipe, to: aPipe.in, from: bAddr}, "b")
 	path := &fakePath{mtu: mtu, iface: 1500, peer: bPipe.in, from: aAddr}
-	a.df = path
-	for _, g := range []*gossipTransport{a, b} {
-		g.setKeyring(keys("k"))
-		g.start()
-		go func(g *gossipTransport) {
+	a := gossipnet.New(struct {
+		*pipeTransport
+		*fakePath
+	}{aPipe, path}, "a")
+	b := gossipnet.New(&forwardTransport{pipeTransport: bPipe, to: aPipe.in, from: bAddr}, "b")
+	// b seals its gossip for a (heard).
+	b.SetHints(map[string]gossipnet.RouteHint{"a": {Header: true, ReplayProof: true}})
+	stop := make(chan struct{})
+	for _, g := range []*gossipnet.Transport{a, b} {
+		g.SetKeyring(keys("k"))
+		g.Start()
+		go func(g *gossipnet.Transport) {
 			for {
 				select {
 				case <-g.PacketCh():
-				case <-g.done:
+				case <-stop:
 					return
 				}
 			}
 		}(g)
 	}
 	t.Cleanup(func() {
+		close(stop)
 		_ = a.Shutdown()
 		_ = b.Shutdown()
 	})
-	pp := &probePair{a: a, b: b, path: path, bAddr: netip.MustParseAddrPort(bAddr.String()), aPipe: aPipe}
+	pp := &probePair{a: a, b: b, path: path, bAddr: netip.MustParseAddrPort(bAddr.String()), aPipe: aPipe, bPipe: bPipe}
 	pp.prober = newPMTUProber(a, interval, func(string) time.Duration { return 0 }, nil)
 	return pp
 }
@@ -100,9 +149,12 @@ func newProbePair(t *testing.T, mtu int, interval time.Duration) *probePair {
 // heard makes a hear b's gossip, at.
 func (pp *probePair) heard(t *testing.T, at time.Time) {
 	t.Helper()
-	pp.aPipe.in <- &memberlist.Packet{Buf: pp.b.seal(kindGossip, []byte("g")), From: net.UDPAddrFromAddrPort(pp.bAddr), Timestamp: at}
+	if _, err := pp.b.WriteToAddress([]byte("g"), memberlist.Address{Addr: "192.0.2.1:7946", Name: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	pp.aPipe.in <- &memberlist.Packet{Buf: pp.bPipe.last, From: net.UDPAddrFromAddrPort(pp.bAddr), Timestamp: at}
 	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if s, ok := pp.a.sightingsCopy()["b"]; ok && s.At.Equal(at) {
+		if s, ok := pp.a.Sightings()["b"]; ok && s.At.Equal(at) {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -203,8 +255,10 @@ type simProber struct {
 func newSimProber(to netip.AddrPort, mtu int, rtt time.Duration) *simProber {
 	s := &simProber{now: time.Unix(1_000_000, 0), mtu: mtu, to: to, rtt: rtt}
 	s.p = &pmtuProber{interval: 30 * time.Second, confirmEvery: confirmEvery(30 * time.Second),
-		rtt:       func(string) time.Duration { return s.rtt },
-		sightings: func() map[string]sighting { return map[string]sighting{"b": {Addr: s.to, At: s.now}} },
+		rtt: func(string) time.Duration { return s.rtt },
+		sightings: func() map[string]gossipnet.Sighting {
+			return map[string]gossipnet.Sighting{"b": {Addr: s.to, At: s.now}}
+		},
 		probe: func(_ context.Context, _ string, _ netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
 			s.packets += copies
 			if s.lose > 0 || size > s.mtu {
@@ -308,5 +362,51 @@ func TestProberOnSimulatedClock(t *testing.T) {
 		if got := s.p.results()["b"].MTU; got != c.want {
 			t.Fatalf("%s, every probe lost: %d, want %d", c.to, got, c.want)
 		}
+	}
+}
+
+func TestSearchPMTU(t *testing.T) {
+	path := func(mtu, iface int) probeFunc {
+		return func(_ context.Context, size int) (bool, error) {
+			if size > iface {
+				return false, gossipnet.ErrTooBig
+			}
+			return size <= mtu, nil
+		}
+	}
+
+	for _, c := range []struct {
+		name                    string
+		mtu, iface, first, want int
+		wantLocal               int
+	}{
+		{"full path", 1400, 1400, 0, 1400, 1400},
+		{"smaller path, black hole", 1280, 1400, 0, 1280, 1400},
+		{"odd size", 1333, 1500, 0, 1333, 1500},
+		{"from the last value, unchanged", 1280, 1400, 1280, 1280, 1400},
+		{"from the last value, shrunk", 1200, 1400, 1280, 1200, 1400},
+		{"from the last value, grown", 1400, 1400, 1280, 1400, 1400},
+		{"nothing passes", 0, 1400, 0, 0, 1400},
+		{"jumbo", 9000, 9000, 0, 9000, 9000},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			probes := 0
+			p := path(c.mtu, c.iface)
+			counted := func(ctx context.Context, size int) (bool, error) {
+				probes++
+				return p(ctx, size)
+			}
+			fits := func(size int) bool { return size <= c.iface }
+			got, local, err := searchPMTU(context.Background(), counted, fits, 576, pmtuMaxSize, c.first)
+			if err != nil || got != c.want || local != c.wantLocal {
+				t.Fatalf("got %d (local %d) %v, want %d (local %d)", got, local, err, c.want, c.wantLocal)
+			}
+			if probes > 12 {
+				t.Errorf("%d probes", probes)
+			}
+			if c.mtu == c.iface && c.first == 0 && probes != 1 {
+				t.Errorf("a full path took %d probes, want 1", probes)
+			}
+		})
 	}
 }

@@ -69,7 +69,7 @@ type NodeInfo struct {
 // Feature bits of NodeInfo.Features.
 const (
 	// featureHeader: the node reads the sender header in front of
-	// gossip datagrams (gossipnet.go).
+	// gossip datagrams (package gossipnet).
 	featureHeader uint32 = 1 << iota
 	// featureServerAlways and featureServerNever: the node runs with
 	// --server=always or never (none of them: auto); featureServerKey:
@@ -84,7 +84,7 @@ const (
 	// learned from handshakes alone.
 	featureRelayBind
 	// featureReplayProof: the node reads header version 2, which
-	// carries its sender's generation (gossipnet.go), and echoes
+	// carries its sender's generation (package gossipnet), and echoes
 	// reflection requests' nonces.
 	featureReplayProof
 )

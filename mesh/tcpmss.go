@@ -6,6 +6,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 )
 
 // The agent's own TCP (consensus over TLS, gossip push/pull) crosses the
@@ -59,9 +61,9 @@ func (m *Mesh) pathMTUTo(ip netip.Addr) int {
 	if m.pmtu == nil {
 		return 0
 	}
-	var sightings map[string]sighting
+	var sightings map[string]gossipnet.Sighting
 	if m.gossipNet != nil {
-		sightings = m.gossipNet.sightingsCopy()
+		sightings = m.gossipNet.Sightings()
 	}
 	pmtus := m.pmtu.results()
 	m.mu.Lock()

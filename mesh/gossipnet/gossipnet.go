@@ -1,4 +1,4 @@
-package mesh
+package gossipnet
 
 import (
 	"context"
@@ -18,7 +18,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 )
 
-// gossipTransport wraps memberlist's transport to make gossip work with
+// Transport wraps memberlist's transport to make gossip work with
 // members behind NAT, which memberlist alone does not: it sends every
 // member's packets (probes, acks, gossip, all addressed by node name) to
 // where that member's packets were last seen coming from, rather than to
@@ -32,8 +32,8 @@ import (
 //
 // The tag is an HMAC (SHA-256, cut to 16 bytes) over everything else,
 // keyed from the cluster key: only a member can make one. The generation
-// counts the sender's runs (stored durably, consensus.nextGeneration;
-// NodeInfo.Version carries it too), the sequence counts its packets
+// counts the sender's runs (stored durably by the caller, SetGeneration;
+// mesh's NodeInfo.Version carries it too), the sequence counts its packets
 // within the run, from the wall clock's nanoseconds at start. A sighting
 // (the sender's name and the packet's source) is learned only from a
 // packet whose (generation, sequence) is higher than any before from
@@ -47,25 +47,27 @@ import (
 //
 // Rolling upgrades: agents of 559f90d and before send and read only
 // version 1, without the generation, and refuse any other version. A
-// node publishes featureReplayProof when it reads version 2; packets go
-// out as version 2 only to members that publish it, as version 1 to
-// those that publish only featureHeader. Version 1 packets are believed
-// only from members that do not publish featureReplayProof (a v2 node's
+// node publishes that it reads version 2 (RouteHint.ReplayProof, from
+// mesh's featureReplayProof); packets go out as version 2 only to members
+// that publish it, as version 1 to those that publish only that they
+// read the header (RouteHint.Header). Version 1 packets are believed
+// only from members that do not publish ReplayProof (a v2 node's
 // version 1 packets are meant for old nodes: elsewhere they are
 // replays), with the sender's published generation standing in for the
 // one the packet lacks: strictly increasing sequence within it, no
 // window.
 //
 // The same header carries path MTU probes and their acknowledgements
-// (pmtu.go), so that probes use the gossip port and its NAT mappings.
+// (Probe; mesh/pmtu.go runs the search), so that probes use the gossip
+// port and its NAT mappings.
 //
 // Streams (TCP) pass through untouched. A member behind NAT cannot be
-// dialled; dialling one fails at once with errBehindNAT rather than after
+// dialled; dialling one fails at once with ErrBehindNAT rather than after
 // a timeout, and memberlist's push/pull with it happens when the member
 // dials out.
-type gossipTransport struct {
+type Transport struct {
 	inner memberlist.NodeAwareTransport
-	df    dfWriter // nil: no path MTU probes
+	df    DFWriter // nil: no path MTU probes
 	// sealer makes and checks the header.
 	*sealer
 	packets chan *memberlist.Packet
@@ -74,13 +76,13 @@ type gossipTransport struct {
 	wg      sync.WaitGroup
 
 	// reflector, if set, answers members asking where their gossip
-	// port's packets come from (nat.go), on a port of its own.
+	// port's packets come from (SetReflector), on a port of its own.
 	reflector *net.UDPConn
 
 	mu          sync.Mutex
-	sightings   map[string]sighting
-	reflections map[string]sighting
-	hints       map[string]routeHint
+	sightings   map[string]Sighting
+	reflections map[string]Sighting
+	hints       map[string]RouteHint
 	waiting     map[uint64]chan struct{}
 	// asked: reflection requests not answered yet, by nonce (relays
 	// reading version 2), or by relay (older relays, which echo no
@@ -99,11 +101,11 @@ type gossipTransport struct {
 	dialbacks   chan struct{}
 }
 
-var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
+var _ memberlist.NodeAwareTransport = (*Transport)(nil)
 
-// sighting is where a member's packets last came from; id, gen and
-// seq mark the newest packet believed.
-type sighting struct {
+// Sighting is where a member's packets last came from (Addr), and when;
+// id, gen and seq mark the newest packet believed.
+type Sighting struct {
 	Addr netip.AddrPort
 	At   time.Time
 	id   crypto.NodeID
@@ -120,14 +122,18 @@ type reflectAsk struct {
 	minSeq uint64
 }
 
-// routeHint is what the member's own published info says about reaching
+// RouteHint is what the member's own published info says about reaching
 // it: how members see it (Public, if behind NAT), and whether it reads
 // the header at all.
-type routeHint struct {
+type RouteHint struct {
+	// Advertised is its gossip address as it advertises it; Public
+	// where members see it, if that is consistent.
 	Advertised netip.AddrPort
 	Public     netip.AddrPort
-	BehindNAT  bool
-	Header     bool
+	// BehindNAT: it cannot be dialled (unless seen at Advertised).
+	BehindNAT bool
+	// Header: it reads the header (version 1 at least).
+	Header bool
 	// ReplayProof: it reads header version 2. ID and Gen are its
 	// identity and the generation it publishes (0: unknown).
 	ReplayProof bool
@@ -141,24 +147,27 @@ const reflectWait = 10 * time.Second
 // sightingTTL is how long a sighting is used to route to a member.
 const sightingTTL = 2 * time.Minute
 
-// errBehindNAT refuses a stream to a member that cannot be dialled. Its
+// ErrBehindNAT refuses a stream to a member that cannot be dialled. Its
 // text marks the memberlist log lines of such a failure, which are
 // expected and logged at debug level.
-var errBehindNAT = errors.New("behind NAT: it connects out itself")
+var ErrBehindNAT = errors.New("behind NAT: it connects out itself")
 
-func newGossipTransport(inner memberlist.NodeAwareTransport, self string) *gossipTransport {
-	t := &gossipTransport{inner: inner, sealer: newSealer(self), packets: make(chan *memberlist.Packet), done: make(chan struct{}),
-		sightings: map[string]sighting{}, reflections: map[string]sighting{}, hints: map[string]routeHint{}, waiting: map[uint64]chan struct{}{},
+// New wraps inner for the member named self. If inner can send with DF
+// set (DFWriter), the transport sends path MTU probes. It starts
+// nothing; Start does.
+func New(inner memberlist.NodeAwareTransport, self string) *Transport {
+	t := &Transport{inner: inner, sealer: newSealer(self), packets: make(chan *memberlist.Packet), done: make(chan struct{}),
+		sightings: map[string]Sighting{}, reflections: map[string]Sighting{}, hints: map[string]RouteHint{}, waiting: map[uint64]chan struct{}{},
 		asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{},
 		streams: make(chan net.Conn), sorting: map[net.Conn]struct{}{}, dialbacks: make(chan struct{}, dialbacksAtOnce)}
-	if df, ok := inner.(dfWriter); ok {
+	if df, ok := inner.(DFWriter); ok {
 		t.df = df
 	}
 	return t
 }
 
 // version is the header version the member reads, 0 for none.
-func (h routeHint) version() byte {
+func (h RouteHint) version() byte {
 	switch {
 	case h.ReplayProof:
 		return hdrV2
@@ -172,7 +181,7 @@ func (h routeHint) version() byte {
 // for the member name: the newest it reads; version 1, which every
 // version reads, for a member whose info has not arrived yet (its
 // answer matters, not its sighting of this node).
-func (t *gossipTransport) versionFor(name string) byte {
+func (t *Transport) versionFor(name string) byte {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if h := t.hints[name]; h.ReplayProof {
@@ -181,14 +190,32 @@ func (t *gossipTransport) versionFor(name string) byte {
 	return hdrV1
 }
 
-func (t *gossipTransport) setHints(h map[string]routeHint) {
+// SetHints replaces what is known of reaching each member, by name: the
+// members' published info, which the transport cannot read itself.
+func (t *Transport) SetHints(h map[string]RouteHint) {
 	t.mu.Lock()
 	t.hints = h
 	t.mu.Unlock()
 }
 
-func (t *gossipTransport) start() {
-	t.startStreams()
+// SetKeyring sets the cluster keys the header is sealed and checked
+// with; the first seals. No keys (--insecure) means tags are neither
+// made nor checked.
+func (t *Transport) SetKeyring(ring [][]byte) { t.setKeyring(ring) }
+
+// SetReflector makes the transport answer members' reflection requests
+// (AskReflection) on c, a UDP socket of its own: before Start. Shutdown
+// closes it.
+func (t *Transport) SetReflector(c *net.UDPConn) { t.reflector = c }
+
+// CanProbe reports whether the transport can send path MTU probes: its
+// inner transport is a DFWriter.
+func (t *Transport) CanProbe() bool { return t.df != nil }
+
+// Start starts reading the inner transport's packets and streams, and
+// answering reflection requests if SetReflector gave a port.
+func (t *Transport) Start() {
+	t.StartStreams()
 	t.wg.Add(1)
 	go t.loopPackets()
 	if t.reflector != nil {
@@ -197,19 +224,19 @@ func (t *gossipTransport) start() {
 	}
 }
 
-// startStreams starts sorting incoming streams (dialback requests are
-// answered from then on), before start if need be.
-func (t *gossipTransport) startStreams() {
+// StartStreams starts sorting incoming streams (dialback requests are
+// answered from then on), before Start if need be.
+func (t *Transport) StartStreams() {
 	t.streamsOnce.Do(func() {
 		t.wg.Add(1)
 		go t.loopStreams()
 	})
 }
 
-// setGeneration sets this node's generation (its run), before start.
-func (t *gossipTransport) setGeneration(gen uint64) { t.gen.Store(gen) }
+// SetGeneration sets this node's generation (its run), before Start.
+func (t *Transport) SetGeneration(gen uint64) { t.gen.Store(gen) }
 
-func (t *gossipTransport) loopPackets() {
+func (t *Transport) loopPackets() {
 	defer t.wg.Done()
 	in := t.inner.PacketCh()
 	for {
@@ -269,7 +296,7 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 
 // sighted records where a member's packet came from, if it is newer than
 // every packet of that member so far.
-func (t *gossipTransport) sighted(h header, from netip.AddrPort, at time.Time) {
+func (t *Transport) sighted(h header, from netip.AddrPort, at time.Time) {
 	if !from.IsValid() || h.name == t.self || len(h.name) > maxNameLen {
 		return
 	}
@@ -286,12 +313,12 @@ func (t *gossipTransport) sighted(h header, from netip.AddrPort, at time.Time) {
 	if id == (crypto.NodeID{}) {
 		id = t.sightings[h.name].id
 	}
-	t.sightings[h.name] = sighting{Addr: from, At: at, id: id, gen: gen, seq: h.seq}
+	t.sightings[h.name] = Sighting{Addr: from, At: at, id: id, gen: gen, seq: h.seq}
 }
 
 // freshLocked reports whether a packet is newer than every packet of its
 // sender believed so far, and its sender's generation.
-func (t *gossipTransport) freshLocked(h header) (uint64, bool) {
+func (t *Transport) freshLocked(h header) (uint64, bool) {
 	hint := t.hints[h.name]
 	gen := h.gen
 	if h.ver < hdrV2 {
@@ -316,22 +343,22 @@ func (t *gossipTransport) freshLocked(h header) (uint64, bool) {
 	return gen, true
 }
 
-// sightingsCopy returns the current sightings.
-func (t *gossipTransport) sightingsCopy() map[string]sighting {
+// Sightings returns where each member's packets last came from.
+func (t *Transport) Sightings() map[string]Sighting {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return maps.Clone(t.sightings)
 }
 
-// refusedPackets counts packets dropped for a bad header.
-func (t *gossipTransport) refusedPackets() uint64 {
+// Refused counts packets dropped for a bad header.
+func (t *Transport) Refused() uint64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.refused
 }
 
-// forget drops a member's sighting (it was forgotten).
-func (t *gossipTransport) forget(name string) {
+// Forget drops a member's sighting (it was forgotten).
+func (t *Transport) Forget(name string) {
 	t.mu.Lock()
 	delete(t.sightings, name)
 	t.mu.Unlock()
@@ -340,7 +367,7 @@ func (t *gossipTransport) forget(name string) {
 // route is where packets for the member name go: where its packets come
 // from, else where it says members see it, else addr (the address it
 // advertises); and the header version it reads (0: none).
-func (t *gossipTransport) route(name, addr string) (string, byte) {
+func (t *Transport) route(name, addr string) (string, byte) {
 	if name == "" {
 		return addr, 0
 	}
@@ -358,18 +385,18 @@ func (t *gossipTransport) route(name, addr string) (string, byte) {
 }
 
 // FinalAdvertiseAddr implements memberlist.Transport.
-func (t *gossipTransport) FinalAdvertiseAddr(ip string, port int) (net.IP, int, error) {
+func (t *Transport) FinalAdvertiseAddr(ip string, port int) (net.IP, int, error) {
 	return t.inner.FinalAdvertiseAddr(ip, port)
 }
 
 // WriteTo implements memberlist.Transport: no name, no header (the
 // receiver may be a node not known yet, of a version without it).
-func (t *gossipTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+func (t *Transport) WriteTo(b []byte, addr string) (time.Time, error) {
 	return t.inner.WriteTo(b, addr)
 }
 
 // WriteToAddress implements memberlist.NodeAwareTransport.
-func (t *gossipTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
+func (t *Transport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
 	dst, ver := t.route(a.Name, a.Addr)
 	if ver != 0 {
 		b, _ = t.sealV(ver, kindGossip, b)
@@ -378,25 +405,25 @@ func (t *gossipTransport) WriteToAddress(b []byte, a memberlist.Address) (time.T
 }
 
 // PacketCh implements memberlist.Transport.
-func (t *gossipTransport) PacketCh() <-chan *memberlist.Packet { return t.packets }
+func (t *Transport) PacketCh() <-chan *memberlist.Packet { return t.packets }
 
 // DialTimeout implements memberlist.Transport.
-func (t *gossipTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+func (t *Transport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
 	return t.inner.DialTimeout(addr, timeout)
 }
 
 // DialAddressTimeout implements memberlist.NodeAwareTransport.
-func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
-	if !t.dialable(a.Name) {
-		return nil, fmt.Errorf("node %s is %w", a.Name, errBehindNAT)
+func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
+	if !t.Dialable(a.Name) {
+		return nil, fmt.Errorf("node %s is %w", a.Name, ErrBehindNAT)
 	}
 	return t.inner.DialAddressTimeout(a, timeout)
 }
 
-// dialable reports whether a member can be dialled: it is not behind
+// Dialable reports whether a member can be dialled: it is not behind
 // NAT, or this node sees it at the address it advertises (a host of the
 // same private network).
-func (t *gossipTransport) dialable(name string) bool {
+func (t *Transport) Dialable(name string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	h, ok := t.hints[name]
@@ -408,14 +435,14 @@ func (t *gossipTransport) dialable(name string) bool {
 }
 
 // StreamCh implements memberlist.Transport.
-func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.streams }
+func (t *Transport) StreamCh() <-chan net.Conn { return t.streams }
 
 // streamSortWait bounds the wait for a stream's first byte: memberlist's
 // TCP timeout (its dialer writes first).
 const streamSortWait = 10 * time.Second
 
 // loopStreams hands each incoming stream to sortStream.
-func (t *gossipTransport) loopStreams() {
+func (t *Transport) loopStreams() {
 	defer t.wg.Done()
 	in := t.inner.StreamCh()
 	for {
@@ -440,7 +467,7 @@ func (t *gossipTransport) loopStreams() {
 
 // sortStream reads a stream's first byte: a dialback request is served
 // here, everything else goes to memberlist, first byte and all.
-func (t *gossipTransport) sortStream(c net.Conn) {
+func (t *Transport) sortStream(c net.Conn) {
 	defer t.wg.Done()
 	_ = c.SetReadDeadline(time.Now().Add(streamSortWait))
 	var b [1]byte
@@ -480,7 +507,7 @@ func (c *peekedConn) Read(p []byte) (int, error) {
 }
 
 // Shutdown implements memberlist.Transport.
-func (t *gossipTransport) Shutdown() error {
+func (t *Transport) Shutdown() error {
 	t.stop.Do(func() {
 		close(t.done)
 		if t.reflector != nil {
@@ -515,13 +542,13 @@ func (t *gossipTransport) Shutdown() error {
 	return err
 }
 
-// askReflection asks the relay (a member, at to) to say where this
+// AskReflection asks the relay (a member, at to) to say where this
 // node's gossip port's packets come from; the answer arrives as a sealed
-// packet (reflected), and is believed only as the answer to this
+// packet (Reflections), and is believed only as the answer to this
 // request: a relay of this version echoes the request's random nonce; an
 // older one (header version 1) must answer with a packet it sealed after
 // the request.
-func (t *gossipTransport) askReflection(relay string, to netip.AddrPort) {
+func (t *Transport) AskReflection(relay string, to netip.AddrPort) {
 	var nonce [nonceLen]byte
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return
@@ -553,7 +580,7 @@ func (t *gossipTransport) askReflection(relay string, to netip.AddrPort) {
 // loopReflect answers members' reflection requests with the source of
 // their request: a sealed reply, so only members ask and only members
 // believe the answer; to a request of header version 2, with its nonce.
-func (t *gossipTransport) loopReflect() {
+func (t *Transport) loopReflect() {
 	defer t.wg.Done()
 	buf := make([]byte, 2048)
 	for {
@@ -585,7 +612,7 @@ func (t *gossipTransport) loopReflect() {
 
 // reflected takes a relay's answer to a reflection request, if it answers
 // a request this node made and has not had answered yet.
-func (t *gossipTransport) reflected(h header, body []byte, at time.Time) {
+func (t *Transport) reflected(h header, body []byte, at time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := time.Now()
@@ -614,11 +641,12 @@ func (t *gossipTransport) reflected(h header, body []byte, at time.Time) {
 	if at.IsZero() {
 		at = now
 	}
-	t.reflections[h.name] = sighting{Addr: a, At: at}
+	t.reflections[h.name] = Sighting{Addr: a, At: at}
 }
 
-// reflectionsCopy returns the latest reflection from each relay.
-func (t *gossipTransport) reflectionsCopy() map[string]sighting {
+// Reflections returns the latest reflection from each relay: where it
+// saw this node's gossip port's packets come from.
+func (t *Transport) Reflections() map[string]Sighting {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return maps.Clone(t.reflections)
@@ -632,13 +660,14 @@ func ipOverhead(a netip.Addr) int {
 	return 40 + 8
 }
 
-// errTooBig: the local interface's MTU is below the probe.
-var errTooBig = errors.New("larger than the outgoing interface's MTU")
+// ErrTooBig: the local interface's MTU is below the probe.
+var ErrTooBig = errors.New("larger than the outgoing interface's MTU")
 
-// probe sends copies path MTU probes of size bytes (whole IP packets)
+// Probe sends copies path MTU probes of size bytes (whole IP packets)
 // with DF set to the member name at to, and reports whether any was
-// acknowledged within timeout.
-func (t *gossipTransport) probe(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
+// acknowledged within timeout; ErrTooBig if the local interface cannot
+// send it.
+func (t *Transport) Probe(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
 	if t.df == nil {
 		return false, errors.New("the gossip transport cannot send path MTU probes")
 	}
@@ -666,7 +695,7 @@ func (t *gossipTransport) probe(ctx context.Context, name string, to netip.AddrP
 		seqs = append(seqs, seq)
 		if err := t.df.WriteDF(pkt, to); err != nil {
 			if isMsgSize(err) {
-				return false, errTooBig
+				return false, ErrTooBig
 			}
 			return false, err
 		}
@@ -685,9 +714,9 @@ func (t *gossipTransport) probe(ctx context.Context, name string, to netip.AddrP
 	}
 }
 
-// fits reports whether a probe of size bytes leaves the local interface
+// Fits reports whether a probe of size bytes leaves the local interface
 // (it is sent, once; an answer is not waited for).
-func (t *gossipTransport) fits(name string, to netip.AddrPort, size int) bool {
+func (t *Transport) Fits(name string, to netip.AddrPort, size int) bool {
 	if t.df == nil {
 		return false
 	}
@@ -704,7 +733,7 @@ func (t *gossipTransport) fits(name string, to netip.AddrPort, size int) bool {
 
 // ackProbe answers a probe with a small packet from the gossip socket,
 // which never sets DF: the answer must not depend on the path back.
-func (t *gossipTransport) ackProbe(h header, body []byte, from netip.AddrPort) {
+func (t *Transport) ackProbe(h header, body []byte, from netip.AddrPort) {
 	if len(body) < 2 || !from.IsValid() {
 		return
 	}
@@ -716,7 +745,7 @@ func (t *gossipTransport) ackProbe(h header, body []byte, from netip.AddrPort) {
 	_, _ = t.inner.WriteTo(pkt, from.String())
 }
 
-func (t *gossipTransport) probeAcked(_ header, body []byte) {
+func (t *Transport) probeAcked(_ header, body []byte) {
 	if len(body) < 10 {
 		return
 	}

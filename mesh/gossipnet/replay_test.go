@@ -1,4 +1,4 @@
-package mesh
+package gossipnet
 
 import (
 	"log/slog"
@@ -15,12 +15,12 @@ import (
 // its sender has been silent for a while must not move the sender's
 // sighting. The check used to lapse after 10 s of silence.
 func TestReplayAfterSilenceMovesNothing(t *testing.T) {
-	alice := newGossipTransport(newPipe(), "alice")
+	alice := New(newPipe(), "alice")
 	alice.setKeyring(keys("k1"))
 	pipe := newPipe()
-	bob := newGossipTransport(pipe, "bob")
+	bob := New(pipe, "bob")
 	bob.setKeyring(keys("k1"))
-	bob.start()
+	bob.Start()
 	defer bob.Shutdown()
 
 	home := &net.UDPAddr{IP: net.IPv4(203, 0, 113, 9), Port: 40001}
@@ -32,7 +32,7 @@ func TestReplayAfterSilenceMovesNothing(t *testing.T) {
 		evil := &net.UDPAddr{IP: net.IPv4(198, 51, 100, 66), Port: 6666}
 		pipe.in <- &memberlist.Packet{Buf: captured, From: evil, Timestamp: now.Add(later)}
 		recv(t, bob)
-		if s := bob.sightingsCopy()["alice"]; s.Addr != netip.MustParseAddrPort("203.0.113.9:40001") {
+		if s := bob.Sightings()["alice"]; s.Addr != netip.MustParseAddrPort("203.0.113.9:40001") {
 			t.Fatalf("a packet replayed %s later moved alice to %s", later, s.Addr)
 		}
 	}
@@ -93,35 +93,35 @@ func (t *teeTransport) captured() []*memberlist.Packet {
 // is believed by that node once, and by nobody else.
 func TestReflectionBoundToRequest(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
-	nt, err := newNetTransport("127.0.0.1", 0, log)
+	nt, err := NewNetTransport("127.0.0.1", 0, nil, nil, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tee := newTee(nt)
-	asker := newGossipTransport(tee, "asker")
+	asker := New(tee, "asker")
 	asker.setKeyring(keys("k"))
-	rt, err := newNetTransport("127.0.0.1", 0, log)
+	rt, err := NewNetTransport("127.0.0.1", 0, nil, nil, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	relay := newGossipTransport(rt, "relay")
+	relay := New(rt, "relay")
 	relay.setKeyring(keys("k"))
 	if relay.reflector, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
 		t.Fatal(err)
 	}
-	nt.start()
-	rt.start()
-	asker.start()
-	relay.start()
+	nt.Start()
+	rt.Start()
+	asker.Start()
+	relay.Start()
 	defer asker.Shutdown()
 	defer relay.Shutdown()
 	relayAt := netip.MustParseAddrPort(relay.reflector.LocalAddr().String())
-	hints := map[string]routeHint{"relay": {Header: true, ReplayProof: true}}
-	asker.setHints(hints)
-	asker.askReflection("relay", relayAt)
-	var first sighting
+	hints := map[string]RouteHint{"relay": {Header: true, ReplayProof: true}}
+	asker.SetHints(hints)
+	asker.AskReflection("relay", relayAt)
+	var first Sighting
 	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if r, ok := asker.reflectionsCopy()["relay"]; ok {
+		if r, ok := asker.Reflections()["relay"]; ok {
 			first = r
 			break
 		}
@@ -137,15 +137,15 @@ func TestReflectionBoundToRequest(t *testing.T) {
 
 	// Another node that never asked believes nothing of it.
 	pipe := newPipe()
-	other := newGossipTransport(pipe, "other")
+	other := New(pipe, "other")
 	other.setKeyring(keys("k"))
-	other.setHints(hints)
-	other.start()
+	other.SetHints(hints)
+	other.Start()
 	defer other.Shutdown()
 	pipe.in <- &memberlist.Packet{Buf: answer.Buf, From: answer.From, Timestamp: time.Now()}
 	pipe.in <- &memberlist.Packet{Buf: []byte("sync"), From: answer.From, Timestamp: time.Now()}
 	recv(t, other)
-	if r, ok := other.reflectionsCopy()["relay"]; ok {
+	if r, ok := other.Reflections()["relay"]; ok {
 		t.Fatalf("a node that never asked believed a reflection: %+v", r)
 	}
 
@@ -157,7 +157,7 @@ func TestReflectionBoundToRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	if r := asker.reflectionsCopy()["relay"]; r.At != first.At {
+	if r := asker.Reflections()["relay"]; r.At != first.At {
 		t.Fatalf("a replayed answer was believed again: %v, first at %v", r.At, first.At)
 	}
 }
@@ -167,19 +167,19 @@ func TestReflectionBoundToRequest(t *testing.T) {
 // run are not, also by a receiver that has no mark for it (restarted)
 // but knows the generation it publishes.
 func TestRestartedSenderBelieved(t *testing.T) {
-	first := newGossipTransport(newPipe(), "alice")
+	first := New(newPipe(), "alice")
 	first.setKeyring(keys("k"))
-	first.setGeneration(1)
+	first.SetGeneration(1)
 	captured := first.seal(kindGossip, []byte("old run"))
-	second := newGossipTransport(newPipe(), "alice")
+	second := New(newPipe(), "alice")
 	second.setKeyring(keys("k"))
-	second.setGeneration(2)
+	second.SetGeneration(2)
 	second.seq.Store(1000) // its clock went back
 
 	pipe := newPipe()
-	bob := newGossipTransport(pipe, "bob")
+	bob := New(pipe, "bob")
 	bob.setKeyring(keys("k"))
-	bob.start()
+	bob.Start()
 	defer bob.Shutdown()
 	home := &net.UDPAddr{IP: net.IPv4(203, 0, 113, 9), Port: 40001}
 	evil := &net.UDPAddr{IP: net.IPv4(198, 51, 100, 66), Port: 6666}
@@ -188,26 +188,26 @@ func TestRestartedSenderBelieved(t *testing.T) {
 	recv(t, bob)
 	pipe.in <- &memberlist.Packet{Buf: second.seal(kindGossip, []byte("b")), From: home, Timestamp: now}
 	recv(t, bob)
-	if s := bob.sightingsCopy()["alice"]; s.Addr.String() != home.String() {
+	if s := bob.Sightings()["alice"]; s.Addr.String() != home.String() {
 		t.Fatalf("alice's new run, its clock back, not believed: sighted at %s", s.Addr)
 	}
 	pipe.in <- &memberlist.Packet{Buf: captured, From: evil, Timestamp: now.Add(time.Second)}
 	recv(t, bob)
-	if s := bob.sightingsCopy()["alice"]; s.Addr.String() != home.String() {
+	if s := bob.Sightings()["alice"]; s.Addr.String() != home.String() {
 		t.Fatalf("a packet of alice's earlier run moved her to %s", s.Addr)
 	}
 
 	// A receiver without a mark for alice, which knows she publishes
 	// generation 2.
 	pipe2 := newPipe()
-	carol := newGossipTransport(pipe2, "carol")
+	carol := New(pipe2, "carol")
 	carol.setKeyring(keys("k"))
-	carol.setHints(map[string]routeHint{"alice": {Header: true, ReplayProof: true, Gen: 2}})
-	carol.start()
+	carol.SetHints(map[string]RouteHint{"alice": {Header: true, ReplayProof: true, Gen: 2}})
+	carol.Start()
 	defer carol.Shutdown()
 	pipe2.in <- &memberlist.Packet{Buf: captured, From: evil, Timestamp: now}
 	recv(t, carol)
-	if s, ok := carol.sightingsCopy()["alice"]; ok {
+	if s, ok := carol.Sightings()["alice"]; ok {
 		t.Fatalf("a packet of alice's earlier run sighted her at %s", s.Addr)
 	}
 }
@@ -217,20 +217,20 @@ func TestRestartedSenderBelieved(t *testing.T) {
 // strictly increasing sequence; version 1 packets of a node that reads
 // version 2 (meant for old nodes) are delivered but move nobody.
 func TestOldVersionInterop(t *testing.T) {
-	old := newGossipTransport(newPipe(), "old")
+	old := New(newPipe(), "old")
 	old.setKeyring(keys("k"))
-	neu := newGossipTransport(newPipe(), "new")
+	neu := New(newPipe(), "new")
 	neu.setKeyring(keys("k"))
-	neu.setGeneration(3)
+	neu.SetGeneration(3)
 	pipe := newPipe()
-	bob := newGossipTransport(pipe, "bob")
+	bob := New(pipe, "bob")
 	bob.setKeyring(keys("k"))
-	bob.setGeneration(5)
-	bob.setHints(map[string]routeHint{
+	bob.SetGeneration(5)
+	bob.SetHints(map[string]RouteHint{
 		"old": {Header: true, Gen: 7},
 		"new": {Header: true, ReplayProof: true, Gen: 3},
 	})
-	bob.start()
+	bob.Start()
 	defer bob.Shutdown()
 
 	// What bob sends the old node is what the old node reads: version 1,
@@ -251,7 +251,7 @@ func TestOldVersionInterop(t *testing.T) {
 
 	home := &net.UDPAddr{IP: net.IPv4(203, 0, 113, 9), Port: 40001}
 	evil := &net.UDPAddr{IP: net.IPv4(198, 51, 100, 66), Port: 6666}
-	v1 := func(g *gossipTransport, body string) []byte {
+	v1 := func(g *Transport, body string) []byte {
 		b, _ := g.sealV(hdrV1, kindGossip, []byte(body))
 		return b
 	}
@@ -263,14 +263,14 @@ func TestOldVersionInterop(t *testing.T) {
 	}
 	pipe.in <- &memberlist.Packet{Buf: captured, From: evil, Timestamp: now.Add(time.Hour)}
 	recv(t, bob)
-	if s := bob.sightingsCopy()["old"]; s.Addr.String() != home.String() {
+	if s := bob.Sightings()["old"]; s.Addr.String() != home.String() {
 		t.Fatalf("old node sighted at %s", s.Addr)
 	}
 	pipe.in <- &memberlist.Packet{Buf: v1(neu, "3"), From: evil, Timestamp: now}
 	if p := recv(t, bob); string(p.Buf) != "3" {
 		t.Fatalf("delivered %q", p.Buf)
 	}
-	if s, ok := bob.sightingsCopy()["new"]; ok {
+	if s, ok := bob.Sightings()["new"]; ok {
 		t.Fatalf("a version 1 packet of a node that reads version 2 sighted it at %s", s.Addr)
 	}
 }
@@ -278,13 +278,13 @@ func TestOldVersionInterop(t *testing.T) {
 // TestReflectionFromOldRelay: an old relay answers without a nonce; its
 // answer is believed once, after a request to it, and not unasked.
 func TestReflectionFromOldRelay(t *testing.T) {
-	relay := newGossipTransport(newPipe(), "relay")
+	relay := New(newPipe(), "relay")
 	relay.setKeyring(keys("k"))
 	pipe := newPipe()
-	node := newGossipTransport(pipe, "node")
+	node := New(pipe, "node")
 	node.setKeyring(keys("k"))
-	node.setHints(map[string]routeHint{"relay": {Header: true}})
-	node.start()
+	node.SetHints(map[string]RouteHint{"relay": {Header: true}})
+	node.Start()
 	defer node.Shutdown()
 	from := &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 51900}
 	seen, _ := netip.MustParseAddrPort("198.51.100.9:4000").MarshalBinary()
@@ -299,7 +299,7 @@ func TestReflectionFromOldRelay(t *testing.T) {
 	}
 	unasked := answer()
 	deliver(unasked)
-	if r, ok := node.reflectionsCopy()["relay"]; ok {
+	if r, ok := node.Reflections()["relay"]; ok {
 		t.Fatalf("an unasked answer believed: %+v", r)
 	}
 	// The node hears the relay's gossip, then asks: an answer sealed
@@ -307,21 +307,21 @@ func TestReflectionFromOldRelay(t *testing.T) {
 	gossip, _ := relay.sealV(hdrV1, kindGossip, []byte("g"))
 	pipe.in <- &memberlist.Packet{Buf: gossip, From: &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 7946}, Timestamp: time.Now()}
 	recv(t, node)
-	node.askReflection("relay", netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), 51900))
+	node.AskReflection("relay", netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), 51900))
 	if pipe.last[1] != hdrV1 {
 		t.Fatalf("asked an old relay in version %d", pipe.last[1])
 	}
 	deliver(unasked)
-	if r, ok := node.reflectionsCopy()["relay"]; ok {
+	if r, ok := node.Reflections()["relay"]; ok {
 		t.Fatalf("an answer sealed before the request believed: %+v", r)
 	}
 	deliver(answer())
-	first := node.reflectionsCopy()["relay"]
+	first := node.Reflections()["relay"]
 	if first.Addr.Port() != 4000 {
 		t.Fatalf("the old relay's answer not believed: %+v", first)
 	}
 	deliver(answer())
-	if r := node.reflectionsCopy()["relay"]; r.At != first.At {
+	if r := node.Reflections()["relay"]; r.At != first.At {
 		t.Fatal("a second answer to one request believed")
 	}
 }
@@ -329,19 +329,19 @@ func TestReflectionFromOldRelay(t *testing.T) {
 // TestNewRelayAnswersOldAsker: a relay answers a version 1 request (an
 // old node's) as the old version did: version 1, the address alone.
 func TestNewRelayAnswersOldAsker(t *testing.T) {
-	rt, err := newNetTransport("127.0.0.1", 0, slog.New(slog.DiscardHandler))
+	rt, err := NewNetTransport("127.0.0.1", 0, nil, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	relay := newGossipTransport(rt, "relay")
+	relay := New(rt, "relay")
 	relay.setKeyring(keys("k"))
 	if relay.reflector, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
 		t.Fatal(err)
 	}
-	rt.start()
-	relay.start()
+	rt.Start()
+	relay.Start()
 	defer relay.Shutdown()
-	old := newGossipTransport(newPipe(), "old")
+	old := New(newPipe(), "old")
 	old.setKeyring(keys("k"))
 	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {

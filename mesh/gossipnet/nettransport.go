@@ -1,4 +1,4 @@
-package mesh
+package gossipnet
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// netTransport is memberlist's transport on real sockets, like
+// NetTransport is memberlist's transport on real sockets, like
 // memberlist.NetTransport, TCP and UDP on one port, with one addition:
 // a second UDP socket on the same port (SO_REUSEPORT) that sends with
 // the don't-fragment bit and never fragments locally, for path MTU
@@ -29,16 +29,16 @@ import (
 // mappings of the path they measure. Both UDP sockets receive (the
 // kernel spreads datagrams between them by flow); everything goes to
 // one packet channel.
-type netTransport struct {
+type NetTransport struct {
 	log    *slog.Logger
 	tcp    *net.TCPListener
 	udp    *net.UDPConn
 	df     *net.UDPConn
 	port   int
 	family int
-	// mtu is the packet size of TCP to an address (tcpmss.go); nil
-	// leaves the kernel's.
-	mtu func(netip.Addr) int
+	// dial sets up outgoing TCP connections; nil leaves the kernel's
+	// defaults.
+	dial func(network, address string, c syscall.RawConn) error
 
 	packets chan *memberlist.Packet
 	streams chan net.Conn
@@ -48,23 +48,27 @@ type netTransport struct {
 }
 
 var (
-	_ memberlist.NodeAwareTransport = (*netTransport)(nil)
-	_ dfWriter                      = (*netTransport)(nil)
+	_ memberlist.NodeAwareTransport = (*NetTransport)(nil)
+	_ DFWriter                      = (*NetTransport)(nil)
 )
 
-// dfWriter sends a datagram from the gossip port with DF set; a packet
+// DFWriter sends a datagram from the gossip port with DF set; a packet
 // larger than the outgoing interface's MTU fails with EMSGSIZE rather
 // than being fragmented.
-type dfWriter interface {
+type DFWriter interface {
 	WriteDF(b []byte, to netip.AddrPort) error
 }
 
 // udpRecvBuf is what the UDP sockets ask the kernel to buffer.
 const udpRecvBuf = 2 << 20
 
-// newNetTransport binds the gossip port on addr (port 0 picks one). It
-// starts nothing; start does.
-func newNetTransport(addr string, port int, log *slog.Logger) (*netTransport, error) {
+// NewNetTransport binds the gossip port on addr (port 0 picks one).
+// listen and dial, if not nil, set up the TCP listener and each outgoing
+// TCP connection before they bind or connect (as net.ListenConfig.Control
+// and net.Dialer.Control): the caller's policy for its TCP sockets (mesh
+// keeps their segments small, mesh/tcpmss.go). It starts nothing; Start
+// does.
+func NewNetTransport(addr string, port int, listen, dial func(network, address string, c syscall.RawConn) error, log *slog.Logger) (*NetTransport, error) {
 	ip, err := netip.ParseAddr(addr)
 	if err != nil {
 		return nil, fmt.Errorf("bind address %q: %w", addr, err)
@@ -77,8 +81,9 @@ func newNetTransport(addr string, port int, log *slog.Logger) (*netTransport, er
 	var last error
 	// Port 0: the kernel picks the TCP port, which UDP may find taken.
 	for range 10 {
-		t, err := bindNetTransport(network, family, ip, port, log)
+		t, err := bindNetTransport(network, family, ip, port, listen, log)
 		if err == nil {
+			t.dial = dial
 			return t, nil
 		}
 		last = err
@@ -89,10 +94,8 @@ func newNetTransport(addr string, port int, log *slog.Logger) (*netTransport, er
 	return nil, last
 }
 
-func bindNetTransport(network string, family int, ip netip.Addr, port int, log *slog.Logger) (*netTransport, error) {
-	// Until path MTUs are known, what the listener accepts keeps to
-	// controlMTU (tcpmss.go).
-	lc := net.ListenConfig{Control: mssControl(func(netip.Addr) int { return controlMTU })}
+func bindNetTransport(network string, family int, ip netip.Addr, port int, listen func(network, address string, c syscall.RawConn) error, log *slog.Logger) (*NetTransport, error) {
+	lc := net.ListenConfig{Control: listen}
 	l, err := lc.Listen(context.Background(), "tcp"+network, netip.AddrPortFrom(ip, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("gossip port (TCP): %w", err)
@@ -111,7 +114,7 @@ func bindNetTransport(network string, family int, ip netip.Addr, port int, log *
 		udp.Close()
 		return nil, fmt.Errorf("gossip port (UDP, path MTU probes): %w", err)
 	}
-	return &netTransport{log: log, tcp: tl, udp: udp, df: df, port: port, family: family,
+	return &NetTransport{log: log, tcp: tl, udp: udp, df: df, port: port, family: family,
 		packets: make(chan *memberlist.Packet), streams: make(chan net.Conn)}, nil
 }
 
@@ -159,10 +162,10 @@ func listenUDP(network, hostPort string, family, pmtud int) (*net.UDPConn, error
 }
 
 // Port is the bound port.
-func (t *netTransport) Port() int { return t.port }
+func (t *NetTransport) Port() int { return t.port }
 
-// start starts the listeners' goroutines.
-func (t *netTransport) start() {
+// Start starts the listeners' goroutines.
+func (t *NetTransport) Start() {
 	t.started.Do(func() {
 		t.wg.Add(3)
 		go t.loopAccept()
@@ -171,7 +174,7 @@ func (t *netTransport) start() {
 	})
 }
 
-func (t *netTransport) loopAccept() {
+func (t *NetTransport) loopAccept() {
 	defer t.wg.Done()
 	delay := time.Duration(0)
 	for {
@@ -193,7 +196,7 @@ func (t *netTransport) loopAccept() {
 // maxDatagram is the largest UDP payload.
 const maxDatagram = 65536
 
-func (t *netTransport) loopRead(c *net.UDPConn) {
+func (t *NetTransport) loopRead(c *net.UDPConn) {
 	defer t.wg.Done()
 	for {
 		buf := make([]byte, maxDatagram)
@@ -218,9 +221,9 @@ func unmapPort(a netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 }
 
-// FinalAdvertiseAddr implements memberlist.Transport: Mesh always gives
-// the address.
-func (t *netTransport) FinalAdvertiseAddr(ip string, port int) (net.IP, int, error) {
+// FinalAdvertiseAddr implements memberlist.Transport: the caller always
+// gives the address.
+func (t *NetTransport) FinalAdvertiseAddr(ip string, port int) (net.IP, int, error) {
 	a := net.ParseIP(ip)
 	if a == nil {
 		return nil, 0, fmt.Errorf("advertise address %q is not an IP address", ip)
@@ -244,7 +247,7 @@ func parseAddrPort(addr string) (netip.AddrPort, error) {
 }
 
 // WriteTo implements memberlist.Transport.
-func (t *netTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+func (t *NetTransport) WriteTo(b []byte, addr string) (time.Time, error) {
 	ap, err := parseAddrPort(addr)
 	if err != nil {
 		return time.Time{}, err
@@ -254,30 +257,27 @@ func (t *netTransport) WriteTo(b []byte, addr string) (time.Time, error) {
 }
 
 // WriteToAddress implements memberlist.NodeAwareTransport.
-func (t *netTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
+func (t *NetTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
 	return t.WriteTo(b, a.Addr)
 }
 
-// WriteDF implements dfWriter.
-func (t *netTransport) WriteDF(b []byte, to netip.AddrPort) error {
+// WriteDF implements DFWriter.
+func (t *NetTransport) WriteDF(b []byte, to netip.AddrPort) error {
 	_, err := t.df.WriteToUDPAddrPort(b, to)
 	return err
 }
 
 // PacketCh implements memberlist.Transport.
-func (t *netTransport) PacketCh() <-chan *memberlist.Packet { return t.packets }
+func (t *NetTransport) PacketCh() <-chan *memberlist.Packet { return t.packets }
 
 // DialTimeout implements memberlist.Transport.
-func (t *netTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
-	d := net.Dialer{Timeout: timeout}
-	if t.mtu != nil {
-		d.Control = mssControl(t.mtu)
-	}
+func (t *NetTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	d := net.Dialer{Timeout: timeout, Control: t.dial}
 	return d.Dial("tcp", addr)
 }
 
-// listener is the gossip port's TCP listener; nil on a nil transport.
-func (t *netTransport) listener() net.Listener {
+// Listener is the gossip port's TCP listener; nil on a nil transport.
+func (t *NetTransport) Listener() net.Listener {
 	if t == nil {
 		return nil
 	}
@@ -285,15 +285,15 @@ func (t *netTransport) listener() net.Listener {
 }
 
 // DialAddressTimeout implements memberlist.NodeAwareTransport.
-func (t *netTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
+func (t *NetTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
 	return t.DialTimeout(a.Addr, timeout)
 }
 
 // StreamCh implements memberlist.Transport.
-func (t *netTransport) StreamCh() <-chan net.Conn { return t.streams }
+func (t *NetTransport) StreamCh() <-chan net.Conn { return t.streams }
 
 // Shutdown implements memberlist.Transport.
-func (t *netTransport) Shutdown() error {
+func (t *NetTransport) Shutdown() error {
 	if t.closed.Swap(true) {
 		return nil
 	}

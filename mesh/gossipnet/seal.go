@@ -1,4 +1,4 @@
-package mesh
+package gossipnet
 
 import (
 	"crypto/hmac"
