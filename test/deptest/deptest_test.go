@@ -1,7 +1,7 @@
 // Package deptest keeps wgmesh's imports going one way:
-// cmd → driver → mesh → crypto, and driver → driver/dataplane. The
-// cluster-wide code must not grow a dependency on the host's kernel or
-// on Docker, and crypto stands alone.
+// cmd → driver → mesh → crypto, mesh → mesh/gossipnet, and
+// driver → driver/dataplane. The cluster-wide code must not grow a
+// dependency on the host's kernel or on Docker, and crypto stands alone.
 package deptest
 
 import (
@@ -39,6 +39,12 @@ func TestImportDirection(t *testing.T) {
 		// Cluster-wide: no OS, no WireGuard, no Docker, nothing host-local.
 		mod + "mesh": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard", "github.com/docker/",
 			"github.com/moby/", mod + "driver", mod + "cmd"},
+		// The gossip port below memberlist: mesh imports it, never the
+		// reverse, and it knows nothing of records, catalog, consensus
+		// or the driver (mod+"mesh" covers mesh/consensus and
+		// mesh/catalog too).
+		mod + "mesh/gossipnet": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard", "github.com/docker/",
+			"github.com/moby/", mod + "mesh", mod + "driver", mod + "cmd"},
 		// Desired state only; the implementations live below it.
 		mod + "driver/dataplane": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard/device", mod + "mesh", mod + "driver/dataplane/linux"},
 		// The driver talks to the kernel and to Docker only through its
