@@ -232,22 +232,20 @@ func askDialbacks(ctx context.Context, s *sealer, seeds []Seed, l *net.TCPListen
 	wg.Wait()
 
 	// The answers are in; wait for the connections back from seeds that
-	// see this node elsewhere. A seed connects back as soon as it has
-	// answered, so one arrives about a round trip after the answer; the
-	// ask took two (connect, then request and answer). A host behind a
-	// NAT that drops them waits this long for nothing at every start.
+	// see this node elsewhere.
 	mu.Lock()
-	wait := min(max(3*slowest, dialbackWaitMin), DialbackWait)
+	ask := slowest
 	mu.Unlock()
-	deadline := time.Now().Add(wait)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+	answered := time.Now()
+	for ctx.Err() == nil {
 		mu.Lock()
-		waiting := false
+		waiting, reached := false, false
 		for _, a := range answers {
 			waiting = waiting || a.Seen.IsValid() && a.Seen != local && !a.Reached
+			reached = reached || a.Reached
 		}
 		mu.Unlock()
-		if !waiting {
+		if !waiting || !time.Now().Before(answered.Add(dialbackWaitFor(ask, reached))) {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -288,4 +286,20 @@ func askSeed(ctx context.Context, s *sealer, seed netip.AddrPort, nonce [nonceLe
 		return netip.Addr{}, fmt.Errorf("answer from %s: bad address", h.name)
 	}
 	return a.Unmap(), nil
+}
+
+// dialbackWaitFor is how long to wait for connections back after the
+// answers, given the slowest ask. A seed connects back as soon as it has
+// answered, so one arrives about a round trip after the answer; the ask
+// took two (connect, then request and answer): three times the ask, at
+// least dialbackWaitMin. A host behind a NAT that drops them waits this
+// long for nothing at every start, so the wait is short. Once a seed's
+// connection back has come, the host is most likely reachable and a slow
+// seed's is worth the full DialbackWait: with two seeds answering, both
+// must reach it for the address to be taken.
+func dialbackWaitFor(slowest time.Duration, reached bool) time.Duration {
+	if reached {
+		return DialbackWait
+	}
+	return min(max(3*slowest, dialbackWaitMin), DialbackWait)
 }

@@ -122,3 +122,20 @@ func TestDialback(t *testing.T) {
 		}
 	})
 }
+
+func TestDialbackWaitFor(t *testing.T) {
+	for _, c := range []struct {
+		slowest time.Duration
+		reached bool
+		want    time.Duration
+	}{
+		{time.Millisecond, false, dialbackWaitMin},              // near seeds: the least wait
+		{300 * time.Millisecond, false, 900 * time.Millisecond}, // three asks
+		{time.Second, false, DialbackWait},                      // bounded
+		{time.Millisecond, true, DialbackWait},                  // one seed reached it: wait for the others
+	} {
+		if got := dialbackWaitFor(c.slowest, c.reached); got != c.want {
+			t.Errorf("slowest ask %s, reached %v: wait %s, want %s", c.slowest, c.reached, got, c.want)
+		}
+	}
+}
