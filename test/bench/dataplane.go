@@ -37,6 +37,9 @@ type dataCase struct {
 	// the kernel's); engineComm is their command name, for perf.
 	engine     func() []int
 	engineComm string
+	// rx is the host whose eth0 receives the server's traffic from the
+	// underlay, where the profile run counts UDP batches.
+	rx *lab.Host
 }
 
 // CaseResult is the median of a data-plane case's runs.
@@ -125,6 +128,9 @@ func (b *Bench) setupCases(ctx context.Context, l *lab.Lab) ([]*dataCase, error)
 	kwg, err := setupKernelWG(ctx, h1, h2)
 	if err := add(kwg, err); err != nil {
 		return cases, err
+	}
+	for _, c := range cases {
+		c.rx = h2
 	}
 	return cases, nil
 }

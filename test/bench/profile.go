@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/wgmesh/wgmesh/test/lab"
 )
 
 // Where the CPU goes. Every measured TCP run splits the machine's CPU time
@@ -90,6 +92,19 @@ type Profile struct {
 	Engine []ProfileRow `json:"engine,omitempty"`
 	// Skipped says why there is no profile.
 	Skipped string `json:"skipped,omitempty"`
+	// UDP: the datagrams the receiving host's eth0 took in during the
+	// run, and how many of them were batches larger than the underlay's
+	// MTU (a sender's UDP GSO carried whole, or the receiver's GRO).
+	UDP *UDPBatches `json:"udp,omitempty"`
+}
+
+// UDPBatches counts UDP datagrams as a packet socket sees them, after
+// GRO: one larger than the link's MTU is a batch of segments.
+type UDPBatches struct {
+	Seen    int `json:"seen"`
+	Batched int `json:"batched"`
+	// MaxBytes is the largest UDP payload seen.
+	MaxBytes int `json:"max_bytes"`
 }
 
 // profile runs one TCP stream of the case under perf and reads what it
@@ -111,14 +126,16 @@ func (b *Bench) profile(ctx context.Context, c *dataCase) Profile {
 		return Profile{Skipped: "perf record: " + err.Error()}
 	}
 	time.Sleep(100 * time.Millisecond)
+	stopCapture := captureUDP(ctx, c.rx, filepath.Join(dir, "udp.pcap"))
 	_, _, ierr := b.iperf(ctx, c, 1)
+	udp := stopCapture()
 	if err := rec.Wait(); err != nil {
 		return Profile{Skipped: "perf record: " + err.Error()}
 	}
 	if ierr != nil {
 		return Profile{Skipped: "iperf3 under perf: " + ierr.Error()}
 	}
-	p := Profile{}
+	p := Profile{UDP: udp}
 	out, err := run(ctx, perf, "report", "-i", data, "--stdio", "--sort", "comm,dso", "--percent-limit", "1.5")
 	if err != nil {
 		return Profile{Skipped: "perf report: " + err.Error()}
@@ -131,6 +148,65 @@ func (b *Bench) profile(ctx context.Context, c *dataCase) Profile {
 		}
 	}
 	return p
+}
+
+// udpCapture is how many datagrams captureUDP records: enough to tell
+// batches from single packets, few enough to weigh little on the run.
+const udpCapture = 2000
+
+// captureUDP records the headers of the first UDP datagrams h's eth0
+// takes in, until the returned func, which counts them. Nil h, or no
+// tcpdump, counts nothing.
+func captureUDP(ctx context.Context, h *lab.Host, file string) func() *UDPBatches {
+	tcpdump, err := exec.LookPath("tcpdump")
+	if h == nil || err != nil {
+		return func() *UDPBatches { return nil }
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cmd := exec.CommandContext(cctx, "ip", "netns", "exec", h.NetNS, tcpdump, "-n", "-i", "eth0", "-Q", "in",
+		"-s", "96", "-c", strconv.Itoa(udpCapture), "-w", file, "udp")
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	if err := cmd.Start(); err != nil {
+		cancel()
+		return func() *UDPBatches { return nil }
+	}
+	return func() *UDPBatches {
+		// tcpdump stops by itself after udpCapture datagrams; a case
+		// with fewer (no UDP at all) is interrupted, which flushes.
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+			cancel()
+			<-done
+		}
+		cancel()
+		out, err := run(ctx, tcpdump, "-n", "-q", "-r", file)
+		if err != nil {
+			return nil
+		}
+		u := countUDP(out, lab.UnderlayMTU)
+		return &u
+	}
+}
+
+var udpLenRE = regexp.MustCompile(`UDP, length (\d+)`)
+
+// countUDP reads tcpdump's lines "... UDP, length N" and counts the
+// datagrams whose IP packet (N plus 28 bytes of IPv4 and UDP headers)
+// exceeds mtu.
+func countUDP(out string, mtu int) UDPBatches {
+	var u UDPBatches
+	for _, m := range udpLenRE.FindAllStringSubmatch(out, -1) {
+		n, _ := strconv.Atoi(m[1])
+		u.Seen++
+		if n+28 > mtu {
+			u.Batched++
+		}
+		u.MaxBytes = max(u.MaxBytes, n)
+	}
+	return u
 }
 
 var perfLineRE = regexp.MustCompile(`^\s*([0-9.]+)%\s+(.*\S)\s*$`)

@@ -43,3 +43,16 @@ func TestProcCPUCountsThisProcess(t *testing.T) {
 		t.Fatalf("machine CPU split %+v", s)
 	}
 }
+
+func TestCountUDP(t *testing.T) {
+	out := `18:40:01.1 IP 192.168.77.11.52001 > 192.168.77.12.52002: UDP, length 1372
+18:40:01.2 IP 192.168.77.11.52001 > 192.168.77.12.52002: UDP, length 5488
+18:40:01.3 IP 192.168.77.11.52001 > 192.168.77.12.52002: UDP, length 1373
+18:40:01.4 IP 192.168.77.11.7946 > 192.168.77.12.7946: UDP, length 120
+`
+	// 1372+28 is exactly the MTU: a single packet; 1373+28 is not.
+	u := countUDP(out, 1400)
+	if u != (UDPBatches{Seen: 4, Batched: 2, MaxBytes: 5488}) {
+		t.Fatalf("got %+v", u)
+	}
+}

@@ -194,6 +194,10 @@ func (r *Report) cpuMarkdown(p func(string, ...any)) {
 			rows = append(rows, fmt.Sprintf("%s %.1f %%", row.What, row.Percent))
 		}
 		p("- **%s**: %s", c.Label(), strings.Join(rows, "; "))
+		if u := c.Profile.UDP; u != nil && u.Seen > 0 {
+			p("  - UDP into the receiving host (its eth0, after GRO): %d of %d datagrams were batches larger than the MTU (largest %d bytes)",
+				u.Batched, u.Seen, u.MaxBytes)
+		}
 		if len(c.Profile.Engine) > 0 {
 			rows = rows[:0]
 			for _, row := range c.Profile.Engine {

@@ -62,6 +62,8 @@ const (
 	// WANServer is the "outside world": a server in the router namespace.
 	WANServer   = "198.51.100.10"
 	underlayMTU = 1400
+	// UnderlayMTU is the MTU of the hosts' links to the bridge.
+	UnderlayMTU = underlayMTU
 	// Image is the busybox image built on every host.
 	Image = "wgmesh-busybox:lab"
 )
