@@ -122,6 +122,7 @@ type Report struct {
 	DataPlane   []CaseResult  `json:"data_plane"`
 	Limit       *Limit        `json:"limit,omitempty"`
 	FirstPing   FirstPing     `json:"first_ping"`
+	StartCost   *StartCost    `json:"start_cost,omitempty"`
 	Convergence []Convergence `json:"convergence"`
 	Claims      *Claims       `json:"claims,omitempty"`
 	NAT         *NAT          `json:"nat,omitempty"`
@@ -250,6 +251,11 @@ func (b *Bench) withDocker(ctx context.Context, r *Report) error {
 		if r.FirstPing, err = b.firstPing(ctx, l); err != nil {
 			return err
 		}
+		sc, err := b.startCost(ctx, l)
+		if err != nil {
+			return fmt.Errorf("container start cost: %w", err)
+		}
+		r.StartCost = &sc
 	}
 	if !b.cfg.NoNames {
 		if r.Names, err = b.names(ctx, l); err != nil {
@@ -441,6 +447,10 @@ func (r *Report) check() []Target {
 	if len(r.FirstPing.Samples) > 0 {
 		t = append(t, target("docker run → first cross-host ping: median < 1 s",
 			fmt.Sprintf("median %.0f ms, p95 %.0f ms", r.FirstPing.MedianMs, r.FirstPing.P95Ms), r.FirstPing.MedianMs < 1000))
+	}
+	if s := r.StartCost; s != nil && s.Ratio > 0 {
+		t = append(t, target("docker run --rm on a wgmesh network ≤ 1.05× the same on a local bridge network (medians)",
+			fmt.Sprintf("%.2f× (%.0f against %.0f ms)", s.Ratio, median(s.WgmeshMs), median(s.BridgeMs)), s.Ratio <= 1.05))
 	}
 	if c := r.Claims; c != nil {
 		t = append(t, c.target())

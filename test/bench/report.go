@@ -110,7 +110,7 @@ func (r *Report) Markdown() string {
 }
 
 func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
-	p("## Data plane: two simulated hosts, medians of %d runs", len(firstRuns(r)))
+	p("## Data plane: two simulated hosts, medians of %d runs [their range]", len(firstRuns(r)))
 	p("")
 	if r.chart != "" {
 		p("![throughput](%s)", r.chart)
@@ -129,7 +129,8 @@ func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
 		} else if ref := r.dataCaseOn("wireguard-go", c.GRO); ref != nil && len(ref.Runs) > 0 {
 			vs = fmt.Sprintf("%.0f %% / %.0f %%", c.TCP1Gbps/ref.TCP1Gbps*100, c.TCP4Gbps/ref.TCP4Gbps*100)
 		}
-		p("| %s | %.2f Gbit/s | %.2f Gbit/s | %s | %.3f ms | %.3f ms | %.1f |", c.Label(), c.TCP1Gbps, c.TCP4Gbps, vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)
+		p("| %s | %.2f Gbit/s%s | %.2f Gbit/s%s | %s | %.3f ms | %.3f ms | %.1f |", c.Label(), c.TCP1Gbps, c.spread(func(m Run) float64 { return m.TCP1Gbps }),
+			c.TCP4Gbps, c.spread(func(m Run) float64 { return m.TCP4Gbps }), vs, c.PingAvgMs, c.PingP99Ms, c.CPUSecPerGB)
 	}
 	p("")
 	noted := map[string]bool{}
@@ -150,6 +151,19 @@ func (r *Report) dataPlaneMarkdown(p func(string, ...any)) {
 	if r.Limit != nil {
 		r.Limit.markdown(r, p)
 	}
+}
+
+// spread is " [min–max]" of a figure over the case's runs, when there is
+// more than one.
+func (r CaseResult) spread(f func(Run) float64) string {
+	if len(r.Runs) < 2 {
+		return ""
+	}
+	lo, hi := f(r.Runs[0]), f(r.Runs[0])
+	for _, m := range r.Runs[1:] {
+		lo, hi = min(lo, f(m)), max(hi, f(m))
+	}
+	return fmt.Sprintf(" [%.2f–%.2f]", lo, hi)
 }
 
 // cpuMarkdown says where the CPU goes in each case (profile.go).
@@ -214,6 +228,9 @@ func (r *Report) controlPlaneMarkdown(p func(string, ...any)) {
 		p("")
 		p("`docker run` to the first ping that crosses to another host (timed by the container itself): median **%.0f ms**, p95 %.0f ms, over %d samples: %s ms.",
 			r.FirstPing.MedianMs, r.FirstPing.P95Ms, len(r.FirstPing.Samples), formatSamples(r.FirstPing.Samples))
+	}
+	if r.StartCost != nil {
+		r.StartCost.markdown(p)
 	}
 	if len(r.Convergence) == 0 {
 		return
