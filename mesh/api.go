@@ -12,6 +12,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // Errors of the cluster's decisions, for errors.Is.
@@ -58,9 +59,8 @@ func (m *Mesh) updateOwn(subnet netip.Prefix, f func(*NetworkEntry)) {
 }
 
 func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool {
-	k := entryKey{m.cfg.Name, subnet}
-	cur, ok := m.rep.entries[k]
-	e := cur.e
+	cur, ok := m.rep.Entry(m.cfg.Name, subnet)
+	e := cur
 	e.Relay = maps.Clone(e.Relay)
 	if !ok {
 		e = NetworkEntry{Node: m.cfg.Name, Subnet: subnet}
@@ -69,20 +69,20 @@ func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool 
 	if len(e.Relay) == 0 {
 		e.Relay = nil
 	}
-	if ok && e.equal(cur.e) || !ok && e.Port == 0 && e.Endpoints == 0 && len(e.Relay) == 0 {
+	if ok && e.Equal(cur) || !ok && e.Port == 0 && e.Endpoints == 0 && len(e.Relay) == 0 {
 		return false
 	}
-	if ok && e.Port == 0 && cur.e.Port != 0 {
+	if ok && e.Port == 0 && cur.Port != 0 {
 		// Detached: what it said about its paths no longer holds.
 		e.Seen, e.Relay = netip.AddrPort{}, nil
 	}
-	if ok && e.Port != cur.e.Port && m.nat.WG[subnet].IsValid() {
+	if ok && e.Port != cur.Port && m.nat.WG[subnet].IsValid() {
 		e.Seen = netip.AddrPort{}
 	}
 	e.Version = m.versionLocked()
-	s := sign(m.cfg.Identity, purposeEntry, e)
-	m.rep.entries[k] = entryRec{e, s}
-	m.outbox = append(m.outbox, outMsg{name: "entry/" + m.cfg.Name + "/" + subnet.String(), b: encodeEntryMsg(s)})
+	s := records.Sign(m.cfg.Identity, records.PurposeEntry, e)
+	m.rep.SetOwnEntry(e, s)
+	m.outbox = append(m.outbox, outMsg{name: "entry/" + m.cfg.Name + "/" + subnet.String(), b: records.EncodeEntryMsg(s)})
 	m.touchLocked()
 	return true
 }
@@ -92,17 +92,17 @@ func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool 
 // which it is ready to try directly again. It does nothing on a network
 // this node has not attached.
 func (m *Mesh) SetRelayWants(subnet netip.Prefix, wants map[string]RelayWant) {
-	if len(wants) > maxRelayWants {
+	if len(wants) > records.MaxRelayWants {
 		names := slices.Sorted(maps.Keys(wants))
 		wants = maps.Clone(wants)
-		for _, n := range names[maxRelayWants:] {
+		for _, n := range names[records.MaxRelayWants:] {
 			delete(wants, n)
 		}
 	}
 	m.mu.Lock()
-	cur, ok := m.rep.entries[entryKey{m.cfg.Name, subnet}]
+	cur, ok := m.rep.Entry(m.cfg.Name, subnet)
 	changed := false
-	if ok && cur.e.Port != 0 {
+	if ok && cur.Port != 0 {
 		changed = m.updateOwnLocked(subnet, func(e *NetworkEntry) { e.Relay = maps.Clone(wants) })
 	}
 	m.mu.Unlock()
@@ -116,39 +116,39 @@ func (m *Mesh) SetRelayWants(subnet netip.Prefix, wants map[string]RelayWant) {
 // record with port 0 says so).
 func (m *Mesh) SetRelaySessions(sessions []RelaySession) {
 	m.mu.Lock()
-	want := map[sessionKey]RelaySession{}
+	want := map[records.SessionKey]RelaySession{}
 	for _, r := range sessions {
 		r.Relay = m.cfg.Name
 		if r.A > r.B {
 			r.A, r.B = r.B, r.A
 		}
-		want[keyOf(r)] = r
+		want[records.KeyOf(r)] = r
 	}
 	changed := false
 	publish := func(r RelaySession) {
 		r.Version = m.versionLocked()
-		if err := r.validate(); err != nil {
+		if err := r.Validate(); err != nil {
 			m.log.Error("not publishing an invalid relay session", "err", err)
 			return
 		}
-		s := sign(m.cfg.Identity, purposeSession, r)
-		m.rep.sessions[keyOf(r)] = sessionRec{r, s}
-		m.outbox = append(m.outbox, outMsg{name: sessionBroadcastName(r), b: encodeMsg(kindSession, s)})
+		s := records.Sign(m.cfg.Identity, records.PurposeSession, r)
+		m.rep.SetOwnSession(r, s)
+		m.outbox = append(m.outbox, outMsg{name: sessionBroadcastName(r), b: records.EncodeMsg(records.KindSession, s)})
 		changed = true
 	}
-	for k, cur := range m.rep.sessions {
-		if k.relay != m.cfg.Name || cur.r.Port == 0 {
+	for cur := range m.rep.Sessions() {
+		if cur.Relay != m.cfg.Name || cur.Port == 0 {
 			continue
 		}
-		if _, ok := want[k]; !ok {
-			closed := cur.r
+		if _, ok := want[records.KeyOf(cur)]; !ok {
+			closed := cur
 			closed.Port, closed.MTU = 0, 0
 			publish(closed)
 		}
 	}
 	for k, r := range want {
-		cur, ok := m.rep.sessions[k]
-		if ok && cur.r.Port == r.Port && cur.r.MTU == r.MTU {
+		cur, ok := m.rep.Session(k)
+		if ok && cur.Port == r.Port && cur.MTU == r.MTU {
 			continue
 		}
 		publish(r)
@@ -321,7 +321,7 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 		return fmt.Errorf("forgetting %s: %w", node, err)
 	}
 	m.mu.Lock()
-	m.rep.forgetNode(node)
+	m.rep.ForgetNode(node)
 	delete(m.live, node)
 	delete(m.obs, node)
 	m.touchLocked()
@@ -343,9 +343,9 @@ func (m *Mesh) checkForgotten() error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for name, rec := range m.rep.infos {
-		if f, ok := forgotten[rec.info.ID]; ok && f.Name == name {
-			m.rep.forgetNode(name)
+	for name, info := range m.rep.Infos() {
+		if f, ok := forgotten[info.ID]; ok && f.Name == name {
+			m.rep.ForgetNode(name)
 			delete(m.live, name)
 			m.touchLocked()
 		}

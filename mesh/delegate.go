@@ -11,6 +11,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // delegate adapts Mesh to memberlist's callbacks. Every method returns
@@ -51,36 +52,36 @@ func (d *delegate) NodeMeta(limit int) []byte {
 
 func (d *delegate) NotifyMsg(b []byte) {
 	d.m.stats.received(len(b))
-	if len(b) > 0 && b[0] == kindName {
+	if len(b) > 0 && b[0] == records.KindName {
 		d.notifyName(b)
 		return
 	}
-	msg, err := decodeMessage(b)
+	msg, err := records.DecodeMessage(b)
 	if err != nil {
 		d.m.mu.Lock()
-		d.m.rep.refuse("message-invalid")
+		d.m.rep.Refuse("message-invalid")
 		d.m.mu.Unlock()
 		d.m.log.Debug("dropping gossip message", "err", err)
 		return
 	}
-	if msg.kind == kindObservation {
-		d.m.receiveObservation(msg.s)
+	if msg.Kind == records.KindObservation {
+		d.m.receiveObservation(msg.Signed)
 		return
 	}
 	var changed bool
 	var name string
 	d.m.mu.Lock()
-	switch msg.kind {
-	case kindEntry:
-		changed = d.m.rep.mergeEntry(msg.s, d.m.bound)
+	switch msg.Kind {
+	case records.KindEntry:
+		changed = d.m.rep.MergeEntry(msg.Signed, d.m.bound)
 		if changed {
-			e, _ := decodeEntry(msg.s)
+			e, _ := records.DecodeEntry(msg.Signed)
 			name = "entry/" + e.Node + "/" + e.Subnet.String()
 		}
-	case kindSession:
-		changed = d.m.rep.mergeSession(msg.s, d.m.bound)
+	case records.KindSession:
+		changed = d.m.rep.MergeSession(msg.Signed, d.m.bound)
 		if changed {
-			r, _ := decodeSession(msg.s)
+			r, _ := records.DecodeSession(msg.Signed)
 			name = sessionBroadcastName(r)
 		}
 	}
@@ -110,7 +111,7 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	out := d.m.queue.GetBroadcasts(overhead, limit)
 	for _, b := range out {
 		d.m.stats.sent(len(b))
-		if len(b) > 0 && b[0] == kindName {
+		if len(b) > 0 && b[0] == records.KindName {
 			d.m.stats.nameSent(len(b))
 		}
 	}
@@ -120,7 +121,7 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 func (d *delegate) LocalState(join bool) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	s := d.m.rep.snapshot(false)
+	s := d.m.rep.Snapshot(false)
 	for _, n := range s.Names {
 		d.m.stats.nameStateBytes.Add(uint64(len(n.Data) + len(n.Sig)))
 	}
@@ -129,7 +130,7 @@ func (d *delegate) LocalState(join bool) []byte {
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	d.m.stats.received(len(buf))
-	s, err := decodeStateMsg(buf)
+	s, err := records.DecodeStateMsg(buf)
 	if err != nil {
 		d.m.log.Warn("dropping state from push/pull", "err", err)
 		return
@@ -138,10 +139,10 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	now := time.Now()
 	d.m.mu.Lock()
 	for _, e := range s.Entries {
-		changed = d.m.rep.mergeEntry(e, d.m.bound) || changed
+		changed = d.m.rep.MergeEntry(e, d.m.bound) || changed
 	}
 	for _, r := range s.Sessions {
-		changed = d.m.rep.mergeSession(r, d.m.bound) || changed
+		changed = d.m.rep.MergeSession(r, d.m.bound) || changed
 	}
 	if changed {
 		d.m.touchLocked()
@@ -164,17 +165,17 @@ func (d *delegate) NotifyAlive(n *memberlist.Node) error {
 	if n.Name == d.m.cfg.Name {
 		return nil
 	}
-	info, _, err := decodeMeta(n.Meta)
+	info, _, err := records.DecodeMeta(n.Meta)
 	if err != nil {
 		d.m.mu.Lock()
-		d.m.rep.refuse("meta-invalid")
+		d.m.rep.Refuse("meta-invalid")
 		d.m.mu.Unlock()
 		return err
 	}
 	if id, ok := d.m.bound(n.Name); ok && id != info.ID {
 		d.m.problems.nameTaken(n.Name, n.Addr.String(), id, info.ID)
 		d.m.mu.Lock()
-		d.m.rep.refuse("info-wrong-identity")
+		d.m.rep.Refuse("info-wrong-identity")
 		d.m.mu.Unlock()
 		return errNameTaken(n.Name)
 	}
@@ -197,7 +198,7 @@ func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.nodeEvent(n, Alive) }
 
 func (d *delegate) NotifyLeave(n *memberlist.Node) {
 	state := Dead
-	if info, _, err := decodeMeta(n.Meta); err == nil && info.Leaving {
+	if info, _, err := records.DecodeMeta(n.Meta); err == nil && info.Leaving {
 		state = Left
 	}
 	d.nodeEvent(n, state)
@@ -207,10 +208,10 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 	if n.Name == d.m.cfg.Name {
 		return
 	}
-	info, s, err := decodeMeta(n.Meta)
+	info, s, err := records.DecodeMeta(n.Meta)
 	now := time.Now()
 	d.m.mu.Lock()
-	if err == nil && info.Name == n.Name && d.m.rep.mergeInfo(info, s, d.m.bound) {
+	if err == nil && info.Name == n.Name && d.m.rep.MergeInfo(info, s, d.m.bound) {
 		d.m.touchLocked()
 	}
 	rec := d.m.live[n.Name]

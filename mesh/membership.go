@@ -14,6 +14,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // membership is what consensus sees of gossip: the members with their
@@ -29,20 +30,20 @@ func (ms membership) Members() []consensus.Member {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	out := []consensus.Member{m.consensusMember(m.self, true, true)}
-	for name, rec := range m.rep.infos {
+	for name, info := range m.rep.Infos() {
 		l := m.live[name]
-		out = append(out, m.consensusMember(rec.info, l.state.Reachable(), false))
+		out = append(out, m.consensusMember(info, l.state.Reachable(), false))
 	}
 	return out
 }
 
 func (m *Mesh) consensusMember(n NodeInfo, alive, self bool) consensus.Member {
 	mem := consensus.Member{Name: n.Name, ID: n.ID, ClusterID: n.ClusterID, Alive: alive, Self: self, BehindNAT: n.NAT.Behind(),
-		Server: consensus.ServerAuto, ClaimsServerKey: n.Features&featureServerKey != 0}
+		Server: consensus.ServerAuto, ClaimsServerKey: n.Features&records.FeatureServerKey != 0}
 	switch {
-	case n.Features&featureServerNever != 0:
+	case n.Features&records.FeatureServerNever != 0:
 		mem.Server = consensus.ServerNever
-	case n.Features&featureServerAlways != 0:
+	case n.Features&records.FeatureServerAlways != 0:
 		mem.Server = consensus.ServerAlways
 	}
 	if n.RaftPort != 0 {
@@ -65,9 +66,9 @@ func (ms membership) MissingSeeds() []string {
 	m := ms.m
 	m.mu.Lock()
 	present := map[string]bool{net.JoinHostPort(m.self.Addr.String(), strconv.Itoa(int(m.self.GossipPort))): true}
-	for name, rec := range m.rep.infos {
+	for name, info := range m.rep.Infos() {
 		if m.live[name].state.Reachable() {
-			present[net.JoinHostPort(rec.info.Addr.String(), strconv.Itoa(int(rec.info.GossipPort)))] = true
+			present[net.JoinHostPort(info.Addr.String(), strconv.Itoa(int(info.GossipPort)))] = true
 		}
 	}
 	m.mu.Unlock()
@@ -183,7 +184,7 @@ func (m *Mesh) Problems() []string {
 		}
 	}
 	m.mu.Lock()
-	refused := maps.Clone(m.rep.refused)
+	refused := m.rep.Refused()
 	legacyErr := ""
 	if m.legacy != nil && m.legacy.err != nil {
 		legacyErr = m.legacy.err.Error()
@@ -214,7 +215,7 @@ type Stats struct {
 // Stats returns gossip counters.
 func (m *Mesh) Stats() Stats {
 	m.mu.Lock()
-	refused := maps.Clone(m.rep.refused)
+	refused := m.rep.Refused()
 	m.mu.Unlock()
 	if m.gossipNet != nil {
 		// Packets whose header does not verify: from a host without a

@@ -12,7 +12,7 @@
 //   - What may differ between nodes for a while — a node's WireGuard key
 //     and endpoint, its WireGuard port per network, how many containers
 //     it runs — travels by gossip, in records signed by the node they
-//     describe (records.go). A receiver uses a record only if the catalog
+//     describe (package records). A receiver uses a record only if the catalog
 //     binds the record's node name to the identity that signed it, and
 //     installs as a peer's allowed IPs the blocks the catalog says that
 //     peer owns, never what the peer says of itself.
@@ -46,6 +46,7 @@ import (
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 	"github.com/wgmesh/wgmesh/mesh/gossipnet"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // Config configures a Mesh.
@@ -138,12 +139,12 @@ func (c *Config) serverFeatures() uint32 {
 	var f uint32
 	switch c.Server {
 	case consensus.ServerAlways:
-		f |= featureServerAlways
+		f |= records.FeatureServerAlways
 	case consensus.ServerNever:
-		f |= featureServerNever
+		f |= records.FeatureServerNever
 	}
 	if len(c.ServerKey) > 0 {
-		f |= featureServerKey
+		f |= records.FeatureServerKey
 	}
 	return f
 }
@@ -240,7 +241,7 @@ type Mesh struct {
 	nameChanges chan struct{}
 
 	mu      sync.Mutex
-	rep     *replica
+	rep     *records.Replica
 	live    map[string]liveRecord
 	joined  bool
 	counter uint64
@@ -313,7 +314,7 @@ func New(cfg Config) (*Mesh, error) {
 		tls:     tlsc,
 		kick:    make(chan struct{}, 1),
 		changes: make(chan struct{}, 1),
-		rep:     newReplica(cfg.Name),
+		rep:     records.NewReplica(cfg.Name),
 		live:    map[string]liveRecord{},
 		addr:    addr,
 		obs:     map[string]obsRec{},
@@ -521,7 +522,7 @@ func (m *Mesh) setSelfInfoLocked() {
 		WGMode:     m.cfg.WGMode,
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
-		Features:   featureHeader | featureRelayBind | featureReplayProof | m.cfg.serverFeatures(),
+		Features:   records.FeatureHeader | records.FeatureRelayBind | records.FeatureReplayProof | m.cfg.serverFeatures(),
 		NAT:        m.nat.Kind,
 	}
 	if m.nat.Kind.Behind() {
@@ -530,7 +531,7 @@ func (m *Mesh) setSelfInfoLocked() {
 	if m.cfg.RelayPort != 0 && m.nat.Kind == NATNone {
 		m.self.RelayPort, m.self.RelayPorts = m.cfg.RelayPort, m.cfg.RelayPorts
 	}
-	m.meta = encodeMeta(sign(m.cfg.Identity, purposeInfo, m.self))
+	m.meta = records.EncodeMeta(records.Sign(m.cfg.Identity, records.PurposeInfo, m.self))
 	m.metaStale = true
 	m.mutations++
 }
@@ -770,8 +771,7 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []string
-	for name, rec := range m.rep.infos {
-		n := rec.info
+	for name, n := range m.rep.Infos() {
 		if alive[name] || n.Leaving || n.GossipPort == 0 || n.NAT.Behind() {
 			// A member behind NAT cannot be dialled; it comes back by
 			// itself.
@@ -885,7 +885,7 @@ func (m *Mesh) send(msgs []outMsg) {
 				m.log.Debug("sending to member", "peer", to.Name, "err", err)
 			}
 			m.stats.sent(len(msg.b))
-			if msg.b[0] == kindName {
+			if msg.b[0] == records.KindName {
 				m.stats.nameSent(len(msg.b))
 			}
 		}

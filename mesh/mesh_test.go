@@ -17,6 +17,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 var subnet = netip.MustParsePrefix("10.60.0.0/16")
@@ -376,11 +377,11 @@ func TestForgedRecords(t *testing.T) {
 		return nil
 	})
 	forged := NetworkEntry{Node: "a", Subnet: subnet, Version: 1 << 61, Port: 4444}
-	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, forged)))
+	evil.sendToAll(records.EncodeEntryMsg(records.Sign(evil.id, records.PurposeEntry, forged)))
 	huge := NetworkEntry{Node: "evil", Subnet: subnet, Version: 1<<62 - 1, Port: 5555}
-	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, huge)))
+	evil.sendToAll(records.EncodeEntryMsg(records.Sign(evil.id, records.PurposeEntry, huge)))
 	tooHuge := NetworkEntry{Node: "evil", Subnet: subnet, Version: 1<<63 + 1, Port: 6666}
-	evil.sendToAll(encodeEntryMsg(sign(evil.id, purposeEntry, tooHuge)))
+	evil.sendToAll(records.EncodeEntryMsg(records.Sign(evil.id, records.PurposeEntry, tooHuge)))
 	eventually(t, 10*time.Second, func() error {
 		st := c.nodes["b"].m.Stats()
 		if st.Refused["entry-forged"] == 0 {

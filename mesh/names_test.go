@@ -1,8 +1,6 @@
 package mesh
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -10,137 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
-
-func sampleName() NameRecord {
-	return NameRecord{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Endpoint: "0123456789ab", Version: 3<<32 | 7,
-		Name: "web", Aliases: []string{"www", "proj-web-1"}, Addr: netip.MustParseAddr("10.60.1.2")}
-}
-
-func TestNameRecordRejects(t *testing.T) {
-	_, id := sampleInfo(t)
-	msg := func(n NameRecord) []byte { return encodeNameMsg(sign(id, purposeName, n)) }
-	good := sampleName()
-	if _, got, err := decodeNameMsg(msg(good)); err != nil || !got.equal(&good) || got.Version != good.Version {
-		t.Fatalf("good record: %+v %v", got, err)
-	}
-	tomb := NameRecord{Node: "host-1", Subnet: good.Subnet, Endpoint: good.Endpoint, Version: 9, Deleted: true}
-	if _, _, err := decodeNameMsg(msg(tomb)); err != nil {
-		t.Fatalf("tombstone: %v", err)
-	}
-	with := func(f func(*NameRecord)) []byte {
-		n := sampleName()
-		f(&n)
-		return msg(n)
-	}
-	cases := map[string][]byte{
-		"empty":           nil,
-		"entry kind":      append([]byte{kindEntry}, msg(good)[1:]...),
-		"not json":        []byte("N{"),
-		"no node":         with(func(n *NameRecord) { n.Node = "" }),
-		"short endpoint":  with(func(n *NameRecord) { n.Endpoint = "0123" }),
-		"upper endpoint":  with(func(n *NameRecord) { n.Endpoint = "0123456789AB" }),
-		"zero version":    with(func(n *NameRecord) { n.Version = 0 }),
-		"huge version":    with(func(n *NameRecord) { n.Version = 1<<62 + 1 }),
-		"no name":         with(func(n *NameRecord) { n.Name = "" }),
-		"space in name":   with(func(n *NameRecord) { n.Name = "a b" }),
-		"dot only":        with(func(n *NameRecord) { n.Aliases = []string{"."} }),
-		"long label":      with(func(n *NameRecord) { n.Name = strings.Repeat("x", 64) }),
-		"too many names":  with(func(n *NameRecord) { n.Aliases = slices.Repeat([]string{"a"}, MaxNames) }),
-		"address outside": with(func(n *NameRecord) { n.Addr = netip.MustParseAddr("10.61.0.2") }),
-		"no address":      with(func(n *NameRecord) { n.Addr = netip.Addr{} }),
-		"IPv6 address": with(func(n *NameRecord) {
-			n.Subnet, n.Addr = netip.MustParsePrefix("fd00::/64"), netip.MustParseAddr("fd00::2")
-		}),
-		"tombstone w/name": with(func(n *NameRecord) { n.Deleted = true }),
-		"too long":         append([]byte{kindName}, []byte(strings.Repeat(" ", maxRecordBytes))...),
-	}
-	for name, b := range cases {
-		if _, _, err := decodeNameMsg(b); !errors.Is(err, ErrInvalid) {
-			t.Errorf("%s: err = %v, want ErrInvalid", name, err)
-		}
-	}
-}
-
-// TestLargestNameRecordFits: a record with the most and longest names
-// SetNames accepts is cut to fit one gossip message, never dropped.
-func TestLargestNameRecordFits(t *testing.T) {
-	n := sampleName()
-	n.Node = strings.Repeat("n", 64)
-	n.Endpoint = strings.Repeat("f", maxEndpointLen)
-	n.Version = 1<<62 - 1
-	n.Name = strings.Repeat("x", 63) + "." + strings.Repeat("y", 63)
-	n.Aliases = nil
-	for i := range MaxNames - 1 {
-		n.Aliases = append(n.Aliases, fmt.Sprintf("%s.%02d", strings.Repeat("a", 60), i))
-	}
-	_, id := sampleInfo(t)
-	if b := encodeNameMsg(sign(id, purposeName, n)); len(b) > maxRecordBytes {
-		t.Fatalf("largest valid record is %d bytes, decoders accept %d", len(b), maxRecordBytes)
-	}
-}
-
-func FuzzDecodeNameMsg(f *testing.F) {
-	_, id := sampleInfo(f)
-	f.Add(encodeNameMsg(sign(id, purposeName, sampleName())))
-	f.Add(encodeNameMsg(sign(id, purposeName, NameRecord{Node: "a", Subnet: netip.MustParsePrefix("10.0.0.0/8"), Endpoint: "aaaaaaaaaaaa", Version: 1, Deleted: true})))
-	f.Add([]byte(`N{"d":{"n":"a","s":"10.0.0.0/8","e":"aaaaaaaaaaaa","v":1,"m":"x","a":"10.0.0.1"},"s":""}`))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		s, n, err := decodeNameMsg(b)
-		if err != nil {
-			return
-		}
-		if err := n.validate(); err != nil {
-			t.Fatalf("accepted an invalid record: %v", err)
-		}
-		_, again, err := decodeNameMsg(encodeNameMsg(s))
-		if err != nil || !again.equal(&n) || again.Version != n.Version {
-			t.Fatalf("round trip changed %+v to %+v (%v)", n, again, err)
-		}
-	})
-}
-
-// FuzzMergeNames: whatever a push/pull state holds, merging its names
-// keeps only records signed by their node, within the limits.
-func FuzzMergeNames(f *testing.F) {
-	n, id := sampleInfo(f)
-	st := stateMsg{V: protocol, Infos: []signed{sign(id, purposeInfo, n)}, Names: []signed{sign(id, purposeName, sampleName())}}
-	b, _ := json.Marshal(st)
-	f.Add(b)
-	f.Add([]byte(`{"v":2,"names":[{"d":null,"s":null}]}`))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		s, err := decodeStateMsg(b)
-		if err != nil {
-			return
-		}
-		none := func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false }
-		r := newReplica("self")
-		for _, si := range s.Infos {
-			if info, err := decodeInfo(si); err == nil {
-				r.mergeInfo(info, si, none)
-			}
-		}
-		now := time.Now()
-		for _, ns := range s.Names {
-			r.mergeName(ns, none, now)
-		}
-		r.pruneNames(now, time.Minute)
-		counts := map[string]int{}
-		for k, rec := range r.names {
-			counts[k.node]++
-			id, ok := r.identityOf(k.node, none)
-			if !ok || !id.Verify(purposeName, rec.s.Data, rec.s.Sig) || rec.n.validate() != nil {
-				t.Fatalf("kept a name record of %s not signed by it, or invalid", k.node)
-			}
-		}
-		for node, c := range counts {
-			if r.nameCount[node] != c {
-				t.Fatalf("count of %s: %d, holds %d", node, r.nameCount[node], c)
-			}
-		}
-	})
-}
 
 func liveNames(n *testNode) map[string]string {
 	out := map[string]string{}
@@ -257,7 +126,7 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	}
 	waitNames(t, 10*time.Second, a, map[string]string{"b/old": "10.60.2.2"})
 	b.m.mu.Lock()
-	stale := b.m.rep.names[nameKey{"b", old.Endpoint}].s
+	_, stale, _ := b.m.rep.Name("b", old.Endpoint)
 	b.m.mu.Unlock()
 
 	b.stop()
@@ -290,8 +159,8 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	eventually(t, 10*time.Second, func() error {
 		a.m.mu.Lock()
 		defer a.m.mu.Unlock()
-		if rec, ok := a.m.rep.names[nameKey{"b", old.Endpoint}]; !ok || !rec.n.Deleted || rec.n.Version <= 1<<32 {
-			return fmt.Errorf("a holds %+v", rec.n)
+		if rec, _, ok := a.m.rep.Name("b", old.Endpoint); !ok || !rec.Deleted || rec.Version <= 1<<32 {
+			return fmt.Errorf("a holds %+v", rec)
 		}
 		return nil
 	})
@@ -308,6 +177,11 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	})
 }
 
+func sampleName() NameRecord {
+	return NameRecord{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Endpoint: "0123456789ab", Version: 3<<32 | 7,
+		Name: "web", Aliases: []string{"www", "proj-web-1"}, Addr: netip.MustParseAddr("10.60.1.2")}
+}
+
 // TestForgedNames: a member cannot publish names in another's name.
 func TestForgedNames(t *testing.T) {
 	c := newCluster(t)
@@ -321,7 +195,7 @@ func TestForgedNames(t *testing.T) {
 	forged.Subnet, forged.Addr = subnet, netip.MustParseAddr("10.60.9.9")
 	// As it arrives from evil (straight into the delegate: the harness's
 	// sendToAll races memberlist's own updates of its nodes).
-	msg := encodeNameMsg(sign(evil.id, purposeName, forged))
+	msg := records.EncodeNameMsg(records.Sign(evil.id, records.PurposeName, forged))
 	for _, name := range []string{"a", "b"} {
 		(&delegate{c.nodes[name].m}).NotifyMsg(msg)
 	}
@@ -359,9 +233,9 @@ func TestSetNamesLimits(t *testing.T) {
 		t.Fatalf("names: %+v", got)
 	}
 	a.m.mu.Lock()
-	s := a.m.rep.names[nameKey{"a", "aaaaaaaaaaa1"}].s
+	_, s, _ := a.m.rep.Name("a", "aaaaaaaaaaa1")
 	a.m.mu.Unlock()
-	if n := len(encodeNameMsg(s)); n > maxBroadcast || len(got[0].Aliases) == 0 {
+	if n := len(records.EncodeNameMsg(s)); n > maxBroadcast || len(got[0].Aliases) == 0 {
 		t.Fatalf("big record: %d bytes, %d aliases", n, len(got[0].Aliases))
 	}
 }

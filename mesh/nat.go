@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/memberlist"
 
 	"github.com/wgmesh/wgmesh/mesh/gossipnet"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // How a node learns how others see it. A host behind NAT does not know
@@ -27,35 +28,6 @@ import (
 // signed records, how its NAT behaves and where members outside reach it:
 // nobody can make a node publish an address its observers did not see,
 // and no member can redirect another's traffic.
-
-// NATKind is how a node's NAT maps its ports, as its peers see it.
-type NATKind string
-
-const (
-	// NATUnknown: no observer has reported yet.
-	NATUnknown NATKind = ""
-	// NATNone: every observer sees the node at the address it
-	// advertises; it can be reached there.
-	NATNone NATKind = "none"
-	// NATConsistent: observers outside see the node's port mapped, to
-	// the same public port whatever the destination (endpoint-
-	// independent mapping); two such hosts can punch a direct path.
-	NATConsistent NATKind = "consistent"
-	// NATSymmetric: each destination sees another public port; only a
-	// host reachable at its own address, or a relay, gets through.
-	NATSymmetric NATKind = "symmetric"
-)
-
-func (k NATKind) valid() bool {
-	switch k {
-	case NATUnknown, NATNone, NATConsistent, NATSymmetric:
-		return true
-	}
-	return false
-}
-
-// Behind reports whether the node is known to be behind NAT.
-func (k NATKind) Behind() bool { return k == NATConsistent || k == NATSymmetric }
 
 // Timing of observations.
 const (
@@ -160,24 +132,24 @@ type sentObs struct {
 }
 
 // receiveObservation takes an observation of this node from its observer.
-func (m *Mesh) receiveObservation(s signed) {
-	o, err := decodeObservation(s)
+func (m *Mesh) receiveObservation(s records.Signed) {
+	o, err := records.DecodeObservation(s)
 	if err != nil {
 		return
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if o.Subject != m.cfg.Name {
-		m.rep.refuse("observation-misdirected")
+		m.rep.Refuse("observation-misdirected")
 		return
 	}
-	id, ok := m.rep.identityOf(o.Observer, m.bound)
+	id, ok := m.rep.IdentityOf(o.Observer, m.bound)
 	if !ok {
-		m.rep.refuse("observation-unknown-node")
+		m.rep.Refuse("observation-unknown-node")
 		return
 	}
-	if !id.Verify(purposeObservation, s.Data, s.Sig) {
-		m.rep.refuse("observation-forged")
+	if !id.Verify(records.PurposeObservation, s.Data, s.Sig) {
+		m.rep.Refuse("observation-forged")
 		return
 	}
 	if cur, ok := m.obs[o.Observer]; ok && o.Version <= cur.o.Version {
@@ -222,9 +194,9 @@ func (m *Mesh) reassessNATLocked(now time.Time) {
 		}
 	}
 	wgLocal := map[netip.Prefix]netip.AddrPort{}
-	for k, e := range m.rep.entries {
-		if k.node == m.cfg.Name && e.e.Port != 0 {
-			wgLocal[k.subnet] = netip.AddrPortFrom(m.addr, e.e.Port)
+	for e := range m.rep.Entries() {
+		if e.Node == m.cfg.Name && e.Port != 0 {
+			wgLocal[e.Subnet] = netip.AddrPortFrom(m.addr, e.Port)
 		}
 	}
 	st := assessNAT(local, gossip, wgLocal, wg)
@@ -236,9 +208,9 @@ func (m *Mesh) reassessNATLocked(now time.Time) {
 	}
 	m.nat = st
 	m.setSelfInfoLocked()
-	for k, e := range m.rep.entries {
-		if k.node == m.cfg.Name && e.e.Seen != st.WG[k.subnet] {
-			m.updateOwnLocked(k.subnet, func(e *NetworkEntry) { e.Seen = st.WG[k.subnet] })
+	for cur := range m.rep.Entries() {
+		if cur.Node == m.cfg.Name && cur.Seen != st.WG[cur.Subnet] {
+			m.updateOwnLocked(cur.Subnet, func(e *NetworkEntry) { e.Seen = st.WG[cur.Subnet] })
 		}
 	}
 }
@@ -265,7 +237,7 @@ func (m *Mesh) outgoingObservationsLocked(now time.Time) []outObs {
 		if name == m.cfg.Name {
 			continue
 		}
-		if _, ok := m.rep.infos[name]; !ok {
+		if _, ok := m.rep.Info(name); !ok {
 			continue
 		}
 		o := Observation{Observer: m.cfg.Name, Subject: name}
@@ -284,7 +256,7 @@ func (m *Mesh) outgoingObservationsLocked(now time.Time) []outObs {
 		}
 		o.Version = m.versionLocked()
 		m.sentObs[name] = sentObs{o, now}
-		out = append(out, outObs{to: name, b: encodeMsg(kindObservation, sign(m.cfg.Identity, purposeObservation, o))})
+		out = append(out, outObs{to: name, b: records.EncodeMsg(records.KindObservation, records.Sign(m.cfg.Identity, records.PurposeObservation, o))})
 	}
 	for name := range m.sentObs {
 		if !subjects[name] {
@@ -331,8 +303,7 @@ type reflectTarget struct {
 func (m *Mesh) reflectTargetsLocked(now time.Time) []reflectTarget {
 	var out []reflectTarget
 	seen := map[netip.AddrPort]bool{}
-	for name, rec := range m.rep.infos {
-		n := rec.info
+	for name, n := range m.rep.Infos() {
 		if name == m.cfg.Name || n.RelayPort == 0 || n.NAT != NATNone || !m.live[name].state.Reachable() {
 			continue
 		}
@@ -354,11 +325,10 @@ func (m *Mesh) reflectTargetsLocked(now time.Time) []reflectTarget {
 
 // routeHintsLocked is what the gossip transport needs to reach members.
 func (m *Mesh) routeHintsLocked() map[string]gossipnet.RouteHint {
-	h := make(map[string]gossipnet.RouteHint, len(m.rep.infos))
-	for name, rec := range m.rep.infos {
-		n := rec.info
+	h := map[string]gossipnet.RouteHint{}
+	for name, n := range m.rep.Infos() {
 		hint := gossipnet.RouteHint{Advertised: netip.AddrPortFrom(n.Addr, n.GossipPort), BehindNAT: n.NAT.Behind(),
-			Header: n.Features&featureHeader != 0, ReplayProof: n.Features&featureReplayProof != 0,
+			Header: n.Features&records.FeatureHeader != 0, ReplayProof: n.Features&records.FeatureReplayProof != 0,
 			// The upper half of an info's version is its node's
 			// generation (versionLocked), in every version so far.
 			ID: n.ID, Gen: n.Version >> 32}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/internal/durable"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // The gossip records a node knows are saved, so that after an agent
@@ -37,44 +38,38 @@ func (m *Mesh) loadGossip() error {
 	if err != nil {
 		return err
 	}
-	s, err := decodeStateMsg(b)
+	s, err := records.DecodeStateMsg(b)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, si := range s.Infos {
-		n, err := decodeInfo(si)
+		n, err := records.DecodeInfo(si)
 		if err != nil {
 			continue
 		}
-		m.rep.mergeInfo(n, si, m.bound)
+		m.rep.MergeInfo(n, si, m.bound)
 	}
 	for _, e := range s.Entries {
-		m.rep.mergeEntry(e, m.bound)
+		m.rep.MergeEntry(e, m.bound)
 	}
 	for _, r := range s.Sessions {
-		m.rep.mergeSession(r, m.bound)
+		m.rep.MergeSession(r, m.bound)
 	}
 	now := time.Now()
 	for _, n := range s.Names {
-		rec, err := decodeName(n)
+		rec, err := records.DecodeName(n)
 		switch {
 		case err != nil:
 		case rec.Node != m.cfg.Name:
-			m.rep.mergeName(n, m.bound, now)
-		case m.cfg.Identity.ID().Verify(purposeName, n.Data, n.Sig):
+			m.rep.MergeName(n, m.bound, now)
+		case m.cfg.Identity.ID().Verify(records.PurposeName, n.Data, n.Sig):
 			// This node's own, from its last run.
-			m.rep.setOwnName(rec, n, now)
+			m.rep.SetOwnName(rec, n, now)
 		}
 	}
 	return nil
-}
-
-// decodeInfo decodes a saved info and checks its self-signature.
-func decodeInfo(s signed) (NodeInfo, error) {
-	n, _, err := decodeMeta(encodeMeta(s))
-	return n, err
 }
 
 func (m *Mesh) saveGossipThrottled() {
@@ -97,17 +92,17 @@ func (m *Mesh) saveGossip() {
 		m.mu.Unlock()
 		return
 	}
-	s := m.rep.snapshot(true)
-	var others []signed
+	s := m.rep.Snapshot(true)
+	var others []records.Signed
 	for _, e := range s.Entries {
-		if ne, err := decodeEntry(e); err == nil && ne.Node != m.cfg.Name {
+		if ne, err := records.DecodeEntry(e); err == nil && ne.Node != m.cfg.Name {
 			others = append(others, e)
 		}
 	}
 	s.Entries = others
-	var sessions []signed
+	var sessions []records.Signed
 	for _, r := range s.Sessions {
-		if rs, err := decodeSession(r); err == nil && rs.Relay != m.cfg.Name {
+		if rs, err := records.DecodeSession(r); err == nil && rs.Relay != m.cfg.Name {
 			sessions = append(sessions, r)
 		}
 	}

@@ -46,6 +46,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 var safetySubnets = []netip.Prefix{netip.MustParsePrefix("10.60.0.0/22"), netip.MustParsePrefix("10.61.0.0/24")}
@@ -706,9 +707,9 @@ func (s *safety) hostile(run []*simNode) string {
 	s.counts["hostile"]++
 	// A record in the victim's name, signed by evil.
 	forged := NetworkEntry{Node: victim.name, Subnet: subnet, Version: 1<<62 - 1, Port: 4444}
-	s.evil.sendToAll(encodeEntryMsg(sign(s.evil.id, purposeEntry, forged)))
+	s.evil.sendToAll(records.EncodeEntryMsg(records.Sign(s.evil.id, records.PurposeEntry, forged)))
 	// A version near 2^62 of its own record.
-	s.evil.sendToAll(encodeEntryMsg(sign(s.evil.id, purposeEntry, NetworkEntry{Node: s.evil.name, Subnet: subnet, Version: 1<<62 - 1, Port: 5555})))
+	s.evil.sendToAll(records.EncodeEntryMsg(records.Sign(s.evil.id, records.PurposeEntry, NetworkEntry{Node: s.evil.name, Subnet: subnet, Version: 1<<62 - 1, Port: 5555})))
 	// A claim of the address the victim holds, in the victim's name.
 	var target netip.Addr
 	for a := range victim.allocs[subnet] {

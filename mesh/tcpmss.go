@@ -70,8 +70,8 @@ func (m *Mesh) pathMTUTo(ip netip.Addr) int {
 	defer m.mu.Unlock()
 	found := 0
 	for name, p := range pmtus {
-		rec, ok := m.rep.infos[name]
-		if (ok && rec.info.Addr == ip) || sightings[name].Addr.Addr() == ip {
+		rec, ok := m.rep.Info(name)
+		if (ok && rec.Addr == ip) || sightings[name].Addr.Addr() == ip {
 			if found == 0 || p.MTU < found {
 				found = p.MTU
 			}

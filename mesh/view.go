@@ -10,6 +10,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 // Liveness is what gossip says about a node right now.
@@ -276,18 +277,18 @@ type liveRecord struct {
 }
 
 // buildView assembles a View from the catalog, the replica and liveness.
-func buildView(self string, cat *catalog.State, r *replica, selfInfo NodeInfo, live map[string]liveRecord) *View {
+func buildView(self string, cat *catalog.State, r *records.Replica, selfInfo NodeInfo, live map[string]liveRecord) *View {
 	v := &View{Self: self, ClusterID: cat.ClusterID, Catalog: cat, Members: map[string]Member{}, Entries: map[netip.Prefix][]NetworkEntry{}}
 	registered := func(name string, id crypto.NodeID) bool {
 		n, ok := cat.Nodes[name]
 		return ok && n.ID == id
 	}
-	infos := maps.Clone(r.infos)
-	infos[self] = infoRec{info: selfInfo}
-	for name, rec := range infos {
+	infos := maps.Collect(r.Infos())
+	infos[self] = selfInfo
+	for name, info := range infos {
 		l := live[name]
-		m := Member{NodeInfo: rec.info, State: l.state, Since: l.since, LastAck: l.lastAck, RTT: l.rtt, Self: name == self,
-			Registered: registered(name, rec.info.ID)}
+		m := Member{NodeInfo: info, State: l.state, Since: l.since, LastAck: l.lastAck, RTT: l.rtt, Self: name == self,
+			Registered: registered(name, info.ID)}
 		if m.Self {
 			m.State = Alive
 		}
@@ -299,17 +300,17 @@ func buildView(self string, cat *catalog.State, r *replica, selfInfo NodeInfo, l
 			v.Members[name] = Member{NodeInfo: NodeInfo{Name: name, ID: n.ID, Addr: n.Addr}, State: l.state, Since: l.since, Registered: true, Self: name == self}
 		}
 	}
-	for k, rec := range r.entries {
-		if m, ok := v.Members[k.node]; ok && m.Registered {
-			v.Entries[k.subnet] = append(v.Entries[k.subnet], rec.e)
+	for e := range r.Entries() {
+		if m, ok := v.Members[e.Node]; ok && m.Registered {
+			v.Entries[e.Subnet] = append(v.Entries[e.Subnet], e)
 		}
 	}
 	for _, entries := range v.Entries {
 		slices.SortFunc(entries, func(a, b NetworkEntry) int { return cmp.Compare(a.Node, b.Node) })
 	}
-	for _, rec := range r.sessions {
-		if m, ok := v.Members[rec.r.Relay]; ok && m.Registered && rec.r.Port != 0 {
-			v.Sessions = append(v.Sessions, rec.r)
+	for rs := range r.Sessions() {
+		if m, ok := v.Members[rs.Relay]; ok && m.Registered && rs.Port != 0 {
+			v.Sessions = append(v.Sessions, rs)
 		}
 	}
 	slices.SortFunc(v.Sessions, func(a, b RelaySession) int {

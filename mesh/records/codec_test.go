@@ -1,4 +1,4 @@
-package mesh
+package records
 
 import (
 	"bytes"
@@ -38,44 +38,44 @@ func TestMetaFitsMemberlistLimit(t *testing.T) {
 	n.WGMode = strings.Repeat("m", maxModeLen)
 	// Everything this node may publish at its largest (a cluster ID is
 	// 16 hex digits).
-	n.Features, n.NAT = featureHeader, NATConsistent
+	n.Features, n.NAT = FeatureHeader, NATConsistent
 	n.Seen = netip.MustParseAddrPort("[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535")
 	n.RelayPort, n.RelayPorts = 65000, 536
 	if err := n.validate(); err != nil {
 		t.Fatal(err)
 	}
-	if b := encodeMeta(sign(id, purposeInfo, n)); len(b) > 512 {
+	if b := EncodeMeta(Sign(id, PurposeInfo, n)); len(b) > 512 {
 		t.Fatalf("largest metadata is %d bytes, memberlist allows 512", len(b))
 	}
 }
 
 func TestMetaSignature(t *testing.T) {
 	n, id := sampleInfo(t)
-	good := encodeMeta(sign(id, purposeInfo, n))
-	if got, _, err := decodeMeta(good); err != nil || got != n {
+	good := EncodeMeta(Sign(id, PurposeInfo, n))
+	if got, _, err := DecodeMeta(good); err != nil || got != n {
 		t.Fatalf("round trip: %+v %v", got, err)
 	}
 	other := testIdentity(t, "host-2")
-	if _, _, err := decodeMeta(encodeMeta(sign(other, purposeInfo, n))); !errors.Is(err, ErrInvalid) {
+	if _, _, err := DecodeMeta(EncodeMeta(Sign(other, PurposeInfo, n))); !errors.Is(err, ErrInvalid) {
 		t.Errorf("info signed by another identity: %v", err)
 	}
-	if _, _, err := decodeMeta(encodeMeta(sign(id, purposeEntry, n))); !errors.Is(err, ErrInvalid) {
+	if _, _, err := DecodeMeta(EncodeMeta(Sign(id, PurposeEntry, n))); !errors.Is(err, ErrInvalid) {
 		t.Errorf("info signed for another purpose: %v", err)
 	}
 	tampered := bytes.Replace(good, []byte("userspace"), []byte("kernel\\u0000\\u0000\\u0000"), 1)
-	if _, _, err := decodeMeta(tampered); err == nil {
+	if _, _, err := DecodeMeta(tampered); err == nil {
 		t.Error("tampered info accepted")
 	}
-	if _, _, err := decodeMeta([]byte(`{"p":1,"d":{},"s":""}`)); err == nil || !strings.Contains(err.Error(), "protocol") {
+	if _, _, err := DecodeMeta([]byte(`{"p":1,"d":{},"s":""}`)); err == nil || !strings.Contains(err.Error(), "protocol") {
 		t.Errorf("old protocol: %v", err)
 	}
 }
 
 func TestDecodeRejects(t *testing.T) {
 	_, id := sampleInfo(t)
-	entry := func(e NetworkEntry) []byte { return encodeEntryMsg(sign(id, purposeEntry, e)) }
+	entry := func(e NetworkEntry) []byte { return EncodeEntryMsg(Sign(id, PurposeEntry, e)) }
 	good := NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 1, Port: 51820}
-	if _, err := decodeMessage(entry(good)); err != nil {
+	if _, err := DecodeMessage(entry(good)); err != nil {
 		t.Fatalf("good entry: %v", err)
 	}
 	cases := map[string][]byte{
@@ -88,10 +88,10 @@ func TestDecodeRejects(t *testing.T) {
 		"huge version":  entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1<<62 + 1}),
 		"host bits":     entry(NetworkEntry{Node: "a", Subnet: netip.MustParsePrefix("10.60.0.1/16"), Version: 1}),
 		"endpoints":     entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1, Endpoints: -1}),
-		"too long":      append([]byte("E"), bytes.Repeat([]byte(" "), maxRecordBytes)...),
+		"too long":      append([]byte("E"), bytes.Repeat([]byte(" "), MaxRecordBytes)...),
 	}
 	for name, b := range cases {
-		if _, err := decodeMessage(b); !errors.Is(err, ErrInvalid) {
+		if _, err := DecodeMessage(b); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s: err = %v, want ErrInvalid", name, err)
 		}
 	}
@@ -103,60 +103,60 @@ func TestDecodeRejects(t *testing.T) {
 func FuzzDecodeMessage(f *testing.F) {
 	_, id := sampleInfo(f)
 	subnet := netip.MustParsePrefix("10.60.0.0/16")
-	f.Add(encodeEntryMsg(sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: subnet, Version: 9, Port: 51821, Endpoints: 3,
+	f.Add(EncodeEntryMsg(Sign(id, PurposeEntry, NetworkEntry{Node: "host-1", Subnet: subnet, Version: 9, Port: 51821, Endpoints: 3,
 		Seen: netip.MustParseAddrPort("198.51.100.7:40000"), Relay: map[string]RelayWant{"host-2": {Via: "host-3", Tries: 2}, "host-4": {Tries: 1}}})))
 	f.Add([]byte(`E{"d":{"n":"a","s":"::/0","v":1},"s":""}`))
-	f.Add(encodeMsg(kindSession, sign(id, purposeSession, RelaySession{Relay: "host-1", Subnet: subnet, A: "a", B: "b", Version: 3, Port: 51901, MTU: 1400})))
-	f.Add(encodeMsg(kindObservation, sign(id, purposeObservation, Observation{Observer: "host-1", Subject: "host-2", Version: 4,
+	f.Add(EncodeMsg(KindSession, Sign(id, PurposeSession, RelaySession{Relay: "host-1", Subnet: subnet, A: "a", B: "b", Version: 3, Port: 51901, MTU: 1400})))
+	f.Add(EncodeMsg(KindObservation, Sign(id, PurposeObservation, Observation{Observer: "host-1", Subject: "host-2", Version: 4,
 		Gossip: netip.MustParseAddrPort("203.0.113.5:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: netip.MustParseAddrPort("203.0.113.5:51820")}})))
 	f.Add([]byte(`O{"d":{"o":"a","n":"b","v":1,"w":{"10.0.0.0/8":"1.2.3.4:0"}},"s":""}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		msg, err := decodeMessage(b)
+		msg, err := DecodeMessage(b)
 		if err != nil {
 			return
 		}
-		again, err := decodeMessage(encodeMsg(msg.kind, msg.s))
+		again, err := DecodeMessage(EncodeMsg(msg.Kind, msg.Signed))
 		if err != nil {
 			t.Fatalf("round trip: %v", err)
 		}
-		switch msg.kind {
-		case kindEntry:
-			e, err := decodeEntry(msg.s)
-			e2, _ := decodeEntry(again.s)
-			if err != nil || !e.equal(e2) {
+		switch msg.Kind {
+		case KindEntry:
+			e, err := DecodeEntry(msg.Signed)
+			e2, _ := DecodeEntry(again.Signed)
+			if err != nil || !e.Equal(e2) {
 				t.Fatalf("entry round trip: %+v %v, then %+v", e, err, e2)
 			}
-		case kindSession:
-			r, err := decodeSession(msg.s)
-			r2, _ := decodeSession(again.s)
+		case KindSession:
+			r, err := DecodeSession(msg.Signed)
+			r2, _ := DecodeSession(again.Signed)
 			if err != nil || r != r2 {
 				t.Fatalf("session round trip: %+v %v, then %+v", r, err, r2)
 			}
-		case kindObservation:
-			o, err := decodeObservation(msg.s)
-			o2, _ := decodeObservation(again.s)
+		case KindObservation:
+			o, err := DecodeObservation(msg.Signed)
+			o2, _ := DecodeObservation(again.Signed)
 			if err != nil || o.Gossip != o2.Gossip || !maps.Equal(o.WG, o2.WG) || o.Observer != o2.Observer || o.Subject != o2.Subject {
 				t.Fatalf("observation round trip: %+v %v, then %+v", o, err, o2)
 			}
 		default:
-			t.Fatalf("accepted a message of kind %q", msg.kind)
+			t.Fatalf("accepted a message of kind %q", msg.Kind)
 		}
 	})
 }
 
 func FuzzDecodeMeta(f *testing.F) {
 	n, id := sampleInfo(f)
-	f.Add(encodeMeta(sign(id, purposeInfo, n)))
+	f.Add(EncodeMeta(Sign(id, PurposeInfo, n)))
 	f.Add([]byte(`{"p":2,"d":{"n":"a"},"s":"AAAA"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		info, s, err := decodeMeta(b)
+		info, s, err := DecodeMeta(b)
 		if err != nil {
 			return
 		}
-		if !info.ID.Verify(purposeInfo, s.Data, s.Sig) {
+		if !info.ID.Verify(PurposeInfo, s.Data, s.Sig) {
 			t.Fatal("accepted info whose signature does not verify")
 		}
-		again, _, err := decodeMeta(encodeMeta(s))
+		again, _, err := DecodeMeta(EncodeMeta(s))
 		if err != nil || again != info {
 			t.Fatalf("round trip: %+v %v", again, err)
 		}
@@ -165,30 +165,30 @@ func FuzzDecodeMeta(f *testing.F) {
 
 func FuzzDecodeState(f *testing.F) {
 	n, id := sampleInfo(f)
-	st := stateMsg{V: protocol, Infos: []signed{sign(id, purposeInfo, n)},
-		Entries: []signed{sign(id, purposeEntry, NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 4})}}
+	st := StateMsg{V: protocol, Infos: []Signed{Sign(id, PurposeInfo, n)},
+		Entries: []Signed{Sign(id, PurposeEntry, NetworkEntry{Node: "host-1", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Version: 4})}}
 	b, _ := json.Marshal(st)
 	f.Add(b)
 	f.Add([]byte(`{"v":2,"entries":[{"d":null,"s":null}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		s, err := decodeStateMsg(b)
+		s, err := DecodeStateMsg(b)
 		if err != nil {
 			return
 		}
 		// Merging whatever it holds must not panic, and must keep only
 		// entries signed by their node.
-		r := newReplica("self")
+		r := NewReplica("self")
 		for _, si := range s.Infos {
-			if info, err := decodeInfo(si); err == nil {
-				r.mergeInfo(info, si, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+			if info, err := DecodeInfo(si); err == nil {
+				r.MergeInfo(info, si, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
 			}
 		}
 		for _, e := range s.Entries {
-			r.mergeEntry(e, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+			r.MergeEntry(e, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
 		}
 		for k, e := range r.entries {
-			id, ok := r.identityOf(k.node, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
-			if !ok || !id.Verify(purposeEntry, e.s.Data, e.s.Sig) {
+			id, ok := r.IdentityOf(k.node, func(string) (crypto.NodeID, bool) { return crypto.NodeID{}, false })
+			if !ok || !id.Verify(PurposeEntry, e.s.Data, e.s.Sig) {
 				t.Fatalf("kept an entry of %s not signed by its identity", k.node)
 			}
 		}
