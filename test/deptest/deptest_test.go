@@ -1,5 +1,5 @@
 // Package deptest keeps wgmesh's imports going one way:
-// cmd → driver → mesh → crypto, mesh → mesh/gossipnet, and
+// cmd → driver → mesh → crypto, mesh → mesh/gossipnet, mesh → mesh/records, and
 // driver → driver/dataplane. The cluster-wide code must not grow a
 // dependency on the host's kernel or on Docker, and crypto stands alone.
 package deptest
@@ -45,6 +45,12 @@ func TestImportDirection(t *testing.T) {
 		// mesh/catalog too).
 		mod + "mesh/gossipnet": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard", "github.com/docker/",
 			"github.com/moby/", mod + "mesh", mod + "driver", mod + "cmd"},
+		// The signed records and their replica: mesh imports them, never
+		// the reverse, and they know nothing of the gossip port, consensus
+		// or the driver (mesh/catalog they may use; mesh itself they cannot,
+		// it imports them).
+		mod + "mesh/records": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard", "github.com/docker/",
+			"github.com/moby/", mod + "mesh/gossipnet", mod + "mesh/consensus", mod + "driver", mod + "cmd"},
 		// Desired state only; the implementations live below it.
 		mod + "driver/dataplane": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard/device", mod + "mesh", mod + "driver/dataplane/linux"},
 		// The driver talks to the kernel and to Docker only through its
