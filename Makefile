@@ -20,7 +20,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # coordinator at its deadline and fails with "context deadline exceeded"
 # and no crasher (go.dev/issue/75804, fixed in Go 1.27).
 FUZZTIME ?= 30000x
-FUZZ_PKGS := ./crypto ./mesh ./mesh/catalog ./driver ./driver/dns
+FUZZ_PKGS := ./crypto ./mesh/records ./mesh/catalog ./driver ./driver/dns
 
 # Docker engines make e2e runs the suite against: Debian's docker.io, and
 # Docker Engine 29 built by .ci/engine29.sh (cached after the first time).
