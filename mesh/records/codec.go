@@ -33,7 +33,7 @@ func EncodeMeta(s Signed) []byte {
 // the info is signed by the identity it names. Whether that identity is
 // the one the catalog binds to the name is for the View to decide.
 func DecodeMeta(b []byte) (NodeInfo, Signed, error) {
-	if len(b) > MaxRecordBytes {
+	if len(b) > maxRecordBytes {
 		return NodeInfo{}, Signed{}, invalid("metadata of %d bytes", len(b))
 	}
 	var m metaV2
@@ -132,7 +132,7 @@ func DecodeMessage(b []byte) (Message, error) {
 	if len(b) == 0 {
 		return Message{}, invalid("empty message")
 	}
-	if len(b) > MaxRecordBytes {
+	if len(b) > maxRecordBytes {
 		return Message{}, invalid("message of %d bytes", len(b))
 	}
 	var s Signed

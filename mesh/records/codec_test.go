@@ -88,7 +88,7 @@ func TestDecodeRejects(t *testing.T) {
 		"huge version":  entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1<<62 + 1}),
 		"host bits":     entry(NetworkEntry{Node: "a", Subnet: netip.MustParsePrefix("10.60.0.1/16"), Version: 1}),
 		"endpoints":     entry(NetworkEntry{Node: "a", Subnet: good.Subnet, Version: 1, Endpoints: -1}),
-		"too long":      append([]byte("E"), bytes.Repeat([]byte(" "), MaxRecordBytes)...),
+		"too long":      append([]byte("E"), bytes.Repeat([]byte(" "), maxRecordBytes)...),
 	}
 	for name, b := range cases {
 		if _, err := DecodeMessage(b); !errors.Is(err, ErrInvalid) {

@@ -154,7 +154,7 @@ func DecodeNameMsg(b []byte) (Signed, NameRecord, error) {
 	if len(b) == 0 || b[0] != KindName {
 		return Signed{}, NameRecord{}, invalid("not a name message")
 	}
-	if len(b) > MaxRecordBytes {
+	if len(b) > maxRecordBytes {
 		return Signed{}, NameRecord{}, invalid("message of %d bytes", len(b))
 	}
 	var s Signed
@@ -168,7 +168,7 @@ func DecodeNameMsg(b []byte) (Signed, NameRecord, error) {
 // DecodeName decodes a signed name record without checking its
 // signature, which needs the identity of its node.
 func DecodeName(s Signed) (NameRecord, error) {
-	if len(s.Data) > MaxRecordBytes {
+	if len(s.Data) > maxRecordBytes {
 		return NameRecord{}, invalid("name record of %d bytes", len(s.Data))
 	}
 	var n NameRecord

@@ -54,7 +54,7 @@ func TestNameRecordRejects(t *testing.T) {
 			n.Subnet, n.Addr = netip.MustParsePrefix("fd00::/64"), netip.MustParseAddr("fd00::2")
 		}),
 		"tombstone w/name": with(func(n *NameRecord) { n.Deleted = true }),
-		"too long":         append([]byte{KindName}, []byte(strings.Repeat(" ", MaxRecordBytes))...),
+		"too long":         append([]byte{KindName}, []byte(strings.Repeat(" ", maxRecordBytes))...),
 	}
 	for name, b := range cases {
 		if _, _, err := DecodeNameMsg(b); !errors.Is(err, ErrInvalid) {
@@ -76,8 +76,8 @@ func TestLargestNameRecordFits(t *testing.T) {
 		n.Aliases = append(n.Aliases, fmt.Sprintf("%s.%02d", strings.Repeat("a", 60), i))
 	}
 	_, id := sampleInfo(t)
-	if b := EncodeNameMsg(Sign(id, PurposeName, n)); len(b) > MaxRecordBytes {
-		t.Fatalf("largest valid record is %d bytes, decoders accept %d", len(b), MaxRecordBytes)
+	if b := EncodeNameMsg(Sign(id, PurposeName, n)); len(b) > maxRecordBytes {
+		t.Fatalf("largest valid record is %d bytes, decoders accept %d", len(b), maxRecordBytes)
 	}
 }
 

@@ -15,7 +15,7 @@ const (
 	maxVersion     = 1 << 62
 	maxEndpoints   = 1 << 20
 	protocol       = 2
-	MaxRecordBytes = 2048
+	maxRecordBytes = 2048
 	MaxRelayWants  = 48
 	maxTries       = 1000
 )
