@@ -44,11 +44,16 @@ type network struct {
 	// conns are open consensus connections, which a partition or a
 	// crash breaks as a real one would.
 	conns []netConn
+	// redirect sends every dial of an address to another one instead,
+	// as if the node there had taken the first's address.
+	redirect map[string]string
 }
 
 type netConn struct {
 	from, to string
 	c        net.Conn
+	// redirected: dialed while a redirect applied.
+	redirected bool
 }
 
 // breakLocked closes the connections that may no longer exist.
@@ -66,6 +71,12 @@ func (n *network) breakLocked() {
 
 // dial opens a consensus connection from node from, unless it is cut.
 func (n *network) dial(ctx context.Context, from, addr string) (net.Conn, error) {
+	n.mu.Lock()
+	to, redirected := n.redirect[addr]
+	n.mu.Unlock()
+	if redirected {
+		addr = to
+	}
 	if n.cut(from, addr) {
 		return nil, errCut
 	}
@@ -75,9 +86,26 @@ func (n *network) dial(ctx context.Context, from, addr string) (net.Conn, error)
 		return nil, err
 	}
 	n.mu.Lock()
-	n.conns = append(n.conns, netConn{from, n.owner[addr], c})
+	n.conns = append(n.conns, netConn{from, n.owner[addr], c, redirected})
 	n.mu.Unlock()
 	return c, nil
+}
+
+// setRedirect replaces the redirects (nil: none), closing the
+// connections the old ones made.
+func (n *network) setRedirect(r map[string]string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.redirect = r
+	keep := n.conns[:0]
+	for _, nc := range n.conns {
+		if nc.redirected {
+			nc.c.Close()
+			continue
+		}
+		keep = append(keep, nc)
+	}
+	n.conns = keep
 }
 
 func newNetwork() *network {

@@ -102,7 +102,7 @@ type safety struct {
 // voter restored from an old copy that is not refused in time while the
 // leader lost power and the third voter is cut off (see the closing
 // notes); it is a known hole, not a flaky test.
-var onByDefault = []string{"hostile-forward", "hostile-forget", "hostile-delete", "snapshot-crash"}
+var onByDefault = []string{"hostile-forward", "hostile-forget", "hostile-delete", "snapshot-crash", "impostor"}
 
 var strictKinds = map[string]string{
 	"hostile-forward": "forwarded consensus requests act for For on trust (consensus/rpc.go)",
@@ -110,6 +110,7 @@ var strictKinds = map[string]string{
 	"hostile-delete":  "the catalog applies a member's delete of a network others hold blocks in (catalog/apply.go)",
 	"rollback":        "a voter restored from an old copy votes with its stale log",
 	"snapshot-crash":  "a crash after a snapshot install loses the entries between the catalog copy and the snapshot",
+	"impostor":        "Raft's dial takes whichever node answers at a voter's address (consensus/transport.go)",
 }
 
 // churnSubnet is a network only the snapshot-crash step claims blocks
@@ -583,8 +584,10 @@ func (s *safety) step() string {
 		return s.duplicateName(run)
 	case r < 100:
 		return s.hostile(run)
-	case r < 108:
+	case r < 105:
 		return s.hostileForward(run)
+	case r < 108:
+		return s.impostor()
 	case r < 116:
 		return s.hostileCatalog(run)
 	case r < 122:
@@ -845,7 +848,46 @@ func runSafety(t *testing.T, seed uint64, steps int) {
 	}
 	time.Sleep(3 * time.Second)
 	s.check("the final heal")
+	s.recover("the final heal")
+	// The impostor step once more, on the recovered cluster: at random
+	// it is rare, and what it guards (Raft's dial checking identities)
+	// must be tried on every seed. After the random steps, so that it
+	// changes none of them.
+	what := s.impostor()
+	s.history = append(s.history, "after the recovery: "+what)
+	if testing.Verbose() {
+		t.Log("after the recovery: " + what)
+	}
+	s.check("the impostor step after the recovery (" + what + ")")
+	s.recover("the impostor step")
+	var kinds []string
+	faults := 0
+	for _, k := range slices.Sorted(maps.Keys(s.counts)) {
+		kinds = append(kinds, fmt.Sprintf("%s %d", k, s.counts[k]))
+		switch k {
+		case "crash", "disk-loss", "leave", "partition", "duplicate-name", "hostile", "contested",
+			"hostile-forward", "hostile-forget", "hostile-delete", "rollback", "snapshot-crash", "majority-power-cut", "impostor":
+			faults += s.counts[k]
+		}
+	}
+	addrs := 0
+	for _, n := range s.nodes {
+		for _, a := range n.allocs {
+			addrs += len(a)
+		}
+	}
+	t.Logf("seed %d: %d steps, %d faults in %s: %s; %d addresses held at the end, none twice",
+		seed, steps, faults, time.Since(start).Round(time.Second), strings.Join(kinds, ", "), addrs)
+}
+
+// TestSafetyRandomized runs the randomized safety test on fixed seeds.
+// recover waits until the cluster works again after what happened: a
+// leader, and every replica at its index. A crash that lost what a node
+// had acknowledged (an unsynced log) can leave it with neither.
+func (s *safety) recover(after string) {
+	s.t.Helper()
 	const recoverWithin = 60 * time.Second
+	t := s.t
 	// Healed and all back, the cluster must work again: a leader, and
 	// every replica at its index. A crash that lost what a node had
 	// acknowledged (an unsynced log) can leave it with neither.
@@ -870,32 +912,13 @@ func runSafety(t *testing.T, seed uint64, steps int) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s after the final heal, the cluster has not recovered: %v", recoverWithin, err)
+			t.Fatalf("%s after %s, the cluster has not recovered: %v", recoverWithin, after, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	s.check("the recovery")
-	var kinds []string
-	faults := 0
-	for _, k := range slices.Sorted(maps.Keys(s.counts)) {
-		kinds = append(kinds, fmt.Sprintf("%s %d", k, s.counts[k]))
-		switch k {
-		case "crash", "disk-loss", "leave", "partition", "duplicate-name", "hostile", "contested",
-			"hostile-forward", "hostile-forget", "hostile-delete", "rollback", "snapshot-crash", "majority-power-cut":
-			faults += s.counts[k]
-		}
-	}
-	addrs := 0
-	for _, n := range s.nodes {
-		for _, a := range n.allocs {
-			addrs += len(a)
-		}
-	}
-	t.Logf("seed %d: %d steps, %d faults in %s: %s; %d addresses held at the end, none twice",
-		seed, steps, faults, time.Since(start).Round(time.Second), strings.Join(kinds, ", "), addrs)
+	s.check("the recovery after " + after)
 }
 
-// TestSafetyRandomized runs the randomized safety test on fixed seeds.
 func TestSafetyRandomized(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow")
@@ -1005,6 +1028,105 @@ func (s *safety) hostileForward(run []*simNode) string {
 		s.t.Fatalf("evil's forwarded leave for voter %s took it out of the configuration (the leader answered %q, %v)", victim.name, answer, err)
 	}
 	return fmt.Sprintf("evil forwards a %s for voter %s to leader %s (%q, %v)", what, victim.name, leader.name, answer, err)
+}
+
+// impostor: the hostile member answers at the voters' Raft addresses.
+// Every voter but the leader is cut off, and every dial of their Raft
+// addresses reaches the hostile member's listener instead, as if it had
+// taken their addresses (a reused or spoofed IP). Raft's dial must check
+// that whoever answers is the server the configuration has there: if it
+// does not, the hostile member's Raft acknowledges the leader's appends
+// in their name and a claim commits on the leader alone. The leader then
+// loses power, and the voters come back, elect one of their own, which
+// never saw the claim, and write past its index: "a committed claim was
+// lost" in every replica after it.
+func (s *safety) impostor() string {
+	subnet := safetySubnets[s.rng.IntN(len(safetySubnets))]
+	want := randomAddr(s.rng, subnet)
+	if !s.enabled("impostor") {
+		return "evil answers at the voters' addresses (off: needs WGMESH_SAFETY_STRICT=1)"
+	}
+	leader, st, ok := s.honestLeader()
+	if !ok {
+		return "no leader for evil to stand in for its voters"
+	}
+	redirect := map[string]string{}
+	var cut []string
+	for _, srv := range st.Servers {
+		if tn, ok := s.c.nodes[srv.Name]; ok && srv.Voter && srv.Name != leader.name && srv.Name != s.evil.name {
+			s.c.net.setSide(srv.Name, 1)
+			redirect[tn.raftAddr()] = s.evil.raftAddr()
+			cut = append(cut, srv.Name)
+		}
+	}
+	if len(cut) == 0 {
+		return leader.name + " is the only voter: nobody for evil to stand in for"
+	}
+	s.c.net.setRedirect(redirect)
+	// A claim of a block nobody holds, in a network that exists (the
+	// hostile member may have deleted one): only a commit gives it.
+	subnet, want = unheld(leader.m.View(), subnet, want)
+	err := s.allocate(leader, subnet, want)
+	claimed := fmt.Sprintf("%s claims %s (%v)", leader.name, want, err)
+	powerCut(s.cfs, leader.testNode)
+	leader.gone = true
+	s.c.net.setRedirect(nil)
+	s.c.net.heal()
+	// The voters that were cut off elect a leader and write, so that
+	// their log passes the claim's index before the old leader is back.
+	wrote := "no new leader within 30s"
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		n, _, ok := s.leader()
+		if !ok {
+			continue
+		}
+		// A block of its own, outside every block: a write whatever
+		// happened to the networks before.
+		sn, a := unheld(n.m.View(), subnet, want)
+		ctx, cancel := context.WithTimeout(context.Background(), safetyTimeout)
+		_, err := n.m.ClaimBlock(ctx, BlockRequest{Subnet: sn, Containing: a})
+		cancel()
+		if err == nil {
+			wrote = n.name + " leads and claimed a block containing " + a.String()
+			break
+		}
+		wrote = fmt.Sprintf("%s leads; its claim: %v", n.name, err)
+	}
+	s.reseed(leader)
+	leader.start()
+	leader.gone = false
+	return fmt.Sprintf("cut off voters %v, their Raft addresses answered by evil; %s; power cut %s; heal; %s; %s back",
+		cut, claimed, leader.name, wrote, leader.name)
+}
+
+// unheld is want, or the first address after it, 16 at a time through
+// its subnet and then the others, that lies in a network of v and in no
+// block of it; want itself if there is none. No random draws: the steps
+// after it stay those of the seed.
+func unheld(v *View, subnet netip.Prefix, want netip.Addr) (netip.Prefix, netip.Addr) {
+	first := slices.Index(safetySubnets, subnet)
+	for i := range safetySubnets {
+		sn := safetySubnets[(first+i)%len(safetySubnets)]
+		if v.Network(sn) == nil || v.Deleted(sn) {
+			continue
+		}
+		base := sn.Addr().As4()
+		b := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+		w := want.As4()
+		off := (uint32(w[3]) | uint32(w[2])<<8) % (1 << (32 - sn.Bits()))
+		size := uint32(1) << (32 - sn.Bits())
+		for step := uint32(0); step < size; step += 16 {
+			x := b + (off+step)%size
+			a := netip.AddrFrom4([4]byte{byte(x >> 24), byte(x >> 16), byte(x >> 8), byte(x)})
+			if x&0xff == 0 || x&0xff == 255 {
+				continue
+			}
+			if _, _, held := v.Owner(sn, a); !held {
+				return sn, a
+			}
+		}
+	}
+	return subnet, want
 }
 
 // hostileCatalog: the hostile member, in its own name and with its own
