@@ -600,11 +600,15 @@ func (s *safety) step() string {
 }
 
 func randomAddr(rng *rand.Rand, subnet netip.Prefix) netip.Addr {
-	a := subnet.Addr().As4()
 	size := 1 << (32 - subnet.Bits())
-	off := 2 + rng.IntN(size-4)
+	return addrAt(subnet, uint32(2+rng.IntN(size-4)))
+}
+
+// addrAt is the address off past the start of an IPv4 subnet.
+func addrAt(subnet netip.Prefix, off uint32) netip.Addr {
+	a := subnet.Addr().As4()
 	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
-	v += uint32(off)
+	v += off
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
@@ -1110,15 +1114,12 @@ func unheld(v *View, subnet netip.Prefix, want netip.Addr) (netip.Prefix, netip.
 		if v.Network(sn) == nil || v.Deleted(sn) {
 			continue
 		}
-		base := sn.Addr().As4()
-		b := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
-		w := want.As4()
-		off := (uint32(w[3]) | uint32(w[2])<<8) % (1 << (32 - sn.Bits()))
 		size := uint32(1) << (32 - sn.Bits())
+		w := want.As4()
+		off := (uint32(w[3]) | uint32(w[2])<<8) % size
 		for step := uint32(0); step < size; step += 16 {
-			x := b + (off+step)%size
-			a := netip.AddrFrom4([4]byte{byte(x >> 24), byte(x >> 16), byte(x >> 8), byte(x)})
-			if x&0xff == 0 || x&0xff == 255 {
+			a := addrAt(sn, (off+step)%size)
+			if last := a.As4()[3]; last == 0 || last == 255 {
 				continue
 			}
 			if _, _, held := v.Owner(sn, a); !held {
