@@ -385,6 +385,14 @@ func (r *CaseResult) summarize() {
 	r.EngineSecPerGB = pick(func(m Run) float64 { return m.EngineSecPerGB })
 }
 
+// underlayName names an underlay setting in the targets.
+func underlayName(gro bool) string {
+	if gro {
+		return "underlay with GRO on"
+	}
+	return "the lab's underlay"
+}
+
 // dataCase is the named case on the underlay as the lab makes it.
 func (r *Report) dataCase(name string) *CaseResult { return r.dataCaseOn(name, false) }
 
@@ -421,11 +429,7 @@ func (r *Report) check() []Target {
 		if wm == nil || wg == nil || len(wm.Runs) == 0 || len(wg.Runs) == 0 {
 			continue
 		}
-		under := "the lab's underlay"
-		if gro {
-			under = "underlay with GRO on"
-		}
-		t = append(t, target(fmt.Sprintf("wgmesh ahead of standalone wireguard-go, %s (1 / 4 streams, medians)", under),
+		t = append(t, target(fmt.Sprintf("wgmesh ahead of standalone wireguard-go, %s (1 / 4 streams, medians)", underlayName(gro)),
 			fmt.Sprintf("%.1f %% / %.1f %%", wm.TCP1Gbps/wg.TCP1Gbps*100, wm.TCP4Gbps/wg.TCP4Gbps*100),
 			wm.TCP1Gbps > wg.TCP1Gbps && wm.TCP4Gbps > wg.TCP4Gbps))
 	}
@@ -435,12 +439,8 @@ func (r *Report) check() []Target {
 			if wm == nil || len(wm.Runs) == 0 || u.SecPerGB == 0 {
 				continue
 			}
-			under := "the lab's underlay"
-			if u.GRO {
-				under = "underlay with GRO on"
-			}
 			x := wm.CPUSecPerGB / u.SecPerGB
-			t = append(t, target(fmt.Sprintf("wgmesh within 2× of the machine's limit in CPU per GB, %s", under),
+			t = append(t, target(fmt.Sprintf("wgmesh within 2× of the machine's limit in CPU per GB, %s", underlayName(u.GRO)),
 				fmt.Sprintf("%.1f× (%.2f against %.2f s/GB)", x, wm.CPUSecPerGB, u.SecPerGB), x <= 2))
 		}
 	}
