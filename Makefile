@@ -29,7 +29,13 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build bench-agent lab vm deps demo test check staticcheck unit fuzz e2e vmtest bench bench-smoke baseline prev soak mutate docs lint tidy-check plugin clean
+.PHONY: build bench-agent lab vm deps demo test test-prereqs check staticcheck unit unit-run fuzz e2e vmtest vmtest-run bench bench-smoke bench-smoke-run baseline prev soak mutate docs lint tidy-check plugin clean
+
+# Where the suites leave their JSON test events, for make test's list of
+# the slowest tests.
+TEST_LOGS ?= bin/testlogs
+export TEST_LOGS
+GOTESTSUM := test/tools/gotestsum
 
 build: ## static agent binary in bin/wgmesh
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/wgmesh ./cmd/wgmesh
@@ -51,8 +57,13 @@ deps: ## install missing Debian packages
 demo: deps build lab ## three hosts with dockerd + wgmesh, cross-host ping, wgmesh status
 	bin/wgmesh-lab demo -binary bin/wgmesh
 
-test: deps check unit fuzz e2e vmtest bench-smoke ## every test
+# The suites run side by side (test/run-suites.sh says why), so every
+# binary they use is built before any starts.
+test: deps check test-prereqs ## every test
+	test/run-suites.sh
 	@echo "make test: all passed"
+
+test-prereqs: build lab vm bench-agent prev baseline bin/wireguard-go
 
 check: tidy-check lint staticcheck
 
@@ -78,11 +89,15 @@ lint: ## gofmt and go vet
 docs: ## docs/flags.md from the agent's own flags (TestFlagsDoc fails when it is out of date)
 	$(GO) test ./cmd/wgmesh -count=1 -run '^TestFlagsDoc$$' -update-docs
 
-tidy-check: ## go.mod and go.sum are tidy
+tidy-check: ## go.mod and go.sum are tidy, the repository's and test/tools'
 	$(GO) mod tidy -diff
+	cd test/tools && $(GO) mod tidy -diff
 
-unit: prev ## unit tests with the race detector; as root also the namespace tests
-	$(PREV_ENV) $(GO) test -race -count=1 ./...
+unit: prev unit-run ## unit tests with the race detector; as root also the namespace tests
+
+unit-run:
+	mkdir -p $(TEST_LOGS)
+	$(PREV_ENV) $(GOTESTSUM) --format pkgname-and-test-fails --jsonfile $(TEST_LOGS)/unit.json -- -race -count=1 ./...
 
 fuzz: ## every fuzzer for FUZZTIME
 	for pkg in $(FUZZ_PKGS); do \
@@ -99,8 +114,10 @@ e2e: ## end-to-end suite against three real dockerd (root), once per engine in E
 		dir=; \
 		if [ "$$engine" = 29 ]; then dir=$$(.ci/engine29.sh); fi; \
 		echo "e2e: engine $$engine"; \
+		mkdir -p $(TEST_LOGS); \
 		WGMESH_E2E_ENGINE=$$engine WGMESH_E2E_ENGINE_DIR=$$dir WGMESH_E2E_COMPOSE=$$compose \
-			$(GO) test -tags e2e -count=1 -v -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' || \
+			$(GOTESTSUM) --format standard-verbose --jsonfile $(TEST_LOGS)/e2e-$$engine.json -- \
+			-tags e2e -count=1 -timeout 30m ./test/e2e/ 2>&1 | grep -v -E '^(=== (RUN|PAUSE|CONT))' || \
 			failed="$$failed $$engine"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "e2e: failed on engine(s)$$failed"; exit 1; fi
@@ -112,15 +129,19 @@ e2e: ## end-to-end suite against three real dockerd (root), once per engine in E
 # kernel test fails there (WGMESH_REQUIRE_KERNEL_WG), and the agents of
 # the integration tests run kernel WireGuard (WGMESH_WG_MODE).
 VMTEST_TIMEOUT ?= 25m
-vmtest: deps build vm prev ## data-plane and integration tests with kernel WireGuard, in a VM
-	mkdir -p bin/vmtest
+vmtest: deps build vm prev vmtest-run ## data-plane and integration tests with kernel WireGuard, in a VM
+
+# The VM's console, whole, goes to $(TEST_LOGS)/vmtest.out for
+# test/run-suites.sh to read the tests' times from.
+vmtest-run:
+	mkdir -p bin/vmtest $(TEST_LOGS)
 	$(GO) test -c -o bin/vmtest/linux.test ./driver/dataplane/linux
 	$(GO) test -c -o bin/vmtest/integration.test ./test/integration
 	bin/wgmesh-vm -timeout $(VMTEST_TIMEOUT) -log bin/vmtest/console.log \
 		-env WGMESH_REQUIRE_KERNEL_WG=1 -env WGMESH_WG_MODE=kernel -env WGMESH_BINARY=$(CURDIR)/bin/wgmesh -env $(PREV_ENV) \
 		-- -C driver/dataplane/linux bin/vmtest/linux.test -test.v -test.count=1 -test.timeout 10m \
 		--- -C test/integration bin/vmtest/integration.test -test.v -test.count=1 -test.timeout 15m \
-		| grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))'
+		| tee $(TEST_LOGS)/vmtest.out | grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))'
 
 plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCKER_HOST
 	rm -rf bin/plugin && mkdir -p bin/plugin/rootfs
@@ -200,7 +221,9 @@ mutate: ## the safety test must catch every deliberate bug of test/mutate
 bench: deps bench-agent lab bin/wireguard-go baseline ## benchmarks side by side; report in bench/results
 	bin/wgmesh-lab bench -binary bin/wgmesh-bench -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out bench/results
 
-bench-smoke: deps bench-agent lab bin/wireguard-go baseline ## one tiny case of every benchmark, so it cannot rot
+bench-smoke: deps bench-agent lab bin/wireguard-go baseline bench-smoke-run ## one tiny case of every benchmark, so it cannot rot
+
+bench-smoke-run:
 	bin/wgmesh-lab bench -smoke -binary bin/wgmesh-bench -wireguard-go bin/wireguard-go $(BENCH_BASELINE) -out $$(mktemp -d)
 
 clean:

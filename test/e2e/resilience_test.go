@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/driver"
+	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/lab"
 )
@@ -519,14 +520,19 @@ func TestNoLeaksAfterStop(t *testing.T) {
 	}
 }
 
-// staleUAPISockets lists wgmesh's WireGuard UAPI sockets made since the
-// suite started that nothing listens on. The directory is the machine's,
-// not the lab's: another lab running at the same time (a benchmark, say)
-// has live sockets there, and one killed before this suite started may
-// have left dead ones. With this lab's agents stopped, a socket of theirs
-// that is left behind is one that refuses connections.
+// staleUAPISockets lists the WireGuard UAPI sockets of this lab's
+// networks made since the suite started that nothing listens on. The
+// directory is the machine's, not the lab's: another lab running at the
+// same time (the e2e suite on the other engine, a benchmark) has sockets
+// there, live or, while it restarts an agent, dead, and one killed before
+// this suite started may have left dead ones. With this lab's agents
+// stopped, a socket of theirs that is left behind is one that refuses
+// connections.
 func staleUAPISockets(since time.Time) []string {
-	socks, _ := filepath.Glob("/var/run/wireguard/wgm*.sock")
+	var socks []string
+	for _, id := range theLab.NetworkIDs() {
+		socks = append(socks, filepath.Join("/var/run/wireguard", dataplane.WireGuardName(id)+".sock"))
+	}
 	var stale []string
 	for _, s := range socks {
 		if fi, err := os.Lstat(s); err != nil || fi.ModTime().Before(since) {

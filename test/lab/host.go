@@ -199,7 +199,11 @@ func (h *Host) Docker(ctx context.Context, args ...string) (string, error) {
 }
 
 func (h *Host) dockerLocked(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, h.lab.cfg.Engine.Docker, append([]string{"-H", "unix://" + h.DockerSock()}, args...)...)
+	out, err := run(ctx, h.lab.cfg.Engine.Docker, append([]string{"-H", "unix://" + h.DockerSock()}, args...)...)
+	if err == nil && len(args) >= 2 && args[0] == "network" && args[1] == "create" {
+		h.lab.noteNetwork(strings.TrimSpace(out))
+	}
+	return out, err
 }
 
 // AgentArgs are the flags StartAgent gives this host's agent.

@@ -160,6 +160,33 @@ type Lab struct {
 	// neighbours are the namespaces AddNeighbour made and Close has not
 	// removed.
 	neighbours []string
+	// networks are the IDs of the networks `docker network create` made
+	// on the lab's hosts.
+	networks map[string]bool
+}
+
+func (l *Lab) noteNetwork(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.networks == nil {
+		l.networks = make(map[string]bool)
+	}
+	l.networks[id] = true
+}
+
+// NetworkIDs lists the IDs of every network created on the lab's hosts
+// through Host.Docker, removed since or not: what a check for leftovers
+// on the machine (outside the lab's namespaces) can tell the lab's own
+// from another lab's running beside it.
+func (l *Lab) NetworkIDs() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ids := make([]string, 0, len(l.networks))
+	for id := range l.networks {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // Host is one simulated host.

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# make test's suites, after its checks and with every binary they use
+# already built (make test-prereqs): nothing here may rebuild a binary that
+# another suite is running.
+#
+# The suites spend most of their time waiting (for dockerd, for memberlist
+# to notice a dead member, for a VM that emulates its CPUs), not computing:
+# a full run kept this machine's two cores about a quarter busy. So the
+# unit tests (then the fuzzers), the e2e suite on each engine and the VM's
+# kernel-WireGuard tests run side by side, each in namespaces and
+# directories of its own. The benchmark smoke run goes last and alone: it
+# times things.
+#
+# Every suite writes its whole output to $TEST_LOGS/<suite>.log; the
+# console gets the same lines, each labelled with its suite. At the end:
+# each suite's time and result, and the ten slowest tests of the run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+logs=${TEST_LOGS:-bin/testlogs}
+make=${MAKE:-make}
+rm -rf "$logs"
+mkdir -p "$logs"
+
+# suite NAME CMD...: runs CMD into $logs/NAME.log, labelled on stdout, and
+# leaves its exit status in NAME.rc and its seconds in NAME.secs.
+suite() {
+	local name=$1 start=$SECONDS rc
+	shift
+	{ "$@" </dev/null 2>&1; echo $? >"$logs/$name.rc"; } |
+		tee "$logs/$name.log" |
+		grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))' |
+		sed -u "s/^/$name | /"
+	rc=$(cat "$logs/$name.rc" 2>/dev/null || echo 1)
+	echo $((SECONDS - start)) >"$logs/$name.secs"
+	echo "$name | ended: exit $rc after $((SECONDS - start))s"
+}
+
+engines=${E2E_ENGINES:-20.10 29}
+suites=(unit)
+suite unit "$make" unit-run fuzz &
+for e in $engines; do
+	suites+=("e2e-$e")
+	suite "e2e-$e" "$make" e2e E2E_ENGINES="$e" &
+done
+suites+=(vmtest)
+suite vmtest "$make" vmtest-run &
+wait
+
+suites+=(bench-smoke)
+suite bench-smoke "$make" bench-smoke-run
+
+echo
+echo "make test: suites"
+failed=
+for s in "${suites[@]}"; do
+	rc=$(cat "$logs/$s.rc" 2>/dev/null || echo 1)
+	secs=$(cat "$logs/$s.secs" 2>/dev/null || echo 0)
+	result=passed
+	if [ "$rc" != 0 ]; then
+		result="FAILED (exit $rc; whole output: $logs/$s.log)"
+		failed="$failed $s"
+	fi
+	printf '  %-12s %3dm%02ds  %s\n' "$s" $((secs / 60)) $((secs % 60)) "$result"
+done
+
+# The ten slowest tests, from the JSON events of the unit and e2e suites
+# and from the VM's console, which test2json turns into the same events.
+if [ -f "$logs/vmtest.out" ]; then
+	go tool test2json -p vmtest <"$logs/vmtest.out" >"$logs/vmtest.json" 2>/dev/null
+fi
+echo
+echo "make test: the ten slowest tests"
+cat "$logs"/*.json >"$logs/events" 2>/dev/null
+test/tools/gotestsum tool slowest --jsonfile "$logs/events" --threshold 1s | head -10 | sed 's/^/  /'
+
+if [ -n "$failed" ]; then
+	echo
+	echo "make test: FAILED:$failed"
+	exit 1
+fi
