@@ -3,17 +3,18 @@
 # already built (make test-prereqs): nothing here may rebuild a binary that
 # another suite is running.
 #
-# The suites spend most of their time waiting (for dockerd, for memberlist
-# to notice a dead member, for a VM that emulates its CPUs), not computing:
-# a full run kept this machine's two cores about a quarter busy. So the
-# unit tests (then the fuzzers), the e2e suite on each engine and the VM's
-# kernel-WireGuard tests run side by side, each in namespaces and
-# directories of its own. The benchmark smoke run goes last and alone: it
-# times things.
+# Most suites spend their time waiting (for dockerd, for memberlist to
+# notice a dead member), not computing: a full run one after another kept
+# this machine's two cores about a quarter busy. So the unit tests (then
+# the fuzzers) and the e2e suite on each engine run side by side, each in
+# namespaces, directories and dockerd of its own. The VM's kernel-WireGuard
+# tests come next, alone: QEMU emulates the guest's CPUs, and beside the
+# others its tests ran three times slower and timed out. The benchmark
+# smoke run goes last and alone too: it times things.
 #
 # Every suite writes its whole output to $TEST_LOGS/<suite>.log; the
 # console gets the same lines, each labelled with its suite. At the end:
-# each suite's time and result, and the ten slowest tests of the run.
+# each suite's time, CPU time and result, and the ten slowest tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,11 +24,20 @@ rm -rf "$logs"
 mkdir -p "$logs"
 
 # suite NAME CMD...: runs CMD into $logs/NAME.log, labelled on stdout, and
-# leaves its exit status in NAME.rc and its seconds in NAME.secs.
+# leaves its exit status in NAME.rc, its seconds in NAME.secs and the CPU
+# seconds of everything it ran in NAME.cpu.
 suite() {
 	local name=$1 start=$SECONDS rc
 	shift
-	{ "$@" </dev/null 2>&1; echo $? >"$logs/$name.rc"; } |
+	{
+		"$@" </dev/null 2>&1
+		echo $? >"$logs/$name.rc"
+		# The second line of times: user and system time of the
+		# children, as 1m2.345s 0m6.789s. (Into a file: in a pipe,
+		# times would run in a subshell that has no children.)
+		times >"$logs/$name.times"
+		sed -n 2p "$logs/$name.times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d\n", u[1]*60 + u[2] + s[1]*60 + s[2] }' >"$logs/$name.cpu"
+	} |
 		tee "$logs/$name.log" |
 		grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))' |
 		sed -u "s/^/$name | /"
@@ -43,9 +53,10 @@ for e in $engines; do
 	suites+=("e2e-$e")
 	suite "e2e-$e" "$make" e2e E2E_ENGINES="$e" &
 done
-suites+=(vmtest)
-suite vmtest "$make" vmtest-run &
 wait
+
+suites+=(vmtest)
+suite vmtest "$make" vmtest-run
 
 suites+=(bench-smoke)
 suite bench-smoke "$make" bench-smoke-run
@@ -56,12 +67,13 @@ failed=
 for s in "${suites[@]}"; do
 	rc=$(cat "$logs/$s.rc" 2>/dev/null || echo 1)
 	secs=$(cat "$logs/$s.secs" 2>/dev/null || echo 0)
+	cpu=$(cat "$logs/$s.cpu" 2>/dev/null || echo 0)
 	result=passed
 	if [ "$rc" != 0 ]; then
 		result="FAILED (exit $rc; whole output: $logs/$s.log)"
 		failed="$failed $s"
 	fi
-	printf '  %-12s %3dm%02ds  %s\n' "$s" $((secs / 60)) $((secs % 60)) "$result"
+	printf '  %-12s %3dm%02ds, CPU %3dm%02ds  %s\n' "$s" $((secs / 60)) $((secs % 60)) $((cpu / 60)) $((cpu % 60)) "$result"
 done
 
 # The ten slowest tests, from the JSON events of the unit and e2e suites
