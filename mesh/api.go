@@ -76,7 +76,7 @@ func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool 
 		// Detached: what it said about its paths no longer holds.
 		e.Seen, e.Relay = netip.AddrPort{}, nil
 	}
-	if ok && e.Port != cur.Port && m.nat.WG[subnet].IsValid() {
+	if ok && e.Port != cur.Port && m.reach.NAT().WG[subnet].IsValid() {
 		e.Seen = netip.AddrPort{}
 	}
 	e.Version = m.versionLocked()
@@ -323,7 +323,7 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 	m.mu.Lock()
 	m.rep.ForgetNode(node)
 	delete(m.live, node)
-	delete(m.obs, node)
+	m.reach.Forget(node)
 	m.touchLocked()
 	m.mu.Unlock()
 	m.gossipNet.Forget(node)

@@ -39,7 +39,7 @@ import (
 // answered names the same one and at least two of them reached it there
 // (one, where only one answered, or where the address is the one
 // confirmed on an earlier start). Nothing else rests on it: the NAT
-// assessment after joining (nat.go) still checks that every observer
+// assessment after joining (mesh/reachability) still checks that every observer
 // sees the node at the address it advertises, and calls it behind NAT
 // if not, as it would have without dialback.
 

@@ -46,6 +46,7 @@ import (
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 	"github.com/wgmesh/wgmesh/mesh/gossipnet"
+	"github.com/wgmesh/wgmesh/mesh/reachability"
 	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
@@ -107,18 +108,19 @@ type Config struct {
 	// RelayPort and RelayPorts are the UDP ports this node relays on
 	// for members that cannot reach each other, RelayPort to
 	// RelayPort+RelayPorts-1; 0 relays nothing. The first answers
-	// members asking how their gossip port is seen (nat.go); the others
-	// carry the relay sessions, which the driver serves. The node offers
-	// them only while members see it at the address it advertises.
+	// members asking how their gossip port is seen (package
+	// reachability); the others carry the relay sessions, which the
+	// driver serves. The node offers them only while members see it at
+	// the address it advertises.
 	RelayPort, RelayPorts uint16
 	// Server and ServerKey say whether this node may vote in consensus
 	// (consensus/servers.go): --server and --server-key-file.
 	Server    consensus.ServerMode
 	ServerKey []byte
 	// PMTUInterval times path MTU probes to each member reached
-	// directly (pmtu.go): a sixth of it between confirmations, ten of it
-	// between searches for a larger value; 0 means 30 s, negative turns
-	// probing off.
+	// directly (package reachability): a sixth of it between
+	// confirmations, ten of it between searches for a larger value; 0
+	// means 30 s, negative turns probing off.
 	PMTUInterval time.Duration
 	// NameTombstoneTTL is how long removed container names are
 	// remembered (names.go); 0 means 5 minutes.
@@ -226,7 +228,7 @@ type Mesh struct {
 	// is given.
 	gossipNet *gossipnet.Transport
 	sockets   *gossipnet.NetTransport
-	pmtu      *pmtuProber
+	pmtu      *reachability.Prober
 	// raftListener is the consensus port's listener.
 	raftListener net.Listener
 	queue        *memberlist.TransmitLimitedQueue
@@ -265,15 +267,8 @@ type Mesh struct {
 	// probeInterval is memberlist's, for the suspect heuristic.
 	probeInterval time.Duration
 	started       time.Time
-
-	// NAT (nat.go): observations of this node by observer, what this
-	// node last told each member it observes, where it sees its peers'
-	// WireGuard handshakes come from, and its judgement of its own NAT.
-	obs          map[string]obsRec
-	sentObs      map[string]sentObs
-	wgSights     map[string]map[netip.Prefix]netip.AddrPort
-	nat          natState
-	reflectAsked map[netip.AddrPort]time.Time
+	// reach judges how members reach this node (reach.go).
+	reach *reachability.Tracker
 }
 
 type outMsg struct {
@@ -317,10 +312,6 @@ func New(cfg Config) (*Mesh, error) {
 		rep:     records.NewReplica(cfg.Name),
 		live:    map[string]liveRecord{},
 		addr:    addr,
-		obs:     map[string]obsRec{},
-		sentObs: map[string]sentObs{},
-
-		reflectAsked: map[netip.AddrPort]time.Time{},
 
 		nameChanges: make(chan struct{}, 1),
 	}
@@ -369,6 +360,8 @@ func New(cfg Config) (*Mesh, error) {
 		l.Close()
 		return nil, err
 	}
+	m.reach = reachability.NewTracker(reachability.Config{Name: cfg.Name, Identity: cfg.Identity,
+		Transport: m.gossipNet, Cluster: reachCluster{m}, Logger: m.log})
 	if tl, ok := l.(*net.TCPListener); ok && cfg.AdvertiseAddr == "" && len(cfg.Join) > 0 {
 		if m.sockets != nil {
 			m.sockets.Start()
@@ -446,7 +439,7 @@ func (m *Mesh) bindGossip() error {
 		interval = 30 * time.Second
 	}
 	if interval > 0 && m.gossipNet.CanProbe() {
-		m.pmtu = newPMTUProber(m.gossipNet, interval, m.rttOf, func() {
+		m.pmtu = reachability.NewProber(m.gossipNet, interval, m.rttOf, func() {
 			m.setListenersMSS()
 			m.touch()
 		})
@@ -511,6 +504,7 @@ func (m *Mesh) versionLocked() uint64 {
 }
 
 func (m *Mesh) setSelfInfoLocked() {
+	nat := m.reach.NAT()
 	m.self = NodeInfo{
 		Name:       m.cfg.Name,
 		ID:         m.cfg.Identity.ID(),
@@ -523,12 +517,12 @@ func (m *Mesh) setSelfInfoLocked() {
 		Leaving:    m.leaving,
 		ClusterID:  m.node.ClusterID(),
 		Features:   records.FeatureHeader | records.FeatureRelayBind | records.FeatureReplayProof | m.cfg.serverFeatures(),
-		NAT:        m.nat.Kind,
+		NAT:        nat.Kind,
 	}
-	if m.nat.Kind.Behind() {
-		m.self.Seen = m.nat.Seen
+	if nat.Kind.Behind() {
+		m.self.Seen = nat.Seen
 	}
-	if m.cfg.RelayPort != 0 && m.nat.Kind == NATNone {
+	if m.cfg.RelayPort != 0 && nat.Kind == NATNone {
 		m.self.RelayPort, m.self.RelayPorts = m.cfg.RelayPort, m.cfg.RelayPorts
 	}
 	m.meta = records.EncodeMeta(records.Sign(m.cfg.Identity, records.PurposeInfo, m.self))
@@ -609,7 +603,7 @@ func (m *Mesh) Run(ctx context.Context) error {
 		m.wg.Add(1)
 		go func() {
 			defer m.wg.Done()
-			m.pmtu.loop(ctx)
+			m.pmtu.Run(ctx)
 		}()
 	}
 
@@ -795,9 +789,9 @@ func (m *Mesh) step(ctx context.Context) error {
 		m.setSelfInfoLocked()
 	}
 	m.reassessNATLocked(now)
-	hints := m.routeHintsLocked()
-	observations := m.outgoingObservationsLocked(now)
-	reflect := m.reflectTargetsLocked(now)
+	hints := m.reach.RouteHints()
+	observations := m.reach.Observations(now)
+	reflect := m.reach.ReflectTargets(now)
 	updateMeta := m.metaStale
 	m.metaStale = false
 	m.pruneNamesLocked(time.Now())
@@ -807,7 +801,7 @@ func (m *Mesh) step(ctx context.Context) error {
 
 	m.gossipNet.SetHints(hints)
 	for _, r := range reflect {
-		m.gossipNet.AskReflection(r.name, r.to)
+		m.gossipNet.AskReflection(r.Name, r.To)
 	}
 
 	if updateMeta {
@@ -904,7 +898,7 @@ func (m *Mesh) View() *View {
 		sightings = m.gossipNet.Sightings()
 	}
 	if m.pmtu != nil {
-		pmtus = m.pmtu.results()
+		pmtus = m.pmtu.Results()
 	}
 	for name, mem := range v.Members {
 		s, seen := sightings[name]

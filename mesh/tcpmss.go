@@ -65,7 +65,7 @@ func (m *Mesh) pathMTUTo(ip netip.Addr) int {
 	if m.gossipNet != nil {
 		sightings = m.gossipNet.Sightings()
 	}
-	pmtus := m.pmtu.results()
+	pmtus := m.pmtu.Results()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	found := 0
@@ -85,7 +85,7 @@ func (m *Mesh) pathMTUTo(ip netip.Addr) int {
 func (m *Mesh) listenMTU() int {
 	mtu := controlMTU
 	if m.pmtu != nil {
-		for _, p := range m.pmtu.results() {
+		for _, p := range m.pmtu.Results() {
 			if p.MTU > 0 {
 				mtu = min(mtu, p.MTU)
 			}

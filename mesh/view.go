@@ -10,6 +10,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/reachability"
 	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
@@ -85,14 +86,14 @@ type Member struct {
 	Sighted   netip.AddrPort
 	SightedAt time.Time
 	// PathMTU is the largest IP packet that crosses from this node to
-	// the member (pmtu.go); 0 if not measured.
+	// the member (package reachability); 0 if not measured.
 	PathMTU int
 }
 
 // Direct reports whether this node hears from the member directly: its
 // gossip arrived from it (not through another member) lately.
 func (m Member) Direct(now time.Time) bool {
-	return m.SightedAt.After(now.Add(-directFor))
+	return m.SightedAt.After(now.Add(-reachability.DirectFor))
 }
 
 // Relay reports whether the member relays for others: it offers relay

@@ -14,8 +14,8 @@
 // must know of members (their published addresses, NAT status, header
 // versions, identities and generations) the caller hands it as
 // RouteHints; what it learns (sightings, reflections) the caller reads
-// back. Deciding from these (NAT assessment, the path MTU search, which
-// address to advertise after a dialback) is mesh's. The bytes on the
-// wire are shared with every agent version in a rolling upgrade: change
-// them only with a new header version.
+// back. Deciding from these is mesh/reachability's (NAT assessment, the
+// path MTU search) and mesh's (which address to advertise after a
+// dialback). The bytes on the wire are shared with every agent version
+// in a rolling upgrade: change them only with a new header version.
 package gossipnet

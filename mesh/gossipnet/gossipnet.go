@@ -52,7 +52,7 @@ import (
 // window.
 //
 // The same header carries path MTU probes and their acknowledgements
-// (Probe; mesh/pmtu.go runs the search), so that probes use the gossip
+// (Probe; mesh/reachability runs the search), so that probes use the gossip
 // port and its NAT mappings.
 //
 // Streams (TCP) pass through untouched. A member behind NAT cannot be

@@ -12,8 +12,8 @@ import (
 
 // Path MTU probes: sealed packets of a chosen size sent from the gossip
 // port with DF set (NetTransport's second socket), which the member
-// acknowledges from its gossip socket. mesh/pmtu.go decides what to
-// probe and when.
+// acknowledges from its gossip socket. mesh/reachability decides what
+// to probe and when.
 
 // CanProbe reports whether the transport can send path MTU probes: its
 // inner transport is a DFWriter.

@@ -11,7 +11,7 @@ import (
 // Reflection: a node asks a relay, at a port of the relay's other than
 // its gossip port, where the node's gossip port's packets come from.
 // What that destination sees against what the gossip port's peers see
-// tells mesh's NAT assessment (mesh/nat.go) a NAT that maps each
+// tells the NAT assessment (mesh/reachability) a NAT that maps each
 // destination to a port of its own from one that keeps one mapping.
 // Requests and answers are sealed; an answer is believed only as the
 // answer to a request this node made.

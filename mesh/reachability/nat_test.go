@@ -1,8 +1,10 @@
-package mesh
+package reachability
 
 import (
 	"net/netip"
 	"testing"
+
+	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
 func TestAssessNAT(t *testing.T) {
@@ -14,25 +16,25 @@ func TestAssessNAT(t *testing.T) {
 		name   string
 		gossip []netip.AddrPort
 		wg     []netip.AddrPort
-		want   natState
+		want   NAT
 	}{
-		{"no observer", nil, nil, natState{}},
-		{"reachable", []netip.AddrPort{local, local}, []netip.AddrPort{ap("10.0.0.5:51820")}, natState{Kind: NATNone}},
+		{"no observer", nil, nil, NAT{}},
+		{"reachable", []netip.AddrPort{local, local}, []netip.AddrPort{ap("10.0.0.5:51820")}, NAT{Kind: records.NATNone}},
 		{"port preserved", []netip.AddrPort{ap("203.0.113.7:7946"), ap("203.0.113.7:7946")}, []netip.AddrPort{ap("203.0.113.7:51820")},
-			natState{Kind: NATConsistent, Seen: ap("203.0.113.7:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:51820")}}},
+			NAT{Kind: records.NATConsistent, Seen: ap("203.0.113.7:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:51820")}}},
 		{"consistent mapping to another port", []netip.AddrPort{ap("203.0.113.7:1044"), ap("203.0.113.7:1044")}, nil,
-			natState{Kind: NATConsistent, Seen: ap("203.0.113.7:1044")}},
+			NAT{Kind: records.NATConsistent, Seen: ap("203.0.113.7:1044")}},
 		{"a port per destination", []netip.AddrPort{ap("203.0.113.7:31000"), ap("203.0.113.7:14121"), ap("203.0.113.7:31000")}, []netip.AddrPort{ap("203.0.113.7:5555")},
-			natState{Kind: NATSymmetric, Seen: ap("203.0.113.7:31000"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:5555")}}},
+			NAT{Kind: records.NATSymmetric, Seen: ap("203.0.113.7:31000"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:5555")}}},
 		{"seen directly inside, mapped outside", []netip.AddrPort{local, ap("203.0.113.7:7946")}, []netip.AddrPort{ap("10.0.0.5:51820"), ap("203.0.113.7:51820")},
-			natState{Kind: NATConsistent, Seen: ap("203.0.113.7:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:51820")}}},
+			NAT{Kind: records.NATConsistent, Seen: ap("203.0.113.7:7946"), WG: map[netip.Prefix]netip.AddrPort{subnet: ap("203.0.113.7:51820")}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			wg := map[netip.Prefix][]netip.AddrPort{}
 			if c.wg != nil {
 				wg[subnet] = c.wg
 			}
-			if got := assessNAT(local, c.gossip, wgLocal, wg); !got.equal(c.want) {
+			if got := assess(local, c.gossip, wgLocal, wg); !got.Equal(c.want) {
 				t.Fatalf("got %+v, want %+v", got, c.want)
 			}
 		})

@@ -1,4 +1,4 @@
-package mesh
+package reachability
 
 import (
 	"context"
@@ -15,7 +15,8 @@ import (
 )
 
 // pipeTransport is a NodeAwareTransport that keeps the last packet
-// written and lets the test feed packets in.
+// written and lets the test feed packets in (a smaller copy of
+// gossipnet's).
 type pipeTransport struct {
 	memberlist.NodeAwareTransport
 	in   chan *memberlist.Packet
@@ -106,7 +107,7 @@ type probePair struct {
 	bAddr  netip.AddrPort
 	aPipe  *pipeTransport
 	bPipe  *pipeTransport
-	prober *pmtuProber
+	prober *Prober
 }
 
 func newProbePair(t *testing.T, mtu int, interval time.Duration) *probePair {
@@ -142,7 +143,7 @@ func newProbePair(t *testing.T, mtu int, interval time.Duration) *probePair {
 		_ = b.Shutdown()
 	})
 	pp := &probePair{a: a, b: b, path: path, bAddr: netip.MustParseAddrPort(bAddr.String()), aPipe: aPipe, bPipe: bPipe}
-	pp.prober = newPMTUProber(a, interval, func(string) time.Duration { return 0 }, nil)
+	pp.prober = NewProber(a, interval, func(string) time.Duration { return 0 }, nil)
 	return pp
 }
 
@@ -163,10 +164,10 @@ func (pp *probePair) heard(t *testing.T, at time.Time) {
 	}
 }
 
-func waitMTU(p *pmtuProber, name string, want int, limit time.Duration) (time.Duration, bool) {
+func waitMTU(p *Prober, name string, want int, limit time.Duration) (time.Duration, bool) {
 	start := time.Now()
 	for time.Since(start) < limit {
-		if p.results()[name].MTU == want {
+		if p.Results()[name].MTU == want {
 			return time.Since(start), true
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -185,7 +186,7 @@ func TestAllProbesLostKeepsMTU(t *testing.T) {
 	if err := pp.prober.check(context.Background(), "b", pp.bAddr, st); err != nil {
 		t.Fatal(err)
 	}
-	if got := pp.prober.results()["b"].MTU; got != 1400 {
+	if got := pp.prober.Results()["b"].MTU; got != 1400 {
 		t.Fatalf("after a search with every probe lost the path MTU is %d, want the last good 1400", got)
 	}
 }
@@ -200,13 +201,13 @@ func TestPathMTUOutlivesDirectGossip(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		pp.prober.loop(ctx)
+		pp.prober.Run(ctx)
 		close(done)
 	}()
 	time.Sleep(1500 * time.Millisecond)
 	cancel()
 	<-done
-	if got := pp.prober.results()["b"].MTU; got != 1400 {
+	if got := pp.prober.Results()["b"].MTU; got != 1400 {
 		t.Fatalf("path MTU %d after 3 minutes without direct gossip, want the last 1400", got)
 	}
 }
@@ -222,7 +223,7 @@ func TestShrinkNoticedWithin10s(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		pp.prober.loop(ctx)
+		pp.prober.Run(ctx)
 		close(done)
 	}()
 	defer func() {
@@ -230,20 +231,21 @@ func TestShrinkNoticedWithin10s(t *testing.T) {
 		<-done
 	}()
 	if took, ok := waitMTU(pp.prober, "b", 1400, 5*time.Second); !ok {
-		t.Fatalf("path MTU not found in %s: %+v", took, pp.prober.results())
+		t.Fatalf("path MTU not found in %s: %+v", took, pp.prober.Results())
 	}
 	pp.path.setMTU(1300)
 	took, ok := waitMTU(pp.prober, "b", 1300, 15*time.Second)
 	if !ok || took > 10*time.Second {
-		t.Fatalf("a shrink from 1400 to 1300 noticed: %v, after %s (want within 10 s); now %+v", ok, took.Round(time.Millisecond), pp.prober.results())
+		t.Fatalf("a shrink from 1400 to 1300 noticed: %v, after %s (want within 10 s); now %+v", ok, took.Round(time.Millisecond), pp.prober.Results())
 	}
 	t.Logf("a shrink from 1400 to 1300 noticed after %s", took.Round(time.Millisecond))
 }
 
 // simProber is a prober on a simulated clock and path: each probe takes
-// the round trip when acknowledged, the whole timeout when lost.
+// the round trip when acknowledged, the whole timeout when lost. It is
+// the prober's Transport.
 type simProber struct {
-	p       *pmtuProber
+	p       *Prober
 	now     time.Time
 	mtu     int
 	lose    int // the next lose probes are lost whatever their size
@@ -254,26 +256,29 @@ type simProber struct {
 
 func newSimProber(to netip.AddrPort, mtu int, rtt time.Duration) *simProber {
 	s := &simProber{now: time.Unix(1_000_000, 0), mtu: mtu, to: to, rtt: rtt}
-	s.p = &pmtuProber{interval: 30 * time.Second, confirmEvery: confirmEvery(30 * time.Second),
-		rtt: func(string) time.Duration { return s.rtt },
-		sightings: func() map[string]gossipnet.Sighting {
-			return map[string]gossipnet.Sighting{"b": {Addr: s.to, At: s.now}}
-		},
-		probe: func(_ context.Context, _ string, _ netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
-			s.packets += copies
-			if s.lose > 0 || size > s.mtu {
-				s.lose = max(s.lose-1, 0)
-				s.now = s.now.Add(timeout)
-				return false, nil
-			}
-			s.now = s.now.Add(s.rtt)
-			return true, nil
-		},
-		fits:  func(string, netip.AddrPort, int) bool { return true },
-		now:   func() time.Time { return s.now },
-		paths: map[string]*pathState{}}
+	s.p = NewProber(s, 30*time.Second, func(string) time.Duration { return s.rtt }, nil)
+	s.p.now = func() time.Time { return s.now }
 	return s
 }
+
+func (s *simProber) Sightings() map[string]gossipnet.Sighting {
+	return map[string]gossipnet.Sighting{"b": {Addr: s.to, At: s.now}}
+}
+
+func (s *simProber) Reflections() map[string]gossipnet.Sighting { return nil }
+
+func (s *simProber) Probe(_ context.Context, _ string, _ netip.AddrPort, size, copies int, timeout time.Duration) (bool, error) {
+	s.packets += copies
+	if s.lose > 0 || size > s.mtu {
+		s.lose = max(s.lose-1, 0)
+		s.now = s.now.Add(timeout)
+		return false, nil
+	}
+	s.now = s.now.Add(s.rtt)
+	return true, nil
+}
+
+func (s *simProber) Fits(string, netip.AddrPort, int) bool { return true }
 
 // run advances the simulation by d, a round every second as loop does,
 // and returns how long it took until cond held (d if never).
@@ -295,7 +300,7 @@ func (s *simProber) run(t *testing.T, d time.Duration, cond func() bool) time.Du
 func TestProberOnSimulatedClock(t *testing.T) {
 	to := netip.MustParseAddrPort("198.51.100.2:7946")
 	s := newSimProber(to, 1400, 20*time.Millisecond)
-	mtu := func() int { return s.p.results()["b"].MTU }
+	mtu := func() int { return s.p.Results()["b"].MTU }
 	s.run(t, 3*time.Second, func() bool { return mtu() == 1400 })
 	if mtu() != 1400 {
 		t.Fatalf("found %d, want 1400", mtu())
@@ -359,7 +364,7 @@ func TestProberOnSimulatedClock(t *testing.T) {
 	}{{"198.51.100.3:7946", 576}, {"[2001:db8::3]:7946", 1280}} {
 		s := newSimProber(netip.MustParseAddrPort(c.to), 0, 20*time.Millisecond)
 		s.run(t, 5*time.Second, nil)
-		if got := s.p.results()["b"].MTU; got != c.want {
+		if got := s.p.Results()["b"].MTU; got != c.want {
 			t.Fatalf("%s, every probe lost: %d, want %d", c.to, got, c.want)
 		}
 	}

@@ -1,4 +1,4 @@
-package mesh
+package reachability
 
 import (
 	"context"
@@ -52,9 +52,10 @@ const (
 	pmtuGranularity = 1
 	pmtuMaxSize     = 9000
 	growEvery       = 10
-	// directFor is how recently a member's packets must have arrived
-	// directly for it to be probed.
-	directFor = 30 * time.Second
+	// DirectFor is how recently a member's packets must have arrived
+	// directly for it to count as reached directly: probed, and
+	// observed.
+	DirectFor = 30 * time.Second
 )
 
 func minProbe(a netip.Addr) int {
@@ -144,8 +145,10 @@ func tryProbe(ctx context.Context, probe probeFunc, size int, good, bad *int) er
 	return nil
 }
 
-// pmtuProber measures the path MTU to every member reached directly.
-type pmtuProber struct {
+// Prober measures the path MTU to every member reached directly. It
+// calls rtt and changed without holding its lock, and Results may be
+// called with any lock held.
+type Prober struct {
 	interval time.Duration
 	// confirmEvery: how often a known value is confirmed.
 	confirmEvery time.Duration
@@ -153,12 +156,8 @@ type pmtuProber struct {
 	rtt func(name string) time.Duration
 	// changed is called when a member's path MTU changes.
 	changed func()
-
-	// The transport, and seams for tests.
-	sightings func() map[string]gossipnet.Sighting
-	probe     func(ctx context.Context, name string, to netip.AddrPort, size, copies int, timeout time.Duration) (bool, error)
-	fits      func(name string, to netip.AddrPort, size int) bool
-	now       func() time.Time
+	t       Transport
+	now     func() time.Time
 
 	mu    sync.Mutex
 	paths map[string]*pathState
@@ -175,9 +174,12 @@ type pathState struct {
 	to   netip.AddrPort
 }
 
-func newPMTUProber(t *gossipnet.Transport, interval time.Duration, rtt func(string) time.Duration, changed func()) *pmtuProber {
-	return &pmtuProber{interval: interval, confirmEvery: confirmEvery(interval), rtt: rtt, changed: changed,
-		sightings: t.Sightings, probe: t.Probe, fits: t.Fits, now: time.Now, paths: map[string]*pathState{}}
+// NewProber returns a prober over t that searches every interval (see
+// above); rtt gives the gossip round trip to a member (0: unknown), and
+// changed, if not nil, is called when a member's path MTU changes.
+func NewProber(t Transport, interval time.Duration, rtt func(name string) time.Duration, changed func()) *Prober {
+	return &Prober{interval: interval, confirmEvery: confirmEvery(interval), rtt: rtt, changed: changed,
+		t: t, now: time.Now, paths: map[string]*pathState{}}
 }
 
 // confirmEvery is how often a known path MTU is confirmed, for a given
@@ -188,8 +190,8 @@ func confirmEvery(interval time.Duration) time.Duration {
 	return max(interval/6, time.Second)
 }
 
-// results returns the path MTU of each member measured.
-func (p *pmtuProber) results() map[string]PathMTU {
+// Results returns the path MTU of each member measured.
+func (p *Prober) Results() map[string]PathMTU {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make(map[string]PathMTU, len(p.paths))
@@ -201,8 +203,8 @@ func (p *pmtuProber) results() map[string]PathMTU {
 	return out
 }
 
-// loop probes until ctx is done.
-func (p *pmtuProber) loop(ctx context.Context) {
+// Run probes until ctx is done.
+func (p *Prober) Run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -219,9 +221,9 @@ func (p *pmtuProber) loop(ctx context.Context) {
 
 // round works through the members due, one at a time, so that it never
 // sends more than a few probes at once.
-func (p *pmtuProber) round(ctx context.Context) error {
+func (p *Prober) round(ctx context.Context) error {
 	now := p.now()
-	sightings := p.sightings()
+	sightings := p.t.Sightings()
 	p.mu.Lock()
 	for name := range p.paths {
 		// Only a member forgotten loses its value (see above).
@@ -232,7 +234,7 @@ func (p *pmtuProber) round(ctx context.Context) error {
 	p.mu.Unlock()
 	for _, name := range slices.Sorted(maps.Keys(sightings)) {
 		s := sightings[name]
-		if now.Sub(s.At) > directFor {
+		if now.Sub(s.At) > DirectFor {
 			continue
 		}
 		p.mu.Lock()
@@ -254,11 +256,11 @@ func (p *pmtuProber) round(ctx context.Context) error {
 }
 
 // check confirms or searches the path MTU to one member.
-func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, st *pathState) error {
+func (p *Prober) check(ctx context.Context, name string, to netip.AddrPort, st *pathState) error {
 	timeout := 4 * p.rtt(name)
 	timeout = min(max(timeout, 150*time.Millisecond), time.Second)
-	probe := func(ctx context.Context, size int) (bool, error) { return p.probe(ctx, name, to, size, 2, timeout) }
-	fits := func(size int) bool { return p.fits(name, to, size) }
+	probe := func(ctx context.Context, size int) (bool, error) { return p.t.Probe(ctx, name, to, size, 2, timeout) }
+	fits := func(size int) bool { return p.t.Fits(name, to, size) }
 	p.mu.Lock()
 	prev, local, grown := st.MTU, st.local, st.grown
 	moved := st.to != to
@@ -285,7 +287,7 @@ func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, 
 		}
 	default:
 		var ok bool
-		ok, err = p.probe(ctx, name, to, prev, 1, timeout)
+		ok, err = p.t.Probe(ctx, name, to, prev, 1, timeout)
 		if err == nil && !ok {
 			// One datagram lost is no shrink: again, twice.
 			ok, err = probe(ctx, prev)
@@ -339,7 +341,7 @@ func (p *pmtuProber) check(ctx context.Context, name string, to netip.AddrPort, 
 // keep is the path MTU after a search that found found: that, else
 // (nothing acknowledged: the path is down, not small) the last value,
 // else the protocol's minimum.
-func (p *pmtuProber) keep(found, prev, lo int) int {
+func (p *Prober) keep(found, prev, lo int) int {
 	switch {
 	case found > 0:
 		return found

@@ -1,0 +1,95 @@
+package mesh
+
+import (
+	"iter"
+	"net/netip"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/mesh/reachability"
+	"github.com/wgmesh/wgmesh/mesh/records"
+)
+
+// How members reach this node, and how large a packet reaches them, is
+// package reachability's to judge; publishing the judgement in this
+// node's signed records and sending its observations is done here.
+
+// PathMTU is the path MTU to a member (reachability.PathMTU).
+type PathMTU = reachability.PathMTU
+
+// reachCluster is what the reachability tracker reads of the mesh. The
+// tracker is called with m.mu held, and so are these.
+type reachCluster struct{ m *Mesh }
+
+var _ reachability.Cluster = reachCluster{}
+
+func (c reachCluster) IdentityOf(name string) (crypto.NodeID, bool) {
+	return c.m.rep.IdentityOf(name, c.m.bound)
+}
+func (c reachCluster) Refuse(reason string)                      { c.m.rep.Refuse(reason) }
+func (c reachCluster) Info(name string) (records.NodeInfo, bool) { return c.m.rep.Info(name) }
+func (c reachCluster) Infos() iter.Seq2[string, records.NodeInfo] {
+	return c.m.rep.Infos()
+}
+func (c reachCluster) Reachable(name string) bool { return c.m.live[name].state.Reachable() }
+func (c reachCluster) Version() uint64            { return c.m.versionLocked() }
+
+// receiveObservation takes an observation of this node from its observer.
+func (m *Mesh) receiveObservation(s records.Signed) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.reach.Receive(s, time.Now())
+}
+
+// SetWGSightings tells the mesh where this node sees its WireGuard peers'
+// handshakes come from: by peer, by network. The mesh passes each peer
+// what it sees of it.
+func (m *Mesh) SetWGSightings(s map[string]map[netip.Prefix]netip.AddrPort) {
+	m.mu.Lock()
+	m.reach.SetWGSightings(s)
+	m.mu.Unlock()
+}
+
+// reassessNATLocked judges this node's NAT from what its observers and
+// relays report, and publishes a change.
+func (m *Mesh) reassessNATLocked(now time.Time) {
+	wgLocal := map[netip.Prefix]netip.AddrPort{}
+	for e := range m.rep.Entries() {
+		if e.Node == m.cfg.Name && e.Port != 0 {
+			wgLocal[e.Subnet] = netip.AddrPortFrom(m.addr, e.Port)
+		}
+	}
+	if !m.reach.Reassess(now, netip.AddrPortFrom(m.addr, uint16(m.cfg.BindPort)), wgLocal) {
+		return
+	}
+	st := m.reach.NAT()
+	m.setSelfInfoLocked()
+	for cur := range m.rep.Entries() {
+		if cur.Node == m.cfg.Name && cur.Seen != st.WG[cur.Subnet] {
+			m.updateOwnLocked(cur.Subnet, func(e *NetworkEntry) { e.Seen = st.WG[cur.Subnet] })
+		}
+	}
+}
+
+// sendDirect sends messages to single members, best effort, by the
+// address nodeEvent copied (see send: memberlist's live *Node is not
+// safe to read).
+func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []reachability.Message) {
+	if ml == nil || len(msgs) == 0 {
+		return
+	}
+	for _, msg := range msgs {
+		m.mu.Lock()
+		rec, ok := m.live[msg.To]
+		m.mu.Unlock()
+		if !ok || rec.addr == "" {
+			continue
+		}
+		if err := ml.SendToAddress(memberlist.Address{Addr: rec.addr, Name: msg.To}, msg.Data); err != nil {
+			m.log.Debug("sending an observation", "peer", msg.To, "err", err)
+		}
+		m.stats.sent(len(msg.Data))
+	}
+}
