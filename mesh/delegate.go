@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -266,46 +265,4 @@ func (d *delegate) NotifyConflict(existing, other *memberlist.Node) {
 	d.m.log.Error("two hosts use the same node name; give each a unique --node-name and a state directory of its own",
 		"name", existing.Name, "addr", existing.Addr.String(), "other_addr", other.Addr.String())
 	d.m.problems.conflict(existing.Name, existing.Addr.String(), other.Addr.String())
-}
-
-// broadcast is a gossip message; a newer one with the same name replaces
-// an older one still in the queue.
-type broadcast struct {
-	name string
-	msg  []byte
-}
-
-var _ memberlist.NamedBroadcast = (*broadcast)(nil)
-
-func (b *broadcast) Invalidates(other memberlist.Broadcast) bool {
-	o, ok := other.(*broadcast)
-	return ok && o.name == b.name
-}
-func (b *broadcast) Name() string    { return b.name }
-func (b *broadcast) Message() []byte { return b.msg }
-func (b *broadcast) Finished()       {}
-
-// gossipStats counts wgmesh's own gossip payload (not memberlist's probes).
-// The name counters count the part of it that is name records: messages
-// sent (broadcast, relayed or direct) and received, and the bytes of the
-// records (data and signature) in the push/pull states sent.
-type gossipStats struct {
-	sentMsgs, sentBytes, recvMsgs, recvBytes atomic.Uint64
-
-	nameSentMsgs, nameSentBytes, nameRecvMsgs, nameRecvBytes, nameStateBytes atomic.Uint64
-}
-
-func (s *gossipStats) nameSent(n int) {
-	s.nameSentMsgs.Add(1)
-	s.nameSentBytes.Add(uint64(n))
-}
-
-func (s *gossipStats) sent(n int) {
-	s.sentMsgs.Add(1)
-	s.sentBytes.Add(uint64(n))
-}
-
-func (s *gossipStats) received(n int) {
-	s.recvMsgs.Add(1)
-	s.recvBytes.Add(uint64(n))
 }

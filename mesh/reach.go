@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/hashicorp/memberlist"
-
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/reachability"
 	"github.com/wgmesh/wgmesh/mesh/records"
@@ -70,26 +68,5 @@ func (m *Mesh) reassessNATLocked(now time.Time) {
 		if cur.Node == m.cfg.Name && cur.Seen != st.WG[cur.Subnet] {
 			m.updateOwnLocked(cur.Subnet, func(e *NetworkEntry) { e.Seen = st.WG[cur.Subnet] })
 		}
-	}
-}
-
-// sendDirect sends messages to single members, best effort, by the
-// address nodeEvent copied (see send: memberlist's live *Node is not
-// safe to read).
-func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []reachability.Message) {
-	if ml == nil || len(msgs) == 0 {
-		return
-	}
-	for _, msg := range msgs {
-		m.mu.Lock()
-		rec, ok := m.live[msg.To]
-		m.mu.Unlock()
-		if !ok || rec.addr == "" {
-			continue
-		}
-		if err := ml.SendToAddress(memberlist.Address{Addr: rec.addr, Name: msg.To}, msg.Data); err != nil {
-			m.log.Debug("sending an observation", "peer", msg.To, "err", err)
-		}
-		m.stats.sent(len(msg.Data))
 	}
 }

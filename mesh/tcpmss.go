@@ -134,3 +134,17 @@ func setListenerMSS(l net.Listener, mtu int) error {
 	}
 	return setMSS(rc, mssFor(mtu, ip))
 }
+
+// setListenersMSS sets the MSS of the TCP listeners for the path MTUs
+// now known (tcpmss.go).
+func (m *Mesh) setListenersMSS() {
+	mtu := m.listenMTU()
+	for _, l := range []net.Listener{m.raftListener, m.sockets.Listener()} {
+		if l == nil {
+			continue
+		}
+		if err := setListenerMSS(l, mtu); err != nil {
+			m.log.Debug("setting the MSS of a listener", "addr", l.Addr().String(), "err", err)
+		}
+	}
+}

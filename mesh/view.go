@@ -10,6 +10,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/mesh/gossipnet"
 	"github.com/wgmesh/wgmesh/mesh/reachability"
 	"github.com/wgmesh/wgmesh/mesh/records"
 )
@@ -318,4 +319,59 @@ func buildView(self string, cat *catalog.State, r *records.Replica, selfInfo Nod
 		return cmp.Or(cmp.Compare(a.Relay, b.Relay), a.Subnet.Addr().Compare(b.Subnet.Addr()), cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B))
 	})
 	return v
+}
+
+// View returns a snapshot of the mesh as this node sees it.
+func (m *Mesh) View() *View {
+	cat := m.node.FSM().State()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v := buildView(m.cfg.Name, cat, m.rep, m.self, m.live)
+	var sightings map[string]gossipnet.Sighting
+	var pmtus map[string]PathMTU
+	if m.gossipNet != nil {
+		sightings = m.gossipNet.Sightings()
+	}
+	if m.pmtu != nil {
+		pmtus = m.pmtu.Results()
+	}
+	for name, mem := range v.Members {
+		s, seen := sightings[name]
+		p, measured := pmtus[name]
+		if !seen && !measured {
+			continue
+		}
+		mem.Sighted, mem.SightedAt, mem.PathMTU = s.Addr, s.At, p.MTU
+		v.Members[name] = mem
+	}
+	// memberlist probes one member per interval, so a member normally
+	// answers once every len(members) intervals; three missed rounds make
+	// it suspect.
+	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.probeInterval
+	now := time.Now()
+	selfNAT := v.Members[v.Self].NAT
+	for name, mem := range v.Members {
+		// Two hosts behind NAT may have no direct path at all; memberlist
+		// then probes one through others, which answers no direct probe.
+		natted := selfNAT.Behind() && mem.NAT.Behind() && !mem.Direct(now)
+		switch {
+		case mem.State == Alive && !mem.Self && !natted && now.Sub(mem.LastAck) > suspectAfter:
+			mem.State = Suspect
+		case mem.State == Unknown && !m.started.IsZero() && now.Sub(m.started) > m.unknownGrace():
+			// Gossip has had time to find it and has not: treat it as
+			// failed, like memberlist would have.
+			mem.State, mem.Since = Dead, m.started
+		default:
+			continue
+		}
+		v.Members[name] = mem
+	}
+	return v
+}
+
+// unknownGrace is how long a member known only from the catalog or saved
+// gossip may stay unconfirmed before it counts as failed: long enough for
+// the seeds to be joined and a reconnect round to reach it.
+func (m *Mesh) unknownGrace() time.Duration {
+	return 3*m.cfg.ReconnectInterval + 10*m.probeInterval
 }
