@@ -59,7 +59,7 @@ func (m *Mesh) updateOwn(subnet netip.Prefix, f func(*NetworkEntry)) {
 }
 
 func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool {
-	cur, ok := m.rep.Entry(m.cfg.Name, subnet)
+	cur, ok := m.state.rep.Entry(m.cfg.Name, subnet)
 	e := cur
 	e.Relay = maps.Clone(e.Relay)
 	if !ok {
@@ -76,13 +76,13 @@ func (m *Mesh) updateOwnLocked(subnet netip.Prefix, f func(*NetworkEntry)) bool 
 		// Detached: what it said about its paths no longer holds.
 		e.Seen, e.Relay = netip.AddrPort{}, nil
 	}
-	if ok && e.Port != cur.Port && m.reach.NAT().WG[subnet].IsValid() {
+	if ok && e.Port != cur.Port && m.state.reach.NAT().WG[subnet].IsValid() {
 		e.Seen = netip.AddrPort{}
 	}
 	e.Version = m.versionLocked()
 	s := records.Sign(m.cfg.Identity, records.PurposeEntry, e)
-	m.rep.SetOwnEntry(e, s)
-	m.outbox = append(m.outbox, outMsg{name: "entry/" + m.cfg.Name + "/" + subnet.String(), b: records.EncodeEntryMsg(s)})
+	m.state.rep.SetOwnEntry(e, s)
+	m.state.outbox = append(m.state.outbox, outMsg{name: "entry/" + m.cfg.Name + "/" + subnet.String(), b: records.EncodeEntryMsg(s)})
 	m.touchLocked()
 	return true
 }
@@ -100,7 +100,7 @@ func (m *Mesh) SetRelayWants(subnet netip.Prefix, wants map[string]RelayWant) {
 		}
 	}
 	m.mu.Lock()
-	cur, ok := m.rep.Entry(m.cfg.Name, subnet)
+	cur, ok := m.state.rep.Entry(m.cfg.Name, subnet)
 	changed := false
 	if ok && cur.Port != 0 {
 		changed = m.updateOwnLocked(subnet, func(e *NetworkEntry) { e.Relay = maps.Clone(wants) })
@@ -132,11 +132,11 @@ func (m *Mesh) SetRelaySessions(sessions []RelaySession) {
 			return
 		}
 		s := records.Sign(m.cfg.Identity, records.PurposeSession, r)
-		m.rep.SetOwnSession(r, s)
-		m.outbox = append(m.outbox, outMsg{name: sessionBroadcastName(r), b: records.EncodeMsg(records.KindSession, s)})
+		m.state.rep.SetOwnSession(r, s)
+		m.state.outbox = append(m.state.outbox, outMsg{name: sessionBroadcastName(r), b: records.EncodeMsg(records.KindSession, s)})
 		changed = true
 	}
-	for cur := range m.rep.Sessions() {
+	for cur := range m.state.rep.Sessions() {
 		if cur.Relay != m.cfg.Name || cur.Port == 0 {
 			continue
 		}
@@ -147,7 +147,7 @@ func (m *Mesh) SetRelaySessions(sessions []RelaySession) {
 		}
 	}
 	for k, r := range want {
-		cur, ok := m.rep.Session(k)
+		cur, ok := m.state.rep.Session(k)
 		if ok && cur.Port == r.Port && cur.MTU == r.MTU {
 			continue
 		}
@@ -321,12 +321,12 @@ func (m *Mesh) Forget(ctx context.Context, node string) error {
 		return fmt.Errorf("forgetting %s: %w", node, err)
 	}
 	m.mu.Lock()
-	m.rep.ForgetNode(node)
-	delete(m.live, node)
-	m.reach.Forget(node)
+	m.state.rep.ForgetNode(node)
+	delete(m.state.live, node)
+	m.state.reach.Forget(node)
 	m.touchLocked()
 	m.mu.Unlock()
-	m.gossipNet.Forget(node)
+	m.gossip.net.Forget(node)
 	m.log.Info("node forgotten", "peer", node)
 	m.kickLoop()
 	return nil
@@ -343,10 +343,10 @@ func (m *Mesh) checkForgotten() error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for name, info := range m.rep.Infos() {
+	for name, info := range m.state.rep.Infos() {
 		if f, ok := forgotten[info.ID]; ok && f.Name == name {
-			m.rep.ForgetNode(name)
-			delete(m.live, name)
+			m.state.rep.ForgetNode(name)
+			delete(m.state.live, name)
 			m.touchLocked()
 		}
 	}
@@ -366,7 +366,7 @@ func (m *Mesh) SetPublicKey(pub crypto.PublicKey) {
 // new key everywhere, make it primary everywhere, then remove the old.
 // It applies to gossip encryption and to consensus TLS alike.
 func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
-	kr := m.keyring.Load()
+	kr := m.gossip.keyring.Load()
 	if kr == nil {
 		return errors.New("gossip runs without encryption (--insecure); restart with a cluster key to enable it")
 	}
@@ -391,7 +391,7 @@ func (m *Mesh) SetKeyring(ring crypto.Keyring) error {
 	if err != nil {
 		return err
 	}
-	m.gossipNet.SetKeyring(ring)
+	m.gossip.net.SetKeyring(ring)
 	m.mu.Lock()
 	m.cfg.Keyring = ring
 	m.mu.Unlock()

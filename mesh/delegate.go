@@ -42,15 +42,15 @@ func (m *Mesh) bound(name string) (crypto.NodeID, bool) {
 func (d *delegate) NodeMeta(limit int) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	if len(d.m.meta) > limit {
-		d.m.log.Error("node metadata too large", "bytes", len(d.m.meta), "limit", limit)
+	if len(d.m.state.own.meta) > limit {
+		d.m.log.Error("node metadata too large", "bytes", len(d.m.state.own.meta), "limit", limit)
 		return nil
 	}
-	return d.m.meta
+	return d.m.state.own.meta
 }
 
 func (d *delegate) NotifyMsg(b []byte) {
-	d.m.stats.received(len(b))
+	d.m.gossip.stats.received(len(b))
 	if len(b) > 0 && b[0] == records.KindName {
 		d.notifyName(b)
 		return
@@ -58,7 +58,7 @@ func (d *delegate) NotifyMsg(b []byte) {
 	msg, err := records.DecodeMessage(b)
 	if err != nil {
 		d.m.mu.Lock()
-		d.m.rep.Refuse("message-invalid")
+		d.m.state.rep.Refuse("message-invalid")
 		d.m.mu.Unlock()
 		d.m.log.Debug("dropping gossip message", "err", err)
 		return
@@ -72,13 +72,13 @@ func (d *delegate) NotifyMsg(b []byte) {
 	d.m.mu.Lock()
 	switch msg.Kind {
 	case records.KindEntry:
-		changed = d.m.rep.MergeEntry(msg.Signed, d.m.bound)
+		changed = d.m.state.rep.MergeEntry(msg.Signed, d.m.bound)
 		if changed {
 			e, _ := records.DecodeEntry(msg.Signed)
 			name = "entry/" + e.Node + "/" + e.Subnet.String()
 		}
 	case records.KindSession:
-		changed = d.m.rep.MergeSession(msg.Signed, d.m.bound)
+		changed = d.m.state.rep.MergeSession(msg.Signed, d.m.bound)
 		if changed {
 			r, _ := records.DecodeSession(msg.Signed)
 			name = sessionBroadcastName(r)
@@ -96,7 +96,7 @@ func (d *delegate) NotifyMsg(b []byte) {
 		// every node relays a version at most once, and a newer version
 		// replaces an older one still queued.
 		if len(b) <= maxBroadcast {
-			d.m.queue.QueueBroadcast(&broadcast{name: name, msg: slices.Clone(b)})
+			d.m.gossip.queue.QueueBroadcast(&broadcast{name: name, msg: slices.Clone(b)})
 		}
 		d.m.kickLoop()
 	}
@@ -107,11 +107,11 @@ func sessionBroadcastName(r RelaySession) string {
 }
 
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	out := d.m.queue.GetBroadcasts(overhead, limit)
+	out := d.m.gossip.queue.GetBroadcasts(overhead, limit)
 	for _, b := range out {
-		d.m.stats.sent(len(b))
+		d.m.gossip.stats.sent(len(b))
 		if len(b) > 0 && b[0] == records.KindName {
-			d.m.stats.nameSent(len(b))
+			d.m.gossip.stats.nameSent(len(b))
 		}
 	}
 	return out
@@ -120,15 +120,15 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 func (d *delegate) LocalState(join bool) []byte {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	s := d.m.rep.Snapshot(false)
+	s := d.m.state.rep.Snapshot(false)
 	for _, n := range s.Names {
-		d.m.stats.nameStateBytes.Add(uint64(len(n.Data) + len(n.Sig)))
+		d.m.gossip.stats.nameStateBytes.Add(uint64(len(n.Data) + len(n.Sig)))
 	}
 	return mustJSON(s)
 }
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {
-	d.m.stats.received(len(buf))
+	d.m.gossip.stats.received(len(buf))
 	s, err := records.DecodeStateMsg(buf)
 	if err != nil {
 		d.m.log.Warn("dropping state from push/pull", "err", err)
@@ -138,10 +138,10 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 	now := time.Now()
 	d.m.mu.Lock()
 	for _, e := range s.Entries {
-		changed = d.m.rep.MergeEntry(e, d.m.bound) || changed
+		changed = d.m.state.rep.MergeEntry(e, d.m.bound) || changed
 	}
 	for _, r := range s.Sessions {
-		changed = d.m.rep.MergeSession(r, d.m.bound) || changed
+		changed = d.m.state.rep.MergeSession(r, d.m.bound) || changed
 	}
 	if changed {
 		d.m.touchLocked()
@@ -167,14 +167,14 @@ func (d *delegate) NotifyAlive(n *memberlist.Node) error {
 	info, _, err := records.DecodeMeta(n.Meta)
 	if err != nil {
 		d.m.mu.Lock()
-		d.m.rep.Refuse("meta-invalid")
+		d.m.state.rep.Refuse("meta-invalid")
 		d.m.mu.Unlock()
 		return err
 	}
 	if id, ok := d.m.bound(n.Name); ok && id != info.ID {
 		d.m.problems.nameTaken(n.Name, n.Addr.String(), id, info.ID)
 		d.m.mu.Lock()
-		d.m.rep.Refuse("info-wrong-identity")
+		d.m.state.rep.Refuse("info-wrong-identity")
 		d.m.mu.Unlock()
 		return errNameTaken(n.Name)
 	}
@@ -210,10 +210,10 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 	info, s, err := records.DecodeMeta(n.Meta)
 	now := time.Now()
 	d.m.mu.Lock()
-	if err == nil && info.Name == n.Name && d.m.rep.MergeInfo(info, s, d.m.bound) {
+	if err == nil && info.Name == n.Name && d.m.state.rep.MergeInfo(info, s, d.m.bound) {
 		d.m.touchLocked()
 	}
-	rec := d.m.live[n.Name]
+	rec := d.m.state.live[n.Name]
 	rec.addr = n.Address()
 	prev := rec.state
 	if prev != state {
@@ -223,14 +223,14 @@ func (d *delegate) nodeEvent(n *memberlist.Node, state Liveness) {
 	if state == Alive {
 		// Joining counts as contact; suspicion is measured from here.
 		rec.lastAck = now
-		if !d.m.joined {
+		if !d.m.state.joined {
 			// Another member is alive: this node has seen its cluster,
 			// also if that member joined it before it reached its seeds.
-			d.m.joined = true
+			d.m.state.joined = true
 			d.m.log.Info("joined the cluster", "via", n.Name)
 		}
 	}
-	d.m.live[n.Name] = rec
+	d.m.state.live[n.Name] = rec
 	d.m.mu.Unlock()
 	if prev != state {
 		level := slog.LevelInfo
@@ -250,12 +250,12 @@ func (d *delegate) AckPayload() []byte { return nil }
 func (d *delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, _ []byte) {
 	d.m.mu.Lock()
 	defer d.m.mu.Unlock()
-	rec, ok := d.m.live[n.Name]
+	rec, ok := d.m.state.live[n.Name]
 	if !ok {
 		return
 	}
 	rec.lastAck, rec.rtt = time.Now(), rtt
-	d.m.live[n.Name] = rec
+	d.m.state.live[n.Name] = rec
 }
 
 // NotifyConflict: two hosts claim one node name at two addresses. The

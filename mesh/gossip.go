@@ -17,6 +17,22 @@ import (
 	"github.com/wgmesh/wgmesh/mesh/records"
 )
 
+// gossip is memberlist and what lies under it. Nothing here is guarded
+// by Mesh.mu.
+type gossip struct {
+	// ml is nil before Run; keyring is nil without encryption.
+	ml      atomic.Pointer[memberlist.Memberlist]
+	keyring atomic.Pointer[memberlist.Keyring]
+	// net is memberlist's transport (package gossipnet), over sockets of
+	// its own unless Config.Transport is given (sockets nil).
+	net     *gossipnet.Transport
+	sockets *gossipnet.NetTransport
+	queue   *memberlist.TransmitLimitedQueue
+	stats   gossipStats
+	// probeInterval is memberlist's, for the suspect heuristic.
+	probeInterval time.Duration
+}
+
 // bindGossip opens the gossip port (unless the configuration brings a
 // transport) and the reflection port, so that a port in use fails at
 // start.
@@ -31,15 +47,15 @@ func (m *Mesh) bindGossip() error {
 		if err != nil {
 			return err
 		}
-		m.sockets, inner = t, t
+		m.gossip.sockets, inner = t, t
 		m.cfg.BindPort = t.Port()
 	}
 	nat, ok := inner.(memberlist.NodeAwareTransport)
 	if !ok {
 		return errors.New("the gossip transport must be node-aware")
 	}
-	m.gossipNet = gossipnet.New(nat, m.cfg.Name)
-	m.gossipNet.SetKeyring(m.cfg.Keyring)
+	m.gossip.net = gossipnet.New(nat, m.cfg.Name)
+	m.gossip.net.SetKeyring(m.cfg.Keyring)
 	if m.cfg.RelayPort != 0 {
 		hostPort := net.JoinHostPort(m.cfg.BindAddr, strconv.Itoa(int(m.cfg.RelayPort)))
 		ua, err := net.ResolveUDPAddr("udp", hostPort)
@@ -48,19 +64,19 @@ func (m *Mesh) bindGossip() error {
 			c, err = net.ListenUDP("udp", ua)
 		}
 		if err != nil {
-			if m.sockets != nil {
-				_ = m.sockets.Shutdown()
+			if m.gossip.sockets != nil {
+				_ = m.gossip.sockets.Shutdown()
 			}
 			return fmt.Errorf("relay port %d: %w", m.cfg.RelayPort, err)
 		}
-		m.gossipNet.SetReflector(c)
+		m.gossip.net.SetReflector(c)
 	}
 	interval := m.cfg.PMTUInterval
 	if interval == 0 {
 		interval = 30 * time.Second
 	}
-	if interval > 0 && m.gossipNet.CanProbe() {
-		m.pmtu = reachability.NewProber(m.gossipNet, interval, m.rttOf, func() {
+	if interval > 0 && m.gossip.net.CanProbe() {
+		m.pmtu = reachability.NewProber(m.gossip.net, interval, m.rttOf, func() {
 			m.setListenersMSS()
 			m.touch()
 		})
@@ -94,14 +110,14 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 	// when that member dials out.
 	conf.Logger = logbridge.StdLogger(m.cfg.Logger.With("component", "memberlist"), gossipnet.ErrBehindNAT.Error())
 	conf.LogOutput = nil
-	conf.Transport = m.gossipNet
+	conf.Transport = m.gossip.net
 	// TCP fallback probes cannot reach a member behind NAT either.
-	conf.DisableTcpPingsForNode = func(name string) bool { return !m.gossipNet.Dialable(name) }
+	conf.DisableTcpPingsForNode = func(name string) bool { return !m.gossip.net.Dialable(name) }
 	if len(m.cfg.Keyring) > 0 {
 		// Errors are impossible: crypto validated the key lengths.
 		ring, _ := memberlist.NewKeyring(m.cfg.Keyring, m.cfg.Keyring.Primary())
 		conf.Keyring = ring
-		m.keyring.Store(ring)
+		m.gossip.keyring.Store(ring)
 		conf.GossipVerifyIncoming = true
 		conf.GossipVerifyOutgoing = true
 	}
@@ -109,7 +125,7 @@ func (m *Mesh) memberlistConfig() *memberlist.Config {
 }
 
 // memberlist returns the running memberlist, or nil before Run.
-func (m *Mesh) memberlist() *memberlist.Memberlist { return m.ml.Load() }
+func (m *Mesh) memberlist() *memberlist.Memberlist { return m.gossip.ml.Load() }
 
 type outMsg struct {
 	name string // invalidates older queued broadcasts with the same name
@@ -136,7 +152,7 @@ func (m *Mesh) send(msgs []outMsg) {
 	direct := ml.NumMembers() <= m.cfg.DirectFanout
 	if direct {
 		m.mu.Lock()
-		for name, rec := range m.live {
+		for name, rec := range m.state.live {
 			if rec.state == Alive && rec.addr != "" && name != m.cfg.Name {
 				peers = append(peers, memberlist.Address{Addr: rec.addr, Name: name})
 			}
@@ -144,14 +160,14 @@ func (m *Mesh) send(msgs []outMsg) {
 		m.mu.Unlock()
 	}
 	for _, msg := range msgs {
-		m.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
+		m.gossip.queue.QueueBroadcast(&broadcast{name: msg.name, msg: msg.b})
 		for _, to := range peers {
 			if err := ml.SendToAddress(to, msg.b); err != nil {
 				m.log.Debug("sending to member", "peer", to.Name, "err", err)
 			}
-			m.stats.sent(len(msg.b))
+			m.gossip.stats.sent(len(msg.b))
 			if msg.b[0] == records.KindName {
-				m.stats.nameSent(len(msg.b))
+				m.gossip.stats.nameSent(len(msg.b))
 			}
 		}
 	}
@@ -166,7 +182,7 @@ func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []reachability.Message
 	}
 	for _, msg := range msgs {
 		m.mu.Lock()
-		rec, ok := m.live[msg.To]
+		rec, ok := m.state.live[msg.To]
 		m.mu.Unlock()
 		if !ok || rec.addr == "" {
 			continue
@@ -174,7 +190,7 @@ func (m *Mesh) sendDirect(ml *memberlist.Memberlist, msgs []reachability.Message
 		if err := ml.SendToAddress(memberlist.Address{Addr: rec.addr, Name: msg.To}, msg.Data); err != nil {
 			m.log.Debug("sending an observation", "peer", msg.To, "err", err)
 		}
-		m.stats.sent(len(msg.Data))
+		m.gossip.stats.sent(len(msg.Data))
 	}
 }
 

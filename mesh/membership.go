@@ -29,9 +29,9 @@ func (ms membership) Members() []consensus.Member {
 	m := ms.m
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := []consensus.Member{m.consensusMember(m.self, true, true)}
-	for name, info := range m.rep.Infos() {
-		l := m.live[name]
+	out := []consensus.Member{m.consensusMember(m.state.own.info, true, true)}
+	for name, info := range m.state.rep.Infos() {
+		l := m.state.live[name]
 		out = append(out, m.consensusMember(info, l.state.Reachable(), false))
 	}
 	return out
@@ -59,15 +59,16 @@ func (ms membership) Joined() bool {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.joined
+	return m.state.joined
 }
 
 func (ms membership) MissingSeeds() []string {
 	m := ms.m
 	m.mu.Lock()
-	present := map[string]bool{net.JoinHostPort(m.self.Addr.String(), strconv.Itoa(int(m.self.GossipPort))): true}
-	for name, info := range m.rep.Infos() {
-		if m.live[name].state.Reachable() {
+	self := m.state.own.info
+	present := map[string]bool{net.JoinHostPort(self.Addr.String(), strconv.Itoa(int(self.GossipPort))): true}
+	for name, info := range m.state.rep.Infos() {
+		if m.state.live[name].state.Reachable() {
 			present[net.JoinHostPort(info.Addr.String(), strconv.Itoa(int(info.GossipPort)))] = true
 		}
 	}
@@ -184,10 +185,10 @@ func (m *Mesh) Problems() []string {
 		}
 	}
 	m.mu.Lock()
-	refused := m.rep.Refused()
+	refused := m.state.rep.Refused()
 	legacyErr := ""
-	if m.legacy != nil && m.legacy.err != nil {
-		legacyErr = m.legacy.err.Error()
+	if m.state.legacy != nil && m.state.legacy.err != nil {
+		legacyErr = m.state.legacy.err.Error()
 	}
 	m.mu.Unlock()
 	for _, reason := range []string{"entry-forged", "info-wrong-identity"} {
@@ -215,26 +216,27 @@ type Stats struct {
 // Stats returns gossip counters.
 func (m *Mesh) Stats() Stats {
 	m.mu.Lock()
-	refused := m.rep.Refused()
+	refused := m.state.rep.Refused()
 	m.mu.Unlock()
-	if m.gossipNet != nil {
+	if m.gossip.net != nil {
 		// Packets whose header does not verify: from a host without a
 		// key of this ring, an evicted one say. memberlist never sees them.
-		if n := m.gossipNet.Refused(); n > 0 {
+		if n := m.gossip.net.Refused(); n > 0 {
 			if refused == nil {
 				refused = map[string]uint64{}
 			}
 			refused["packet-bad-header"] = n
 		}
 	}
+	s := &m.gossip.stats
 	return Stats{
-		SentMessages: m.stats.sentMsgs.Load(), SentBytes: m.stats.sentBytes.Load(),
-		ReceivedMessages: m.stats.recvMsgs.Load(), ReceivedBytes: m.stats.recvBytes.Load(),
+		SentMessages: s.sentMsgs.Load(), SentBytes: s.sentBytes.Load(),
+		ReceivedMessages: s.recvMsgs.Load(), ReceivedBytes: s.recvBytes.Load(),
 		Refused: refused,
 		Names: NameTraffic{
-			SentMessages: m.stats.nameSentMsgs.Load(), SentBytes: m.stats.nameSentBytes.Load(),
-			ReceivedMessages: m.stats.nameRecvMsgs.Load(), ReceivedBytes: m.stats.nameRecvBytes.Load(),
-			StateBytes: m.stats.nameStateBytes.Load(),
+			SentMessages: s.nameSentMsgs.Load(), SentBytes: s.nameSentBytes.Load(),
+			ReceivedMessages: s.nameRecvMsgs.Load(), ReceivedBytes: s.nameRecvBytes.Load(),
+			StateBytes: s.nameStateBytes.Load(),
 		},
 	}
 }

@@ -30,7 +30,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -45,66 +44,84 @@ import (
 // Mesh is this node's membership in the cluster, its replica of the
 // catalog and of the gossip records.
 //
-// Locking: mu guards the replica and everything next to it. memberlist
-// calls the delegates with its own locks held, so code holding mu must
-// never call into memberlist (or its broadcast queue), nor into the
-// consensus node: changes are put in an outbox under mu and sent after it
-// is released. mu may be held while reading the catalog (FSM.Read).
+// Locking: mu guards state, the replica and everything next to it.
+// memberlist calls the delegates with its own locks held, so code holding
+// mu must never call into memberlist (or its broadcast queue), nor into
+// the consensus node: changes are put in an outbox under mu and sent
+// after it is released. mu may be held while reading the catalog
+// (FSM.Read).
 type Mesh struct {
-	cfg  Config
-	log  *slog.Logger
-	tls  *crypto.ClusterTLS
-	node *consensus.Node
-	gen  uint64
+	cfg Config
+	log *slog.Logger
+	// addr is the address this node advertises, settled in New.
+	addr netip.Addr
 
-	ml      atomic.Pointer[memberlist.Memberlist]
-	keyring atomic.Pointer[memberlist.Keyring]
-	// gossipNet is memberlist's transport (package gossipnet), over
-	// sockets of its own (gossipnet.NetTransport) unless Config.Transport
-	// is given.
-	gossipNet *gossipnet.Transport
-	sockets   *gossipnet.NetTransport
-	pmtu      *reachability.Prober
+	node *consensus.Node
+	// tls is what consensus connections authenticate with; SetKeyring
+	// rekeys it.
+	tls *crypto.ClusterTLS
 	// raftListener is the consensus port's listener.
 	raftListener net.Listener
-	queue        *memberlist.TransmitLimitedQueue
-	kick         chan struct{}
-	// changes is signalled (never blocking) whenever the View may differ.
-	changes chan struct{}
-	stats   gossipStats
+
+	gossip gossip
+	// pmtu is nil when probing is off or the transport cannot probe.
+	pmtu    *reachability.Prober
+	signals signals
 	wg      sync.WaitGroup
+	// lastSig is what the driver was last told about; only the run loop
+	// touches it.
+	lastSig  viewSig
+	problems problems
 
-	// nameChanges is signalled (never blocking) whenever LiveNames may
-	// differ.
-	nameChanges chan struct{}
+	mu    sync.Mutex
+	state state
+}
 
-	mu      sync.Mutex
-	rep     *records.Replica
-	live    map[string]liveRecord
+// signals are channels of capacity one, sent to without blocking: a
+// receiver re-reads what may have changed rather than count signals.
+type signals struct {
+	// kick wakes the run loop.
+	kick chan struct{}
+	// changes: the View may differ; names: LiveNames may differ.
+	changes, names chan struct{}
+}
+
+// state is what Mesh.mu guards.
+type state struct {
+	rep  *records.Replica
+	live map[string]liveRecord
+	// reach judges how members reach this node (reach.go); it has no
+	// lock of its own.
+	reach *reachability.Tracker
+	own   own
+	// outbox holds what to send once mu is released.
+	outbox []outMsg
+	// joined: this node has seen its cluster. started: when Run started
+	// gossip, from which a member never confirmed counts as failed.
 	joined  bool
-	counter uint64
-	self    NodeInfo
-	meta    []byte
-	// metaStale is set when this node's info must be published again.
-	metaStale bool
-	outbox    []outMsg
-	addr      netip.Addr
-	leaving   bool
+	started time.Time
+	// mutations counts changes of the replica, liveness and this node's
+	// info.
+	mutations uint64
 	// gossipDirty marks the saved gossip as behind; lastSave is when it
 	// was last written.
 	gossipDirty bool
 	lastSave    time.Time
-	// mutations counts changes of the replica, liveness and this node's
-	// info; lastSig is what the driver was last told about.
-	mutations uint64
-	lastSig   viewSig
-	problems  problems
-	legacy    *legacyState
-	// probeInterval is memberlist's, for the suspect heuristic.
-	probeInterval time.Duration
-	started       time.Time
-	// reach judges how members reach this node (reach.go).
-	reach *reachability.Tracker
+	legacy      *legacyState
+}
+
+// own is this node's info as it publishes it.
+type own struct {
+	// The versions of this node's records count up from gen<<32, gen
+	// being its generation (consensus keeps it durably), so that a
+	// restarted node's records are newer than its last run's.
+	gen, counter uint64
+	info         NodeInfo
+	// meta is info, signed and encoded for memberlist's node metadata;
+	// metaStale is set when it must be published again.
+	meta      []byte
+	metaStale bool
+	leaving   bool
 }
 
 // New creates a Mesh. It binds the consensus port (so that a port in use
@@ -131,18 +148,14 @@ func New(cfg Config) (*Mesh, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "mesh"),
 		tls:     tlsc,
-		kick:    make(chan struct{}, 1),
-		changes: make(chan struct{}, 1),
-		rep:     records.NewReplica(cfg.Name),
-		live:    map[string]liveRecord{},
 		addr:    addr,
-
-		nameChanges: make(chan struct{}, 1),
+		signals: signals{kick: make(chan struct{}, 1), changes: make(chan struct{}, 1), names: make(chan struct{}, 1)},
+		state:   state{rep: records.NewReplica(cfg.Name), live: map[string]liveRecord{}},
 	}
-	m.probeInterval = m.baseMemberlist().ProbeInterval
-	m.queue = &memberlist.TransmitLimitedQueue{
+	m.gossip.probeInterval = m.baseMemberlist().ProbeInterval
+	m.gossip.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes: func() int {
-			if ml := m.ml.Load(); ml != nil {
+			if ml := m.gossip.ml.Load(); ml != nil {
 				return ml.NumMembers()
 			}
 			return 1
@@ -153,7 +166,7 @@ func New(cfg Config) (*Mesh, error) {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("creating state directory: %w", err)
 		}
-		if m.legacy, err = loadLegacy(filepath.Join(cfg.StateDir, legacyFile), cfg.Name); err != nil {
+		if m.state.legacy, err = loadLegacy(filepath.Join(cfg.StateDir, legacyFile), cfg.Name); err != nil {
 			return nil, err
 		}
 	}
@@ -184,15 +197,15 @@ func New(cfg Config) (*Mesh, error) {
 		l.Close()
 		return nil, err
 	}
-	m.reach = reachability.NewTracker(reachability.Config{Name: cfg.Name, Identity: cfg.Identity,
-		Transport: m.gossipNet, Cluster: reachCluster{m}, Logger: m.log})
+	m.state.reach = reachability.NewTracker(reachability.Config{Name: cfg.Name, Identity: cfg.Identity,
+		Transport: m.gossip.net, Cluster: reachCluster{m}, Logger: m.log})
 	if tl, ok := l.(*net.TCPListener); ok && cfg.AdvertiseAddr == "" && len(cfg.Join) > 0 {
-		if m.sockets != nil {
-			m.sockets.Start()
+		if m.gossip.sockets != nil {
+			m.gossip.sockets.Start()
 		}
-		m.gossipNet.StartStreams()
+		m.gossip.net.StartStreams()
 		ctx, cancel := context.WithTimeout(context.Background(), dialbackPatience+3*gossipnet.DialbackWait)
-		addr = discoverAddr(ctx, m.cfg, m.gossipNet, tl, addr, m.log)
+		addr = discoverAddr(ctx, m.cfg, m.gossip.net, tl, addr, m.log)
 		cancel()
 		m.addr = addr
 	}
@@ -206,11 +219,11 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if m.node, err = consensus.New(ccfg); err != nil {
 		l.Close()
-		_ = m.gossipNet.Shutdown()
+		_ = m.gossip.net.Shutdown()
 		return nil, err
 	}
-	_, m.gen = m.node.Identity()
-	m.gossipNet.SetGeneration(m.gen)
+	_, m.state.own.gen = m.node.Identity()
+	m.gossip.net.SetGeneration(m.state.own.gen)
 	if err := m.loadGossip(); err != nil {
 		m.log.Warn("ignoring saved gossip", "err", err)
 	}
@@ -229,18 +242,18 @@ func (m *Mesh) Addr() netip.Addr { return m.addr }
 // Changes is signalled whenever the View may have changed. It has a
 // buffer of one and is never blocked on: a receiver must re-read the
 // whole View rather than count signals.
-func (m *Mesh) Changes() <-chan struct{} { return m.changes }
+func (m *Mesh) Changes() <-chan struct{} { return m.signals.changes }
 
 func (m *Mesh) kickLoop() {
 	select {
-	case m.kick <- struct{}{}:
+	case m.signals.kick <- struct{}{}:
 	default:
 	}
 }
 
 func (m *Mesh) notifyChanged() {
 	select {
-	case m.changes <- struct{}{}:
+	case m.signals.changes <- struct{}{}:
 	default:
 	}
 	// Liveness decides which names are used.
@@ -251,7 +264,7 @@ func (m *Mesh) notifyChanged() {
 // the loop.
 func (m *Mesh) touch() {
 	m.mu.Lock()
-	m.mutations++
+	m.state.mutations++
 	m.mu.Unlock()
 	m.kickLoop()
 }
@@ -259,26 +272,27 @@ func (m *Mesh) touch() {
 // touchLocked records that the replica or liveness changed: the saved
 // gossip is behind, and the driver must look again.
 func (m *Mesh) touchLocked() {
-	m.gossipDirty = true
-	m.mutations++
+	m.state.gossipDirty = true
+	m.state.mutations++
 }
 
 // rttOf is the last gossip round trip to a member.
 func (m *Mesh) rttOf(name string) time.Duration {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.live[name].rtt
+	return m.state.live[name].rtt
 }
 
-// version returns a new version for one of this node's records.
+// versionLocked returns a new version for one of this node's records.
 func (m *Mesh) versionLocked() uint64 {
-	m.counter++
-	return m.gen<<32 | m.counter&0xffffffff
+	own := &m.state.own
+	own.counter++
+	return own.gen<<32 | own.counter&0xffffffff
 }
 
 func (m *Mesh) setSelfInfoLocked() {
-	nat := m.reach.NAT()
-	m.self = NodeInfo{
+	nat, own := m.state.reach.NAT(), &m.state.own
+	own.info = NodeInfo{
 		Name:       m.cfg.Name,
 		ID:         m.cfg.Identity.ID(),
 		Version:    m.versionLocked(),
@@ -287,18 +301,18 @@ func (m *Mesh) setSelfInfoLocked() {
 		GossipPort: uint16(m.cfg.BindPort),
 		RaftPort:   uint16(m.cfg.raftPort()),
 		WGMode:     m.cfg.WGMode,
-		Leaving:    m.leaving,
+		Leaving:    own.leaving,
 		ClusterID:  m.node.ClusterID(),
 		Features:   records.FeatureHeader | records.FeatureRelayBind | records.FeatureReplayProof | m.cfg.serverFeatures(),
 		NAT:        nat.Kind,
 	}
 	if nat.Kind.Behind() {
-		m.self.Seen = nat.Seen
+		own.info.Seen = nat.Seen
 	}
 	if m.cfg.RelayPort != 0 && nat.Kind == NATNone {
-		m.self.RelayPort, m.self.RelayPorts = m.cfg.RelayPort, m.cfg.RelayPorts
+		own.info.RelayPort, own.info.RelayPorts = m.cfg.RelayPort, m.cfg.RelayPorts
 	}
-	m.meta = records.EncodeMeta(records.Sign(m.cfg.Identity, records.PurposeInfo, m.self))
-	m.metaStale = true
-	m.mutations++
+	own.meta = records.EncodeMeta(records.Sign(m.cfg.Identity, records.PurposeInfo, own.info))
+	own.metaStale = true
+	m.state.mutations++
 }

@@ -424,7 +424,7 @@ func (n *testNode) sendToAll(b []byte) {
 	ml := n.m.memberlist()
 	n.m.mu.Lock()
 	var to []memberlist.Address
-	for name, rec := range n.m.live {
+	for name, rec := range n.m.state.live {
 		if name != n.name && rec.addr != "" {
 			to = append(to, memberlist.Address{Addr: rec.addr, Name: name})
 		}

@@ -102,7 +102,7 @@ const legacyRetry = 30 * time.Second
 // migrateLegacy starts the upgrade once this node is registered.
 func (m *Mesh) migrateLegacy(ctx context.Context) {
 	m.mu.Lock()
-	l := m.legacy
+	l := m.state.legacy
 	if l == nil || l.running || l.err != nil && time.Since(l.last) < legacyRetry {
 		m.mu.Unlock()
 		return
@@ -120,7 +120,7 @@ func (m *Mesh) migrateLegacy(ctx context.Context) {
 		m.mu.Lock()
 		l.running, l.err, l.last = false, err, time.Now()
 		if err == nil {
-			m.legacy = nil
+			m.state.legacy = nil
 		}
 		m.mu.Unlock()
 		if err != nil {

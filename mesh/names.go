@@ -63,12 +63,12 @@ func (m *Mesh) SetNames(names []Name) error {
 	now := time.Now()
 	m.mu.Lock()
 	for ep, rec := range want {
-		if cur, _, ok := m.rep.Name(m.cfg.Name, ep); ok && cur.Equal(&rec) {
+		if cur, _, ok := m.state.rep.Name(m.cfg.Name, ep); ok && cur.Equal(&rec) {
 			continue
 		}
 		m.publishNameLocked(rec, now)
 	}
-	for cur := range m.rep.NameRecords() {
+	for cur := range m.state.rep.NameRecords() {
 		if _, ok := want[cur.Endpoint]; cur.Node == m.cfg.Name && !ok && !cur.Deleted {
 			m.publishNameLocked(NameRecord{Subnet: cur.Subnet, Endpoint: cur.Endpoint, Deleted: true}, now)
 		}
@@ -86,8 +86,8 @@ func (m *Mesh) publishNameLocked(rec NameRecord, now time.Time) {
 	rec.Node = m.cfg.Name
 	rec.Version = m.versionLocked()
 	s := records.Sign(m.cfg.Identity, records.PurposeName, rec)
-	m.rep.SetOwnName(rec, s, now)
-	m.outbox = append(m.outbox, outMsg{name: "name/" + rec.Node + "/" + rec.Endpoint, b: records.EncodeNameMsg(s)})
+	m.state.rep.SetOwnName(rec, s, now)
+	m.state.outbox = append(m.state.outbox, outMsg{name: "name/" + rec.Node + "/" + rec.Endpoint, b: records.EncodeNameMsg(s)})
 	m.namesTouchedLocked()
 	m.kickLoop() // never blocks, so it may run under mu
 }
@@ -96,13 +96,13 @@ func (m *Mesh) publishNameLocked(rec NameRecord, now time.Time) {
 // gossip is behind and NameChanges is signalled. The driver's loop is not
 // woken: names are not its business.
 func (m *Mesh) namesTouchedLocked() {
-	m.gossipDirty = true
+	m.state.gossipDirty = true
 	m.notifyNames()
 }
 
 func (m *Mesh) notifyNames() {
 	select {
-	case m.nameChanges <- struct{}{}:
+	case m.signals.names <- struct{}{}:
 	default:
 	}
 }
@@ -110,7 +110,7 @@ func (m *Mesh) notifyNames() {
 // mergeNameLocked merges a peer's name record and refutes a stale one of
 // this node's.
 func (m *Mesh) mergeNameLocked(s records.Signed, now time.Time) bool {
-	res, n := m.rep.MergeName(s, m.bound, now)
+	res, n := m.state.rep.MergeName(s, m.bound, now)
 	switch res {
 	case records.NameChanged:
 		m.namesTouchedLocked()
@@ -125,7 +125,7 @@ func (m *Mesh) mergeNameLocked(s records.Signed, now time.Time) bool {
 
 // pruneNamesLocked drops expired tombstones.
 func (m *Mesh) pruneNamesLocked(now time.Time) {
-	if m.rep.PruneNames(now, m.nameTTL()) {
+	if m.state.rep.PruneNames(now, m.nameTTL()) {
 		m.namesTouchedLocked()
 	}
 }
@@ -143,7 +143,7 @@ func (m *Mesh) nameTTL() time.Duration {
 // NameChanges is signalled whenever LiveNames may have changed: a record
 // merged or removed, a member's liveness. Like Changes, it has a buffer
 // of one and is never blocked on.
-func (m *Mesh) NameChanges() <-chan struct{} { return m.nameChanges }
+func (m *Mesh) NameChanges() <-chan struct{} { return m.signals.names }
 
 // LiveNames returns the names DNS may answer with: those of this node
 // and of registered members that gossip does not know to be down (alive,
@@ -155,7 +155,7 @@ func (m *Mesh) LiveNames() []NameRecord {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []NameRecord
-	for rec := range m.rep.NameRecords() {
+	for rec := range m.state.rep.NameRecords() {
 		if rec.Deleted {
 			continue
 		}
@@ -184,7 +184,7 @@ func (m *Mesh) NameStats() NameStats {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var s NameStats
-	for rec := range m.rep.NameRecords() {
+	for rec := range m.state.rep.NameRecords() {
 		switch {
 		case rec.Deleted:
 			s.Tombstones++
@@ -201,12 +201,12 @@ func (m *Mesh) NameStats() NameStats {
 // notifyName merges a name record from a peer and relays it once if it
 // was news, as NotifyMsg does entries.
 func (d *delegate) notifyName(b []byte) {
-	d.m.stats.nameRecvMsgs.Add(1)
-	d.m.stats.nameRecvBytes.Add(uint64(len(b)))
+	d.m.gossip.stats.nameRecvMsgs.Add(1)
+	d.m.gossip.stats.nameRecvBytes.Add(uint64(len(b)))
 	s, n, err := records.DecodeNameMsg(b)
 	if err != nil {
 		d.m.mu.Lock()
-		d.m.rep.Refuse("message-invalid")
+		d.m.state.rep.Refuse("message-invalid")
 		d.m.mu.Unlock()
 		d.m.log.Debug("dropping gossip message", "err", err)
 		return
@@ -215,7 +215,7 @@ func (d *delegate) notifyName(b []byte) {
 	changed := d.m.mergeNameLocked(s, time.Now())
 	d.m.mu.Unlock()
 	if changed && len(b) <= maxBroadcast {
-		d.m.queue.QueueBroadcast(&broadcast{name: "name/" + n.Node + "/" + n.Endpoint, msg: slices.Clone(b)})
+		d.m.gossip.queue.QueueBroadcast(&broadcast{name: "name/" + n.Node + "/" + n.Endpoint, msg: slices.Clone(b)})
 	}
 	if changed {
 		d.m.kickLoop()

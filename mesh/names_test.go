@@ -126,7 +126,7 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	}
 	waitNames(t, 10*time.Second, a, map[string]string{"b/old": "10.60.2.2"})
 	b.m.mu.Lock()
-	_, stale, _ := b.m.rep.Name("b", old.Endpoint)
+	_, stale, _ := b.m.state.rep.Name("b", old.Endpoint)
 	b.m.mu.Unlock()
 
 	b.stop()
@@ -159,7 +159,7 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	eventually(t, 10*time.Second, func() error {
 		a.m.mu.Lock()
 		defer a.m.mu.Unlock()
-		if rec, _, ok := a.m.rep.Name("b", old.Endpoint); !ok || !rec.Deleted || rec.Version <= 1<<32 {
+		if rec, _, ok := a.m.state.rep.Name("b", old.Endpoint); !ok || !rec.Deleted || rec.Version <= 1<<32 {
 			return fmt.Errorf("a holds %+v", rec)
 		}
 		return nil
@@ -233,7 +233,7 @@ func TestSetNamesLimits(t *testing.T) {
 		t.Fatalf("names: %+v", got)
 	}
 	a.m.mu.Lock()
-	_, s, _ := a.m.rep.Name("a", "aaaaaaaaaaa1")
+	_, s, _ := a.m.state.rep.Name("a", "aaaaaaaaaaa1")
 	a.m.mu.Unlock()
 	if n := len(records.EncodeNameMsg(s)); n > maxBroadcast || len(got[0].Aliases) == 0 {
 		t.Fatalf("big record: %d bytes, %d aliases", n, len(got[0].Aliases))

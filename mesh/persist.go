@@ -49,13 +49,13 @@ func (m *Mesh) loadGossip() error {
 		if err != nil {
 			continue
 		}
-		m.rep.MergeInfo(n, si, m.bound)
+		m.state.rep.MergeInfo(n, si, m.bound)
 	}
 	for _, e := range s.Entries {
-		m.rep.MergeEntry(e, m.bound)
+		m.state.rep.MergeEntry(e, m.bound)
 	}
 	for _, r := range s.Sessions {
-		m.rep.MergeSession(r, m.bound)
+		m.state.rep.MergeSession(r, m.bound)
 	}
 	now := time.Now()
 	for _, n := range s.Names {
@@ -63,10 +63,10 @@ func (m *Mesh) loadGossip() error {
 		switch {
 		case err != nil:
 		case rec.Node != m.cfg.Name:
-			m.rep.MergeName(n, m.bound, now)
+			m.state.rep.MergeName(n, m.bound, now)
 		case m.cfg.Identity.ID().Verify(records.PurposeName, n.Data, n.Sig):
 			// This node's own, from its last run.
-			m.rep.SetOwnName(rec, n, now)
+			m.state.rep.SetOwnName(rec, n, now)
 		}
 	}
 	return nil
@@ -74,7 +74,7 @@ func (m *Mesh) loadGossip() error {
 
 func (m *Mesh) saveGossipThrottled() {
 	m.mu.Lock()
-	due := m.gossipDirty && time.Since(m.lastSave) >= saveEvery
+	due := m.state.gossipDirty && time.Since(m.state.lastSave) >= saveEvery
 	m.mu.Unlock()
 	if due {
 		m.saveGossip()
@@ -88,11 +88,11 @@ func (m *Mesh) saveGossip() {
 		return
 	}
 	m.mu.Lock()
-	if !m.gossipDirty {
+	if !m.state.gossipDirty {
 		m.mu.Unlock()
 		return
 	}
-	s := m.rep.Snapshot(true)
+	s := m.state.rep.Snapshot(true)
 	var others []records.Signed
 	for _, e := range s.Entries {
 		if ne, err := records.DecodeEntry(e); err == nil && ne.Node != m.cfg.Name {
@@ -107,8 +107,8 @@ func (m *Mesh) saveGossip() {
 		}
 	}
 	s.Sessions = sessions
-	m.gossipDirty = false
-	m.lastSave = time.Now()
+	m.state.gossipDirty = false
+	m.state.lastSave = time.Now()
 	m.mu.Unlock()
 	if err := durable.WriteFile(m.gossipPath(), mustJSON(s), 0o600); err != nil {
 		m.log.Warn("saving gossip records", "path", m.gossipPath(), "err", err)

@@ -24,21 +24,21 @@ type reachCluster struct{ m *Mesh }
 var _ reachability.Cluster = reachCluster{}
 
 func (c reachCluster) IdentityOf(name string) (crypto.NodeID, bool) {
-	return c.m.rep.IdentityOf(name, c.m.bound)
+	return c.m.state.rep.IdentityOf(name, c.m.bound)
 }
-func (c reachCluster) Refuse(reason string)                      { c.m.rep.Refuse(reason) }
-func (c reachCluster) Info(name string) (records.NodeInfo, bool) { return c.m.rep.Info(name) }
+func (c reachCluster) Refuse(reason string)                      { c.m.state.rep.Refuse(reason) }
+func (c reachCluster) Info(name string) (records.NodeInfo, bool) { return c.m.state.rep.Info(name) }
 func (c reachCluster) Infos() iter.Seq2[string, records.NodeInfo] {
-	return c.m.rep.Infos()
+	return c.m.state.rep.Infos()
 }
-func (c reachCluster) Reachable(name string) bool { return c.m.live[name].state.Reachable() }
+func (c reachCluster) Reachable(name string) bool { return c.m.state.live[name].state.Reachable() }
 func (c reachCluster) Version() uint64            { return c.m.versionLocked() }
 
 // receiveObservation takes an observation of this node from its observer.
 func (m *Mesh) receiveObservation(s records.Signed) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.reach.Receive(s, time.Now())
+	m.state.reach.Receive(s, time.Now())
 }
 
 // SetWGSightings tells the mesh where this node sees its WireGuard peers'
@@ -46,7 +46,7 @@ func (m *Mesh) receiveObservation(s records.Signed) {
 // what it sees of it.
 func (m *Mesh) SetWGSightings(s map[string]map[netip.Prefix]netip.AddrPort) {
 	m.mu.Lock()
-	m.reach.SetWGSightings(s)
+	m.state.reach.SetWGSightings(s)
 	m.mu.Unlock()
 }
 
@@ -54,17 +54,17 @@ func (m *Mesh) SetWGSightings(s map[string]map[netip.Prefix]netip.AddrPort) {
 // relays report, and publishes a change.
 func (m *Mesh) reassessNATLocked(now time.Time) {
 	wgLocal := map[netip.Prefix]netip.AddrPort{}
-	for e := range m.rep.Entries() {
+	for e := range m.state.rep.Entries() {
 		if e.Node == m.cfg.Name && e.Port != 0 {
 			wgLocal[e.Subnet] = netip.AddrPortFrom(m.addr, e.Port)
 		}
 	}
-	if !m.reach.Reassess(now, netip.AddrPortFrom(m.addr, uint16(m.cfg.BindPort)), wgLocal) {
+	if !m.state.reach.Reassess(now, netip.AddrPortFrom(m.addr, uint16(m.cfg.BindPort)), wgLocal) {
 		return
 	}
-	st := m.reach.NAT()
+	st := m.state.reach.NAT()
 	m.setSelfInfoLocked()
-	for cur := range m.rep.Entries() {
+	for cur := range m.state.rep.Entries() {
 		if cur.Node == m.cfg.Name && cur.Seen != st.WG[cur.Subnet] {
 			m.updateOwnLocked(cur.Subnet, func(e *NetworkEntry) { e.Seen = st.WG[cur.Subnet] })
 		}

@@ -26,19 +26,19 @@ var ErrRefused = errors.New("the cluster refuses this node")
 // error if gossip could not start or the cluster refuses this node.
 func (m *Mesh) Run(ctx context.Context) error {
 	conf := m.memberlistConfig()
-	if m.sockets != nil {
-		m.sockets.Start()
+	if m.gossip.sockets != nil {
+		m.gossip.sockets.Start()
 	}
-	m.gossipNet.Start()
+	m.gossip.net.Start()
 	ml, err := memberlist.Create(conf)
 	if err != nil {
 		m.node.Close()
-		_ = m.gossipNet.Shutdown()
+		_ = m.gossip.net.Shutdown()
 		return fmt.Errorf("starting gossip on %s:%d: %w", conf.BindAddr, conf.BindPort, err)
 	}
-	m.ml.Store(ml)
+	m.gossip.ml.Store(ml)
 	m.mu.Lock()
-	m.started = time.Now()
+	m.state.started = time.Now()
 	m.mu.Unlock()
 	m.log.Info("gossip started", "addr", m.addr, "port", conf.BindPort, "raft_port", m.cfg.raftPort(), "encrypted", conf.Keyring != nil)
 
@@ -72,7 +72,7 @@ loop:
 			nodeDone <- err
 			runErr = fmt.Errorf("consensus stopped: %w", err)
 			break loop
-		case <-m.kick:
+		case <-m.signals.kick:
 		case <-ticker.C:
 		case <-m.node.Changes():
 		}
@@ -96,7 +96,7 @@ func (m *Mesh) shutdown(ml *memberlist.Memberlist, stopNode context.CancelFunc, 
 		// Say we are leaving on purpose, then leave, so that peers show
 		// this node as left rather than failed.
 		m.mu.Lock()
-		m.leaving = true
+		m.state.own.leaving = true
 		m.setSelfInfoLocked()
 		m.mu.Unlock()
 		if err := ml.UpdateNode(m.cfg.LeaveTimeout); err != nil {
@@ -161,8 +161,8 @@ func (m *Mesh) loopReconnect(ctx context.Context) {
 		// which takes m.mu, while it holds its own lock.
 		if members := ml.NumMembers(); members >= 2 {
 			m.mu.Lock()
-			if !m.joined {
-				m.joined = true
+			if !m.state.joined {
+				m.state.joined = true
 				m.log.Info("joined the cluster", "members", members)
 			}
 			m.mu.Unlock()
@@ -181,7 +181,7 @@ func (m *Mesh) failedAddrs(ml *memberlist.Memberlist) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []string
-	for name, n := range m.rep.Infos() {
+	for name, n := range m.state.rep.Infos() {
 		if alive[name] || n.Leaving || n.GossipPort == 0 || n.NAT.Behind() {
 			// A member behind NAT cannot be dialled; it comes back by
 			// itself.
@@ -201,23 +201,23 @@ func (m *Mesh) step(ctx context.Context) error {
 	}
 	now := time.Now()
 	m.mu.Lock()
-	if m.self.ClusterID != m.node.ClusterID() {
+	if m.state.own.info.ClusterID != m.node.ClusterID() {
 		m.setSelfInfoLocked()
 	}
 	m.reassessNATLocked(now)
-	hints := m.reach.RouteHints()
-	observations := m.reach.Observations(now)
-	reflect := m.reach.ReflectTargets(now)
-	updateMeta := m.metaStale
-	m.metaStale = false
+	hints := m.state.reach.RouteHints()
+	observations := m.state.reach.Observations(now)
+	reflect := m.state.reach.ReflectTargets(now)
+	updateMeta := m.state.own.metaStale
+	m.state.own.metaStale = false
 	m.pruneNamesLocked(time.Now())
-	out := m.outbox
-	m.outbox = nil
+	out := m.state.outbox
+	m.state.outbox = nil
 	m.mu.Unlock()
 
-	m.gossipNet.SetHints(hints)
+	m.gossip.net.SetHints(hints)
 	for _, r := range reflect {
-		m.gossipNet.AskReflection(r.Name, r.To)
+		m.gossip.net.AskReflection(r.Name, r.To)
 	}
 
 	if updateMeta {
@@ -258,5 +258,5 @@ func (m *Mesh) signature() viewSig {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return viewSig{mutations: m.mutations, index: v.Catalog.Index, states: h.Sum64()}
+	return viewSig{mutations: m.state.mutations, index: v.Catalog.Index, states: h.Sum64()}
 }

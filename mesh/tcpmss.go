@@ -62,15 +62,15 @@ func (m *Mesh) pathMTUTo(ip netip.Addr) int {
 		return 0
 	}
 	var sightings map[string]gossipnet.Sighting
-	if m.gossipNet != nil {
-		sightings = m.gossipNet.Sightings()
+	if m.gossip.net != nil {
+		sightings = m.gossip.net.Sightings()
 	}
 	pmtus := m.pmtu.Results()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	found := 0
 	for name, p := range pmtus {
-		rec, ok := m.rep.Info(name)
+		rec, ok := m.state.rep.Info(name)
 		if (ok && rec.Addr == ip) || sightings[name].Addr.Addr() == ip {
 			if found == 0 || p.MTU < found {
 				found = p.MTU
@@ -139,7 +139,7 @@ func setListenerMSS(l net.Listener, mtu int) error {
 // now known (tcpmss.go).
 func (m *Mesh) setListenersMSS() {
 	mtu := m.listenMTU()
-	for _, l := range []net.Listener{m.raftListener, m.sockets.Listener()} {
+	for _, l := range []net.Listener{m.raftListener, m.gossip.sockets.Listener()} {
 		if l == nil {
 			continue
 		}

@@ -326,11 +326,11 @@ func (m *Mesh) View() *View {
 	cat := m.node.FSM().State()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v := buildView(m.cfg.Name, cat, m.rep, m.self, m.live)
+	v := buildView(m.cfg.Name, cat, m.state.rep, m.state.own.info, m.state.live)
 	var sightings map[string]gossipnet.Sighting
 	var pmtus map[string]PathMTU
-	if m.gossipNet != nil {
-		sightings = m.gossipNet.Sightings()
+	if m.gossip.net != nil {
+		sightings = m.gossip.net.Sightings()
 	}
 	if m.pmtu != nil {
 		pmtus = m.pmtu.Results()
@@ -347,7 +347,7 @@ func (m *Mesh) View() *View {
 	// memberlist probes one member per interval, so a member normally
 	// answers once every len(members) intervals; three missed rounds make
 	// it suspect.
-	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.probeInterval
+	suspectAfter := 3 * time.Duration(max(len(v.Members), 2)) * m.gossip.probeInterval
 	now := time.Now()
 	selfNAT := v.Members[v.Self].NAT
 	for name, mem := range v.Members {
@@ -357,10 +357,10 @@ func (m *Mesh) View() *View {
 		switch {
 		case mem.State == Alive && !mem.Self && !natted && now.Sub(mem.LastAck) > suspectAfter:
 			mem.State = Suspect
-		case mem.State == Unknown && !m.started.IsZero() && now.Sub(m.started) > m.unknownGrace():
+		case mem.State == Unknown && !m.state.started.IsZero() && now.Sub(m.state.started) > m.unknownGrace():
 			// Gossip has had time to find it and has not: treat it as
 			// failed, like memberlist would have.
-			mem.State, mem.Since = Dead, m.started
+			mem.State, mem.Since = Dead, m.state.started
 		default:
 			continue
 		}
@@ -373,5 +373,5 @@ func (m *Mesh) View() *View {
 // gossip may stay unconfirmed before it counts as failed: long enough for
 // the seeds to be joined and a reconnect round to reach it.
 func (m *Mesh) unknownGrace() time.Duration {
-	return 3*m.cfg.ReconnectInterval + 10*m.probeInterval
+	return 3*m.cfg.ReconnectInterval + 10*m.gossip.probeInterval
 }
