@@ -128,7 +128,7 @@ e2e: ## end-to-end suite against three real dockerd (root), once per engine in E
 # test binaries are built here; nothing compiles inside. A skipped
 # kernel test fails there (WGMESH_REQUIRE_KERNEL_WG), and the agents of
 # the integration tests run kernel WireGuard (WGMESH_WG_MODE).
-VMTEST_TIMEOUT ?= 25m
+VMTEST_TIMEOUT ?= 30m
 vmtest: deps build vm prev vmtest-run ## data-plane and integration tests with kernel WireGuard, in a VM
 
 # The VM's console, whole, goes to $(TEST_LOGS)/vmtest.out for
@@ -140,7 +140,7 @@ vmtest-run:
 	bin/wgmesh-vm -timeout $(VMTEST_TIMEOUT) -log bin/vmtest/console.log \
 		-env WGMESH_REQUIRE_KERNEL_WG=1 -env WGMESH_WG_MODE=kernel -env WGMESH_BINARY=$(CURDIR)/bin/wgmesh -env $(PREV_ENV) \
 		-- -C driver/dataplane/linux bin/vmtest/linux.test -test.v -test.count=1 -test.timeout 10m \
-		--- -C test/integration bin/vmtest/integration.test -test.v -test.count=1 -test.timeout 15m \
+		--- -C test/integration bin/vmtest/integration.test -test.v -test.count=1 -test.timeout 20m \
 		| tee $(TEST_LOGS)/vmtest.out | grep --line-buffered -v -E '^(=== (RUN|PAUSE|CONT))'
 
 plugin: build ## the managed Docker plugin PLUGIN, created in the engine at DOCKER_HOST

@@ -5,12 +5,16 @@
 #
 # Most suites spend their time waiting (for dockerd, for memberlist to
 # notice a dead member), not computing: a full run one after another kept
-# this machine's two cores about a quarter busy. So the unit tests (then
-# the fuzzers) and the e2e suite on each engine run side by side, each in
-# namespaces, directories and dockerd of its own. The VM's kernel-WireGuard
-# tests come next, alone: QEMU emulates the guest's CPUs, and beside the
-# others its tests ran three times slower and timed out. The benchmark
-# smoke run goes last and alone too: it times things.
+# this machine's two cores about a quarter busy. So suites run side by
+# side, each in namespaces, directories and dockerd of its own, in two
+# rounds:
+#
+#   1. the VM's kernel-WireGuard tests beside the e2e suite on each engine.
+#      QEMU emulates the guest's CPUs, so the VM needs most of a core: beside
+#      the unit tests' race-detector builds its tests ran three times
+#      slower and timed out; the e2e suites mostly wait on dockerd.
+#   2. the unit tests, then the fuzzers (they compile and compute), beside
+#      the benchmark smoke run, whose figures nothing checks.
 #
 # Every suite writes its whole output to $TEST_LOGS/<suite>.log; the
 # console gets the same lines, each labelled with its suite. At the end:
@@ -47,19 +51,18 @@ suite() {
 }
 
 engines=${E2E_ENGINES:-20.10 29}
-suites=(unit)
-suite unit "$make" unit-run fuzz &
+suites=(vmtest)
+suite vmtest "$make" vmtest-run &
 for e in $engines; do
 	suites+=("e2e-$e")
 	suite "e2e-$e" "$make" e2e E2E_ENGINES="$e" &
 done
 wait
 
-suites+=(vmtest)
-suite vmtest "$make" vmtest-run
-
-suites+=(bench-smoke)
-suite bench-smoke "$make" bench-smoke-run
+suites+=(unit bench-smoke)
+suite unit "$make" unit-run fuzz &
+suite bench-smoke "$make" bench-smoke-run &
+wait
 
 echo
 echo "make test: suites"
@@ -81,10 +84,16 @@ done
 if [ -f "$logs/vmtest.out" ]; then
 	go tool test2json -p vmtest <"$logs/vmtest.out" >"$logs/vmtest.json" 2>/dev/null
 fi
+# Both engines' suites are one package: name the engine in each.
+for f in "$logs"/e2e-*.json; do
+	[ -f "$f" ] || continue
+	e=${f##*/e2e-}
+	sed -i "s#\"Package\":\"github.com/wgmesh/wgmesh/test/e2e\"#\"Package\":\"test/e2e (Docker ${e%.json})\"#" "$f"
+done
 echo
 echo "make test: the ten slowest tests"
 cat "$logs"/*.json >"$logs/events" 2>/dev/null
-test/tools/gotestsum tool slowest --jsonfile "$logs/events" --threshold 1s | head -10 | sed 's/^/  /'
+test/tools/gotestsum tool slowest --jsonfile "$logs/events" --threshold 1s | sed -n '1,10s/^/  /p'
 
 if [ -n "$failed" ]; then
 	echo
