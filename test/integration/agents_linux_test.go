@@ -161,19 +161,21 @@ func TestAgentsFormAClusterAndCarryTraffic(t *testing.T) {
 		}
 	}
 	attached := time.Since(created)
-	var slowest time.Duration
+	// A pair whose simultaneous handshakes collide waits out WireGuard's
+	// 5 s retry in its own first ping; the pairs' times are not summed,
+	// so that a slow (loaded, emulated) machine does not add up to it.
+	var slowestPair time.Duration
 	for i, a := range ctrs {
 		for j, b := range ctrs {
 			if i != j {
-				firstPing(ctx, t, a, b.IP)
-				slowest = max(slowest, time.Since(created))
+				slowestPair = max(slowestPair, firstPing(ctx, t, a, b.IP))
 			}
 		}
 	}
-	t.Logf("networks created and containers attached on all hosts at once in %s; every first cross-host ping answered %s after the start (WireGuard %s)",
-		attached.Round(time.Millisecond), slowest.Round(time.Millisecond), wgMode)
-	if slowest-attached >= 5*time.Second {
-		t.Errorf("first pings took %s after the containers were attached: simultaneous handshakes failed and waited out WireGuard's 5 s retry", slowest-attached)
+	t.Logf("networks created and containers attached on all hosts at once in %s; every first cross-host ping answered %s after the start, the slowest pair in %s (WireGuard %s)",
+		attached.Round(time.Millisecond), time.Since(created).Round(time.Millisecond), slowestPair.Round(time.Millisecond), wgMode)
+	if slowestPair >= 5*time.Second {
+		t.Errorf("a first ping took %s: simultaneous handshakes failed and waited out WireGuard's 5 s retry", slowestPair)
 	}
 	for i, a := range ctrs {
 		for j, b := range ctrs {
