@@ -63,6 +63,9 @@ func TestImportDirection(t *testing.T) {
 		// The driver talks to the kernel and to Docker only through its
 		// interfaces.
 		mod + "driver": {"github.com/vishvananda/", "github.com/google/nftables", "golang.zx2c4.com/wireguard/device", "github.com/moby/", mod + "driver/dataplane/linux", mod + "cmd"},
+		// The polling helper of every test package, the lab and the
+		// bench: it imports nothing of ours, so that any of them can.
+		mod + "test/poll": {mod},
 	}
 	// Exceptions to forbidden: what a package may import although a ban
 	// covers it.
