@@ -20,6 +20,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func TestMain(m *testing.M) {
@@ -297,27 +298,12 @@ func testLogger(t *testing.T, name string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
 }
 
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v", what, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // voters lists the voters' names in n's configuration.
 func (n *tnode) status() Status { return n.node.Status() }
 
 func (c *cluster) waitVoters(want int, names ...string) {
 	c.t.Helper()
-	eventually(c.t, 30*time.Second, fmt.Sprintf("%d voters", want), func() error {
+	poll.Eventually(c.t, 30*time.Second, fmt.Sprintf("%d voters", want), func() error {
 		for _, name := range names {
 			st := c.nodes[name].status()
 			v := 0
@@ -475,7 +461,7 @@ func TestSimultaneousStart(t *testing.T) {
 	// Every node's replica shows the same owners.
 	for _, name := range names {
 		n := c.nodes[name]
-		eventually(t, 5*time.Second, name+" replica", func() error {
+		poll.Eventually(t, 5*time.Second, name+" replica", func() error {
 			nw := n.node.FSM().State().Networks[netip.MustParsePrefix("10.60.0.0/16")]
 			if nw == nil || len(nw.Blocks) != len(seen) {
 				return fmt.Errorf("has %v", nw)
@@ -523,7 +509,7 @@ func TestVoterReplaced(t *testing.T) {
 		t.Fatalf("claim with a voter down: %v", err)
 	}
 	c.waitVoters(3, alive...)
-	eventually(t, 20*time.Second, "dead voter removed", func() error {
+	poll.Eventually(t, 20*time.Second, "dead voter removed", func() error {
 		for _, s := range c.nodes[alive[0]].status().Servers {
 			if s.Name == victim && s.Voter {
 				return fmt.Errorf("%s is still a voter", victim)
@@ -533,7 +519,7 @@ func TestVoterReplaced(t *testing.T) {
 	})
 	// It comes back as a non-voter and catches up.
 	c.nodes[victim].start()
-	eventually(t, 20*time.Second, "returning node registered", func() error {
+	poll.Eventually(t, 20*time.Second, "returning node registered", func() error {
 		if st := c.nodes[victim].status(); !st.Registered || st.Problem != "" {
 			return fmt.Errorf("%+v", st)
 		}
@@ -561,7 +547,7 @@ func TestNameTakenAndRolledBack(t *testing.T) {
 	c.nodes["b-twin-host"] = impostor
 	c.mu.Unlock()
 	impostor.start()
-	eventually(t, 10*time.Second, "impostor refused", func() error {
+	poll.Eventually(t, 10*time.Second, "impostor refused", func() error {
 		st := impostor.status()
 		if st.State != "refused" || !strings.Contains(st.Problem, "taken") {
 			return fmt.Errorf("%+v", st)
@@ -577,7 +563,7 @@ func TestNameTakenAndRolledBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.start()
-	eventually(t, 10*time.Second, "b registered again", func() error {
+	poll.Eventually(t, 10*time.Second, "b registered again", func() error {
 		if !b.status().Registered {
 			return errors.New("not yet")
 		}
@@ -591,7 +577,7 @@ func TestNameTakenAndRolledBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.start()
-	eventually(t, 10*time.Second, "rolled-back b refused", func() error {
+	poll.Eventually(t, 10*time.Second, "rolled-back b refused", func() error {
 		st := b.status()
 		if st.State != "refused" || !strings.Contains(st.Problem, "older copy") {
 			return fmt.Errorf("%+v", st)
@@ -626,7 +612,7 @@ func TestRaftOnlyFromVoters(t *testing.T) {
 		if err == nil {
 			t.Errorf("%s kept a Raft stream from a non-voter open", target.name)
 		}
-		eventually(t, 5*time.Second, "refusal counted", func() error {
+		poll.Eventually(t, 5*time.Second, "refusal counted", func() error {
 			if target.status().Stats.Refused["raft-not-voter"] <= before {
 				return errors.New("not counted")
 			}
@@ -750,7 +736,7 @@ func TestFailingDisk(t *testing.T) {
 	if _, err := claim(ctx, a, "10.60.0.0/16"); err != nil {
 		t.Fatal(err) // this one commits; then saving the copy fails
 	}
-	eventually(t, 10*time.Second, "disk failure noticed", func() error {
+	poll.Eventually(t, 10*time.Second, "disk failure noticed", func() error {
 		if st := a.status(); !strings.Contains(st.Problem, "cannot be written") {
 			return fmt.Errorf("%+v", st)
 		}
@@ -764,7 +750,7 @@ func TestFailingDisk(t *testing.T) {
 	if err := os.RemoveAll(path); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "disk works again", func() error {
+	poll.Eventually(t, 10*time.Second, "disk works again", func() error {
 		_, err := claim(ctx, a, "10.60.0.0/16")
 		return err
 	})
@@ -808,7 +794,7 @@ func TestBehindNAT(t *testing.T) {
 	hasBlock := func(names ...string) {
 		t.Helper()
 		for _, name := range names {
-			eventually(t, 10*time.Second, name+" sees c1's block", func() error {
+			poll.Eventually(t, 10*time.Second, name+" sees c1's block", func() error {
 				nw := c.nodes[name].node.FSM().State().Networks[netip.MustParsePrefix("10.70.0.0/16")]
 				if nw == nil || nw.Blocks[b] != "c1" {
 					return fmt.Errorf("network %+v", nw)
@@ -830,7 +816,7 @@ func TestBehindNAT(t *testing.T) {
 			rest = append(rest, name)
 		}
 	}
-	eventually(t, 30*time.Second, "a new leader", func() error {
+	poll.Eventually(t, 30*time.Second, "a new leader", func() error {
 		for _, name := range rest {
 			if st := c.nodes[name].status(); st.Leader == "" || st.Leader == leader {
 				return fmt.Errorf("%s: leader %q", name, st.Leader)
@@ -842,7 +828,7 @@ func TestBehindNAT(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "c1 sees c2's block", func() error {
+	poll.Eventually(t, 10*time.Second, "c1 sees c2's block", func() error {
 		nw := c.nodes["c1"].node.FSM().State().Networks[netip.MustParsePrefix("10.70.0.0/16")]
 		if nw == nil || nw.Blocks[b] != "c2" {
 			return fmt.Errorf("network %+v", nw)

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // blocksOf lists the blocks n's replica gives to owner in subnet.
@@ -33,7 +34,7 @@ func blocksOf(n *tnode, subnet, owner string) []netip.Prefix {
 func savedCopy(t *testing.T, n *tnode) []byte {
 	t.Helper()
 	var b []byte
-	eventually(t, 10*time.Second, "copy of the catalog saved", func() error {
+	poll.Eventually(t, 10*time.Second, "copy of the catalog saved", func() error {
 		var err error
 		if b, err = os.ReadFile(n.node.catalogPath()); err != nil {
 			return err
@@ -96,7 +97,7 @@ func TestCopyOlderThanSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.start()
-	eventually(t, 10*time.Second, "a registered again", func() error {
+	poll.Eventually(t, 10*time.Second, "a registered again", func() error {
 		if st := a.status(); !st.Registered {
 			return errors.New("not yet")
 		}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestHostileForget: a registered member signs, in its own name, a
@@ -33,7 +34,7 @@ func TestHostileForget(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	eventually(t, 10*time.Second, "b's block everywhere", func() error {
+	poll.Eventually(t, 10*time.Second, "b's block everywhere", func() error {
 		for _, n := range []*tnode{a, b, m} {
 			if n.node.FSM().Index() < b.node.FSM().Index() {
 				return errors.New(n.name + " is behind")
@@ -68,7 +69,7 @@ func TestHostileForget(t *testing.T) {
 	if err != nil || r.Err() != nil {
 		t.Fatalf("forget of a stopped node: %v, %v", err, r.Err())
 	}
-	eventually(t, 10*time.Second, "b forgotten everywhere", func() error {
+	poll.Eventually(t, 10*time.Second, "b forgotten everywhere", func() error {
 		for _, n := range []*tnode{a, m} {
 			if _, ok := n.node.FSM().State().Nodes["b"]; ok {
 				return errors.New(n.name + " still has b")

@@ -7,6 +7,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // holeConn loses writes larger than limit: the connection stalls the way
@@ -82,7 +84,7 @@ func TestBlackHoleNamed(t *testing.T) {
 	c.mu.Lock()
 	c.hole = nil
 	c.mu.Unlock()
-	eventually(t, 30*time.Second, "a claim and a clean status once the path works", func() error {
+	poll.Eventually(t, 30*time.Second, "a claim and a clean status once the path works", func() error {
 		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
 		defer ccancel()
 		if _, err := claim(cctx, c.nodes["c"], "10.60.0.0/16"); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/wgmesh/wgmesh/crypto"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // hostileCluster starts voters a, b and c and then mallory, a registered
@@ -199,7 +200,7 @@ func TestDialChecksIdentity(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	eventually(t, 5*time.Second, victim.name+" knows the leader", func() error {
+	poll.Eventually(t, 5*time.Second, victim.name+" knows the leader", func() error {
 		if addr, _ := victim.node.leader(); addr != leader.addr {
 			return fmt.Errorf("leader at %q", addr)
 		}
@@ -273,7 +274,7 @@ func TestJoinerChecksLeader(t *testing.T) {
 	c.cut = map[string]map[string]bool{"j": {"a": true, "b": true}}
 	c.mu.Unlock()
 	j.start()
-	eventually(t, 10*time.Second, "j asked the liar", func() error {
+	poll.Eventually(t, 10*time.Second, "j asked the liar", func() error {
 		if lr.asked.Load() == 0 {
 			return errors.New("not yet")
 		}

@@ -2,6 +2,7 @@ package consensus
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/wgmesh/wgmesh/mesh/catalog"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // memSink collects a snapshot in memory.
@@ -116,13 +118,12 @@ func (f *follower) install(t *testing.T, index uint64) {
 
 func (f *follower) waitApplied(t *testing.T, index uint64) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for f.r.AppliedIndex() != index {
-		if time.Now().After(deadline) {
-			t.Fatalf("applied %d, want %d", f.r.AppliedIndex(), index)
+	poll.Eventually(t, 5*time.Second, fmt.Sprintf("entry %d applied", index), func() error {
+		if got := f.r.AppliedIndex(); got != index {
+			return fmt.Errorf("applied %d, want %d", got, index)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func TestInstallSnapshotKeepsLaterEntries(t *testing.T) {

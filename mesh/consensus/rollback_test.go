@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // restoreDir replaces dir by a copy of backup.
@@ -71,7 +73,7 @@ func TestRolledBackVoterDoesNotVote(t *testing.T) {
 	c.partition("a", 0)
 	vc.start()
 
-	eventually(t, 10*time.Second, "restored c refused", func() error {
+	poll.Eventually(t, 10*time.Second, "restored c refused", func() error {
 		st := vc.status()
 		if st.State != "refused" || !strings.Contains(st.Problem, "older copy") {
 			return fmt.Errorf("%+v", st)
@@ -87,7 +89,7 @@ func TestRolledBackVoterDoesNotVote(t *testing.T) {
 
 	b.start()
 	for _, n := range []*tnode{a, b} {
-		eventually(t, 30*time.Second, n.name+" has the entries b and c committed", func() error {
+		poll.Eventually(t, 30*time.Second, n.name+" has the entries b and c committed", func() error {
 			var got []string
 			for _, blk := range blocksOf(n, subnet, "b") {
 				got = append(got, blk.String())
@@ -114,7 +116,7 @@ func TestRolledBackVoterDoesNotVote(t *testing.T) {
 		vc.kill()
 		vc.start()
 	}
-	eventually(t, 10*time.Second, "restored c still refused", func() error {
+	poll.Eventually(t, 10*time.Second, "restored c still refused", func() error {
 		if st := vc.status(); st.State != "refused" || !strings.Contains(st.Problem, "older copy") {
 			return fmt.Errorf("%+v", st)
 		}
@@ -182,7 +184,7 @@ func TestCloneWithSameAddress(t *testing.T) {
 		t.Fatal(err)
 	}
 	clone.start()
-	eventually(t, 10*time.Second, "clone refused", func() error {
+	poll.Eventually(t, 10*time.Second, "clone refused", func() error {
 		st := clone.status()
 		if st.State != "refused" || !strings.Contains(st.Problem, "copy of its identity") {
 			return fmt.Errorf("%+v", st)
@@ -202,7 +204,7 @@ func TestCloneWithSameAddress(t *testing.T) {
 	clone.kill()
 	b.kill()
 	b.start()
-	eventually(t, 10*time.Second, "b registered again", func() error {
+	poll.Eventually(t, 10*time.Second, "b registered again", func() error {
 		if st := b.status(); !st.Registered || st.Problem != "" {
 			return fmt.Errorf("%+v", st)
 		}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // voterNames lists the voters in n's configuration.
@@ -24,7 +26,7 @@ func voterNames(n *tnode) []string {
 func waitVoterSet(t *testing.T, timeout time.Duration, n *tnode, want ...string) {
 	t.Helper()
 	slices.Sort(want)
-	eventually(t, timeout, fmt.Sprintf("voters %v", want), func() error {
+	poll.Eventually(t, timeout, fmt.Sprintf("voters %v", want), func() error {
 		if got := voterNames(n); !slices.Equal(got, want) {
 			return fmt.Errorf("voters %v (servers %+v)", got, n.status().Servers)
 		}
@@ -85,7 +87,7 @@ func TestServerNeverAndAlways(t *testing.T) {
 	e := c.add("e", true)
 	c.set(func() { e.server = ServerAlways })
 	e.start()
-	eventually(t, 30*time.Second, "e a voter", func() error {
+	poll.Eventually(t, 30*time.Second, "e a voter", func() error {
 		v := voterNames(a)
 		if !slices.Contains(v, "e") || !slices.Contains(v, "d") || slices.Contains(v, "c") || len(v) != 3 {
 			return fmt.Errorf("voters %v", v)
@@ -110,7 +112,7 @@ func TestLaggingNodeTakesNewLeader(t *testing.T) {
 	d := c.add("d", true)
 	c.set(func() { d.server = ServerNever })
 	d.start()
-	eventually(t, 30*time.Second, "d registered and caught up", func() error {
+	poll.Eventually(t, 30*time.Second, "d registered and caught up", func() error {
 		if st := d.status(); !st.Registered || st.AppliedIndex < a.status().AppliedIndex {
 			return fmt.Errorf("d: registered %v, applied %d of %d", st.Registered, st.AppliedIndex, a.status().AppliedIndex)
 		}
@@ -123,13 +125,13 @@ func TestLaggingNodeTakesNewLeader(t *testing.T) {
 	e := c.add("e", true)
 	c.set(func() { e.server = ServerAlways })
 	e.start()
-	eventually(t, 30*time.Second, "e a voter", func() error {
+	poll.Eventually(t, 30*time.Second, "e a voter", func() error {
 		if v := voterNames(a); !slices.Contains(v, "e") || len(v) != 3 {
 			return fmt.Errorf("voters %v", v)
 		}
 		return nil
 	})
-	eventually(t, 30*time.Second, "e leads", func() error {
+	poll.Eventually(t, 30*time.Second, "e leads", func() error {
 		for _, n := range []*tnode{a, b, cc, e} {
 			if r := n.node.raftServer(); r != nil && r.State() == raft.Leader && n != e {
 				if err := r.LeadershipTransferToServer(raft.ServerID(e.id.ID().String()), raft.ServerAddress(e.addr)).Error(); err != nil {
@@ -152,7 +154,7 @@ func TestLaggingNodeTakesNewLeader(t *testing.T) {
 
 	// d comes back: its configuration has voters a, b and c, not e.
 	d.start()
-	eventually(t, 30*time.Second, "d caught up with leader e", func() error {
+	poll.Eventually(t, 30*time.Second, "d caught up with leader e", func() error {
 		if st := d.status(); st.AppliedIndex < want {
 			return fmt.Errorf("d applied %d of %d (%s, leader %q, refused Raft streams %d)", st.AppliedIndex, want, st.State, st.Leader, st.Stats.Refused["raft-not-voter"])
 		}
