@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // pipeTransport is a NodeAwareTransport that records what is written and
@@ -196,18 +198,16 @@ func TestProbesOverSockets(t *testing.T) {
 	}
 	// Reflection: b answers from its relay port where a's packets come from.
 	a.AskReflection("b", netip.MustParseAddrPort(b.reflector.LocalAddr().String()))
-	deadline := time.Now().Add(2 * time.Second)
-	for {
-		if r, ok := a.Reflections()["b"]; ok {
-			if r.Addr.Port() != uint16(an.Port()) {
-				t.Fatalf("reflected %s, a's port is %d", r.Addr, an.Port())
-			}
-			break
+	var r Sighting
+	poll.Eventually(t, 2*time.Second, "b's reflection", func() error {
+		var ok bool
+		if r, ok = a.Reflections()["b"]; !ok {
+			return errors.New("none yet")
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("no reflection")
-		}
-		time.Sleep(10 * time.Millisecond)
+		return nil
+	})
+	if r.Addr.Port() != uint16(an.Port()) {
+		t.Fatalf("reflected %s, a's port is %d", r.Addr, an.Port())
 	}
 }
 

@@ -1,6 +1,7 @@
 package gossipnet
 
 import (
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestReplayAfterSilenceMovesNothing: a captured packet replayed after
@@ -120,15 +123,13 @@ func TestReflectionBoundToRequest(t *testing.T) {
 	asker.SetHints(hints)
 	asker.AskReflection("relay", relayAt)
 	var first Sighting
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if r, ok := asker.Reflections()["relay"]; ok {
-			first = r
-			break
+	poll.Eventually(t, 3*time.Second, "the relay's reflection", func() error {
+		var ok bool
+		if first, ok = asker.Reflections()["relay"]; !ok {
+			return errors.New("none yet")
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("no reflection")
-		}
-	}
+		return nil
+	})
 	answers := tee.captured()
 	if len(answers) == 0 {
 		t.Fatal("the answer was not captured")
