@@ -19,6 +19,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/internal/logbridge"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func TestMain(m *testing.M) {
@@ -375,27 +376,11 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 var _ io.Writer = testWriter{}
 
-// eventually retries cond until it returns nil or the deadline passes.
-func eventually(t testing.TB, d time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitRegistered waits until every named node is a registered member
 // with a leader.
 func (c *cluster) waitRegistered(d time.Duration, names ...string) {
 	c.t.Helper()
-	eventually(c.t, d, func() error {
+	poll.Eventually(c.t, d, fmt.Sprintf("%v registered, with a leader", names), func() error {
 		for _, name := range names {
 			st := c.nodes[name].m.Consensus()
 			if !st.Registered || st.Leader == "" {
@@ -410,7 +395,7 @@ func (c *cluster) waitRegistered(d time.Duration, names ...string) {
 // and alive.
 func (c *cluster) waitMembers(d time.Duration, names ...string) {
 	c.t.Helper()
-	eventually(c.t, d, func() error {
+	poll.Eventually(c.t, d, fmt.Sprintf("%v seeing each other registered and alive", names), func() error {
 		for _, name := range names {
 			v := c.nodes[name].m.View()
 			for _, other := range names {

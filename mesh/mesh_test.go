@@ -18,6 +18,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/records"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 var subnet = netip.MustParsePrefix("10.60.0.0/16")
@@ -65,7 +66,7 @@ func TestClusterClaimsAndPeers(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "every node with the other two as peers", func() error {
 		for i, name := range names {
 			peers := c.nodes[name].m.View().Peers(subnet)
 			if len(peers) != 2 {
@@ -102,7 +103,7 @@ func TestPartitionMinorityCannotClaim(t *testing.T) {
 	}
 	c.waitMembers(30*time.Second, names...)
 	// Five voters once the autopilot has promoted them all.
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "five voters", func() error {
 		voters := 0
 		for _, s := range c.nodes["a"].m.Consensus().Servers {
 			if s.Voter {
@@ -143,7 +144,7 @@ func TestPartitionMinorityCannotClaim(t *testing.T) {
 		}
 	}
 	c.net.heal()
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, fmt.Sprintf("%s owned by a everywhere", b), func() error {
 		for _, name := range names {
 			v := c.nodes[name].m.View()
 			if owner, _, _ := v.Owner(subnet, b.Addr()); owner != "a" {
@@ -206,11 +207,11 @@ func TestForget(t *testing.T) {
 		t.Fatalf("forgetting a live node: %v", err)
 	}
 	c.nodes["c"].crash()
-	eventually(t, 20*time.Second, func() error {
+	poll.Eventually(t, 20*time.Second, "a forgetting the crashed c", func() error {
 		return c.nodes["a"].m.Forget(ctx, "c")
 	})
 	for _, name := range []string{"a", "b"} {
-		eventually(t, 10*time.Second, func() error {
+		poll.Eventually(t, 10*time.Second, name+" without c and its block", func() error {
 			v := c.nodes[name].m.View()
 			if owner, _, ok := v.Owner(subnet, bc.Addr()); ok {
 				return fmt.Errorf("%s: %s still belongs to %s", name, bc, owner)
@@ -273,7 +274,7 @@ func TestRestartKeepsPeers(t *testing.T) {
 	}
 	_ = a.m.Attach(subnet, 51820)
 	_ = b.m.Attach(subnet, 51821)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "b a peer of a", func() error {
 		if len(a.m.View().Peers(subnet)) != 1 {
 			return errors.New("no peer yet")
 		}
@@ -346,7 +347,7 @@ func TestDuplicateNameRefused(t *testing.T) {
 	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "taken") || !strings.Contains(err.Error(), "127.0.0.1") {
 		t.Fatalf("twin stopped with %v", err)
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "a's problems naming node b", func() error {
 		probs := strings.Join(c.nodes["a"].m.Problems(), "\n")
 		if !strings.Contains(probs, "node b") {
 			return fmt.Errorf("problems of a: %q", probs)
@@ -370,7 +371,7 @@ func TestForgedRecords(t *testing.T) {
 	ensure(t, c.nodes["a"], subnet)
 	a, evil := c.nodes["a"], c.nodes["evil"]
 	_ = a.m.Attach(subnet, 51820)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "a's entry on b", func() error {
 		if _, ok := c.nodes["b"].m.View().Entry(subnet, "a"); !ok {
 			return errors.New("b has no entry of a")
 		}
@@ -382,7 +383,7 @@ func TestForgedRecords(t *testing.T) {
 	evil.sendToAll(records.EncodeEntryMsg(records.Sign(evil.id, records.PurposeEntry, huge)))
 	tooHuge := NetworkEntry{Node: "evil", Subnet: subnet, Version: 1<<63 + 1, Port: 6666}
 	evil.sendToAll(records.EncodeEntryMsg(records.Sign(evil.id, records.PurposeEntry, tooHuge)))
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "b refusing the forged entry", func() error {
 		st := c.nodes["b"].m.Stats()
 		if st.Refused["entry-forged"] == 0 {
 			return fmt.Errorf("b refused %v", st.Refused)
@@ -391,7 +392,7 @@ func TestForgedRecords(t *testing.T) {
 	})
 	// a's entry keeps its port, and a's later changes still arrive.
 	_ = a.m.Attach(subnet, 51830)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "a's new port on b", func() error {
 		e, _ := c.nodes["b"].m.View().Entry(subnet, "a")
 		if e.Port != 51830 {
 			return fmt.Errorf("b has a's port %d", e.Port)
@@ -507,7 +508,7 @@ func TestLegacyUpgrade(t *testing.T) {
 	c.nodes["host-a"].start()
 	c.nodes["host-b"].start()
 	want := map[netip.Prefix]string{pfx("10.60.133.0/24"): "host-a", pfx("10.60.200.0/24"): "host-a", pfx("10.60.204.0/24"): "host-b"}
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "the legacy blocks adopted", func() error {
 		for _, name := range []string{"host-a", "host-b"} {
 			nw := c.nodes[name].m.View().Network(subnet)
 			if nw == nil {
@@ -526,7 +527,7 @@ func TestLegacyUpgrade(t *testing.T) {
 	})
 	// The old file is renamed once the node's adoption committed, which
 	// a loaded machine may show a moment after the catalog has it.
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the legacy files renamed", func() error {
 		for _, name := range []string{"host-a", "host-b"} {
 			if _, err := os.Stat(filepath.Join(c.nodes[name].dir, legacyUpgraded)); err != nil {
 				return fmt.Errorf("%s: old file not renamed: %w", name, err)

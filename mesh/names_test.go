@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/mesh/records"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func liveNames(n *testNode) map[string]string {
@@ -21,7 +23,7 @@ func liveNames(n *testNode) map[string]string {
 
 func waitNames(t *testing.T, d time.Duration, n *testNode, want map[string]string) {
 	t.Helper()
-	eventually(t, d, func() error {
+	poll.Eventually(t, d, n.name+"'s names", func() error {
 		if got := liveNames(n); !mapsEqual(got, want) {
 			return fmt.Errorf("%s has names %v, want %v", n.name, got, want)
 		}
@@ -147,7 +149,7 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	// Once the tombstone expired on b, a stale copy of the record
 	// reaches b (as from a member that was away): b refutes it, and a
 	// ends up with a tombstone, not the name.
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "b's tombstone expired", func() error {
 		if st := b.m.NameStats(); st.Tombstones != 0 {
 			return fmt.Errorf("b: %+v", st)
 		}
@@ -156,17 +158,20 @@ func TestNamesAcrossRestartAndRefutation(t *testing.T) {
 	b.m.mu.Lock()
 	b.m.mergeNameLocked(stale, time.Now())
 	b.m.mu.Unlock()
-	eventually(t, 10*time.Second, func() error {
+	// The new tombstone lives a second (ttl): look often enough to see it.
+	if err := poll.Every(context.Background(), 20*time.Millisecond, 10*time.Second, "b's new tombstone on a", func() error {
 		a.m.mu.Lock()
 		defer a.m.mu.Unlock()
 		if rec, _, ok := a.m.state.rep.Name("b", old.Endpoint); !ok || !rec.Deleted || rec.Version <= 1<<32 {
 			return fmt.Errorf("a holds %+v", rec)
 		}
 		return nil
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
 	waitNames(t, time.Second, a, map[string]string{})
 	// The tombstone expires everywhere.
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the tombstones expired", func() error {
 		if st := a.m.NameStats(); st.Tombstones != 0 {
 			return fmt.Errorf("a: %+v", st)
 		}
@@ -199,7 +204,7 @@ func TestForgedNames(t *testing.T) {
 	for _, name := range []string{"a", "b"} {
 		(&delegate{c.nodes[name].m}).NotifyMsg(msg)
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "b refusing the forged name", func() error {
 		if st := c.nodes["b"].m.Stats(); st.Refused["name-forged"] == 0 {
 			return fmt.Errorf("b refused %v", st.Refused)
 		}

@@ -47,6 +47,7 @@ import (
 	"github.com/wgmesh/wgmesh/mesh/catalog"
 	"github.com/wgmesh/wgmesh/mesh/consensus"
 	"github.com/wgmesh/wgmesh/mesh/records"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 var safetySubnets = []netip.Prefix{netip.MustParsePrefix("10.60.0.0/22"), netip.MustParsePrefix("10.61.0.0/24")}
@@ -802,7 +803,7 @@ func runSafety(t *testing.T, seed uint64, steps int) {
 	s.evil.seeds = []string{s.nodes[0].gossipAddr()}
 	s.nodes = append(s.nodes, s.evil)
 	s.evil.start()
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "every node registered, the hostile one too", func() error {
 		for _, n := range s.nodes {
 			if !n.m.Consensus().Registered {
 				return fmt.Errorf("%s not registered", n.name)
