@@ -521,22 +521,6 @@ func (h *harness) setFailApply(netID string, err error) {
 	h.fake.Config()
 }
 
-// eventually retries cond until it returns nil or d passes.
-func eventually(t *testing.T, d time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // inAny reports whether some prefix of ps contains a.
 func inAny(ps []netip.Prefix, a netip.Addr) bool {
 	for _, p := range ps {

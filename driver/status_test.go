@@ -16,6 +16,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func TestStatus(t *testing.T) {
@@ -281,7 +282,7 @@ func TestRunLoop(t *testing.T) {
 	epID := dockerID("ep loop")
 	h.run(n, epID, "02:42:0a:3c:00:02")
 	h.fake.Kill(epID)
-	eventually(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "the killed container's endpoint gone", func() error {
 		if h.state().Endpoints[epID] != nil {
 			return fmt.Errorf("endpoint still in state")
 		}
