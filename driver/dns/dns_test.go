@@ -19,6 +19,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/netnstest"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestMain runs the tests as root in a network namespace of their own
@@ -165,17 +166,12 @@ func startServer(t *testing.T, cfg Config) *Server {
 		}
 	})
 	// Up once it answers.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	poll.Eventually(t, 5*time.Second, "the server answering", func() error {
 		c := &dns.Client{Timeout: 100 * time.Millisecond}
-		if _, _, err := c.Exchange(new(dns.Msg).SetQuestion("probe.", dns.TypeA), cfg.Listen.String()); err == nil {
-			return s
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("server did not come up")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		_, _, err := c.Exchange(new(dns.Msg).SetQuestion("probe.", dns.TypeA), cfg.Listen.String())
+		return err
+	})
+	return s
 }
 
 // ask queries the server from a loopback source address.
@@ -282,7 +278,7 @@ func TestServer(t *testing.T) {
 
 	// Names follow the mesh.
 	names.set(rec("h2", "bbbbbbbbbbb1", red, "10.60.2.2", "web2", "www"))
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "web no longer a name", func() error {
 		if m := ask(t, s, "127.0.0.2", "udp", "web", dns.TypeA); m.Rcode != dns.RcodeNameError {
 			return fmt.Errorf("web still answers %v", addrsOf(m))
 		}
@@ -431,21 +427,6 @@ func TestHostUpstreams(t *testing.T) {
 	}
 	if _, err := ParseUpstream("resolver.example"); err == nil {
 		t.Error("a host name was accepted as an upstream")
-	}
-}
-
-func eventuallyT(t *testing.T, d time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not met after %v: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

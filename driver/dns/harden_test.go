@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // rawUpstream is an upstream on loopback whose answers the test writes:
@@ -376,7 +378,7 @@ func TestWatcherNegativeBounded(t *testing.T) {
 	d := newFakeDocker()
 	p := &fakePublisher{}
 	w := startWatcher(t, d, p, time.Hour)
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "the watcher's first look", func() error {
 		if p.looks() == 0 {
 			return fmt.Errorf("no first look")
 		}

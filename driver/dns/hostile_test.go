@@ -1,6 +1,7 @@
 package dns
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
@@ -18,6 +19,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestHostile throws at a running server what a container on the host
@@ -203,15 +206,15 @@ func TestHostile(t *testing.T) {
 
 	// Flat: in-flight work drains within the upstream timeout.
 	var g int
-	for end := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if g = runtime.NumGoroutine(); g <= baseG+5 {
-			break
+	if err := poll.Until(context.Background(), 5*time.Second, "in-flight work drained", func() error {
+		if g = runtime.NumGoroutine(); g > baseG+5 {
+			return fmt.Errorf("%d goroutines, %d before", g, baseG)
 		}
-		if time.Now().After(end) {
-			var sb strings.Builder
-			_ = pprof.Lookup("goroutine").WriteTo(&sb, 1)
-			t.Fatalf("%d goroutines, %d before:\n%s", g, baseG, sb.String())
-		}
+		return nil
+	}); err != nil {
+		var sb strings.Builder
+		_ = pprof.Lookup("goroutine").WriteTo(&sb, 1)
+		t.Fatalf("%v:\n%s", err, sb.String())
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)

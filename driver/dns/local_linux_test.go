@@ -15,6 +15,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver/dns/hostaddr"
 	"github.com/wgmesh/wgmesh/test/netnstest"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestLocalNets: which link and source make a query this host's.
@@ -143,12 +144,9 @@ func TestServerDropsNeighbour(t *testing.T) {
 		return err
 	}
 	// The host itself, once the server is up.
-	deadline := time.Now().Add(5 * time.Second)
-	for query(nil, "udp", "") != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("the server does not answer the host")
-		}
-	}
+	poll.Eventually(t, 5*time.Second, "the server answering the host", func() error {
+		return query(nil, "udp", "")
+	})
 	for _, proto := range []string{"udp", "tcp"} {
 		if err := query(nil, proto, ""); err != nil {
 			t.Errorf("the host over %s: %v", proto, err)
@@ -208,16 +206,11 @@ func plug(t *testing.T, hostName, hostAddr string, ns *netnstest.NS, nsAddr stri
 		t.Fatal(err)
 	}
 	// What is sent before both ends are up is lost.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	poll.Eventually(t, 5*time.Second, "link "+hostName+" up at both ends", poll.Bool(func() bool {
 		h, err1 := netlink.LinkByName(hostName)
 		p, err2 := ns.NL.LinkByName("eth0")
-		if err1 == nil && err2 == nil && h.Attrs().OperState == netlink.OperUp && p.Attrs().OperState == netlink.OperUp {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("link %s is not up", hostName)
-		}
-	}
+		return err1 == nil && err2 == nil && h.Attrs().OperState == netlink.OperUp && p.Attrs().OperState == netlink.OperUp
+	}))
 }
 
 // inNS runs fn on a thread in ns (nil: the test's own namespace); the

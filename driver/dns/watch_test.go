@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // fakeDocker is a Docker engine in memory: containers with their
@@ -176,7 +177,7 @@ func TestWatcher(t *testing.T) {
 	}}
 	d.run(web, "172.18.0.2")
 	want := map[string]string{"10.60.0.0/16 web [www c1short]": "10.60.1.2"}
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "web's names published", func() error {
 		if got := p.published(); !maps.Equal(got, want) {
 			return fmt.Errorf("published %v", got)
 		}
@@ -199,7 +200,7 @@ func TestWatcher(t *testing.T) {
 	web.Networks["netblue"] = att("e2e2e2e2e2e2", "10.61.1.2")
 	d.run(web, "")
 	want["10.61.0.0/16 web []"] = "10.61.1.2"
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "web on blue too", func() error {
 		if got := w.Networks(ctx, netip.MustParseAddr("172.18.0.2")); !slices.Equal(got, []netip.Prefix{red, blue}) {
 			return fmt.Errorf("networks %v", got)
 		}
@@ -218,7 +219,7 @@ func TestWatcher(t *testing.T) {
 
 	// It stops: its names and addresses go.
 	d.remove(web.ID)
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "web's names gone", func() error {
 		if got := p.published(); len(got) != 0 {
 			return fmt.Errorf("published %v", got)
 		}
@@ -239,7 +240,7 @@ func TestWatcherFirstQuery(t *testing.T) {
 	d := newFakeDocker()
 	p := &fakePublisher{}
 	w := startWatcher(t, d, p, time.Hour)
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "the watcher's first look", func() error {
 		if p.looks() == 0 {
 			return fmt.Errorf("no first look")
 		}
@@ -274,7 +275,7 @@ func TestWatcherDockerDown(t *testing.T) {
 	p := &fakePublisher{}
 	d.containers["c3"] = Container{ID: "c3", Name: "db", Networks: map[string]Attachment{"netred": att("e4e4e4e4e4e4", "10.60.4.2")}}
 	w := startWatcher(t, d, p, 20*time.Millisecond)
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "db's name published", func() error {
 		if len(p.published()) != 1 {
 			return fmt.Errorf("published %v", p.published())
 		}
@@ -283,7 +284,7 @@ func TestWatcherDockerDown(t *testing.T) {
 	d.mu.Lock()
 	d.fail = fmt.Errorf("dockerd is restarting")
 	d.mu.Unlock()
-	eventuallyT(t, 5*time.Second, func() error {
+	poll.Eventually(t, 5*time.Second, "Docker's error in the stats", func() error {
 		if st := w.Stats(); st.Error == "" {
 			return fmt.Errorf("no error yet")
 		}
