@@ -26,6 +26,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/test/netnstest"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func TestMain(m *testing.M) { os.Exit(netnstest.Main(m)) }
@@ -437,14 +438,14 @@ func otherMountNS(t *testing.T) string {
 	})
 	path := fmt.Sprintf("/proc/%d/ns/mnt", cmd.Process.Pid)
 	own, _ := os.Readlink("/proc/self/ns/mnt")
-	for range 100 {
-		if other, err := os.Readlink(path); err == nil && other != own {
-			return path
+	poll.Eventually(t, 2*time.Second, path+" out of the test's mount namespace", func() error {
+		other, err := os.Readlink(path)
+		if err == nil && other == own {
+			return errors.New("still in it")
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("%s never left the test's mount namespace", path)
-	return ""
+		return err
+	})
+	return path
 }
 
 // mountsOf reports whether the mount table of a mount namespace (that of
@@ -551,15 +552,12 @@ func TestRepairEndpoint(t *testing.T) {
 	if err := unix.Unmount(pin, unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; ; i++ {
-		if _, err := ctr.NL.LinkByName("eth3"); err != nil {
-			break
+	poll.Eventually(t, 5*time.Second, "the container's interface gone with its network's namespace", func() error {
+		if _, err := ctr.NL.LinkByName("eth3"); err == nil {
+			return errors.New("still there")
 		}
-		if i == 100 {
-			t.Fatal("the container's interface outlived its network's namespace")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 	dp, err := New(testConfig(a.dir, dataplane.ModeUserspace, ""))
 	if err != nil {
 		t.Fatal(err)
