@@ -16,6 +16,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Settings from the environment:
@@ -117,17 +118,18 @@ func TestAgentsFormAClusterAndCarryTraffic(t *testing.T) {
 	// The cluster forms: every agent sees three alive members.
 	deadline := time.Now().Add(30 * time.Second)
 	for _, h := range l.Hosts {
-		for {
-			st, err := driver.NewControlClient(h.ControlSock()).Status(ctx)
-			if err == nil && len(st.Members) == 3 && allAlive(st) {
-				checkMode(t, h.Name, st.Node.WGMode)
-				break
+		var st *driver.Status
+		poll.Eventually(t, time.Until(deadline), h.Name+" seeing the cluster", func() error {
+			var err error
+			if st, err = driver.NewControlClient(h.ControlSock()).Status(ctx); err != nil {
+				return err
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s did not see the cluster: %+v %v", h.Name, st, err)
+			if len(st.Members) != 3 || !allAlive(st) {
+				return fmt.Errorf("members %+v", st.Members)
 			}
-			time.Sleep(200 * time.Millisecond)
-		}
+			return nil
+		})
+		checkMode(t, h.Name, st.Node.WGMode)
 	}
 
 	// The network is created on all three hosts at once, so that they

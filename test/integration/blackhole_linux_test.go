@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestControlPlaneBlackHole: the agent's own TCP (consensus over TLS,
@@ -30,7 +31,8 @@ func TestControlPlaneBlackHole(t *testing.T) {
 		AgentArgs: []string{"--pmtu-interval", "2s"}})
 	h1, h3 := l.Hosts[0], l.Hosts[2]
 
-	took := waitUntil(t, 90*time.Second, "the cluster, every host registered", func() error {
+	waited := time.Now()
+	poll.Eventually(t, 90*time.Second, "the cluster, every host registered", func() error {
 		for _, h := range l.Hosts {
 			st, err := status(ctx, h)
 			if err != nil {
@@ -45,7 +47,7 @@ func TestControlPlaneBlackHole(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("cluster formed after %s", took.Round(time.Millisecond))
+	t.Logf("cluster formed after %s", time.Since(waited).Round(time.Millisecond))
 
 	// Networks made on h1, so that the Raft log h3 follows and the gossip
 	// state are larger than one packet across the black hole.
@@ -69,7 +71,7 @@ func TestControlPlaneBlackHole(t *testing.T) {
 		t.Fatalf("a claim of h3 with TCP to port 7947 dropped: %v; want an error that names connections timing out", err)
 	}
 	t.Logf("claim with TCP to 7947 dropped: %v", err)
-	waitUntil(t, 30*time.Second, "h3's status naming the consensus connections", func() error {
+	poll.Eventually(t, 30*time.Second, "h3's status naming the consensus connections", func() error {
 		st, err := status(ctx, h3)
 		if err != nil {
 			return err
@@ -94,7 +96,8 @@ func TestControlPlaneBlackHole(t *testing.T) {
 	if _, err := h3.RouterExec(ctx, "ip", "link", "set", "eth0", "mtu", "1280"); err != nil {
 		t.Fatal(err)
 	}
-	took = waitUntil(t, 60*time.Second, "h3's path MTU to h1 of 1280", func() error {
+	waited = time.Now()
+	poll.Eventually(t, 60*time.Second, "h3's path MTU to h1 of 1280", func() error {
 		st, err := status(ctx, h3)
 		if err != nil {
 			return err
@@ -106,7 +109,7 @@ func TestControlPlaneBlackHole(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("h3's uplink shrank to 1280: path MTU found %s later", took.Round(time.Millisecond))
+	t.Logf("h3's uplink shrank to 1280: path MTU found %s later", time.Since(waited).Round(time.Millisecond))
 
 	// h3 claims a block: it creates a network and attaches a container.
 	start := time.Now()

@@ -20,6 +20,7 @@ import (
 	"github.com/wgmesh/wgmesh/crypto"
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestEvictCompromisedMember: a member that is compromised and keeps
@@ -39,7 +40,7 @@ func TestEvictCompromisedMember(t *testing.T) {
 
 	// The cluster forms: four members, a leader, everyone registered.
 	var leader string
-	waitUntil(t, 90*time.Second, "the cluster forms with three voters", func() error {
+	poll.Eventually(t, 90*time.Second, "the cluster forms with three voters", func() error {
 		for _, h := range l.Hosts {
 			st, err := statusOf(ctx, h)
 			if err != nil {
@@ -132,7 +133,7 @@ func TestEvictCompromisedMember(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		waitUntil(t, 20*time.Second, fmt.Sprintf("the good agents load key step %d", i+1), func() error {
+		poll.Eventually(t, 20*time.Second, fmt.Sprintf("the good agents load key step %d", i+1), func() error {
 			for _, h := range good {
 				b, _ := os.ReadFile(h.AgentLog())
 				if n := strings.Count(string(b), "cluster keyring updated"); n < i+1 {
@@ -162,7 +163,7 @@ func TestEvictCompromisedMember(t *testing.T) {
 
 	// The good hosts elect a leader among themselves: no connection
 	// evil made before the rotation keeps it leading them.
-	waitUntil(t, 60*time.Second, "a good host leads the others", func() error {
+	poll.Eventually(t, 60*time.Second, "a good host leads the others", func() error {
 		for _, h := range good {
 			st, err := statusOf(ctx, h)
 			if err != nil {
@@ -178,7 +179,7 @@ func TestEvictCompromisedMember(t *testing.T) {
 
 	// Gossip: the good hosts see evil dead and refuse its packets; evil
 	// sees every other host dead.
-	waitUntil(t, 60*time.Second, "gossip cuts evil off", func() error {
+	poll.Eventually(t, 60*time.Second, "gossip cuts evil off", func() error {
 		for _, h := range good {
 			st, err := statusOf(ctx, h)
 			if err != nil {
@@ -224,14 +225,14 @@ func TestEvictCompromisedMember(t *testing.T) {
 
 	// Forget it, on a good host: accepted once gossip sees it dead.
 	var forgetOut string
-	waitUntil(t, 60*time.Second, "`wgmesh forget` is accepted", func() error {
+	poll.Eventually(t, 60*time.Second, "`wgmesh forget` is accepted", func() error {
 		out, err := good[0].Wgmesh(ctx, "forget", evil.Name)
 		forgetOut = out
 		return err
 	})
 	t.Logf("wgmesh forget %s: %s", evil.Name, strings.TrimSpace(forgetOut))
 
-	waitUntil(t, 60*time.Second, "the good hosts drop evil", func() error {
+	poll.Eventually(t, 60*time.Second, "the good hosts drop evil", func() error {
 		for _, h := range good {
 			st, err := statusOf(ctx, h)
 			if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // pair is a network on the first two hosts of a lab, with one stand-in
@@ -214,22 +215,18 @@ func TestWireGuardKeyRotation(t *testing.T) {
 	if fresh == old {
 		t.Fatal("public key unchanged after rotate-keys")
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	poll.Eventually(t, 20*time.Second, "h1's new key on h2", func() error {
 		var peerKeys []string
 		for _, n := range status(h2).Networks {
 			for _, pr := range n.Peers {
 				peerKeys = append(peerKeys, pr.PublicKey.String())
 			}
 		}
-		if len(peerKeys) == 1 && peerKeys[0] == fresh.String() {
-			break
+		if len(peerKeys) != 1 || peerKeys[0] != fresh.String() {
+			return fmt.Errorf("h2's peer keys %v, want only h1's new key", peerKeys)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("h2's peer keys %v, want only h1's new key", peerKeys)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	if len(lost) > count/4 {
 		t.Errorf("key rotation lost %d of %d pings", len(lost), count)
 	}

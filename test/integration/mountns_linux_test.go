@@ -10,6 +10,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // private is how systemd runs the agent (docs/wgmesh.service): in a
@@ -73,15 +74,15 @@ func TestAgentRepairsLostInterfaces(t *testing.T) {
 	}
 	p := newPair(ctx, t, l, "10.86.0.0/16")
 	// Let the agent learn the container's interface name (after Join).
-	waitFor(t, 20*time.Second, func() bool {
+	poll.Eventually(t, 20*time.Second, "h2's agent knowing the interface eth0", poll.Bool(func() bool {
 		st, err := driver.NewControlClient(h2.ControlSock()).Status(ctx)
 		return err == nil && len(st.Networks) == 1 && len(st.Networks[0].Endpoints) == 1 && st.Networks[0].Endpoints[0].Interface == "eth0"
-	})
+	}))
 	h2.StopAgent(syscall.SIGTERM)
-	waitFor(t, 10*time.Second, func() bool {
+	poll.Eventually(t, 10*time.Second, "the container's eth0 gone with the agent", poll.Bool(func() bool {
 		_, err := p.ctrs[1].Exec(ctx, "ip", "link", "show", "eth0")
 		return err != nil
-	})
+	}))
 	lostAt := time.Now()
 	if err := h2.StartAgentIn(ctx, private); err != nil {
 		t.Fatal(err)
@@ -104,16 +105,6 @@ func TestAgentRepairsLostInterfaces(t *testing.T) {
 	for _, pr := range st.Problems {
 		if strings.Contains(pr, "lost its interface") {
 			t.Errorf("problem after the repair: %s", pr)
-		}
-	}
-}
-
-// waitFor polls cond every 100 ms until it holds, or fails after d.
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(d); !cond(); time.Sleep(100 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("not so after %s", d)
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestContainerMSSClamp: containers that drop ICMP "fragmentation
@@ -24,7 +25,7 @@ func TestContainerMSSClamp(t *testing.T) {
 	l := newLabWith(t, lab.Config{Hosts: 2, Sites: []lab.Site{{}, {NAT: lab.NATPreserving, UplinkMTU: 1280, DropFragNeeded: true}},
 		AgentArgs: []string{"--pmtu-interval", "2s"}})
 	h1, h2 := l.Hosts[0], l.Hosts[1]
-	waitUntil(t, 90*time.Second, "the cluster", func() error {
+	poll.Eventually(t, 90*time.Second, "the cluster", func() error {
 		for _, h := range l.Hosts {
 			st, err := status(ctx, h)
 			if err != nil {
@@ -60,7 +61,7 @@ func TestContainerMSSClamp(t *testing.T) {
 	}
 	firstPing(ctx, t, ctrs["h1"], ctrs["h2"].IP)
 	firstPing(ctx, t, ctrs["h2"], ctrs["h1"].IP)
-	waitUntil(t, 60*time.Second, "route MTUs of the 1280 path", func() error {
+	poll.Eventually(t, 60*time.Second, "route MTUs of the 1280 path", func() error {
 		for _, h := range []*lab.Host{h1, h2} {
 			st, err := status(ctx, h)
 			if err != nil {

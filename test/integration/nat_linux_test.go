@@ -13,6 +13,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // natSites is the lab of the NAT tests: h1 reachable at its own address;
@@ -66,20 +67,6 @@ func peerOf(st *driver.Status, node string) (driver.PeerStatus, bool) {
 	return driver.PeerStatus{}, false
 }
 
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() error) time.Duration {
-	t.Helper()
-	start := time.Now()
-	var err error
-	for time.Since(start) < d {
-		if err = cond(); err == nil {
-			return time.Since(start)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-	t.Fatalf("%s: not after %s: %v", what, d, err)
-	return 0
-}
-
 // TestNATTraversal runs four agents, three of them behind NAT routers of
 // their own, none told its public address:
 //
@@ -109,7 +96,8 @@ func TestNATTraversal(t *testing.T) {
 
 	// How each host is seen.
 	wantNAT := map[string]mesh.NATKind{"h1": mesh.NATNone, "h2": mesh.NATConsistent, "h3": mesh.NATConsistent, "h4": mesh.NATSymmetric}
-	took := waitUntil(t, 90*time.Second, "the cluster and every host's NAT", func() error {
+	waited := time.Now()
+	poll.Eventually(t, 90*time.Second, "the cluster and every host's NAT", func() error {
 		for _, h := range l.Hosts {
 			st, err := status(ctx, h)
 			if err != nil {
@@ -129,7 +117,7 @@ func TestNATTraversal(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("cluster formed and every host's NAT known after %s", took.Round(time.Millisecond))
+	t.Logf("cluster formed and every host's NAT known after %s", time.Since(waited).Round(time.Millisecond))
 
 	// A network on all four at once, a container on each.
 	created := time.Now()
@@ -198,7 +186,7 @@ func TestNATTraversal(t *testing.T) {
 			return nil
 		}
 	}
-	waitUntil(t, 60*time.Second, "paths and path MTUs", checkPaths(natPaths))
+	poll.Eventually(t, 60*time.Second, "paths and path MTUs", checkPaths(natPaths))
 	st, _ := status(ctx, byName["h1"])
 	if len(st.Relay) != 2 {
 		t.Fatalf("h1 relays %+v, want the pairs h2-h4 and h3-h4", st.Relay)
@@ -240,15 +228,17 @@ func TestNATTraversal(t *testing.T) {
 	relayedPair := func(path, via string) map[string]map[string]wantPath {
 		return map[string]map[string]wantPath{"h2": {"h3": {path, via, 1280}}, "h3": {"h2": {path, via, 1280}}}
 	}
-	took = waitUntil(t, 90*time.Second, "h2-h3 relayed after UDP was blocked", checkPaths(relayedPair("relayed", "h1")))
-	t.Logf("UDP h2 -> h3 blocked: relayed through h1 %s later", took.Round(time.Millisecond))
+	waited = time.Now()
+	poll.Eventually(t, 90*time.Second, "h2-h3 relayed after UDP was blocked", checkPaths(relayedPair("relayed", "h1")))
+	t.Logf("UDP h2 -> h3 blocked: relayed through h1 %s later", time.Since(waited).Round(time.Millisecond))
 	transfer("h2", "h3", 5002)
 	// ... and back to direct once it passes again.
 	if _, err := h3.RouterExec(ctx, "iptables", append([]string{"-D"}, block...)...); err != nil {
 		t.Fatal(err)
 	}
-	took = waitUntil(t, 90*time.Second, "h2-h3 direct again", checkPaths(relayedPair("direct", "")))
-	t.Logf("unblocked: direct again %s later", took.Round(time.Millisecond))
+	waited = time.Now()
+	poll.Eventually(t, 90*time.Second, "h2-h3 direct again", checkPaths(relayedPair("direct", "")))
+	t.Logf("unblocked: direct again %s later", time.Since(waited).Round(time.Millisecond))
 	transfer("h3", "h2", 5003)
 
 	// h2's path shrinks: its uplink goes down to 1280.
@@ -260,8 +250,9 @@ func TestNATTraversal(t *testing.T) {
 		t.Fatal(err)
 	}
 	shrunk := map[string]map[string]wantPath{"h1": {"h2": {"direct", "", 1280}}, "h2": {"h1": {"direct", "", 1280}}}
-	took = waitUntil(t, 60*time.Second, "h1-h2 path MTU 1280", checkPaths(shrunk))
-	t.Logf("h2's uplink shrank to 1280: noticed %s later", took.Round(time.Millisecond))
+	waited = time.Now()
+	poll.Eventually(t, 60*time.Second, "h1-h2 path MTU 1280", checkPaths(shrunk))
+	t.Logf("h2's uplink shrank to 1280: noticed %s later", time.Since(waited).Round(time.Millisecond))
 	transfer("h1", "h2", 5004)
 
 	// Nothing failed on the way.

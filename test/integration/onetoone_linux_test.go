@@ -11,6 +11,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestOneToOneNAT is the cross-cloud case: h1, h2 and h3 are VMs whose
@@ -36,7 +37,8 @@ func TestOneToOneNAT(t *testing.T) {
 	}
 	wantNAT := map[string]mesh.NATKind{"h1": mesh.NATNone, "h2": mesh.NATNone, "h3": mesh.NATNone, "h4": mesh.NATConsistent}
 
-	took := waitUntil(t, 90*time.Second, "every host's address and NAT, three voters", func() error {
+	waited := time.Now()
+	poll.Eventually(t, 90*time.Second, "every host's address and NAT, three voters", func() error {
 		for _, h := range l.Hosts {
 			st, err := status(ctx, h)
 			if err != nil {
@@ -76,7 +78,7 @@ func TestOneToOneNAT(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("h1-h3 advertise their public addresses, h4 is behind NAT, three voters: after %s", took.Round(time.Millisecond))
+	t.Logf("h1-h3 advertise their public addresses, h4 is behind NAT, three voters: after %s", time.Since(waited).Round(time.Millisecond))
 	for _, h := range l.Hosts[:3] {
 		if !strings.Contains(readLog(t, h), "advertising the address seeds reach this host at") {
 			t.Errorf("%s: no log line saying why it advertises its public address", h.Name)
@@ -117,7 +119,7 @@ func TestOneToOneNAT(t *testing.T) {
 	if err := h1.StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 30*time.Second, "h1 advertising its public address again", func() error {
+	poll.Eventually(t, 30*time.Second, "h1 advertising its public address again", func() error {
 		st, err := status(ctx, h1)
 		if err != nil {
 			return err

@@ -17,6 +17,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Settings of TestRollingUpgrade from the environment:
@@ -341,16 +342,8 @@ func (u *upgradeLab) tryStatuses() ([]*driver.Status, error) {
 // error when timeout passes.
 func (u *upgradeLab) retry(label, what string, timeout time.Duration, try func() error) {
 	u.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := try()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) || u.ctx.Err() != nil {
-			u.t.Fatalf("%s: %s: %v (builds: %s)", label, what, err, u.builds())
-		}
-		time.Sleep(200 * time.Millisecond)
+	if err := poll.Until(u.ctx, timeout, what, try); err != nil {
+		u.t.Fatalf("%s: %v (builds: %s)", label, err, u.builds())
 	}
 }
 
@@ -650,15 +643,10 @@ func (u *upgradeLab) checkPings(label string) {
 
 // pingUntil pings dst from c until it answers or timeout passes.
 func pingUntil(ctx context.Context, c *lab.Container, dst string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		out, err := c.Exec(ctx, "ping", "-n", "-c", "1", "-W", "1", dst)
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
+	return poll.Until(ctx, timeout, "an answer from "+dst, func() error {
+		if out, err := c.Exec(ctx, "ping", "-n", "-c", "1", "-W", "1", dst); err != nil {
 			return errors.New(strings.TrimSpace(tail(out, 2)))
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 }
