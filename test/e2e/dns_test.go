@@ -17,6 +17,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Containers find each other by name across hosts: Docker's embedded
@@ -61,18 +62,16 @@ func (r *resolver) lookup(name string) ([]string, int) {
 func (r *resolver) waitName(name string, want []string, within time.Duration) time.Duration {
 	r.t.Helper()
 	start := time.Now()
-	var got []string
-	var rcode int
-	for {
-		got, rcode = r.lookup(name)
-		if slices.Equal(got, want) && (len(want) > 0 || rcode == dns.RcodeNameError) {
-			return time.Since(start)
+	// Often: the callers log how long names take to spread.
+	if err := poll.Every(context.Background(), 20*time.Millisecond, within, name+" resolving", func() error {
+		if got, rcode := r.lookup(name); !slices.Equal(got, want) || (len(want) == 0 && rcode != dns.RcodeNameError) {
+			return fmt.Errorf("%v (%s), want %v", got, dns.RcodeToString[rcode], want)
 		}
-		if time.Since(start) > within {
-			r.t.Fatalf("%s resolves to %v (%s) after %s, want %v", name, got, dns.RcodeToString[rcode], within, want)
-		}
-		time.Sleep(20 * time.Millisecond)
+		return nil
+	}); err != nil {
+		r.t.Fatal(err)
 	}
+	return time.Since(start)
 }
 
 // outsideDNS runs the lab's outside world's DNS server for the test: the
@@ -295,7 +294,7 @@ networks:
 	project(h1, "back", "api", webServer("compose-api-on-h1"))
 	project(h2, "front", "web", []string{"sleep", "86400"})
 	var out string
-	eventually(t, 20*time.Second, func() error {
+	poll.Eventually(t, 20*time.Second, "front's web getting an answer from http://api/", func() error {
 		var err error
 		out, err = h2.Docker(ctx, "exec", "front-web-1", "wget", "-qO-", "http://api/")
 		return err

@@ -20,6 +20,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestCrossHost: one network on three hosts; every container reaches
@@ -104,7 +105,7 @@ func TestFirstPing(t *testing.T) {
 	start := time.Now()
 	container(t, theLab.Hosts[0], "fp-probe", "fp", nil)
 	var took time.Duration
-	eventually(t, 20*time.Second, func() error {
+	poll.Eventually(t, 20*time.Second, "a first cross-host ping", func() error {
 		_, err := theLab.Hosts[0].Docker(ctx, "exec", "fp-probe", "ping", "-c", "1", "-W", "1", remote)
 		took = time.Since(start)
 		return err
@@ -186,7 +187,7 @@ func TestOutsideWorld(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
 	var out string
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "an answer from the outside server", func() error {
 		var err error
 		// No -T: it crashes this busybox's wget; the context bounds it.
 		out, err = theLab.Hosts[0].Docker(ctx, "exec", "out1", "wget", "-qO-", "http://"+lab.WANServer+":8080/")
@@ -227,7 +228,7 @@ func TestUnderlayIsEncrypted(t *testing.T) {
 	if out, err := h1.Docker(ctx, "exec", "enc1", "sh", "-c", fmt.Sprintf("for i in 1 2 3 4 5; do echo %s; done | nc -w 3 %s 7001", marker, ip2)); err != nil {
 		t.Fatalf("sending marker: %v\n%s", err, out)
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the marker on enc2", func() error {
 		out, err := h2.Docker(ctx, "exec", "enc2", "cat", "/tmp/got")
 		if err != nil || !strings.Contains(out, marker) {
 			return fmt.Errorf("marker not received yet: %q %v", out, err)
@@ -301,7 +302,7 @@ func capture(t *testing.T, nsPath, iface, file string) func() {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "tcpdump listening", func() error {
 		if !strings.Contains(stderr.String(), "listening on") {
 			return fmt.Errorf("tcpdump not listening yet: %s", stderr.String())
 		}
@@ -462,7 +463,7 @@ func TestNetworkRemoveCleansUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Other tests' networks may exist; only this one must be gone.
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the network gone, with nothing left of it", func() error {
 		for _, h := range []*lab.Host{h1, h2} {
 			for _, n := range status(t, h).Networks {
 				if n.Subnet.String() == "10.75.0.0/16" {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // engineMajor is the major version of the engine under test: 20 or 29.
@@ -92,7 +93,7 @@ func hasAddrIn(t *testing.T, h *lab.Host, ctr string, p netip.Prefix) bool {
 func outside(t *testing.T, h *lab.Host, ctr string) {
 	t.Helper()
 	ctx := testCtx(t)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, ctr+" on "+h.Name+" reaching the outside world", func() error {
 		out, err := h.Docker(ctx, "exec", ctr, "ping", "-c", "1", "-W", "1", lab.WANServer)
 		if err != nil {
 			return fmt.Errorf("%s on %s cannot reach %s: %v\n%s", ctr, h.Name, lab.WANServer, err, out)
@@ -198,7 +199,7 @@ func TestInternalNetwork(t *testing.T) {
 		}
 		// Gone everywhere before the agents stop syncing.
 		for _, h := range theLab.Hosts {
-			eventually(t, 30*time.Second, func() error {
+			poll.Eventually(t, 30*time.Second, "network int gone from "+h.Name, func() error {
 				if _, err := h.Docker(ctx, "network", "inspect", "int"); err == nil {
 					return fmt.Errorf("network int still on %s", h.Name)
 				}
@@ -207,7 +208,7 @@ func TestInternalNetwork(t *testing.T) {
 		}
 	})
 	for _, h := range theLab.Hosts {
-		eventually(t, 30*time.Second, func() error {
+		poll.Eventually(t, 30*time.Second, "network int internal on "+h.Name, func() error {
 			out, err := h.Docker(ctx, "network", "inspect", "-f", "{{.Internal}}", "int")
 			if err != nil {
 				return err
@@ -482,7 +483,7 @@ func TestNoBlockWithoutContainers(t *testing.T) {
 		}
 	}
 	t.Logf("h2 owns %s; h1 and h3 own none", block)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "h1 and h3 allowing only h2's block", func() error {
 		for _, h := range []*lab.Host{h1, h3} {
 			for _, p := range networkStatus(wgmeshStatus(t, h), subnet).Peers {
 				want := 0

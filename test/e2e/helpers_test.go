@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -62,13 +63,11 @@ func container(t *testing.T, h *lab.Host, name, net string, opts []string, cmd .
 func ping(t *testing.T, h *lab.Host, ctr, dst string) {
 	t.Helper()
 	ctx := testCtx(t)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	// Whether an answer came or not, the steady pings below tell.
+	_ = poll.Until(ctx, 10*time.Second, "a first answer", func() error {
 		_, err := h.Docker(ctx, "exec", ctr, "ping", "-c", "1", "-W", "1", dst)
-		if err == nil || time.Now().After(deadline) {
-			break
-		}
-	}
+		return err
+	})
 	out, err := h.Docker(ctx, "exec", ctr, "ping", "-c", "3", "-W", "3", dst)
 	if err != nil || !strings.Contains(out, " 0% packet loss") {
 		t.Fatalf("%s on %s cannot ping %s: %v\n%s", ctr, h.Name, dst, err, out)
@@ -81,22 +80,6 @@ func noPing(t *testing.T, h *lab.Host, ctr, dst string) {
 	out, err := h.Docker(testCtx(t), "exec", ctr, "ping", "-c", "2", "-W", "1", dst)
 	if err == nil {
 		t.Fatalf("%s on %s reached %s, which it must not:\n%s", ctr, h.Name, dst, out)
-	}
-}
-
-// eventually retries cond until it succeeds or d passes.
-func eventually(t *testing.T, d time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not met after %v: %v", d, err)
-		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }
 
@@ -119,7 +102,7 @@ func transfer(t *testing.T, from *lab.Host, fromCtr string, to *lab.Host, toCtr,
 	}
 	sent := strings.Fields(out)[0]
 	var got string
-	eventually(t, 20*time.Second, func() error {
+	poll.Eventually(t, 20*time.Second, "the data on "+toCtr, func() error {
 		out, err := to.Docker(ctx, "exec", toCtr, "md5sum", "/tmp/recv")
 		if err != nil {
 			return err

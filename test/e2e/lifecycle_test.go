@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // restartDocker stops a host's dockerd (SIGTERM: containers stop unless
@@ -59,7 +60,7 @@ func TestLiveRestore(t *testing.T) {
 	restartDocker(t, h1)
 	back := time.Now()
 	var ip1 string
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "lr1 restarted and reachable from h2", func() error {
 		var err error
 		if ip1, err = h1.ContainerIP(ctx, "lr1", "lr"); err != nil {
 			return err
@@ -76,7 +77,7 @@ func TestLiveRestore(t *testing.T) {
 	// On. This restart still stops the containers (the dockerd stopping
 	// has no live-restore); the next one keeps them.
 	restartDocker(t, h1, "--live-restore")
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "lr1 restarted and reaching h2", func() error {
 		var err error
 		if ip1, err = h1.ContainerIP(ctx, "lr1", "lr"); err != nil {
 			return err
@@ -121,7 +122,7 @@ func TestLiveRestore(t *testing.T) {
 	if out, err := h1.Docker(ctx, "rm", "-f", "lr3"); err != nil {
 		t.Fatalf("removing a container after the restart: %v\n%s", err, out)
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "lr3's endpoint gone from h1's agent", func() error {
 		for _, n := range status(t, h1).Networks {
 			if n.Subnet.String() == "10.108.0.0/16" && len(n.Endpoints) != 1 {
 				return fmt.Errorf("h1's agent has %d endpoints on lr, want 1 (lr1)", len(n.Endpoints))
@@ -179,7 +180,7 @@ func TestPluginLate(t *testing.T) {
 		t.Fatal(err)
 	}
 	var ip1 string
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "pl1 restarted and reachable from h2", func() error {
 		var err error
 		if ip1, err = h1.ContainerIP(ctx, "pl1", "pl"); err != nil {
 			return err

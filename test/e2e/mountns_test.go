@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // unitSandbox confines an agent as docs/wgmesh.service does: a mount
@@ -98,7 +99,7 @@ func TestAgentAsSystemdService(t *testing.T) {
 	ipr2 := container(t, h2, "sdr2", "sdr", nil)
 	ping(t, h2, "sdr2", ipr)
 	var ifName string
-	eventually(t, 20*time.Second, func() error {
+	poll.Eventually(t, 20*time.Second, "h1's agent knowing the container's interface", func() error {
 		for _, n := range status(t, h1).Networks {
 			if n.Subnet.String() == "10.121.0.0/16" && len(n.Endpoints) == 1 && n.Endpoints[0].Interface != "" {
 				ifName = n.Endpoints[0].Interface
@@ -108,7 +109,7 @@ func TestAgentAsSystemdService(t *testing.T) {
 		return fmt.Errorf("h1 has not learnt the container's interface name")
 	})
 	h1.StopAgent(syscall.SIGTERM)
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the container's "+ifName+" gone with the agent", func() error {
 		if _, err := h1.InContainer(ctx, "sdr1", "ip", "link", "show", ifName); err == nil {
 			return fmt.Errorf("%s still exists", ifName)
 		}
@@ -118,7 +119,7 @@ func TestAgentAsSystemdService(t *testing.T) {
 	if err := h1.StartAgentIn(ctx, sb); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "sdr1 reachable again", func() error {
 		_, err := h2.Docker(ctx, "exec", "sdr2", "ping", "-c", "1", "-W", "1", ipr)
 		return err
 	})

@@ -15,6 +15,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // restartAgents restarts every agent with extra flags, and restores the
@@ -88,7 +89,7 @@ func TestNetworkSync(t *testing.T) {
 	})
 	start := time.Now()
 	var copied *inspected
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "network synced on h2", func() error {
 		var err error
 		copied, err = inspectNetwork(ctx, h2, "synced")
 		return err
@@ -125,7 +126,7 @@ func TestNetworkSync(t *testing.T) {
 		t.Fatalf("prune: %v\n%s", err, out)
 	}
 	pruned := time.Now()
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "network synced back on h1", func() error {
 		_, err := inspectNetwork(ctx, h1, "synced")
 		return err
 	})
@@ -147,7 +148,7 @@ func TestNetworkSync(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "wgmesh network rm synced", func() error {
 		out, err := h1.Wgmesh(ctx, "network", "rm", "synced")
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, out)
@@ -155,7 +156,7 @@ func TestNetworkSync(t *testing.T) {
 		return nil
 	})
 	for _, h := range []*lab.Host{h1, h2} {
-		eventually(t, 30*time.Second, func() error {
+		poll.Eventually(t, 30*time.Second, "network synced gone from "+h.Name, func() error {
 			if _, err := h.Docker(ctx, "network", "inspect", "synced"); err == nil {
 				return fmt.Errorf("network still on %s", h.Name)
 			}
@@ -183,7 +184,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	ip2 := container(t, theLab.Hosts[1], "met2", "met", nil)
 	ping(t, h1, "met1", ip2)
 	var body string
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "the metrics", func() error {
 		var err error
 		body, err = h1.Exec(ctx, "busybox", "wget", "-qO-", "http://127.0.0.1:9586/metrics")
 		return err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 const pluginName = "wgmesh:latest"
@@ -100,7 +101,7 @@ func TestManagedPlugin(t *testing.T) {
 	})
 	installPlugin(t, h1, h2)
 	installPlugin(t, h2, h1)
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "both plugins seeing each other alive", func() error {
 		for _, h := range []*lab.Host{h1, h2} {
 			st, err := pluginControl(t, h).Status(ctx)
 			if err != nil {
@@ -116,7 +117,7 @@ func TestManagedPlugin(t *testing.T) {
 	if _, err := h1.Docker(ctx, "network", "create", "-d", pluginName, "--ipam-driver", pluginName, "--subnet", "10.96.0.0/16", "mp"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "network mp on h2", func() error {
 		_, err := h2.Docker(ctx, "network", "inspect", "mp")
 		return err
 	})
@@ -141,7 +142,7 @@ func TestManagedPlugin(t *testing.T) {
 		t.Fatalf("plugin enable: %v\n%s", err, out)
 	}
 	start := time.Now()
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "mp1 reachable after the plugin's enable", func() error {
 		_, err := h2.Docker(ctx, "exec", "mp2", "ping", "-c", "1", "-W", "1", ip1)
 		return err
 	})
@@ -154,7 +155,7 @@ func TestManagedPlugin(t *testing.T) {
 		t.Fatal(err)
 	}
 	start = time.Now()
-	eventually(t, 90*time.Second, func() error {
+	poll.Eventually(t, 90*time.Second, "mp1 restarted and reachable", func() error {
 		ip, err := h1.ContainerIP(ctx, "mp1", "mp")
 		if err != nil {
 			return err

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // TestNamesHostFailure: a host crashes. The names of its containers are
@@ -39,7 +40,7 @@ func TestNamesHostFailure(t *testing.T) {
 	if err := h3.StartDocker(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 90*time.Second, func() error {
+	poll.Eventually(t, 90*time.Second, "doomed resolving to its new address", func() error {
 		ip, err := h3.ContainerIP(ctx, "doomed", "dhf")
 		if err != nil {
 			return err

@@ -19,6 +19,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver/dataplane"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // These tests disrupt the lab: they restart agents and engines, crash and
@@ -77,7 +78,7 @@ func TestDockerRestart(t *testing.T) {
 	if _, err := h1.Docker(ctx, "network", "inspect", "dr"); err != nil {
 		t.Fatalf("network gone after the engine restart: %v", err)
 	}
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "dr1 restarted and reaching h2", func() error {
 		_, err := h1.Docker(ctx, "exec", "dr1", "ping", "-c", "1", "-W", "1", ip2)
 		return err
 	})
@@ -102,7 +103,7 @@ func TestHostCrash(t *testing.T) {
 	h3.Crash()
 	crashed := time.Now()
 	var detected time.Duration
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "h3 dead and no peer of h1's", func() error {
 		st := status(t, h1)
 		if m := member(st, h3.Name); m == nil || m.State != mesh.Dead {
 			return fmt.Errorf("h1 sees %s as %v", h3.Name, m)
@@ -133,7 +134,7 @@ func TestHostCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	var ip3b string
-	eventually(t, 90*time.Second, func() error {
+	poll.Eventually(t, 90*time.Second, "hc3 restarted and reachable from h1", func() error {
 		var err error
 		if ip3b, err = h3.ContainerIP(ctx, "hc3", "hc"); err != nil {
 			return err
@@ -143,7 +144,7 @@ func TestHostCrash(t *testing.T) {
 	})
 	t.Logf("host return: reconverged (container restarted by Docker, reachable from h1) %s after starting dockerd and the agent",
 		time.Since(back).Round(100*time.Millisecond))
-	eventually(t, 30*time.Second, func() error {
+	poll.Eventually(t, 30*time.Second, "h1 healthy", func() error {
 		if st := status(t, h1); !st.Healthy {
 			return fmt.Errorf("h1 unhealthy: %v", st.Problems)
 		}
@@ -185,7 +186,7 @@ func TestPartitionAndHeal(t *testing.T) {
 	}
 	t.Cleanup(heal)
 	cut := time.Now()
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "each side seeing the other failed", func() error {
 		if m := member(status(t, h1), h3.Name); m == nil || m.State.Reachable() {
 			return fmt.Errorf("h1 still sees h3 as %v", m)
 		}
@@ -229,7 +230,7 @@ func TestPartitionAndHeal(t *testing.T) {
 		}
 		seen[ip] = name
 	}
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "every container reaching the others", func() error {
 		for _, target := range []string{"ph1b", "ph2b"} {
 			if _, err := h3.Docker(ctx, "exec", "ph3b", "ping", "-c", "1", "-W", "1", ips[target]); err != nil {
 				return fmt.Errorf("h3 cannot reach %s yet", target)
@@ -300,7 +301,7 @@ func TestKeyRotation(t *testing.T) {
 	if after := status(t, h1).Node.PublicKey; after == before {
 		t.Fatal("public key unchanged after rotate-keys")
 	}
-	eventually(t, 10*time.Second, func() error {
+	poll.Eventually(t, 10*time.Second, "h1's new key on h2", func() error {
 		for _, n := range status(t, h2).Networks {
 			for _, pr := range n.Peers {
 				if pr.Node == h1.Name && pr.PublicKey != status(t, h1).Node.PublicKey {
@@ -338,7 +339,7 @@ func TestForgetDeadHost(t *testing.T) {
 		t.Fatalf("forgetting a live host: %v\n%s", err, out)
 	}
 	h3.Crash()
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "h3 dead on h1", func() error {
 		if m := member(status(t, h1), h3.Name); m == nil || m.State != mesh.Dead {
 			return fmt.Errorf("h3 is %v", m)
 		}
@@ -362,7 +363,7 @@ func TestForgetDeadHost(t *testing.T) {
 
 	// A replacement host with a fresh identity joins under the same name.
 	replaceHost(t, h3)
-	eventually(t, 60*time.Second, func() error {
+	poll.Eventually(t, 60*time.Second, "the replacement h3 alive on h1", func() error {
 		if m := member(status(t, h1), h3.Name); m == nil || m.State != mesh.Alive {
 			return fmt.Errorf("replacement h3 is %v on h1", m)
 		}
