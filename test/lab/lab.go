@@ -53,6 +53,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Underlay addressing of the lab.
@@ -602,26 +604,27 @@ func (p *proc) stop(sig syscall.Signal, grace time.Duration) {
 	}
 }
 
-// Exited reports whether the process has ended.
-// waitReady polls ready every poll until it succeeds, and fails when the
-// process exits first or timeout passes; what and log name the process
-// and its log in errors.
-func (p *proc) waitReady(ctx context.Context, what, log string, timeout, poll time.Duration, ready func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		if ready() == nil {
-			return nil
+// waitReady polls ready every interval until it succeeds, and fails when
+// the process exits first or timeout passes; what and log name the
+// process and its log in errors.
+func (p *proc) waitReady(ctx context.Context, what, log string, timeout, every time.Duration, ready func() error) error {
+	// An exit ends the wait at once, through the context.
+	ctx, exited := context.WithCancelCause(ctx)
+	defer exited(nil)
+	err := poll.Every(ctx, every, timeout, what+" coming up", func() error {
+		err := ready()
+		if err != nil && p.exited() {
+			exited(fmt.Errorf("%s exited: %v", what, p.err))
 		}
-		if p.exited() {
-			return fmt.Errorf("%s exited: %v (log: %s)", what, p.err, log)
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("%s did not come up (log: %s)", what, log)
-		}
-		time.Sleep(poll)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("%w (log: %s)", err, log)
 	}
+	return nil
 }
 
+// exited reports whether the process has ended.
 func (p *proc) exited() bool {
 	select {
 	case <-p.done:
