@@ -26,6 +26,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/test/bench"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 	"github.com/wgmesh/wgmesh/test/vm"
 )
 
@@ -94,11 +95,11 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 		return err
 	}
 	for _, h := range l.Hosts[1:] {
-		if err := waitFor(ctx, 60*time.Second, func() error {
+		if err := poll.Until(ctx, 60*time.Second, "network app on "+h.Name, func() error {
 			_, err := h.Docker(ctx, "network", "inspect", "app")
 			return err
 		}); err != nil {
-			return fmt.Errorf("network app did not appear on %s: %w", h.Name, err)
+			return err
 		}
 		fmt.Printf("    network app appeared on %s after %s (the agents created it through Docker)\n", h.Name, time.Since(start).Round(time.Millisecond))
 	}
@@ -132,12 +133,12 @@ func demo(ctx context.Context, n int, binary string, keep bool) error {
 	for j := 1; j < n; j++ {
 		url := fmt.Sprintf("http://web%d/", j+1)
 		var out string
-		if err := waitFor(ctx, 10*time.Second, func() error {
+		if err := poll.Until(ctx, 10*time.Second, "web1 -> "+url, func() error {
 			var err error
 			out, err = l.Hosts[0].Docker(ctx, "exec", "web1", "wget", "-qO-", url)
 			return err
 		}); err != nil {
-			return fmt.Errorf("web1 -> %s: %w", url, err)
+			return err
 		}
 		fmt.Printf("    %s (%s) -> %s", url, ips[j], out)
 	}
@@ -340,18 +341,6 @@ func intList(s string) ([]int, error) {
 		out = append(out, n)
 	}
 	return out, nil
-}
-
-// waitFor retries cond until it succeeds or d passes.
-func waitFor(ctx context.Context, d time.Duration, cond func() error) error {
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
-			return err
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // pingSummary pulls "round-trip min/avg/max" out of busybox ping output.
