@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/mesh"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // NamesConfig configures a simulation of container names: every node
@@ -162,17 +163,15 @@ func (s *sim) runNames(ctx context.Context, cfg NamesConfig, res *NamesResult) e
 	drain := func() error {
 		_, last := payload()
 		quiet := time.Now()
-		for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); {
-			if err := sleep(ctx, 250*time.Millisecond); err != nil {
-				return err
-			}
+		return poll.Every(ctx, 250*time.Millisecond, 2*time.Minute, "name gossip settling", func() error {
 			if _, m := payload(); m != last {
 				last, quiet = m, time.Now()
-			} else if time.Since(quiet) >= time.Second {
-				return nil
 			}
-		}
-		return errors.New("name gossip does not settle")
+			if time.Since(quiet) < time.Second {
+				return errors.New("a name message in the last second")
+			}
+			return nil
+		})
 	}
 	if err := drain(); err != nil {
 		return err
