@@ -16,6 +16,7 @@ import (
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Claims is what creating a network and starting its first containers
@@ -285,22 +286,14 @@ func (b *Bench) claimSample(ctx context.Context, h1, h2 *lab.Host, name, subnet 
 // waitCluster waits until every host sees all of them alive and, with
 // consensus, is a registered member of a cluster that has a leader.
 func waitCluster(ctx context.Context, hosts []*lab.Host, consensus bool) error {
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		var why string
+	return poll.Every(ctx, 200*time.Millisecond, 90*time.Second, "the cluster ready", func() error {
 		for _, h := range hosts {
-			if why = clusterReady(ctx, h, len(hosts), consensus); why != "" {
-				break
+			if why := clusterReady(ctx, h, len(hosts), consensus); why != "" {
+				return errors.New(why)
 			}
 		}
-		if why == "" {
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("cluster not ready after 90 s: %s", why)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func clusterReady(ctx context.Context, h *lab.Host, want int, consensus bool) string {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // FirstPing is `docker run` to the first ping that crosses to another host.
@@ -59,17 +60,14 @@ func (b *Bench) firstPing(ctx context.Context, l *lab.Lab) (FirstPing, error) {
 			return r, err
 		}
 		var stamp float64
-		deadline := time.Now().Add(30 * time.Second)
-		for {
+		if err := poll.Every(ctx, 50*time.Millisecond, 30*time.Second, "container "+name+" reaching "+target, func() error {
 			out, err := h1.Docker(ctx, "exec", name, "cat", "/tmp/t")
 			if err == nil {
 				stamp, _ = strconv.ParseFloat(strings.Fields(out)[0], 64)
-				break
 			}
-			if time.Now().After(deadline) {
-				return r, fmt.Errorf("container %s never reached %s", name, target)
-			}
-			time.Sleep(50 * time.Millisecond)
+			return err
+		}); err != nil {
+			return r, err
 		}
 		_, _ = h1.Docker(ctx, "rm", "-f", name)
 		r.Samples = append(r.Samples, (stamp-start)*1000)
@@ -202,9 +200,11 @@ func createAndAttach(ctx context.Context, h *lab.Host, subnet string) error {
 // waitPeers waits until every host's network has want peers, each with
 // one block and, if handshake, a completed WireGuard handshake.
 func waitPeers(ctx context.Context, hosts []*lab.Host, subnet string, want int, handshake bool) error {
-	deadline := time.Now().Add(2 * time.Minute)
 	pending := slices.Clone(hosts)
-	for len(pending) > 0 {
+	// Each poll costs the agent a status with WireGuard's view of every
+	// peer: polling much faster would take the CPU that the agents, all
+	// on this one machine, converge with.
+	return poll.Every(ctx, 100*time.Millisecond, 2*time.Minute, "a full peer set on every host", func() error {
 		var still []*lab.Host
 		for _, h := range pending {
 			st, err := driver.NewControlClient(h.ControlSock()).Status(ctx)
@@ -212,19 +212,11 @@ func waitPeers(ctx context.Context, hosts []*lab.Host, subnet string, want int, 
 				still = append(still, h)
 			}
 		}
-		pending = still
-		if len(pending) == 0 {
-			return nil
+		if pending = still; len(pending) > 0 {
+			return fmt.Errorf("%d hosts without one (first: %s)", len(pending), pending[0].Name)
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%d hosts without a full peer set after 2 minutes (first: %s)", len(pending), pending[0].Name)
-		}
-		// Each poll costs the agent a status with WireGuard's view of
-		// every peer: polling much faster would take the CPU that the
-		// agents, all on this one machine, converge with.
-		time.Sleep(100 * time.Millisecond)
-	}
-	return nil
+		return nil
+	})
 }
 
 func fullPeers(st *driver.Status, subnet string, want int, handshake bool) bool {

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // dataCase is one way of carrying traffic between two simulated hosts.
@@ -229,16 +230,12 @@ func (b *Bench) setupWireguardGo(ctx context.Context, h1, h2 *lab.Host) (*dataCa
 	}
 	// wireguard-go creates its UAPI socket once the TUN is up.
 	for _, iface := range ifaces {
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			if _, err := os.Stat("/var/run/wireguard/" + iface + ".sock"); err == nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				c.stop()
-				return c, fmt.Errorf("wireguard-go did not create %s", iface)
-			}
-			time.Sleep(50 * time.Millisecond)
+		if err := poll.Every(ctx, 50*time.Millisecond, 10*time.Second, "wireguard-go's socket of "+iface, func() error {
+			_, err := os.Stat("/var/run/wireguard/" + iface + ".sock")
+			return err
+		}); err != nil {
+			c.stop()
+			return c, err
 		}
 	}
 	if err := configureWG(ctx, h1, h2, ifaces, "10.97.0.%d", [2]int{52001, 52002}); err != nil {
@@ -302,15 +299,11 @@ func setupWgmesh(ctx context.Context, l *lab.Lab, comm string) (*dataCase, error
 		return h2.InContainer(ctx, "bench-"+h2.Name, name, args...)
 	}
 	// The first packets set up WireGuard's session; do not time them.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := c.client(ctx, "ping", "-c", "1", "-W", "1", c.serverIP); err == nil {
-			return c, nil
-		}
-		if time.Now().After(deadline) {
-			return c, errors.New("containers cannot reach each other")
-		}
-	}
+	err = poll.Until(ctx, 20*time.Second, "the containers reaching each other", func() error {
+		_, err := c.client(ctx, "ping", "-c", "1", "-W", "1", c.serverIP)
+		return err
+	})
+	return c, err
 }
 
 // commName is the command name the kernel gives a process run from path:

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -19,6 +20,7 @@ import (
 	"github.com/wgmesh/wgmesh/mesh"
 	"github.com/wgmesh/wgmesh/test/bench/sim"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // Names is what the benchmark measured of container names across hosts.
@@ -194,17 +196,14 @@ func (b *Bench) names(ctx context.Context, l *lab.Lab) (*Names, error) {
 }
 
 func waitResolves(ctx context.Context, c *lab.DNSClient, name string, within time.Duration) error {
-	deadline := time.Now().Add(within)
-	for {
+	// Every 5 ms: the callers time how long a name takes to spread.
+	return poll.Every(ctx, 5*time.Millisecond, within, name+" resolving", func() error {
 		addrs, _, _, err := c.Query(ctx, name)
-		if err == nil && len(addrs) > 0 {
-			return nil
+		if err == nil && len(addrs) == 0 {
+			err = errors.New("no address")
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s does not resolve after %s (%v)", name, within, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return err
+	})
 }
 
 // nameTraffic sums the name gossip the lab's agents sent.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/wgmesh/wgmesh/driver"
 	"github.com/wgmesh/wgmesh/test/lab"
+	"github.com/wgmesh/wgmesh/test/poll"
 )
 
 // NAT is what hosts behind NAT cost: the lab of the NAT test (h1
@@ -69,6 +70,10 @@ const (
 	natPMTUInterval = 30 * time.Second
 )
 
+// natEvery is how often the NAT benchmark looks whether what it times
+// has happened: its figures include up to this much of waiting.
+const natEvery = 100 * time.Millisecond
+
 func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 	b.logf("nat: four hosts, three behind NAT routers")
 	l, err := lab.New(ctx, lab.Config{Hosts: 4, Binary: b.cfg.Binary, Sites: natSites, Log: b.cfg.Log,
@@ -93,12 +98,12 @@ func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 	}
 	h := l.Hosts
 	r = &NAT{PunchTimeout: natPunchTimeout.String(), PMTUInterval: natPMTUInterval.String()}
-	if err := poll(ctx, 2*time.Minute, "every host's NAT", func() error { return natsKnown(ctx, l) }); err != nil {
+	if err := poll.Every(ctx, natEvery, 2*time.Minute, "every host's NAT", func() error { return natsKnown(ctx, l) }); err != nil {
 		return nil, err
 	}
 	r.KnownMs = ms(time.Since(started))
 	// The 1280 path to h3, as h1 sees it.
-	if err := poll(ctx, 2*time.Minute, "h1's path MTU to h3", func() error {
+	if err := poll.Every(ctx, natEvery, 2*time.Minute, "h1's path MTU to h3", func() error {
 		st, err := driver.NewControlClient(h[0].ControlSock()).Status(ctx)
 		if err != nil {
 			return err
@@ -138,7 +143,7 @@ func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 			}
 		}
 		start := time.Now()
-		if err := poll(ctx, time.Minute, "first ping", func() error {
+		if err := poll.Every(ctx, natEvery, time.Minute, "first ping", func() error {
 			_, err := ctrs[0].Exec(ctx, "ping", "-n", "-c", "1", "-W", "0.1", ctrs[1].IP)
 			return err
 		}); err != nil {
@@ -147,7 +152,7 @@ func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 		took := ms(time.Since(start))
 		// The path it took (the agent looks at its sessions a few times a
 		// second).
-		err := poll(ctx, 10*time.Second, "the path", func() error {
+		err := poll.Every(ctx, natEvery, 10*time.Second, "the path", func() error {
 			st, err := driver.NewControlClient(a.ControlSock()).Status(ctx)
 			if err != nil {
 				return err
@@ -222,7 +227,7 @@ func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 		{Name: "relayed by h1, 1280 path", From: "h4", To: "h3"},
 	} {
 		from, to := ctrs[p.From], ctrs[p.To]
-		if err := poll(ctx, time.Minute, "a path from "+p.From+" to "+p.To, func() error {
+		if err := poll.Every(ctx, natEvery, time.Minute, "a path from "+p.From+" to "+p.To, func() error {
 			if _, err := from.Exec(ctx, "ping", "-n", "-c", "1", "-W", "0.2", to.IP); err != nil {
 				return err
 			}
@@ -279,7 +284,7 @@ func (b *Bench) nat(ctx context.Context) (r *NAT, err error) {
 	if _, err := h[1].RouterExec(ctx, "ip", "link", "set", "eth0", "mtu", "1280"); err != nil {
 		return nil, err
 	}
-	if err := poll(ctx, 3*time.Minute, "the shrunk path to h2", func() error {
+	if err := poll.Every(ctx, natEvery, 3*time.Minute, "the shrunk path to h2", func() error {
 		st, err := driver.NewControlClient(h[0].ControlSock()).Status(ctx)
 		if err != nil {
 			return err
@@ -316,21 +321,6 @@ func natsKnown(ctx context.Context, l *lab.Lab) error {
 		}
 	}
 	return nil
-}
-
-// poll retries f every 100 ms until it succeeds or limit passes.
-func poll(ctx context.Context, limit time.Duration, what string, f func() error) error {
-	deadline := time.Now().Add(limit)
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("%s: not after %s: %w", what, limit, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // natTargets are the goals of the NAT measurements.
