@@ -143,8 +143,8 @@ func (t *Transport) serveDialback(c net.Conn) {
 		return
 	}
 	select {
-	case t.dialbacks <- struct{}{}:
-		defer func() { <-t.dialbacks }()
+	case t.streams.dialbacks <- struct{}{}:
+		defer func() { <-t.streams.dialbacks }()
 	default:
 		return
 	}

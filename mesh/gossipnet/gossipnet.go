@@ -73,26 +73,40 @@ type Transport struct {
 	// port's packets come from (SetReflector), on a port of its own.
 	reflector *net.UDPConn
 
-	mu          sync.Mutex
-	sightings   map[string]Sighting
-	reflections map[string]Sighting
-	hints       map[string]RouteHint
+	streams streamQueue
+
+	// mu guards the fields after it.
+	mu        sync.Mutex
+	sightings map[string]Sighting
+	hints     map[string]RouteHint
+	// refused counts packets dropped for a bad tag.
+	refused uint64
+	// sorting holds the streams whose first byte is awaited, closed on
+	// shutdown.
+	sorting map[net.Conn]struct{}
+	probes  probeState
+}
+
+// streamQueue holds the streams for memberlist: every stream but a
+// dialback request (dialback.go).
+type streamQueue struct {
+	ch   chan net.Conn
+	once sync.Once
+	// dialbacks caps the dialback requests served at once.
+	dialbacks chan struct{}
+}
+
+// probeState is what this member asked others over the header and
+// awaits, or learned from their answers. Transport.mu guards it.
+type probeState struct {
+	// waiting: path MTU probes not acknowledged yet, by sequence.
 	waiting     map[uint64]chan struct{}
+	reflections map[string]Sighting
 	// asked: reflection requests not answered yet, by nonce (relays
 	// reading version 2), or by relay (older relays, which echo no
 	// nonce).
 	asked    map[[nonceLen]byte]reflectAsk
 	askedOld map[string]reflectAsk
-	// refused counts packets dropped for a bad tag.
-	refused uint64
-
-	// streams are the streams for memberlist: every stream but a
-	// dialback request (dialback.go). sorting holds the streams whose
-	// first byte is awaited, closed on shutdown.
-	streams     chan net.Conn
-	streamsOnce sync.Once
-	sorting     map[net.Conn]struct{}
-	dialbacks   chan struct{}
 }
 
 var _ memberlist.NodeAwareTransport = (*Transport)(nil)
@@ -107,9 +121,10 @@ var ErrBehindNAT = errors.New("behind NAT: it connects out itself")
 // nothing; Start does.
 func New(inner memberlist.NodeAwareTransport, self string) *Transport {
 	t := &Transport{inner: inner, sealer: newSealer(self), packets: make(chan *memberlist.Packet), done: make(chan struct{}),
-		sightings: map[string]Sighting{}, reflections: map[string]Sighting{}, hints: map[string]RouteHint{}, waiting: map[uint64]chan struct{}{},
-		asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{},
-		streams: make(chan net.Conn), sorting: map[net.Conn]struct{}{}, dialbacks: make(chan struct{}, dialbacksAtOnce)}
+		streams:   streamQueue{ch: make(chan net.Conn), dialbacks: make(chan struct{}, dialbacksAtOnce)},
+		sightings: map[string]Sighting{}, hints: map[string]RouteHint{}, sorting: map[net.Conn]struct{}{},
+		probes: probeState{waiting: map[uint64]chan struct{}{}, reflections: map[string]Sighting{},
+			asked: map[[nonceLen]byte]reflectAsk{}, askedOld: map[string]reflectAsk{}}}
 	if df, ok := inner.(DFWriter); ok {
 		t.df = df
 	}
@@ -136,7 +151,7 @@ func (t *Transport) Start() {
 // StartStreams starts sorting incoming streams (dialback requests are
 // answered from then on), before Start if need be.
 func (t *Transport) StartStreams() {
-	t.streamsOnce.Do(func() {
+	t.streams.once.Do(func() {
 		t.wg.Add(1)
 		go t.loopStreams()
 	})
@@ -247,7 +262,7 @@ func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Durati
 }
 
 // StreamCh implements memberlist.Transport.
-func (t *Transport) StreamCh() <-chan net.Conn { return t.streams }
+func (t *Transport) StreamCh() <-chan net.Conn { return t.streams.ch }
 
 // streamSortWait bounds the wait for a stream's first byte: memberlist's
 // TCP timeout (its dialer writes first).
@@ -297,7 +312,7 @@ func (t *Transport) sortStream(c net.Conn) {
 		return
 	}
 	select {
-	case t.streams <- &peekedConn{Conn: c, first: b[0], peeked: true}:
+	case t.streams.ch <- &peekedConn{Conn: c, first: b[0], peeked: true}:
 	case <-t.done:
 		c.Close()
 	}

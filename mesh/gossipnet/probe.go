@@ -50,14 +50,14 @@ func (t *Transport) Probe(ctx context.Context, name string, to netip.AddrPort, s
 	defer func() {
 		t.mu.Lock()
 		for _, s := range seqs {
-			delete(t.waiting, s)
+			delete(t.probes.waiting, s)
 		}
 		t.mu.Unlock()
 	}()
 	for range max(copies, 1) {
 		pkt, seq := t.sealV(ver, kindProbe, body)
 		t.mu.Lock()
-		t.waiting[seq] = acked
+		t.probes.waiting[seq] = acked
 		t.mu.Unlock()
 		seqs = append(seqs, seq)
 		if err := t.df.WriteDF(pkt, to); err != nil {
@@ -118,7 +118,7 @@ func (t *Transport) probeAcked(_ header, body []byte) {
 	}
 	seq := binary.BigEndian.Uint64(body)
 	t.mu.Lock()
-	ch, ok := t.waiting[seq]
+	ch, ok := t.probes.waiting[seq]
 	t.mu.Unlock()
 	if ok {
 		select {

@@ -47,20 +47,20 @@ func (t *Transport) AskReflection(relay string, to netip.AddrPort) {
 	ver := t.versionFor(relay)
 	now := time.Now()
 	t.mu.Lock()
-	for n, a := range t.asked {
+	for n, a := range t.probes.asked {
 		if now.Sub(a.at) > reflectWait {
-			delete(t.asked, n)
+			delete(t.probes.asked, n)
 		}
 	}
-	for n, a := range t.askedOld {
+	for n, a := range t.probes.askedOld {
 		if now.Sub(a.at) > reflectWait {
-			delete(t.askedOld, n)
+			delete(t.probes.askedOld, n)
 		}
 	}
 	if ver >= hdrV2 {
-		t.asked[nonce] = reflectAsk{relay: relay, at: now}
+		t.probes.asked[nonce] = reflectAsk{relay: relay, at: now}
 	} else {
-		t.askedOld[relay] = reflectAsk{relay: relay, at: now, minSeq: t.sightings[relay].seq}
+		t.probes.askedOld[relay] = reflectAsk{relay: relay, at: now, minSeq: t.sightings[relay].seq}
 	}
 	t.mu.Unlock()
 	// An older relay reads no body; the nonce does no harm there.
@@ -112,18 +112,18 @@ func (t *Transport) reflected(h header, body []byte, at time.Time) {
 			return
 		}
 		nonce := [nonceLen]byte(body[:nonceLen])
-		ask, ok := t.asked[nonce]
+		ask, ok := t.probes.asked[nonce]
 		if !ok || ask.relay != h.name || now.Sub(ask.at) > reflectWait {
 			return
 		}
-		delete(t.asked, nonce)
+		delete(t.probes.asked, nonce)
 		body = body[nonceLen:]
 	} else {
-		ask, ok := t.askedOld[h.name]
+		ask, ok := t.probes.askedOld[h.name]
 		if !ok || t.hints[h.name].ReplayProof || h.seq <= ask.minSeq || now.Sub(ask.at) > reflectWait {
 			return
 		}
-		delete(t.askedOld, h.name)
+		delete(t.probes.askedOld, h.name)
 	}
 	var a netip.AddrPort
 	if err := a.UnmarshalBinary(body); err != nil || !a.IsValid() {
@@ -132,7 +132,7 @@ func (t *Transport) reflected(h header, body []byte, at time.Time) {
 	if at.IsZero() {
 		at = now
 	}
-	t.reflections[h.name] = Sighting{Addr: a, At: at}
+	t.probes.reflections[h.name] = Sighting{Addr: a, At: at}
 }
 
 // Reflections returns the latest reflection from each relay: where it
@@ -140,5 +140,5 @@ func (t *Transport) reflected(h header, body []byte, at time.Time) {
 func (t *Transport) Reflections() map[string]Sighting {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return maps.Clone(t.reflections)
+	return maps.Clone(t.probes.reflections)
 }
