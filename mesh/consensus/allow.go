@@ -19,8 +19,8 @@ func (n *Node) allowRaft(id crypto.NodeID) bool {
 		return false
 	}
 	n.mu.Lock()
-	fresh := time.Since(n.votersAt) < time.Second
-	voters, admitted := n.voters, n.admittedBy
+	fresh := time.Since(n.raft.votersAt) < time.Second
+	voters, admitted := n.raft.voters, n.raft.admittedBy
 	n.mu.Unlock()
 	if !fresh || !voters[id] {
 		voters = n.refreshVoters(r)
@@ -30,10 +30,10 @@ func (n *Node) allowRaft(id crypto.NodeID) bool {
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if id == n.confirmedLdr && time.Since(n.confirmedLdrAt) < leaderConfirmValid {
+	if id == n.raft.confirmed && time.Since(n.raft.confirmedAt) < leaderConfirmValid {
 		return true
 	}
-	n.refusedRaft, n.refusedAt = id, time.Now()
+	n.raft.refused, n.raft.refusedAt = id, time.Now()
 	return false
 }
 
@@ -54,13 +54,13 @@ const (
 // hostile member cannot pose as its leader.
 func (n *Node) confirmRefusedLeader(ctx context.Context) {
 	n.mu.Lock()
-	id, at := n.refusedRaft, n.refusedAt
-	if id.IsZero() || time.Since(at) > 5*time.Second || time.Since(n.confirmTried) < leaderConfirmEvery {
+	id, at := n.raft.refused, n.raft.refusedAt
+	if id.IsZero() || time.Since(at) > 5*time.Second || time.Since(n.raft.confirmTried) < leaderConfirmEvery {
 		n.mu.Unlock()
 		return
 	}
-	n.refusedRaft = crypto.NodeID{}
-	n.confirmTried = time.Now()
+	n.raft.refused = crypto.NodeID{}
+	n.raft.confirmTried = time.Now()
 	n.mu.Unlock()
 	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
@@ -71,7 +71,7 @@ func (n *Node) confirmRefusedLeader(ctx context.Context) {
 		return
 	}
 	n.mu.Lock()
-	n.confirmedLdr, n.confirmedLdrAt = id, time.Now()
+	n.raft.confirmed, n.raft.confirmedAt = id, time.Now()
 	n.mu.Unlock()
 	n.log.Info("taking Raft traffic from the leader the members confirm, which this node's configuration does not list as a voter yet (it fell behind)",
 		"leader_id", id.Short())
@@ -91,7 +91,7 @@ func (n *Node) refreshVoters(r *raft.Raft) map[crypto.NodeID]bool {
 		}
 	}
 	n.mu.Lock()
-	n.voters, n.votersAt = voters, time.Now()
+	n.raft.voters, n.raft.votersAt = voters, time.Now()
 	n.mu.Unlock()
 	return voters
 }

@@ -104,23 +104,23 @@ func (n *Node) autopilot(ctx context.Context) {
 			si.always = m.Server == ServerAlways
 		}
 		if si.alive {
-			delete(n.dead, id)
-			if _, seen := n.aliveSince[id]; !seen {
-				n.aliveSince[id] = now
+			delete(n.servers.dead, id)
+			if _, seen := n.servers.aliveSince[id]; !seen {
+				n.servers.aliveSince[id] = now
 			}
-			si.aliveFor = now.Sub(n.aliveSince[id])
+			si.aliveFor = now.Sub(n.servers.aliveSince[id])
 		} else {
-			delete(n.aliveSince, id)
-			if _, seen := n.dead[id]; !seen {
-				n.dead[id] = now
+			delete(n.servers.aliveSince, id)
+			if _, seen := n.servers.dead[id]; !seen {
+				n.servers.dead[id] = now
 			}
-			si.deadFor = now.Sub(n.dead[id])
+			si.deadFor = now.Sub(n.servers.dead[id])
 		}
 		servers = append(servers, si)
 	}
-	for id := range n.dead {
+	for id := range n.servers.dead {
 		if !inConfig[id] {
-			delete(n.dead, id)
+			delete(n.servers.dead, id)
 		}
 	}
 	n.mu.Unlock()

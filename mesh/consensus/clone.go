@@ -41,7 +41,7 @@ func (n *Node) cloneRefusal(ctx context.Context, c *catalog.Command, reg catalog
 			"node %s with this identity is running (%s, since %s); this host has a copy of its identity (a cloned VM?): "+
 				"give it a state directory of its own and another --node-name", c.Node, where, reg.Seen.UTC().Format(time.RFC3339))}
 	}
-	if reg.ID == n.id && reg.BootID == n.bootID {
+	if reg.ID == n.id && reg.BootID == n.run.bootID {
 		return refusal("it is the cluster's leader")
 	}
 	var addrs []string

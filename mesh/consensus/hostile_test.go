@@ -105,7 +105,7 @@ func TestMemberCannotMoveOrRemoveVoter(t *testing.T) {
 
 	// Claims that do not hold: signed by mallory; the victim's, but of
 	// another run, another cluster, another request, or long ago.
-	fresh := forwardClaim{Method: methodLeave, For: victim.id.ID(), Cluster: leader.node.ClusterID(), BootID: victim.node.bootID, Time: time.Now().Unix()}
+	fresh := forwardClaim{Method: methodLeave, For: victim.id.ID(), Cluster: leader.node.ClusterID(), BootID: victim.node.run.bootID, Time: time.Now().Unix()}
 	forged := []struct {
 		what   string
 		signer crypto.Identity

@@ -82,8 +82,8 @@ func (n *Node) lowestAlive(members []Member) (Member, bool) {
 
 func (n *Node) setJoinErr(err error) {
 	n.mu.Lock()
-	changed := (err == nil) != (n.joinErr == nil) || err != nil && n.joinErr != nil && err.Error() != n.joinErr.Error()
-	n.joinErr = err
+	changed := (err == nil) != (n.member.joinErr == nil) || err != nil && n.member.joinErr != nil && err.Error() != n.member.joinErr.Error()
+	n.member.joinErr = err
 	n.mu.Unlock()
 	if changed && err != nil {
 		n.log.Info("not a member of the cluster yet", "why", err)
@@ -111,10 +111,10 @@ func (n *Node) joinOrBootstrap(ctx context.Context) {
 	view := strings.Join(alive, ",")
 	now := time.Now()
 	n.mu.Lock()
-	if view != n.view {
-		n.view, n.viewSince = view, now
+	if view != n.member.view {
+		n.member.view, n.member.viewSince = view, now
 	}
-	since := n.viewSince
+	since := n.member.viewSince
 	n.mu.Unlock()
 	if now.Sub(since) < n.cfg.StableWait {
 		n.setJoinErr(errors.New("waiting for the membership to settle before starting a cluster"))
@@ -183,10 +183,10 @@ func newClusterID() string {
 // registration is this run's registration entry (or, for the node that
 // bootstrapped, the cluster's first entry).
 func (n *Node) registration(init bool) ([]byte, error) {
-	reg := catalog.Register{ID: n.id, Addr: n.cfg.Addr, Generation: n.gen, Protocol: catalog.Protocol}
-	c := &catalog.Command{Op: catalog.OpRegister, Node: n.cfg.Name, BootID: n.bootID, Register: &reg}
+	reg := catalog.Register{ID: n.id, Addr: n.cfg.Addr, Generation: n.run.gen, Protocol: catalog.Protocol}
+	c := &catalog.Command{Op: catalog.OpRegister, Node: n.cfg.Name, BootID: n.run.bootID, Register: &reg}
 	if init {
-		c = &catalog.Command{Op: catalog.OpInit, Node: n.cfg.Name, BootID: n.bootID, Init: &catalog.Init{ClusterID: newClusterID(), Register: reg}}
+		c = &catalog.Command{Op: catalog.OpInit, Node: n.cfg.Name, BootID: n.run.bootID, Init: &catalog.Init{ClusterID: newClusterID(), Register: reg}}
 	}
 	s, err := catalog.Sign(c, n.cfg.Identity)
 	if err != nil {
@@ -202,8 +202,8 @@ func (n *Node) refused(err error) {
 	var ce *catalog.Error
 	if errors.As(err, &ce) && slices.Contains(fatalCodes, ce.Code) {
 		n.mu.Lock()
-		n.fatal = err
-		r := n.raft
+		n.member.fatal = err
+		r := n.raft.r
 		n.mu.Unlock()
 		n.log.Error("the cluster refuses this node", "err", err)
 		n.markRolledBack(err)
@@ -249,17 +249,17 @@ func (n *Node) join(ctx context.Context, cluster []Member) {
 		return
 	}
 	n.mu.Lock()
-	n.admittedBy = lid
+	n.raft.admittedBy = lid
 	n.mu.Unlock()
 	if err := n.startRaft(nil); err != nil {
 		n.setJoinErr(err)
 		return
 	}
 	n.mu.Lock()
-	n.registered = true
+	n.member.registered = true
 	n.mu.Unlock()
 	n.setJoinErr(nil)
-	n.log.Info("joined the cluster", "cluster", clusterOf(cluster), "leader_id", lid.Short(), "direct", direct, "generation", n.gen)
+	n.log.Info("joined the cluster", "cluster", clusterOf(cluster), "leader_id", lid.Short(), "direct", direct, "generation", n.run.gen)
 	n.askAdmission(ctx)
 	n.notify()
 }
@@ -441,10 +441,10 @@ func (n *Node) register(ctx context.Context) {
 	}
 	_ = n.fsm.WaitIndex(cctx, index)
 	n.mu.Lock()
-	n.registered = true
+	n.member.registered = true
 	n.mu.Unlock()
 	n.setJoinErr(nil)
-	n.log.Info("registered with the cluster", "generation", n.gen, "init", init)
+	n.log.Info("registered with the cluster", "generation", n.run.gen, "init", init)
 	n.notify()
 }
 
@@ -457,7 +457,7 @@ func (n *Node) ensureAdmitted(ctx context.Context) {
 	}
 	if r.State() == raft.Leader {
 		n.mu.Lock()
-		n.admitted = true
+		n.member.admitted = true
 		n.mu.Unlock()
 		return
 	}
@@ -468,13 +468,13 @@ func (n *Node) ensureAdmitted(ctx context.Context) {
 	for _, s := range f.Configuration().Servers {
 		if s.ID == raft.ServerID(n.id.String()) {
 			n.mu.Lock()
-			n.admitted = true
+			n.member.admitted = true
 			n.mu.Unlock()
 			return
 		}
 	}
 	n.mu.Lock()
-	n.admitted = false
+	n.member.admitted = false
 	n.mu.Unlock()
 	n.askAdmission(ctx)
 }
@@ -490,7 +490,7 @@ func (n *Node) askAdmission(ctx context.Context) {
 		return
 	}
 	n.mu.Lock()
-	n.admittedBy = lid
+	n.raft.admittedBy = lid
 	n.mu.Unlock()
 	if _, _, err := n.toLeader(ctx, lid, laddr, members, &request{Method: methodJoin, RaftAddr: n.cfg.Advertise}); err != nil {
 		n.log.Debug("asking to be admitted", "leader_id", lid.Short(), "err", err)
@@ -595,10 +595,10 @@ func (n *Node) Propose(ctx context.Context, c *catalog.Command) (catalog.Result,
 	if err := n.waitRegistered(ctx); err != nil {
 		return catalog.Result{}, err
 	}
-	n.seqMu.Lock()
-	defer n.seqMu.Unlock()
-	n.seq++
-	c.Node, c.BootID, c.Seq = n.cfg.Name, n.bootID, n.seq
+	n.run.seqMu.Lock()
+	defer n.run.seqMu.Unlock()
+	n.run.seq++
+	c.Node, c.BootID, c.Seq = n.cfg.Name, n.run.bootID, n.run.seq
 	s, err := catalog.Sign(c, n.cfg.Identity)
 	if err != nil {
 		return catalog.Result{}, err
@@ -626,7 +626,7 @@ func (n *Node) Propose(ctx context.Context, c *catalog.Command) (catalog.Result,
 func (n *Node) waitRegistered(ctx context.Context) error {
 	for {
 		n.mu.Lock()
-		ok, fatal, joinErr, shutdown, diskErr := n.registered, n.fatal, n.joinErr, n.shutdown, n.diskErr
+		ok, fatal, joinErr, shutdown, diskErr := n.member.registered, n.member.fatal, n.member.joinErr, n.member.shutdown, n.diskErr
 		n.mu.Unlock()
 		switch {
 		case fatal != nil:

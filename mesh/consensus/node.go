@@ -73,26 +73,43 @@ type Node struct {
 	fsm     *catalog.FSM
 	mux     *mux
 	metrics *metrics
-	bootID  string
-	gen     uint64
 	changes chan struct{}
+	run     runState
 
 	// savedIndex is the index of the saved copy of the catalog; saveMu
 	// serialises writing it.
 	savedIndex atomic.Uint64
 	saveMu     sync.Mutex
 
+	// mu guards the fields after it.
+	mu sync.Mutex
+	// diskErr is the last failure to write the state directory: a node
+	// that cannot keep what it was told claims nothing rather than guess.
+	diskErr error
+	raft    raftState
+	member  memberState
+	servers serverState
+}
+
+// runState tells this start of the node from its others.
+type runState struct {
+	bootID string
+	gen    uint64
 	// seqMu serialises this node's commands, so that their sequence
 	// numbers reach the leader in order.
 	seqMu sync.Mutex
 	seq   uint64
+}
 
-	mu     sync.Mutex
-	raft   *raft.Raft
+// raftState is this node's Raft server and whose Raft traffic it takes
+// (allow.go). Node.mu guards it.
+type raftState struct {
+	r      *raft.Raft
 	trans  *raft.NetworkTransport
 	closer func() error // the log store
-	// raftDone is closed when Raft is shut down.
-	raftDone chan struct{}
+	// done is closed when Raft is shut down.
+	done chan struct{}
+
 	// admittedBy is the leader that admitted this node; its Raft traffic
 	// is accepted while this node has no configuration of its own yet.
 	admittedBy crypto.NodeID
@@ -100,33 +117,40 @@ type Node struct {
 	votersAt   time.Time
 	// A node that fell behind a configuration change does not know the
 	// current leader as a voter and refuses its Raft traffic: it would
-	// never catch up. refusedRaft is the last node so refused; the Run
-	// loop asks the members who leads, and confirmedLeader is the node
+	// never catch up. refused is the last node so refused; the Run
+	// loop asks the members who leads, and confirmed is the node
 	// they confirmed, whose traffic is then taken (leaderConfirm).
-	refusedRaft    crypto.NodeID
-	refusedAt      time.Time
-	confirmTried   time.Time
-	confirmedLdr   crypto.NodeID
-	confirmedLdrAt time.Time
-	registered     bool
+	refused      crypto.NodeID
+	refusedAt    time.Time
+	confirmTried time.Time
+	confirmed    crypto.NodeID
+	confirmedAt  time.Time
+}
+
+// memberState is how far this node is on its way into its cluster.
+// Node.mu guards it.
+type memberState struct {
+	registered bool
+	// admitted is set once this node found itself in its configuration.
+	admitted bool
 	// fatal is a refusal that stops this node from taking part: a taken
 	// name, a forgotten identity, a rolled-back state directory.
-	fatal error
+	fatal    error
+	joinErr  error
+	shutdown bool
 	// stable tracks the gossip view for the bootstrap decision.
 	view      string
 	viewSince time.Time
+}
+
+// serverState is what the autopilot knows of the servers. Node.mu
+// guards it.
+type serverState struct {
 	// dead and aliveSince track servers for the autopilot.
 	dead       map[crypto.NodeID]time.Time
 	aliveSince map[crypto.NodeID]time.Time
 	// proofs caches which servers proved they hold the server key.
-	proofs   map[crypto.NodeID]bool
-	joinErr  error
-	shutdown bool
-	// admitted is set once this node found itself in its configuration.
-	admitted bool
-	// diskErr is the last failure to write the state directory: a node
-	// that cannot keep what it was told claims nothing rather than guess.
-	diskErr error
+	proofs map[crypto.NodeID]bool
 }
 
 // New prepares a node: it reads and advances its generation counter, so
@@ -144,19 +168,20 @@ func New(cfg Config) (*Node, error) {
 		fsm:     catalog.NewFSM(),
 		metrics: newMetrics(),
 		changes: make(chan struct{}, 1),
-		dead:    map[crypto.NodeID]time.Time{},
-
-		aliveSince: map[crypto.NodeID]time.Time{},
-		proofs:     map[crypto.NodeID]bool{},
+		servers: serverState{
+			dead:       map[crypto.NodeID]time.Time{},
+			aliveSince: map[crypto.NodeID]time.Time{},
+			proofs:     map[crypto.NodeID]bool{},
+		},
 	}
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
-	n.bootID = hex.EncodeToString(b)
+	n.run.bootID = hex.EncodeToString(b)
 	f, err := nextGeneration(cfg.Dir)
 	if err != nil {
 		return nil, err
 	}
-	n.gen, n.fatal = f.Generation, f.refusal()
+	n.run.gen, n.member.fatal = f.Generation, f.refusal()
 	if err := n.readCatalog(); err != nil {
 		return nil, err
 	}
@@ -222,7 +247,7 @@ func (n *Node) registeredID(id crypto.NodeID) (string, bool) {
 func (n *Node) Refusal() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return n.fatal
+	return n.member.fatal
 }
 
 // Close releases what New took, for a node whose Run never started.

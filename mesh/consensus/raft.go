@@ -75,11 +75,11 @@ func (n *Node) startRaft(boot *raft.Configuration) error {
 		return fmt.Errorf("starting Raft: %w", err)
 	}
 	n.mu.Lock()
-	n.raft, n.trans, n.closer = r, trans, closeLogs
+	n.raft.r, n.raft.trans, n.raft.closer = r, trans, closeLogs
 	n.mu.Unlock()
 	done := make(chan struct{})
 	n.mu.Lock()
-	n.raftDone = done
+	n.raft.done = done
 	n.mu.Unlock()
 	go n.watchLeader(r, done)
 	n.log.Info("consensus started", "raft_addr", n.cfg.Advertise, "bootstrap", boot != nil)
@@ -118,8 +118,8 @@ func shortID(s string) string {
 
 func (n *Node) stop() {
 	n.mu.Lock()
-	r, trans, closer, done := n.raft, n.trans, n.closer, n.raftDone
-	n.raft, n.raftDone, n.shutdown = nil, nil, true
+	r, trans, closer, done := n.raft.r, n.raft.trans, n.raft.closer, n.raft.done
+	n.raft.r, n.raft.done, n.member.shutdown = nil, nil, true
 	n.mu.Unlock()
 	if done != nil {
 		close(done)
@@ -144,7 +144,7 @@ func (n *Node) stop() {
 func (n *Node) raftServer() *raft.Raft {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return n.raft
+	return n.raft.r
 }
 
 func (n *Node) isLeader() bool {

@@ -85,15 +85,15 @@ func (n *Node) checkRollback(ctx context.Context) error {
 	asked := 0
 	for a := range answers {
 		asked++
-		if a.gen >= n.gen {
+		if a.gen >= n.run.gen {
 			return &catalog.Error{Code: catalog.CodeRolledBack, Message: fmt.Sprintf(
 				"node %s starts from state generation %d, but the member at %s has seen generation %d of it: "+
 					"its state directory is an older copy (a restored backup or VM snapshot), or another host runs with a copy of it; "+
 					"this node takes no part in consensus and claims nothing until an operator fixes it (see docs/operations.md, Failures)",
-				n.cfg.Name, n.gen, a.addr, a.gen)}
+				n.cfg.Name, n.run.gen, a.addr, a.gen)}
 		}
 	}
-	n.log.Info("checked this node's generation with the members before starting Raft", "generation", n.gen, "answered", asked, "asked", len(addrs))
+	n.log.Info("checked this node's generation with the members before starting Raft", "generation", n.run.gen, "answered", asked, "asked", len(addrs))
 	return nil
 }
 

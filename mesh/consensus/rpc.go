@@ -69,7 +69,7 @@ const (
 // sign attaches this node's claim to a join or leave that a member may
 // pass on to the leader of cluster.
 func (n *Node) sign(req *request, cluster string) {
-	req.Claim = mustJSON(forwardClaim{Method: req.Method, For: n.id, RaftAddr: req.RaftAddr, Cluster: cluster, BootID: n.bootID, Time: time.Now().Unix()})
+	req.Claim = mustJSON(forwardClaim{Method: req.Method, For: n.id, RaftAddr: req.RaftAddr, Cluster: cluster, BootID: n.run.bootID, Time: time.Now().Unix()})
 	req.Sig = n.cfg.Identity.Sign(claimPurpose, req.Claim)
 }
 

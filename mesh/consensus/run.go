@@ -74,13 +74,13 @@ func (n *Node) Run(ctx context.Context) error {
 func (n *Node) settled() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return n.registered && n.raft != nil && n.admitted && n.fatal == nil
+	return n.member.registered && n.raft.r != nil && n.member.admitted && n.member.fatal == nil
 }
 
 // step moves this node towards being a registered member of a cluster.
 func (n *Node) step(ctx context.Context) {
 	n.mu.Lock()
-	r, registered, fatal := n.raft, n.registered, n.fatal
+	r, registered, fatal := n.raft.r, n.member.registered, n.member.fatal
 	n.mu.Unlock()
 	if fatal != nil {
 		return

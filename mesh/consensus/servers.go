@@ -67,7 +67,7 @@ func (n *Node) eligibleLocked(m Member) (eligible, barred bool, why string) {
 		return false, true, "it runs with --server=never"
 	}
 	if len(n.cfg.ServerKey) > 0 {
-		proved, checked := n.proofs[m.ID]
+		proved, checked := n.servers.proofs[m.ID]
 		switch {
 		case !checked:
 			return false, false, "its proof of the server key is not checked yet"
@@ -89,7 +89,7 @@ func (n *Node) proveServer(ctx context.Context, id crypto.NodeID, addr string) {
 	}
 	ok := crypto.VerifyServerProof(n.cfg.ServerKey, id, resp.Status.ServerProof)
 	n.mu.Lock()
-	n.proofs[id] = ok
+	n.servers.proofs[id] = ok
 	n.mu.Unlock()
 }
 
@@ -100,14 +100,14 @@ func (n *Node) checkProofs(ctx context.Context, servers []raft.Server) {
 		return
 	}
 	n.mu.Lock()
-	n.proofs[n.id] = true
+	n.servers.proofs[n.id] = true
 	var next *raft.Server
 	for i, s := range servers {
 		id, err := crypto.ParseNodeID(string(s.ID))
 		if err != nil {
 			continue
 		}
-		if _, checked := n.proofs[id]; !checked {
+		if _, checked := n.servers.proofs[id]; !checked {
 			next = &servers[i]
 			break
 		}

@@ -40,9 +40,9 @@ type ServerStatus struct {
 // Status reports this node's consensus state.
 func (n *Node) Status() Status {
 	n.mu.Lock()
-	r, registered, fatal, joinErr, shutdown, diskErr := n.raft, n.registered, n.fatal, n.joinErr, n.shutdown, n.diskErr
+	r, registered, fatal, joinErr, shutdown, diskErr := n.raft.r, n.member.registered, n.member.fatal, n.member.joinErr, n.member.shutdown, n.diskErr
 	n.mu.Unlock()
-	st := Status{Registered: registered, Generation: n.gen, Stats: n.metrics.stats(), Unreachable: n.unreachable()}
+	st := Status{Registered: registered, Generation: n.run.gen, Stats: n.metrics.stats(), Unreachable: n.unreachable()}
 	var state *catalog.State
 	n.fsm.Read(func(s *catalog.State) {
 		st.ClusterID = s.ClusterID
@@ -95,7 +95,7 @@ func (n *Node) Status() Status {
 
 // peerStatus answers a status request.
 func (n *Node) peerStatus() PeerStatus {
-	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index(), BootID: n.bootID}
+	st := PeerStatus{ClusterID: n.ClusterID(), State: "joining", AppliedIndex: n.fsm.Index(), BootID: n.run.bootID}
 	if r := n.raftServer(); r != nil {
 		st.State = strings.ToLower(r.State().String())
 		st.LastIndex = r.LastIndex()
@@ -113,7 +113,7 @@ func (n *Node) peerStatus() PeerStatus {
 }
 
 // Identity returns this node's boot ID and generation (for gossip).
-func (n *Node) Identity() (bootID string, generation uint64) { return n.bootID, n.gen }
+func (n *Node) Identity() (bootID string, generation uint64) { return n.run.bootID, n.run.gen }
 
 // unreachable lists the members whose consensus connections time out,
 // named by the addresses members advertise.
