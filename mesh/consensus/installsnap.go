@@ -108,6 +108,28 @@ func (k *keepLog) DeleteRange(lo, hi uint64) error {
 	return k.LogStore.DeleteRange(lo, hi)
 }
 
+// StoreLogs appends after what Raft believes is its last entry. Entries
+// the log still holds from there on are ones Raft deleted and DeleteRange
+// kept: a conflict with the entries right after the snapshot, which only
+// Raft's next append tells apart from the removal of its log after an
+// install. They go now.
+func (k *keepLog) StoreLogs(logs []*raft.Log) error {
+	if len(logs) > 0 {
+		last, err := k.LogStore.LastIndex()
+		if err != nil {
+			return err
+		}
+		if i := logs[0].Index; i > 0 && i <= last {
+			if err := k.LogStore.DeleteRange(i, last); err != nil {
+				return err
+			}
+		}
+	}
+	return k.LogStore.StoreLogs(logs)
+}
+
+func (k *keepLog) StoreLog(l *raft.Log) error { return k.StoreLogs([]*raft.Log{l}) }
+
 // keepSnaps notes every snapshot written, and refuses one that would
 // leave a hole before the log.
 type keepSnaps struct {

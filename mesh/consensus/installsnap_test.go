@@ -171,3 +171,43 @@ func TestAppendAfterInstalledSnapshot(t *testing.T) {
 	}
 	f.waitApplied(t, 16)
 }
+
+// TestConflictRightAfterInstalledSnapshot: a follower whose log starts
+// right after an installed snapshot with entries no leader committed
+// takes a later leader's different entries there: the log keeps the
+// entries after a snapshot when Raft removes its log after an install,
+// not when Raft clears them for a conflict.
+func TestConflictRightAfterInstalledSnapshot(t *testing.T) {
+	f := newFollower(t)
+	if !f.appendNoops(t, 0, 1, 5, 5) {
+		t.Fatal("the follower refused entries 1..5")
+	}
+	f.install(t, 12)
+	if !f.appendNoops(t, 12, 13, 15, 12) {
+		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
+	}
+	// A leader of term 2 has other entries from 13 on.
+	var resp raft.AppendEntriesResponse
+	if err := f.leader.AppendEntries("f", "f", &raft.AppendEntriesRequest{RPCHeader: f.header, Term: 2,
+		PrevLogEntry: 12, PrevLogTerm: 1, LeaderCommitIndex: 14, Entries: []*raft.Log{
+			{Index: 13, Term: 2, Type: raft.LogNoop}, {Index: 14, Term: 2, Type: raft.LogNoop},
+		}}, &resp); err != nil {
+		t.Fatal(err)
+	}
+	if !resp.Success {
+		t.Fatal("the follower refused the leader's entries 13..14 of term 2")
+	}
+	f.waitApplied(t, 14)
+	if last := f.r.LastIndex(); last != 14 {
+		t.Fatalf("Raft's last index is %d, want 14", last)
+	}
+	for i := uint64(13); i <= 14; i++ {
+		var l raft.Log
+		if err := f.logs.GetLog(i, &l); err != nil || l.Term != 2 {
+			t.Fatalf("entry %d is %+v (%v), want the leader's of term 2", i, l, err)
+		}
+	}
+	if last, err := f.logs.LastIndex(); err != nil || last != 14 {
+		t.Fatalf("the log ends at %d (%v), want 14", last, err)
+	}
+}
