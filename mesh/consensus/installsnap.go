@@ -18,7 +18,11 @@ import (
 // append after that stale index and panics at the next commit, reading
 // entries that are gone: the agent dies, and dies again at every start.
 // Raft's rule for an installed snapshot is to keep the entries after it
-// when the entry at its index matches; the log's deletion does that here.
+// when the entry at its index matches; the log's deletion does that here,
+// and when the log starts right after the snapshot's index too: the same
+// snapshot installed again (a leader's replication that outlived the
+// follower's removal from the configuration sends its old state's
+// snapshot after the new one has sent it and the entries after it).
 //
 // And a follower answers an append that follows its snapshot's index only
 // if that entry is still in its log or is its last: after an install its
@@ -88,17 +92,21 @@ func (k *keepLog) DeleteRange(lo, hi uint64) error {
 	// Only Raft's removal of the whole log after a snapshot is installed
 	// deletes past a snapshot; compaction stops at it, and a conflict
 	// never reaches back over committed entries.
-	if s > 0 && hi > s && lo <= s {
+	if s > 0 && hi > s && lo <= s+1 {
 		first, err := k.LogStore.FirstIndex()
 		if err != nil {
 			return err
 		}
 		var l raft.Log
 		switch err := k.LogStore.GetLog(s, &l); {
-		case err == nil && l.Term == term:
+		case lo <= s && err == nil && l.Term == term:
 			hi = s - 1 // the entry at the snapshot's index stays, to answer appends after it
 		case errors.Is(err, raft.ErrLogNotFound) && first == s+1:
-			// The entry is in this node's own snapshot: committed.
+			// The log starts right after the snapshot: the entry at its
+			// index was this node's own snapshot or compacted, so
+			// committed, so the snapshot's; the entries after it stay.
+			// Deleting them while Raft believes it holds them panics
+			// ("log not found") at the next commit, as above.
 			return nil
 		}
 	}

@@ -172,6 +172,40 @@ func TestAppendAfterInstalledSnapshot(t *testing.T) {
 	f.waitApplied(t, 16)
 }
 
+// TestSameSnapshotInstalledAgain: a follower whose log starts right after
+// an installed snapshot (it installed it, then took entries after it) is
+// sent the same snapshot again. It must keep those entries, as it keeps
+// them when its log reaches back to the snapshot's index: Raft goes on
+// believing it holds them, takes the leader's next append after them, and
+// panics ("log not found" in processLogs) at the commit. A real leader
+// sends it twice when a node is removed and re-admitted: the replication
+// of its removal goes on with the old next index, after a backoff of up
+// to 40s, and sends the snapshot after the new replication installed it
+// and sent the entries after it. The safety test met it under load.
+func TestSameSnapshotInstalledAgain(t *testing.T) {
+	f := newFollower(t)
+	if !f.appendNoops(t, 0, 1, 5, 5) {
+		t.Fatal("the follower refused entries 1..5")
+	}
+	f.install(t, 12)
+	if !f.appendNoops(t, 12, 13, 15, 15) {
+		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
+	}
+	f.waitApplied(t, 15)
+	f.install(t, 12)
+	for i := f.r.AppliedIndex() + 1; i <= f.r.LastIndex(); i++ {
+		var l raft.Log
+		if err := f.logs.GetLog(i, &l); err != nil {
+			t.Fatalf("after installing the snapshot at 12 again, Raft counts entries up to %d as its own, but entry %d is gone from the log: %v",
+				f.r.LastIndex(), i, err)
+		}
+	}
+	if !f.appendNoops(t, 15, 16, 16, 16) {
+		t.Fatal("the follower refused entry 16")
+	}
+	f.waitApplied(t, 16)
+}
+
 // TestConflictRightAfterInstalledSnapshot: a follower whose log starts
 // right after an installed snapshot with entries no leader committed
 // takes a later leader's different entries there: the log keeps the
