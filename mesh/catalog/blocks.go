@@ -1,10 +1,96 @@
 package catalog
 
 import (
+	"fmt"
 	"hash/fnv"
 	"net/netip"
 	"slices"
 )
+
+// overlapping finds the lowest owned block of n overlapping p.
+func (n *Network) overlapping(p netip.Prefix) (netip.Prefix, string, bool) {
+	var found netip.Prefix
+	for b := range n.Blocks {
+		if b.Overlaps(p) && (!found.IsValid() || ComparePrefix(b, found) < 0) {
+			found = b
+		}
+	}
+	return found, n.Blocks[found], found.IsValid()
+}
+
+func (s *State) claim(e applying, node string, c *Claim) Result {
+	n, ok := s.Live(c.Subnet)
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", c.Subnet)
+	}
+	full := e.rules2() && n.countBlocksOf(node) >= MaxBlocksPerNode
+	if c.Containing.IsValid() {
+		if owner, b, ok := n.Owner(c.Containing); ok {
+			if owner == node {
+				return Result{Block: b}
+			}
+			return refuse(CodeBlockTaken, "address %s is in block %s of node %s", c.Containing, b, owner)
+		}
+		if full {
+			return blocksLimit(node, c.Subnet)
+		}
+		// The biggest free block up to the network's size: a smaller one
+		// fits between blocks already taken.
+		for bits := n.BlockBits; bits <= c.Subnet.Addr().BitLen(); bits++ {
+			p := netip.PrefixFrom(c.Containing, bits).Masked()
+			if _, _, taken := n.overlapping(p); !taken {
+				n.Blocks[p] = node
+				return Result{Block: p}
+			}
+		}
+		return refuse(CodeBlockTaken, "address %s is taken", c.Containing)
+	}
+	if full {
+		return blocksLimit(node, c.Subnet)
+	}
+	b, ok := pickBlock(n, node, c.Within)
+	if !ok {
+		within := c.Subnet
+		if c.Within.IsValid() {
+			within = c.Within
+		}
+		return refuse(CodeNoFreeBlock, "all blocks of /%d in %s are taken", max(n.BlockBits, within.Bits()), within)
+	}
+	n.Blocks[b] = node
+	return Result{Block: b}
+}
+
+func (s *State) adopt(e applying, node string, a *Adopt) Result {
+	n, ok := s.Live(a.Subnet)
+	if !ok {
+		return refuse(CodeNoNetwork, "no network %s in the cluster", a.Subnet)
+	}
+	var taken []string
+	for _, b := range a.Blocks {
+		if have, owner, ok := n.overlapping(b); ok && (owner != node || have != b) {
+			taken = append(taken, fmt.Sprintf("%s (overlaps %s of %s)", b, have, owner))
+		}
+	}
+	if len(taken) > 0 {
+		slices.Sort(taken)
+		return refuse(CodeBlockTaken, "blocks held by %s before the upgrade are taken: %v", node, taken)
+	}
+	if e.rules2() {
+		have := n.countBlocksOf(node)
+		for _, b := range a.Blocks {
+			if n.Blocks[b] != node {
+				have++
+			}
+		}
+		if have > MaxBlocksPerNode {
+			return blocksLimit(node, a.Subnet)
+		}
+	}
+	for _, b := range a.Blocks {
+		n.Blocks[b] = node
+	}
+	return Result{}
+}
 
 // pickBlock chooses a free block of n for node inside within (the whole
 // subnet if zero). Each node starts its search at a block of its own
