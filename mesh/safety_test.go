@@ -108,7 +108,7 @@ var onByDefault = []string{"hostile-forward", "hostile-forget", "hostile-delete"
 var strictKinds = map[string]string{
 	"hostile-forward": "forwarded consensus requests act for For on trust (consensus/rpc.go)",
 	"hostile-forget":  "the catalog applies a member's forget of a live node (catalog/apply.go)",
-	"hostile-delete":  "the catalog applies a member's delete of a network others hold blocks in (catalog/apply.go)",
+	"hostile-delete":  "the catalog applies a member's delete of a network others hold blocks in (catalog/networks.go)",
 	"rollback":        "a voter restored from an old copy votes with its stale log",
 	"snapshot-crash":  "a crash after a snapshot install loses the entries between the catalog copy and the snapshot",
 	"impostor":        "Raft's dial takes whichever node answers at a voter's address (consensus/transport.go)",
