@@ -588,14 +588,11 @@ func (d *DataPlane) syncRoutes(st *network, n *dataplane.Network, wg netlink.Lin
 	if err != nil {
 		return fmt.Errorf("listing routes: %w", err)
 	}
+	// A route that differs is replaced in place, and only a route whose
+	// destination is no longer wanted is deleted: between deleting a
+	// route and adding it again, the namespace would route its packets
+	// elsewhere (a local container's into its block's unreachable route).
 	var errs []error
-	for _, h := range have {
-		if !slices.ContainsFunc(want, func(w netlink.Route) bool { return sameRoute(h, w) }) {
-			if err := st.nl.RouteDel(&h); err != nil && !isNotFound(err) {
-				errs = append(errs, fmt.Errorf("removing route %s: %w", h.Dst, err))
-			}
-		}
-	}
 	for _, w := range want {
 		if slices.ContainsFunc(have, func(h netlink.Route) bool { return sameRoute(h, w) }) {
 			continue
@@ -604,12 +601,29 @@ func (d *DataPlane) syncRoutes(st *network, n *dataplane.Network, wg netlink.Lin
 			errs = append(errs, fmt.Errorf("adding route %s: %w", w.Dst, err))
 		}
 	}
+	for _, h := range have {
+		if slices.ContainsFunc(want, func(w netlink.Route) bool { return h.Dst.String() == w.Dst.String() }) {
+			continue
+		}
+		if err := st.nl.RouteDel(&h); err != nil && !isNotFound(err) {
+			errs = append(errs, fmt.Errorf("removing route %s: %w", h.Dst, err))
+		}
+	}
 	return errors.Join(errs...)
 }
 
+// sameRoute reports whether two routes of wgmesh's are the same. A route
+// asked for without a type is a unicast route, as the kernel lists it.
 func sameRoute(a, b netlink.Route) bool {
-	return a.Dst.String() == b.Dst.String() && a.Type == b.Type && a.MTU == b.MTU &&
-		(a.Type == unix.RTN_UNREACHABLE || a.LinkIndex == b.LinkIndex)
+	return a.Dst.String() == b.Dst.String() && routeType(a) == routeType(b) && a.MTU == b.MTU &&
+		(routeType(a) == unix.RTN_UNREACHABLE || a.LinkIndex == b.LinkIndex)
+}
+
+func routeType(r netlink.Route) int {
+	if r.Type == 0 {
+		return unix.RTN_UNICAST
+	}
+	return r.Type
 }
 
 // CreateEndpoint implements dataplane.DataPlane.

@@ -647,3 +647,78 @@ func TestWireGuardDriftRepaired(t *testing.T) {
 	b.dp.Close()
 	assertClean(t, ids, a, b)
 }
+
+// TestApplyLeavesRoutesAlone: applying what already runs changes no
+// route, and a route that changes (a peer's path MTU) is replaced in
+// place: a route deleted and added again leaves a moment in which the
+// namespace routes a container's packets to nowhere (the block's
+// unreachable route), and an agent applies at every mesh change.
+func TestApplyLeavesRoutesAlone(t *testing.T) {
+	netnstest.SkipUnlessRoot(t)
+	a, b := newTestHost(t, dataplane.ModeUserspace), newTestHost(t, dataplane.ModeUserspace)
+	id := randomID()
+	a.cfg.Networks = []dataplane.Network{testNetwork(id, "10.60.0.0/16", "10.60.1.1", 51911, "10.60.1.0/24")}
+	small := peer(b, 51912, "10.60.2.0/24")
+	small.MTU = 1216
+	a.cfg.Networks[0].Peers = []dataplane.Peer{small}
+	a.apply(t)
+	a.attach(t, 0, "10.60.1.5/16")
+
+	st := a.dp.nets[id]
+	updates := make(chan netlink.RouteUpdate, 100)
+	done := make(chan struct{})
+	if err := netlink.RouteSubscribeWithOptions(updates, done, netlink.RouteSubscribeOptions{Namespace: &st.ns}); err != nil {
+		t.Fatal(err)
+	}
+	// collect returns the route changes seen until a marker route added
+	// after the applies comes through.
+	marker := netip.MustParsePrefix("192.0.2.0/24")
+	collect := func() []string {
+		t.Helper()
+		lo, err := st.nl.LinkByName("lo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := netlink.Route{LinkIndex: lo.Attrs().Index, Dst: ipNet(marker), Scope: netlink.SCOPE_LINK}
+		if err := st.nl.RouteReplace(&r); err != nil {
+			t.Fatal(err)
+		}
+		var seen []string
+		timeout := time.After(5 * time.Second)
+		for {
+			select {
+			case u := <-updates:
+				if u.Dst != nil && u.Dst.String() == marker.String() {
+					if u.Type == unix.RTM_DELROUTE {
+						continue // the last marker's
+					}
+					if err := st.nl.RouteDel(&r); err != nil {
+						t.Fatal(err)
+					}
+					return seen
+				}
+				op := "add"
+				if u.Type == unix.RTM_DELROUTE {
+					op = "del"
+				}
+				seen = append(seen, fmt.Sprintf("%s %s mtu %d", op, u.Dst, u.MTU))
+			case <-timeout:
+				t.Fatal("marker route not seen")
+			}
+		}
+	}
+	collect()
+
+	a.apply(t)
+	a.apply(t)
+	if seen := collect(); len(seen) > 0 {
+		t.Errorf("applying what runs changed routes: %q", seen)
+	}
+	a.cfg.Networks[0].Peers[0].MTU = 1280
+	a.apply(t)
+	seen := collect()
+	if len(seen) != 1 || seen[0] != "add 10.60.2.0/24 mtu 1280" {
+		t.Errorf("a new path MTU changed routes %q, want only the peer's route replaced", seen)
+	}
+	close(done)
+}

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/wgmesh/wgmesh/crypto"
@@ -119,5 +121,30 @@ func TestWGDiff(t *testing.T) {
 				t.Fatalf("diff:\n got %q (changed %v)\nwant %q", got, changed, tt.out)
 			}
 		})
+	}
+}
+
+// TestSameRoute: a route as the kernel lists it matches the route that
+// was asked for, whose type was left to the kernel's default.
+func TestSameRoute(t *testing.T) {
+	dst := ipNet(netip.MustParsePrefix("10.60.1.5/32"))
+	asked := netlink.Route{LinkIndex: 3, Dst: dst, Scope: netlink.SCOPE_LINK, Protocol: routeProtocol}
+	listed := netlink.Route{LinkIndex: 3, Dst: dst, Scope: netlink.SCOPE_LINK, Protocol: routeProtocol, Type: unix.RTN_UNICAST, Table: unix.RT_TABLE_MAIN}
+	if !sameRoute(listed, asked) {
+		t.Error("a unicast route as listed differs from the same route as asked for")
+	}
+	other := listed
+	other.LinkIndex = 4
+	if sameRoute(other, asked) {
+		t.Error("routes through other links are the same")
+	}
+	unreachable := netlink.Route{Dst: dst, Type: unix.RTN_UNREACHABLE, Protocol: routeProtocol}
+	if sameRoute(listed, unreachable) || !sameRoute(unreachable, unreachable) {
+		t.Error("an unreachable route is compared wrongly")
+	}
+	mtu := asked
+	mtu.MTU = 1280
+	if sameRoute(listed, mtu) {
+		t.Error("routes of different MTUs are the same")
 	}
 }
