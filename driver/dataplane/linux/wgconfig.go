@@ -46,8 +46,11 @@ func desiredWG(key crypto.PrivateKey, n *dataplane.Network) wgState {
 
 // wgDiff returns the wgctrl configuration that takes a device from have
 // to want, touching only what differs: reconfiguring a peer's endpoint
-// resets where WireGuard sends, and replacing the whole peer set would
-// drop every session.
+// resets where WireGuard sends, replacing the whole peer set would drop
+// every session, and replacing a peer's allowed IPs leaves a moment in
+// which the kernel has no peer for them and drops what goes there. So a
+// peer's allowed IPs are written only when they changed, and blocks that
+// are only added are added to those it has.
 func wgDiff(have, want wgState, key crypto.PrivateKey) (cfg wgtypes.Config, changed bool) {
 	if have.publicKey != want.publicKey {
 		k := wgtypes.Key(key.Bytes())
@@ -65,15 +68,18 @@ func wgDiff(have, want wgState, key crypto.PrivateKey) (cfg wgtypes.Config, chan
 		if ok && h.equal(w) {
 			continue
 		}
-		pc := wgtypes.PeerConfig{
-			PublicKey:         wgtypes.Key(pub),
-			ReplaceAllowedIPs: true,
-			AllowedIPs:        ipNets(w.allowed),
-		}
+		pc := wgtypes.PeerConfig{PublicKey: wgtypes.Key(pub)}
 		if ok && h.gen != w.gen {
 			// Start over: remove it, then add it as new.
 			cfg.Peers = append(cfg.Peers, wgtypes.PeerConfig{PublicKey: wgtypes.Key(pub), Remove: true})
 			ok = false
+		}
+		switch added, grown := addedPrefixes(h.allowed, w.allowed); {
+		case ok && grown:
+			pc.AllowedIPs = ipNets(added)
+		case !ok || !slices.Equal(h.allowed, w.allowed):
+			pc.ReplaceAllowedIPs = true
+			pc.AllowedIPs = ipNets(w.allowed)
 		}
 		if !ok || h.endpoint != w.endpoint {
 			pc.Endpoint = net.UDPAddrFromAddrPort(w.endpoint)
@@ -95,6 +101,23 @@ func wgDiff(have, want wgState, key crypto.PrivateKey) (cfg wgtypes.Config, chan
 }
 
 func comparePub(a, b crypto.PublicKey) int { return slices.Compare(a[:], b[:]) }
+
+// addedPrefixes returns what want has that have has not, and whether
+// want only adds to have: then adding those is all it takes.
+func addedPrefixes(have, want []netip.Prefix) ([]netip.Prefix, bool) {
+	var added []netip.Prefix
+	for _, p := range want {
+		if !slices.Contains(have, p) {
+			added = append(added, p)
+		}
+	}
+	for _, p := range have {
+		if !slices.Contains(want, p) {
+			return nil, false
+		}
+	}
+	return added, len(added) > 0
+}
 
 func ipNets(ps []netip.Prefix) []net.IPNet {
 	out := make([]net.IPNet, 0, len(ps))

@@ -46,7 +46,14 @@ func render(c wgtypes.Config) string {
 		for _, a := range p.AllowedIPs {
 			ips = append(ips, a.String())
 		}
-		b.WriteString(" allowed-ips " + strings.Join(ips, ",") + "; ")
+		switch {
+		case p.ReplaceAllowedIPs:
+			b.WriteString(" allowed-ips " + strings.Join(ips, ","))
+		case len(ips) > 0:
+			// Added to those the peer has.
+			b.WriteString(" allowed-ips +" + strings.Join(ips, ",+"))
+		}
+		b.WriteString("; ")
 	}
 	return strings.TrimSpace(b.String())
 }
@@ -111,7 +118,30 @@ func TestWGDiff(t *testing.T) {
 			have: desiredWG(key, net1(p1)),
 			want: net1(dataplane.Peer{PublicKey: pub(1), Endpoint: ep("198.51.100.9:51820"), AllowedIPs: p1.AllowedIPs, Keepalive: p1.Keepalive}),
 			key:  other,
-			out:  "private-key; peer 1 endpoint 198.51.100.9:51820 allowed-ips 10.60.1.0/24;",
+			out:  "private-key; peer 1 endpoint 198.51.100.9:51820;",
+		},
+		{
+			// Replacing them would leave a moment without a peer for
+			// them, in which the kernel drops what goes there.
+			name: "a keepalive turned on leaves the allowed IPs alone",
+			have: desiredWG(key, net1(dataplane.Peer{PublicKey: pub(1), Endpoint: p1.Endpoint, AllowedIPs: p1.AllowedIPs}, p2)),
+			want: net1(p1, p2),
+			key:  key,
+			out:  "peer 1 keepalive 25s;",
+		},
+		{
+			name: "a block added is added, not all replaced",
+			have: desiredWG(key, net1(p1, dataplane.Peer{PublicKey: pub(2), Endpoint: p2.Endpoint, AllowedIPs: []netip.Prefix{pfx("10.60.3.0/24")}})),
+			want: net1(p1, p2),
+			key:  key,
+			out:  "peer 2 allowed-ips +10.60.2.0/24;",
+		},
+		{
+			name: "a block moved replaces the peer's",
+			have: desiredWG(key, net1(p1, dataplane.Peer{PublicKey: pub(2), Endpoint: p2.Endpoint, AllowedIPs: []netip.Prefix{pfx("10.60.2.0/24"), pfx("10.60.4.0/24")}})),
+			want: net1(p1, p2),
+			key:  key,
+			out:  "peer 2 allowed-ips 10.60.2.0/24,10.60.3.0/24;",
 		},
 	}
 	for _, tt := range tests {
