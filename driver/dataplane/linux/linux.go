@@ -480,19 +480,8 @@ func (d *DataPlane) configureWireGuard(st *network, key crypto.PrivateKey, n *da
 	if err != nil {
 		return fmt.Errorf("reading WireGuard device %s: %w", name, err)
 	}
-	have := observedWG(dev)
 	want := desiredWG(key, n)
-	for pub, p := range have.peers {
-		// A device does not know the generation of its peers: it is
-		// what was last written or, after an agent restart, the one
-		// wanted (a surviving kernel link keeps its sessions).
-		if set, ok := st.have.peerState(pub); ok {
-			p.endpoint, p.gen = set.endpoint, set.gen
-		} else if w, ok := want.peers[pub]; ok {
-			p.gen = w.gen
-		}
-		have.peers[pub] = p
-	}
+	have := adoptWG(dev, st.have, want)
 	cfg, changed := wgDiff(have, want, key)
 	if !changed {
 		st.have = &want

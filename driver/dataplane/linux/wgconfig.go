@@ -154,6 +154,25 @@ func observedWG(d *wgtypes.Device) wgState {
 	return s
 }
 
+// adoptWG is the state of a device to diff with want: as the device
+// reports it, with each peer's endpoint as it was last written (set),
+// since WireGuard moves it where the peer's packets come from. A device
+// does not know the generation of its peers: it is the one last written
+// or, with nothing written yet (an agent restart), the one wanted: a
+// surviving kernel link keeps its sessions.
+func adoptWG(dev *wgtypes.Device, set *wgState, want wgState) wgState {
+	have := observedWG(dev)
+	for pub, p := range have.peers {
+		if s, ok := set.peerState(pub); ok {
+			p.endpoint, p.gen = s.endpoint, s.gen
+		} else if w, ok := want.peers[pub]; ok {
+			p.gen = w.gen
+		}
+		have.peers[pub] = p
+	}
+	return have
+}
+
 // peerState returns what was last written for a peer; a nil state knows
 // nothing.
 func (s *wgState) peerState(pub crypto.PublicKey) (peerState, bool) {

@@ -1,6 +1,7 @@
 package linux
 
 import (
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -176,5 +177,38 @@ func TestSameRoute(t *testing.T) {
 	mtu.MTU = 1280
 	if sameRoute(listed, mtu) {
 		t.Error("routes of different MTUs are the same")
+	}
+}
+
+// TestWGAdopt: a restarted agent that finds a kernel device running its
+// configuration changes nothing, whatever generation its peers are at;
+// a peer it does not want goes.
+func TestWGAdopt(t *testing.T) {
+	key, _ := crypto.GeneratePrivateKey()
+	n := &dataplane.Network{ListenPort: 51820, Peers: []dataplane.Peer{
+		{PublicKey: pub(1), Endpoint: netip.MustParseAddrPort("192.0.2.1:51820"), Keepalive: 25 * time.Second, Generation: 3,
+			AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.60.3.0/24"), netip.MustParsePrefix("10.60.1.0/24")}},
+	}}
+	// As the kernel reports it: IPv4 in 16 bytes, in its own order.
+	dev := &wgtypes.Device{
+		PublicKey:  wgtypes.Key(key.Public()),
+		ListenPort: 51820,
+		Peers: []wgtypes.Peer{{
+			PublicKey:                   wgtypes.Key(pub(1)),
+			Endpoint:                    &net.UDPAddr{IP: net.ParseIP("192.0.2.1"), Port: 51820},
+			PersistentKeepaliveInterval: 25 * time.Second,
+			AllowedIPs: []net.IPNet{
+				{IP: net.ParseIP("10.60.3.0"), Mask: net.CIDRMask(24, 32)},
+				{IP: net.ParseIP("10.60.1.0").To4(), Mask: net.CIDRMask(24, 32)},
+			},
+		}},
+	}
+	want := desiredWG(key, n)
+	if cfg, changed := wgDiff(adoptWG(dev, nil, want), want, key); changed {
+		t.Errorf("adopting a device that runs the configuration: %q", render(cfg))
+	}
+	dev.Peers = append(dev.Peers, wgtypes.Peer{PublicKey: wgtypes.Key(pub(2))})
+	if cfg, _ := wgDiff(adoptWG(dev, nil, want), want, key); render(cfg) != "peer 2 remove;" {
+		t.Errorf("adopting a device with a peer too many: %q", render(cfg))
 	}
 }
