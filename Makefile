@@ -63,7 +63,11 @@ test: deps check test-prereqs ## every test
 	test/run-suites.sh
 	@echo "make test: all passed"
 
+# Docker 29 and Compose too: built from source on a new machine (minutes
+# of both cores), they would starve the VM that runs beside the e2e suites.
 test-prereqs: build lab vm bench-agent prev baseline bin/wireguard-go
+	.ci/compose.sh >/dev/null
+	if [[ " $(E2E_ENGINES) " == *" 29 "* ]]; then .ci/engine29.sh >/dev/null; fi
 
 check: tidy-check lint staticcheck
 
