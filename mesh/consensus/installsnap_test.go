@@ -158,13 +158,7 @@ func TestInstallSnapshotKeepsLaterEntries(t *testing.T) {
 // entries, installs the same snapshot, and around it goes.
 func TestAppendAfterInstalledSnapshot(t *testing.T) {
 	f := newFollower(t)
-	if !f.appendNoops(t, 0, 1, 5, 5) {
-		t.Fatal("the follower refused entries 1..5")
-	}
-	f.install(t, 12)
-	if !f.appendNoops(t, 12, 13, 15, 15) {
-		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
-	}
+	f.entriesAfterSnapshot(t, 15)
 	f.waitApplied(t, 15)
 	if !f.appendNoops(t, 12, 13, 16, 16) {
 		t.Fatal("the follower refused entries 13..16 after the snapshot at 12, once it had 13..15")
@@ -184,13 +178,7 @@ func TestAppendAfterInstalledSnapshot(t *testing.T) {
 // and sent the entries after it. The safety test met it under load.
 func TestSameSnapshotInstalledAgain(t *testing.T) {
 	f := newFollower(t)
-	if !f.appendNoops(t, 0, 1, 5, 5) {
-		t.Fatal("the follower refused entries 1..5")
-	}
-	f.install(t, 12)
-	if !f.appendNoops(t, 12, 13, 15, 15) {
-		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
-	}
+	f.entriesAfterSnapshot(t, 15)
 	f.waitApplied(t, 15)
 	f.install(t, 12)
 	for i := f.r.AppliedIndex() + 1; i <= f.r.LastIndex(); i++ {
@@ -213,13 +201,7 @@ func TestSameSnapshotInstalledAgain(t *testing.T) {
 // not when Raft clears them for a conflict.
 func TestConflictRightAfterInstalledSnapshot(t *testing.T) {
 	f := newFollower(t)
-	if !f.appendNoops(t, 0, 1, 5, 5) {
-		t.Fatal("the follower refused entries 1..5")
-	}
-	f.install(t, 12)
-	if !f.appendNoops(t, 12, 13, 15, 12) {
-		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
-	}
+	f.entriesAfterSnapshot(t, 12)
 	// A leader of term 2 has other entries from 13 on.
 	var resp raft.AppendEntriesResponse
 	if err := f.leader.AppendEntries("f", "f", &raft.AppendEntriesRequest{RPCHeader: f.header, Term: 2,
@@ -243,5 +225,19 @@ func TestConflictRightAfterInstalledSnapshot(t *testing.T) {
 	}
 	if last, err := f.logs.LastIndex(); err != nil || last != 14 {
 		t.Fatalf("the log ends at %d (%v), want 14", last, err)
+	}
+}
+
+// entriesAfterSnapshot brings the follower to entries 1..5 of its own, an
+// installed snapshot at 12 past them, and entries 13..15 after it, of
+// which the leader has committed those up to commit.
+func (f *follower) entriesAfterSnapshot(t *testing.T, commit uint64) {
+	t.Helper()
+	if !f.appendNoops(t, 0, 1, 5, 5) {
+		t.Fatal("the follower refused entries 1..5")
+	}
+	f.install(t, 12)
+	if !f.appendNoops(t, 12, 13, 15, commit) {
+		t.Fatal("the follower refused entries 13..15 after the snapshot at 12")
 	}
 }
