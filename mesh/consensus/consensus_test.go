@@ -298,7 +298,7 @@ func testLogger(t *testing.T, name string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
 }
 
-// voters lists the voters' names in n's configuration.
+// status is n's node's Status, as the control socket would give it.
 func (n *tnode) status() Status { return n.node.Status() }
 
 func (c *cluster) waitVoters(want int, names ...string) {

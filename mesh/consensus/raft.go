@@ -140,7 +140,7 @@ func (n *Node) stop() {
 	}
 }
 
-// raftLocked returns the running Raft server, or nil.
+// raftServer returns the running Raft server, or nil.
 func (n *Node) raftServer() *raft.Raft {
 	n.mu.Lock()
 	defer n.mu.Unlock()
