@@ -298,7 +298,7 @@ func testLogger(t *testing.T, name string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
 }
 
-// status is n's node's Status, as the control socket would give it.
+// status is the Status of n's consensus node.
 func (n *tnode) status() Status { return n.node.Status() }
 
 func (c *cluster) waitVoters(want int, names ...string) {
