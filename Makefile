@@ -29,7 +29,7 @@ E2E_ENGINES ?= 20.10 29
 PLUGIN ?= wgmesh:latest
 DOCKER ?= docker
 
-.PHONY: build bench-agent lab vm deps demo test test-prereqs check staticcheck unit unit-run fuzz e2e vmtest vmtest-run bench bench-smoke bench-smoke-run baseline prev soak mutate docs lint tidy-check plugin clean
+.PHONY: build bench-agent lab vm deps demo test test-prereqs e2e-engines check staticcheck unit unit-run fuzz e2e vmtest vmtest-run bench bench-smoke bench-smoke-run baseline prev soak mutate docs lint tidy-check plugin clean
 
 # Where the suites leave their JSON test events, for make test's list of
 # the slowest tests.
@@ -63,9 +63,11 @@ test: deps check test-prereqs ## every test
 	test/run-suites.sh
 	@echo "make test: all passed"
 
-# Docker 29 and Compose too: built from source on a new machine (minutes
-# of both cores), they would starve the VM that runs beside the e2e suites.
 test-prereqs: build lab vm bench-agent prev baseline bin/wireguard-go
+
+# Docker 29 and Compose for the e2e suites, built from source once (minutes
+# of both cores on a new machine, a quick check after that).
+e2e-engines:
 	.ci/compose.sh >/dev/null
 	if [[ " $(E2E_ENGINES) " == *" 29 "* ]]; then .ci/engine29.sh >/dev/null; fi
 

@@ -9,12 +9,14 @@
 # side, each in namespaces, directories and dockerd of its own, in two
 # rounds:
 #
-#   1. the VM's kernel-WireGuard tests beside the e2e suite on each engine.
-#      QEMU emulates the guest's CPUs, so the VM needs most of a core: beside
-#      the unit tests' race-detector builds its tests ran three times
-#      slower and timed out; the e2e suites mostly wait on dockerd.
-#   2. the unit tests (they compile and compute) beside the benchmark smoke
-#      run, whose figures nothing checks, and after it the fuzzers.
+#   1. what computes: the unit tests (race-detector builds, namespace
+#      tests), the benchmark smoke run (whose figures nothing checks) and
+#      then the fuzzers, and on a new machine the build of Docker 29 and
+#      Compose for the e2e suites, niced so that the tests come first.
+#   2. what waits and must not be starved: the VM's kernel-WireGuard tests
+#      beside the e2e suite on each engine. QEMU emulates the guest's CPUs:
+#      beside the unit tests' builds its tests ran three times slower and
+#      timed out; the e2e suites mostly wait on dockerd.
 #
 # Every suite writes its whole output to $TEST_LOGS/<suite>.log; the
 # console gets the same lines, each labelled with its suite. At the end:
@@ -51,17 +53,18 @@ suite() {
 }
 
 engines=${E2E_ENGINES:-20.10 29}
-suites=(vmtest)
+suites=(unit bench-smoke engines)
+suite unit "$make" unit-run &
+suite bench-smoke "$make" bench-smoke-run fuzz &
+suite engines nice -n 10 "$make" e2e-engines E2E_ENGINES="$engines" &
+wait
+
+suites+=(vmtest)
 suite vmtest "$make" vmtest-run &
 for e in $engines; do
 	suites+=("e2e-$e")
 	suite "e2e-$e" "$make" e2e E2E_ENGINES="$e" &
 done
-wait
-
-suites+=(unit bench-smoke)
-suite unit "$make" unit-run &
-suite bench-smoke "$make" bench-smoke-run fuzz &
 wait
 
 echo
